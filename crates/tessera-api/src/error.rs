@@ -1,0 +1,164 @@
+//! The one place where failures become HTTP responses.
+//!
+//! Every error leaves as OpenAI's shape,
+//! `{"error":{"message","type","param","code"}}`, with the status DESIGN.md
+//! §5 fixes: 400 invalid request, 401 bad key, 402 insufficient credits,
+//! 404 unknown model or route, 413 too large, 429 rate limited, 503 no
+//! capacity. A client's mistake is never a 500.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use tessera_engine::{EngineError, SubmitError};
+
+/// An error on its way to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+/// The JSON body of an error (also sent as an SSE event mid-stream).
+#[derive(Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+pub struct ErrorObject<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+}
+
+impl ApiError {
+    /// 400: the request is malformed or asks for something impossible.
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    /// Attach a machine-readable code.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// 404 for a model nobody serves.
+    pub fn unknown_model(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model '{model}' does not exist or no provider serves it; GET /v1/models lists the models on this network."),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    /// 404 for a path that is not part of the API.
+    pub fn not_found(path: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("Unknown path {path}; the API lives under /v1 (POST /v1/chat/completions, POST /v1/completions, GET /v1/models)."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("unknown_url"),
+        }
+    }
+
+    /// 413 for a body over the configured limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("The request body is larger than the limit of {limit} bytes."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+        }
+    }
+
+    /// 503 when nothing can take the job right now.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("no_capacity"),
+        }
+    }
+
+    /// 500: our fault, never the client's.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorObject {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::ContextLength { prompt, limit } => ApiError::invalid(
+                format!("This model's context holds {limit} tokens, but the prompt has {prompt} tokens. Shorten the prompt."),
+                Some("messages"),
+            )
+            .with_code("context_length_exceeded"),
+            EngineError::Template(m) => {
+                ApiError::invalid(format!("The messages could not be rendered with the model's chat template: {m}"), Some("messages"))
+            }
+            EngineError::Tokenize(m) => ApiError::invalid(format!("The prompt could not be tokenized: {m}"), None),
+            EngineError::Closed => ApiError::unavailable("The engine is shutting down."),
+            EngineError::Load(m) | EngineError::Decode(m) => ApiError::internal(m),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::EmptyPrompt => ApiError::invalid("The prompt is empty.", None),
+            SubmitError::Busy => {
+                ApiError::unavailable("Every slot is busy and the queue is full; retry shortly.")
+            }
+            SubmitError::Engine(e) => e.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, message = %self.message, "request failed");
+        } else {
+            tracing::debug!(status = %self.status, message = %self.message, "request refused");
+        }
+        (self.status, Json(self.body())).into_response()
+    }
+}

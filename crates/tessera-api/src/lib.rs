@@ -1,0 +1,290 @@
+//! Tessera's OpenAI-compatible HTTP API.
+//!
+//! The API is the edge of the system: a request is parsed and checked once
+//! ([`validation`]), its prompt is rendered with the model's own chat
+//! template and tokenized, and the job goes to a [`Backend`], which answers
+//! with a stream of engine [`Event`]s. The same stream feeds both the
+//! streaming (server-sent events, ending in `[DONE]`) and the blocking
+//! response. Every failure leaves through [`ApiError`] in OpenAI's shape.
+//!
+//! `tessera serve` puts an in-process engine behind [`Backend`]; the network
+//! gateway will put its router there. Dropping the event receiver (the
+//! client went away) cancels the job.
+
+pub mod error;
+mod response;
+pub mod validation;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tessera_engine::{Event, GenerationRequest, Model, Token};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+pub use error::ApiError;
+use validation::{check_common, check_messages, check_prompt, parse_body, Checked};
+
+/// A model as the API shows it and as requests name it.
+#[derive(Clone)]
+pub struct ServedModel {
+    /// The friendly name clients send as `model`.
+    pub id: String,
+    /// sha256 of the GGUF file: the model's identity on the network.
+    pub sha256: String,
+    /// Tokenizer and chat template of the model.
+    pub tokenizer: Arc<dyn Model>,
+    /// Positions (prompt + output) one request may use.
+    pub context_length: usize,
+    /// Providers currently able to serve it.
+    pub providers: usize,
+}
+
+/// A job on its way: the events of one generation and who produces them.
+pub struct Dispatch {
+    pub events: UnboundedReceiver<Event>,
+    /// The serving provider's id, shown to the client in `tessera.provider`.
+    pub provider: String,
+}
+
+/// Where the API sends work.
+pub trait Backend: Send + Sync + 'static {
+    /// Every model that can be requested now.
+    fn models(&self) -> Vec<ServedModel>;
+    /// Start a generation of `model`.
+    fn submit(&self, model: &ServedModel, request: GenerationRequest)
+        -> Result<Dispatch, ApiError>;
+    /// Extra facts for `GET /health`.
+    fn health(&self) -> Value;
+}
+
+/// Settings of the HTTP layer.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Largest request body accepted (413 beyond).
+    pub body_limit: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 4 * 1024 * 1024,
+        }
+    }
+}
+
+struct Api {
+    backend: Arc<dyn Backend>,
+    config: ApiConfig,
+}
+
+/// The API's routes, ready to serve.
+pub fn router(backend: Arc<dyn Backend>, config: ApiConfig) -> Router {
+    let limit = config.body_limit;
+    let state = Arc::new(Api { backend, config });
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/health", get(health))
+        .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
+        .method_not_allowed_fallback(|uri: Uri| async move {
+            let mut e = ApiError::not_found(uri.path());
+            e.status = StatusCode::METHOD_NOT_ALLOWED;
+            e.message = format!("Method not allowed on {}.", uri.path());
+            e.code = Some("method_not_allowed");
+            e
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+fn body(api: &Api, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(api.config.body_limit)
+        } else {
+            ApiError::invalid(format!("The request body could not be read: {r}."), None)
+        }
+    })
+}
+
+fn find_model(api: &Api, name: &str) -> Result<ServedModel, ApiError> {
+    api.backend
+        .models()
+        .into_iter()
+        .find(|m| m.id == name || m.sha256 == name)
+        .ok_or_else(|| ApiError::unknown_model(name))
+}
+
+/// Seconds since the epoch, for `created`.
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What kind of response to build.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Completion,
+}
+
+/// Everything the response writers need about one request.
+pub(crate) struct Job {
+    pub kind: Kind,
+    pub id: String,
+    pub created: u64,
+    pub model: ServedModel,
+    pub checked: Checked,
+    pub provider: String,
+}
+
+/// Tokenize off the async threads: a multi-megabyte prompt takes a while.
+async fn tokenize(model: &ServedModel, render: Render) -> Result<Vec<Token>, ApiError> {
+    let tokenizer = model.tokenizer.clone();
+    tokio::task::spawn_blocking(move || {
+        let text = match render {
+            Render::Chat(messages) => tokenizer.apply_chat_template(&messages)?,
+            Render::Raw(text) => text,
+        };
+        tokenizer.tokenize(&text, true)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
+    .map_err(ApiError::from)
+}
+
+enum Render {
+    Chat(Vec<tessera_engine::ChatMessage>),
+    Raw(String),
+}
+
+async fn run(
+    api: &Api,
+    kind: Kind,
+    model: ServedModel,
+    checked: Checked,
+    render: Render,
+) -> Result<Response, ApiError> {
+    let prompt = tokenize(&model, render).await?;
+    let limit = model.context_length;
+    if prompt.len() >= limit {
+        return Err(tessera_engine::EngineError::ContextLength {
+            prompt: prompt.len(),
+            limit,
+        }
+        .into());
+    }
+    let request = GenerationRequest {
+        prompt,
+        sampling: checked.sampling.clone(),
+        max_tokens: checked.max_tokens,
+        stop: checked.stop.clone(),
+        top_logprobs: checked.logprobs.unwrap_or(0) as usize,
+        ignore_eos: checked.ignore_eos,
+    };
+    let dispatch = api.backend.submit(&model, request)?;
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let job = Job {
+        kind,
+        id: format!("{prefix}-{:016x}", validation::random_u64()),
+        created: now(),
+        model,
+        checked,
+        provider: dispatch.provider,
+    };
+    if job.checked.stream {
+        Ok(response::stream(job, dispatch.events).into_response())
+    } else {
+        response::collect(job, dispatch.events)
+            .await
+            .map(|v| Json(v).into_response())
+    }
+}
+
+async fn chat_completions(
+    State(api): State<Arc<Api>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = body(&api, raw)?;
+    let (req, common): (validation::ChatRequest, _) = parse_body(&raw)?;
+    let model = find_model(&api, &req.model)?;
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    if !req.logprobs && req.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            "'top_logprobs' requires 'logprobs': true.",
+            Some("top_logprobs"),
+        ));
+    }
+    let checked = check_common(
+        &common,
+        req.max_completion_tokens,
+        logprobs,
+        model.context_length,
+    )?;
+    let messages = check_messages(&req.messages)?;
+    run(&api, Kind::Chat, model, checked, Render::Chat(messages)).await
+}
+
+async fn completions(
+    State(api): State<Arc<Api>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = body(&api, raw)?;
+    let (req, common): (validation::CompletionRequest, _) = parse_body(&raw)?;
+    let model = find_model(&api, &req.model)?;
+    if req.echo {
+        return Err(ApiError::invalid("'echo' is not supported.", Some("echo")));
+    }
+    let checked = check_common(&common, None, req.logprobs, model.context_length)?;
+    let prompt = check_prompt(&req.prompt)?;
+    run(&api, Kind::Completion, model, checked, Render::Raw(prompt)).await
+}
+
+fn model_card(m: &ServedModel) -> Value {
+    json!({
+        "id": m.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "tessera",
+        "tessera": {
+            "sha256": m.sha256,
+            "context_length": m.context_length,
+            "providers": m.providers,
+        }
+    })
+}
+
+async fn list_models(State(api): State<Arc<Api>>) -> Json<Value> {
+    let data: Vec<Value> = api.backend.models().iter().map(model_card).collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+async fn get_model(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    find_model(&api, &id).map(|m| Json(model_card(&m)))
+}
+
+async fn health(State(api): State<Arc<Api>>) -> Json<Value> {
+    let models: Vec<&str> = Vec::new();
+    let mut body = json!({ "status": "ok", "models": models });
+    body["models"] = api.backend.models().iter().map(|m| json!(m.id)).collect();
+    body["backend"] = api.backend.health();
+    Json(body)
+}

@@ -1,0 +1,311 @@
+//! Writing OpenAI responses from a stream of engine events.
+//!
+//! Streaming is its own path, not a variant of the blocking one: chunks go
+//! out as the engine produces tokens, the final chunk carries the finish
+//! reason, an optional usage chunk follows, and `[DONE]` ends the stream. An
+//! engine failure mid-stream is sent as an `error` event.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, Sse};
+use futures::stream::{self, Stream};
+use serde_json::{json, Value};
+use tessera_engine::{Event, FinishReason, TokenEvent, Usage};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::error::ApiError;
+use crate::{Job, Kind};
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+impl Job {
+    /// The `tessera` extension object: who served it and how to reproduce it.
+    fn extension(&self) -> Value {
+        json!({
+            "provider": self.provider,
+            "model_sha256": self.model.sha256,
+            "seed": self.checked.sampling.seed,
+            "audit": "not_audited",
+        })
+    }
+
+    fn token_text(&self, token: i32) -> (String, Vec<u8>) {
+        let bytes = self.model.tokenizer.token_bytes(token);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    /// One chat `logprobs.content` entry.
+    fn chat_logprob(&self, t: &TokenEvent) -> Value {
+        let (text, bytes) = self.token_text(t.token);
+        let top: Vec<Value> = t
+            .top_logprobs
+            .iter()
+            .map(|&(id, lp)| {
+                let (text, bytes) = self.token_text(id);
+                json!({ "token": text, "logprob": lp, "bytes": bytes })
+            })
+            .collect();
+        json!({ "token": text, "logprob": t.logprob, "bytes": bytes, "top_logprobs": top })
+    }
+
+    /// Legacy completions' column-wise logprobs for some tokens.
+    fn completion_logprobs(&self, tokens: &[TokenEvent], offset: usize) -> Value {
+        let mut texts = Vec::new();
+        let mut lps = Vec::new();
+        let mut tops = Vec::new();
+        let mut offsets = Vec::new();
+        let mut at = offset;
+        for t in tokens {
+            let (text, _) = self.token_text(t.token);
+            offsets.push(at);
+            at += text.len();
+            texts.push(text);
+            lps.push(t.logprob);
+            let top: serde_json::Map<String, Value> = t
+                .top_logprobs
+                .iter()
+                .map(|&(id, lp)| (self.token_text(id).0, json!(lp)))
+                .collect();
+            tops.push(Value::Object(top));
+        }
+        json!({ "tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets })
+    }
+
+    fn chunk(&self, choice: Value, with_extension: bool) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let mut v = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model.id,
+            "choices": [choice],
+        });
+        if self.checked.include_usage {
+            v["usage"] = Value::Null;
+        }
+        if with_extension {
+            v["tessera"] = self.extension();
+        }
+        v
+    }
+
+    /// The chunk carrying one token's text (and logprobs, if asked).
+    fn token_chunk(&self, t: &TokenEvent, text_offset: usize, first: bool) -> Option<Value> {
+        let want_logprobs = self.checked.logprobs.is_some();
+        if t.text.is_empty() && !want_logprobs {
+            return None;
+        }
+        let choice = match self.kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "delta": { "content": t.text },
+                "logprobs": if want_logprobs { json!({ "content": [self.chat_logprob(t)] }) } else { Value::Null },
+                "finish_reason": Value::Null,
+            }),
+            Kind::Completion => json!({
+                "index": 0,
+                "text": t.text,
+                "logprobs": if want_logprobs { self.completion_logprobs(std::slice::from_ref(t), text_offset) } else { Value::Null },
+                "finish_reason": Value::Null,
+            }),
+        };
+        Some(self.chunk(choice, first))
+    }
+}
+
+/// Run the generation to the end and build the blocking response.
+pub(crate) async fn collect(
+    job: Job,
+    mut events: UnboundedReceiver<Event>,
+) -> Result<Value, ApiError> {
+    let mut text = String::new();
+    let mut tokens: Vec<TokenEvent> = Vec::new();
+    let (finish, usage) = loop {
+        match events.recv().await {
+            Some(Event::Token(t)) => {
+                text.push_str(&t.text);
+                tokens.push(t);
+            }
+            Some(Event::Done {
+                finish_reason,
+                usage,
+                text: tail,
+            }) => {
+                text.push_str(&tail);
+                break (finish_reason, usage);
+            }
+            Some(Event::Error(e)) => return Err(e.into()),
+            None => {
+                return Err(ApiError::internal(
+                    "the engine stopped before the answer was complete",
+                ))
+            }
+        }
+    };
+    let want_logprobs = job.checked.logprobs.is_some();
+    let choice = match job.kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": { "role": "assistant", "content": text },
+            "logprobs": if want_logprobs {
+                json!({ "content": tokens.iter().map(|t| job.chat_logprob(t)).collect::<Vec<_>>() })
+            } else { Value::Null },
+            "finish_reason": finish_str(finish),
+        }),
+        Kind::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": if want_logprobs { job.completion_logprobs(&tokens, 0) } else { Value::Null },
+            "finish_reason": finish_str(finish),
+        }),
+    };
+    let object = match job.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    Ok(json!({
+        "id": job.id,
+        "object": object,
+        "created": job.created,
+        "model": job.model.id,
+        "choices": [choice],
+        "usage": usage_json(&usage),
+        "tessera": job.extension(),
+    }))
+}
+
+/// Where a stream is in its life.
+struct StreamState {
+    job: Job,
+    events: UnboundedReceiver<Event>,
+    out: VecDeque<SseEvent>,
+    started: bool,
+    finished: bool,
+    /// Bytes of text sent so far (legacy completions' `text_offset`).
+    sent: usize,
+}
+
+fn data(v: &Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+impl StreamState {
+    fn start(&mut self) {
+        self.started = true;
+        if self.job.kind == Kind::Chat {
+            let choice = json!({
+                "index": 0,
+                "delta": { "role": "assistant", "content": "" },
+                "logprobs": Value::Null,
+                "finish_reason": Value::Null,
+            });
+            self.out.push_back(data(&self.job.chunk(choice, true)));
+        }
+    }
+
+    fn on_event(&mut self, event: Option<Event>) {
+        let first_text = self.job.kind == Kind::Completion && self.sent == 0;
+        match event {
+            Some(Event::Token(t)) => {
+                if let Some(chunk) = self.job.token_chunk(&t, self.sent, first_text) {
+                    self.out.push_back(data(&chunk));
+                }
+                self.sent += t.text.len();
+            }
+            Some(Event::Done {
+                finish_reason,
+                usage,
+                text,
+            }) => {
+                let delta = if text.is_empty() {
+                    json!({})
+                } else {
+                    json!({ "content": text })
+                };
+                let choice = match self.job.kind {
+                    Kind::Chat => json!({
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": Value::Null,
+                        "finish_reason": finish_str(finish_reason),
+                    }),
+                    Kind::Completion => json!({
+                        "index": 0,
+                        "text": text,
+                        "logprobs": Value::Null,
+                        "finish_reason": finish_str(finish_reason),
+                    }),
+                };
+                self.out.push_back(data(&self.job.chunk(choice, true)));
+                if self.job.checked.include_usage {
+                    let mut u = self.job.chunk(Value::Null, false);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage_json(&usage);
+                    self.out.push_back(data(&u));
+                }
+                self.out.push_back(SseEvent::default().data("[DONE]"));
+                self.finished = true;
+            }
+            Some(Event::Error(e)) => {
+                let e = ApiError::from(e);
+                tracing::warn!(message = %e.message, "generation failed mid-stream");
+                self.out
+                    .push_back(data(&serde_json::to_value(e.body()).unwrap_or(Value::Null)));
+                self.finished = true;
+            }
+            None => {
+                let e = ApiError::internal("the engine stopped before the answer was complete");
+                self.out
+                    .push_back(data(&serde_json::to_value(e.body()).unwrap_or(Value::Null)));
+                self.finished = true;
+            }
+        }
+    }
+}
+
+/// The server-sent-event response of a streamed generation.
+pub(crate) fn stream(
+    job: Job,
+    events: UnboundedReceiver<Event>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let state = StreamState {
+        job,
+        events,
+        out: VecDeque::new(),
+        started: false,
+        finished: false,
+        sent: 0,
+    };
+    Sse::new(stream::unfold(state, |mut st| async move {
+        loop {
+            if !st.started {
+                st.start();
+            }
+            if let Some(ev) = st.out.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            if st.finished {
+                return None;
+            }
+            let next = st.events.recv().await;
+            st.on_event(next);
+        }
+    }))
+}

@@ -1,0 +1,403 @@
+//! Request bodies and the one place they are checked.
+//!
+//! Bodies are parsed from raw bytes (not through axum's `Json` extractor) so
+//! that every mistake, including a wrong type deep in the body, becomes an
+//! OpenAI-shaped 400 that names the offending parameter. Unknown fields are
+//! ignored, as OpenAI's own API does.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+use tessera_engine::{ChatMessage, SamplingParams};
+
+use crate::error::ApiError;
+
+/// Most stop sequences one request may carry.
+pub const MAX_STOP: usize = 16;
+/// Most alternatives per token in `top_logprobs`.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<u32>,
+    pub max_completion_tokens: Option<i64>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    /// Legacy completions take a number: alternatives per token.
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub echo: bool,
+}
+
+/// Parameters shared by both endpoints (parsed from the same body as the
+/// endpoint's own fields, so an error still names its parameter).
+#[derive(Debug, Deserialize)]
+pub struct CommonParams {
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// Not in OpenAI's API; accepted as llama.cpp's server does.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<i64>,
+    /// Not in OpenAI's API; as llama.cpp's server: keep generating past the
+    /// end-of-generation token (until `max_tokens`), for benchmarks.
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// Message content: a string, or an array of parts of which only text is
+/// supported.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// Parse a JSON body into the endpoint's fields and the shared parameters;
+/// a syntax or type error names where it happened.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, CommonParams), ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid(
+            "The request body is empty; send a JSON object.",
+            None,
+        ));
+    }
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::invalid(format!("The request body is not valid JSON: {e}."), None)
+            .with_code("invalid_json")
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::invalid(
+            "The request body must be a JSON object.",
+            None,
+        ));
+    }
+    Ok((from_value(&value)?, from_value(&value)?))
+}
+
+fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let param = if path == "." {
+            None
+        } else {
+            Some(path.as_str())
+        };
+        let message = match param {
+            Some(p) => format!("Invalid value for '{p}': {inner}."),
+            None => format!("Invalid request: {inner}."),
+        };
+        ApiError::invalid(message, param)
+    })
+}
+
+/// Everything a generation needs, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub sampling: SamplingParams,
+    /// `None` = until the context is full.
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// `None` = no logprobs; `Some(n)` = chosen token plus `n` alternatives.
+    pub logprobs: Option<u32>,
+    pub ignore_eos: bool,
+}
+
+/// Check the shared parameters. `context` is the model's context per
+/// request: larger `max_tokens` values are refused as absurd.
+pub fn check_common(
+    p: &CommonParams,
+    max_tokens_override: Option<i64>,
+    logprobs: Option<u32>,
+    context: usize,
+) -> Result<Checked, ApiError> {
+    if let Some(n) = p.n {
+        if n != 1 {
+            return Err(ApiError::invalid(
+                format!(
+                    "Only n = 1 is supported (got {n}); send separate requests for more choices."
+                ),
+                Some("n"),
+            ));
+        }
+    }
+    let (max_tokens, param) = match (max_tokens_override, p.max_tokens) {
+        (Some(m), _) => (Some(m), "max_completion_tokens"),
+        (None, m) => (m, "max_tokens"),
+    };
+    let max_tokens = match max_tokens {
+        None => None,
+        Some(m) if m < 1 => {
+            return Err(ApiError::invalid(
+                format!("'{param}' must be at least 1 (got {m})."),
+                Some(param),
+            ))
+        }
+        Some(m) if m as u64 > context as u64 => {
+            return Err(ApiError::invalid(
+                format!("'{param}' is {m}, more than this model's context of {context} tokens."),
+                Some(param),
+            ))
+        }
+        Some(m) => Some(m as u32),
+    };
+    let temperature = p.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            format!("'temperature' must be between 0 and 2 (got {temperature})."),
+            Some("temperature"),
+        ));
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            format!("'top_p' must be in (0, 1] (got {top_p})."),
+            Some("top_p"),
+        ));
+    }
+    let min_p = p.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid(
+            format!("'min_p' must be in [0, 1] (got {min_p})."),
+            Some("min_p"),
+        ));
+    }
+    let top_k = p.top_k.unwrap_or(0);
+    if !(0..=1_000_000).contains(&top_k) {
+        return Err(ApiError::invalid(
+            format!("'top_k' must be between 0 and 1000000 (got {top_k})."),
+            Some("top_k"),
+        ));
+    }
+    let stop = match &p.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            format!("At most {MAX_STOP} stop sequences are allowed."),
+            Some("stop"),
+        ));
+    }
+    if let Some(n) = logprobs {
+        if n > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(
+                format!("'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS} (got {n})."),
+                Some("top_logprobs"),
+            ));
+        }
+    }
+    // Without a seed one is drawn; the response reports it (`tessera.seed`)
+    // so the answer can be reproduced.
+    let seed = p.seed.map_or_else(random_u64, |s| s as u64);
+    let include_usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    Ok(Checked {
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_k: top_k as u32,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            seed,
+        },
+        max_tokens,
+        stop,
+        stream: p.stream,
+        include_usage,
+        logprobs,
+        ignore_eos: p.ignore_eos,
+    })
+}
+
+/// Turn API messages into template input; refuse empty or unsupported ones.
+pub fn check_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "'messages' must contain at least one message.",
+            Some("messages"),
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].role '{other}' is not supported; use system, developer, user or assistant."),
+                        Some(&format!("messages[{i}].role")),
+                    ))
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, part) in parts.iter().enumerate() {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    format!("messages[{i}].content[{j}] of type '{kind}' is not supported; only text parts are."),
+                                    Some(&format!("messages[{i}].content")),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            if content.contains('\0') {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content contains a NUL character."),
+                    Some(&format!("messages[{i}].content")),
+                ));
+            }
+            Ok(ChatMessage { role: role.into(), content })
+        })
+        .collect()
+}
+
+/// The single prompt of a legacy completion request.
+pub fn check_prompt(prompt: &Prompt) -> Result<String, ApiError> {
+    let text = match prompt {
+        Prompt::One(s) => s.clone(),
+        Prompt::Many(v) if v.len() == 1 => v[0].clone(),
+        Prompt::Many(v) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "Only one prompt per request is supported (got {}).",
+                    v.len()
+                ),
+                Some("prompt"),
+            ))
+        }
+    };
+    if text.is_empty() {
+        return Err(ApiError::invalid(
+            "'prompt' must not be empty.",
+            Some("prompt"),
+        ));
+    }
+    Ok(text)
+}
+
+/// A random 64-bit value for seeds and ids.
+pub fn random_u64() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ u64::from(std::process::id()).rotate_left(32)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<(ChatRequest, CommonParams), ApiError> {
+        parse_body(body.as_bytes())
+    }
+
+    #[test]
+    fn wrong_types_name_the_parameter() {
+        let e = chat(r#"{"model":"m","messages":[],"max_tokens":"ten"}"#).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        let e = chat(r#"{"model":"m","messages":[{"role":"user","content":5}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+        let e = chat(r#"{"messages":[]}"#).unwrap_err();
+        assert!(e.message.contains("model"), "{}", e.message);
+    }
+
+    #[test]
+    fn malformed_and_non_object_bodies_are_400() {
+        assert_eq!(chat("{nope").unwrap_err().code, Some("invalid_json"));
+        assert_eq!(chat("[1,2]").unwrap_err().status, 400);
+        assert_eq!(chat("  ").unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_parts_are_joined() {
+        let r = chat(r#"{"model":"m","frequency_penalty":0.5,"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#).unwrap();
+        assert_eq!(check_messages(&r.0.messages).unwrap()[0].content, "ab");
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let p = |body: &str| -> Result<Checked, ApiError> {
+            let (r, common) = chat(body).unwrap();
+            check_common(&common, r.max_completion_tokens, None, 2048)
+        };
+        assert!(p(r#"{"model":"m","messages":[],"max_tokens":-1}"#).is_err());
+        assert!(p(r#"{"model":"m","messages":[],"max_tokens":100000000}"#).is_err());
+        assert!(p(r#"{"model":"m","messages":[],"temperature":3}"#).is_err());
+        assert!(p(r#"{"model":"m","messages":[],"top_p":0}"#).is_err());
+        assert!(p(r#"{"model":"m","messages":[],"n":2}"#).is_err());
+        let ok = p(r#"{"model":"m","messages":[],"max_completion_tokens":7,"seed":5,"stop":"x"}"#)
+            .unwrap();
+        assert_eq!(ok.max_tokens, Some(7));
+        assert_eq!(ok.sampling.seed, 5);
+        assert_eq!(ok.stop, vec!["x".to_string()]);
+        assert!(check_messages(&[]).is_err());
+    }
+}

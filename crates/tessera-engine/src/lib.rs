@@ -1,0 +1,181 @@
+//! Tessera's inference engine, independent of any particular runtime.
+//!
+//! The crate draws the line between "a model that evaluates token batches"
+//! and everything Tessera builds on top of it:
+//!
+//! - [`Model`] (thread-safe: tokenizer, chat template, vocabulary facts) and
+//!   [`Engine`] (one evaluation context: `decode` a batch of tokens across
+//!   many sequences, per-position logits and hidden states) are the traits a
+//!   runtime implements. `tessera-llama` implements them with llama.cpp; the
+//!   rest of the code never touches FFI.
+//! - [`sampling`] is the seeded Gumbel-max rule of DESIGN.md §3, in plain
+//!   Rust so that a verifier can replay it from its own logits.
+//! - [`text`] turns token bytes into client text and applies stop sequences.
+//! - [`Scheduler`] runs continuous batching on a dedicated thread: every
+//!   active sequence advances by one token per `decode` call, and prompts of
+//!   newly admitted requests ride along in the same batch.
+
+pub mod sampling;
+mod scheduler;
+pub mod text;
+
+use serde::{Deserialize, Serialize};
+
+pub use sampling::SamplingParams;
+pub use scheduler::{
+    Event, FinishReason, GenerationRequest, Scheduler, SchedulerConfig, SchedulerHandle,
+    SubmitError, TokenEvent, Usage,
+};
+
+/// A token id in the model's vocabulary.
+pub type Token = i32;
+
+/// A sequence (slot) id inside one evaluation context.
+pub type SeqId = i32;
+
+/// Facts about a loaded model that the rest of Tessera needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Human-readable name from the GGUF metadata (`general.name`).
+    pub name: String,
+    pub n_vocab: usize,
+    /// Width of the final hidden state.
+    pub n_embd: usize,
+    /// Context length the model was trained with.
+    pub n_ctx_train: usize,
+    /// Every token the vocabulary marks as end of generation.
+    pub eog_tokens: Vec<Token>,
+}
+
+/// One chat message, as the chat template consumes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// One row of a batch: `token` at absolute position `pos` of sequence `seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub token: Token,
+    pub pos: u32,
+    pub seq: SeqId,
+    /// Whether the caller wants this position's logits back.
+    pub output: bool,
+}
+
+/// What went wrong inside the engine.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    #[error("the model could not be loaded: {0}")]
+    Load(String),
+    #[error("the prompt has {prompt} tokens but the context holds {limit}")]
+    ContextLength { prompt: usize, limit: usize },
+    #[error("the chat template could not be applied: {0}")]
+    Template(String),
+    #[error("the text could not be tokenized: {0}")]
+    Tokenize(String),
+    #[error("llama.cpp failed to evaluate a batch: {0}")]
+    Decode(String),
+    #[error("the engine has shut down")]
+    Closed,
+}
+
+/// The thread-safe half of a runtime: everything that needs only the weights'
+/// vocabulary, so HTTP handlers can tokenize without waiting for the engine.
+pub trait Model: Send + Sync + 'static {
+    fn info(&self) -> &ModelInfo;
+    /// Render chat messages with the model's own template, ending with the
+    /// opening of the assistant's turn.
+    fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
+    /// Tokenize text; special-token text (such as `<|im_start|>`) is parsed.
+    fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<Token>, EngineError>;
+    /// The bytes one token stands for (special tokens render as nothing).
+    fn token_bytes(&self, token: Token) -> Vec<u8>;
+    fn is_eog(&self, token: Token) -> bool {
+        self.info().eog_tokens.contains(&token)
+    }
+}
+
+/// Logits (and optionally hidden states) of the output rows of one batch.
+#[derive(Default)]
+pub struct BatchOutput {
+    /// `rows × n_vocab` logits, one row per entry flagged `output`, in order.
+    pub logits: Vec<f32>,
+    /// `rows × n_embd` final hidden states, when the engine was asked for them.
+    pub hidden: Vec<f32>,
+}
+
+/// One evaluation context: a KV cache shared by many sequences.
+///
+/// Not `Send`: an engine is built and used on the scheduler's own thread.
+pub trait Engine {
+    /// Evaluate a batch and fill `out` with the flagged rows' logits (and
+    /// hidden states if `want_hidden`).
+    fn decode(
+        &mut self,
+        batch: &[BatchEntry],
+        want_hidden: bool,
+        out: &mut BatchOutput,
+    ) -> Result<(), EngineError>;
+    /// Forget a sequence's KV cache so its slot can be reused.
+    fn clear_sequence(&mut self, seq: SeqId);
+    /// Sequences this context can hold at once.
+    fn max_sequences(&self) -> usize;
+    /// Most tokens one `decode` call may carry.
+    fn max_batch(&self) -> usize;
+    /// Positions (prompt + output) one sequence may use.
+    fn context_per_sequence(&self) -> usize;
+}
+
+/// Receives `(position, logits, hidden state)` for each evaluated position.
+pub type PositionVisitor<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
+
+/// Evaluate `tokens` as one fresh sequence and hand every position's logits
+/// and hidden state to `visit(position, logits, hidden)`. This is the
+/// auditor's single prefill over prompt + output; it reuses slot `seq`.
+pub fn prefill_all(
+    engine: &mut dyn Engine,
+    seq: SeqId,
+    tokens: &[Token],
+    visit: &mut PositionVisitor<'_>,
+) -> Result<(), EngineError> {
+    let limit = engine.context_per_sequence();
+    if tokens.len() > limit {
+        return Err(EngineError::ContextLength {
+            prompt: tokens.len(),
+            limit,
+        });
+    }
+    engine.clear_sequence(seq);
+    let mut out = BatchOutput::default();
+    let chunk = engine.max_batch().max(1);
+    let result = (|| {
+        for (c, part) in tokens.chunks(chunk).enumerate() {
+            let start = c * chunk;
+            let batch: Vec<BatchEntry> = part
+                .iter()
+                .enumerate()
+                .map(|(i, &token)| BatchEntry {
+                    token,
+                    pos: (start + i) as u32,
+                    seq,
+                    output: true,
+                })
+                .collect();
+            engine.decode(&batch, true, &mut out)?;
+            let n_vocab = out.logits.len() / part.len();
+            let n_embd = out.hidden.len() / part.len();
+            for i in 0..part.len() {
+                visit(
+                    start + i,
+                    &out.logits[i * n_vocab..(i + 1) * n_vocab],
+                    &out.hidden[i * n_embd..(i + 1) * n_embd],
+                );
+            }
+        }
+        Ok(())
+    })();
+    engine.clear_sequence(seq);
+    result
+}

@@ -1,0 +1,718 @@
+//! Continuous batching over one [`Engine`] on a dedicated thread.
+//!
+//! Requests arrive on a channel and wait for a free sequence slot. Each step
+//! builds one batch: a single token for every sequence that is decoding, then
+//! as many prompt tokens of newly admitted sequences as fit in the batch.
+//! One `decode` call evaluates it all, every sequence that got logits samples
+//! its next token, and tokens stream back on the request's own channel. A
+//! request whose receiver is dropped (the client went away) is removed and
+//! its slot freed at the next step.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::sampling::{self, SamplingParams};
+use crate::text::TextStream;
+use crate::{BatchEntry, BatchOutput, Engine, EngineError, Model, SeqId, Token};
+
+/// One generation job for the scheduler.
+#[derive(Clone, Debug)]
+pub struct GenerationRequest {
+    /// Prompt tokens, already templated and tokenized.
+    pub prompt: Vec<Token>,
+    pub sampling: SamplingParams,
+    /// Most tokens to generate; `None` means until the context is full.
+    pub max_tokens: Option<u32>,
+    /// Text sequences that end the generation (not included in the output).
+    pub stop: Vec<String>,
+    /// Report this many alternatives per token (0 = only the chosen token's
+    /// log-probability).
+    pub top_logprobs: usize,
+    /// Keep going past end-of-generation tokens (benchmarks use this to
+    /// generate a fixed number of tokens).
+    pub ignore_eos: bool,
+}
+
+/// Why a generation ended, in OpenAI's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token or a stop sequence.
+    Stop,
+    /// `max_tokens` reached or the context is full.
+    Length,
+}
+
+/// Token counts of one generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// One generated token and the text it released.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenEvent {
+    pub token: Token,
+    /// Text safe to show now (may be empty while a stop sequence or a split
+    /// UTF-8 character is pending).
+    pub text: String,
+    /// Log-probability of `token` under the model's raw distribution.
+    pub logprob: f32,
+    pub top_logprobs: Vec<(Token, f32)>,
+}
+
+/// What the scheduler sends back for one request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Token(TokenEvent),
+    /// The generation ended; `text` is held-back text released at the end.
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+        text: String,
+    },
+    Error(EngineError),
+}
+
+/// Knobs of the scheduler itself (the engine's sizes come from the engine).
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Requests allowed to wait for a slot before new ones are refused.
+    pub max_waiting: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { max_waiting: 1024 }
+    }
+}
+
+struct Job {
+    request: GenerationRequest,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// Counters shared between the scheduler thread and its handles.
+#[derive(Default)]
+struct Load {
+    active: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+/// A cheap, cloneable way to submit work to a running [`Scheduler`].
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    jobs: mpsc::UnboundedSender<Job>,
+    model: Arc<dyn Model>,
+    load: Arc<Load>,
+    max_waiting: usize,
+    max_sequences: usize,
+    context_per_sequence: usize,
+}
+
+impl SchedulerHandle {
+    /// The model this scheduler serves.
+    pub fn model(&self) -> &Arc<dyn Model> {
+        &self.model
+    }
+
+    /// Positions (prompt + output) one request may use.
+    pub fn context_per_sequence(&self) -> usize {
+        self.context_per_sequence
+    }
+
+    /// Sequences decoded together at most.
+    pub fn max_sequences(&self) -> usize {
+        self.max_sequences
+    }
+
+    /// Sequences being generated right now.
+    pub fn active(&self) -> usize {
+        self.load.active.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for a free slot.
+    pub fn waiting(&self) -> usize {
+        self.load.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Queue a generation. The receiver yields `Token` events then exactly one
+    /// `Done` or `Error`; dropping it cancels the job.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let limit = self.context_per_sequence;
+        if request.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        if request.prompt.len() >= limit {
+            return Err(SubmitError::Engine(EngineError::ContextLength {
+                prompt: request.prompt.len(),
+                limit,
+            }));
+        }
+        if self.waiting() >= self.max_waiting {
+            return Err(SubmitError::Busy);
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        self.jobs.send(Job { request, events }).map_err(|_| {
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+            SubmitError::Engine(EngineError::Closed)
+        })?;
+        Ok(rx)
+    }
+}
+
+/// Why a request was not queued.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("too many requests are waiting for this engine")]
+    Busy,
+    #[error(transparent)]
+    Engine(EngineError),
+}
+
+/// The continuous-batching loop; owns the engine's thread.
+pub struct Scheduler {
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Scheduler {
+    /// Start the scheduler thread. `make_engine` runs on that thread, since an
+    /// engine context may not move between threads; its error is returned.
+    pub fn spawn<F>(
+        model: Arc<dyn Model>,
+        config: SchedulerConfig,
+        make_engine: F,
+    ) -> Result<(Scheduler, SchedulerHandle), EngineError>
+    where
+        F: FnOnce() -> Result<Box<dyn Engine>, EngineError> + Send + 'static,
+    {
+        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let load = Arc::new(Load::default());
+        let thread_model = model.clone();
+        let thread_load = load.clone();
+        let thread = thread::Builder::new()
+            .name("tessera-engine".into())
+            .spawn(move || match make_engine() {
+                Ok(engine) => {
+                    let sizes = (engine.max_sequences(), engine.context_per_sequence());
+                    let _ = ready_tx.send(Ok(sizes));
+                    Loop::new(engine, thread_model, thread_load).run(jobs_rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
+        let (max_sequences, context_per_sequence) = ready_rx
+            .recv()
+            .map_err(|_| EngineError::Load("the engine thread died while loading".into()))??;
+        let handle = SchedulerHandle {
+            jobs: jobs_tx,
+            model,
+            load,
+            max_waiting: config.max_waiting,
+            max_sequences,
+            context_per_sequence,
+        };
+        Ok((
+            Scheduler {
+                thread: Some(thread),
+            },
+            handle,
+        ))
+    }
+
+    /// Wait for the thread to end; it ends once every handle is dropped and
+    /// the work in flight is done.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A request that holds a sequence slot.
+struct Active {
+    seq: SeqId,
+    job: Job,
+    /// Prompt followed by every generated token.
+    tokens: Vec<Token>,
+    /// How many of `tokens` are already in the KV cache.
+    fed: usize,
+    n_prompt: usize,
+    /// Stop after this many tokens in all (prompt + output).
+    end: usize,
+    text: TextStream,
+}
+
+impl Active {
+    fn generated(&self) -> u32 {
+        (self.tokens.len() - self.n_prompt) as u32
+    }
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.n_prompt as u32,
+            completion_tokens: self.generated(),
+        }
+    }
+}
+
+struct Loop {
+    engine: Box<dyn Engine>,
+    model: Arc<dyn Model>,
+    load: Arc<Load>,
+    waiting: VecDeque<Job>,
+    active: Vec<Active>,
+    free: Vec<SeqId>,
+    out: BatchOutput,
+}
+
+impl Loop {
+    fn new(engine: Box<dyn Engine>, model: Arc<dyn Model>, load: Arc<Load>) -> Self {
+        let free = (0..engine.max_sequences() as SeqId).rev().collect();
+        Self {
+            engine,
+            model,
+            load,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            free,
+            out: BatchOutput::default(),
+        }
+    }
+
+    fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+        let mut open = true;
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() {
+                if !open {
+                    return;
+                }
+                match jobs.blocking_recv() {
+                    Some(job) => self.waiting.push_back(job),
+                    None => return,
+                }
+            }
+            while open {
+                match jobs.try_recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.step();
+            self.publish_load();
+        }
+    }
+
+    fn publish_load(&self) {
+        self.load.active.store(self.active.len(), Ordering::Relaxed);
+        self.load
+            .waiting
+            .store(self.waiting.len(), Ordering::Relaxed);
+    }
+
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|j| !j.events.is_closed());
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].job.events.is_closed() {
+                let gone = self.active.swap_remove(i);
+                tracing::debug!(seq = gone.seq, "client went away; slot freed");
+                self.release(gone.seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.engine.clear_sequence(seq);
+        self.free.push(seq);
+    }
+
+    fn admit(&mut self) {
+        let limit = self.engine.context_per_sequence();
+        while !self.free.is_empty() {
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
+            let n_prompt = job.request.prompt.len();
+            if n_prompt == 0 || n_prompt >= limit {
+                let _ = job.events.send(Event::Error(EngineError::ContextLength {
+                    prompt: n_prompt,
+                    limit,
+                }));
+                continue;
+            }
+            let Some(seq) = self.free.pop() else { break };
+            let max_new = job.request.max_tokens.map_or(usize::MAX, |m| m as usize);
+            let end = n_prompt.saturating_add(max_new).min(limit);
+            let text = TextStream::new(job.request.stop.clone());
+            let tokens = job.request.prompt.clone();
+            self.active.push(Active {
+                seq,
+                job,
+                tokens,
+                fed: 0,
+                n_prompt,
+                end,
+                text,
+            });
+        }
+    }
+
+    /// Build one batch, evaluate it, and sample for every sequence with logits.
+    fn step(&mut self) {
+        let budget = self.engine.max_batch();
+        let mut batch: Vec<BatchEntry> = Vec::with_capacity(budget);
+        // Rows of `out` belong to these indices of `active`, in order.
+        let mut rows: Vec<usize> = Vec::new();
+        // Decoding sequences first: one token each keeps every stream moving.
+        let mut order: Vec<usize> = (0..self.active.len()).collect();
+        order.sort_by_key(|&i| self.active[i].tokens.len() - self.active[i].fed);
+        for i in order {
+            let a = &mut self.active[i];
+            let room = budget - batch.len();
+            if room == 0 {
+                break;
+            }
+            let todo = a.tokens.len() - a.fed;
+            let take = todo.min(room);
+            for k in 0..take {
+                let pos = a.fed + k;
+                let last = pos + 1 == a.tokens.len();
+                batch.push(BatchEntry {
+                    token: a.tokens[pos],
+                    pos: pos as u32,
+                    seq: a.seq,
+                    output: last,
+                });
+                if last {
+                    rows.push(i);
+                }
+            }
+            a.fed += take;
+        }
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.engine.decode(&batch, false, &mut self.out) {
+            tracing::error!(error = %e, "decode failed; failing the sequences in the batch");
+            self.fail_batch(&batch, e);
+            return;
+        }
+        let n_vocab = self.model.info().n_vocab;
+        let mut finished: Vec<usize> = Vec::new();
+        let out = std::mem::take(&mut self.out);
+        for (row, &i) in rows.iter().enumerate() {
+            let logits = &out.logits[row * n_vocab..(row + 1) * n_vocab];
+            if self.advance(i, logits) {
+                finished.push(i);
+            }
+        }
+        self.out = out;
+        finished.sort_unstable_by(|a, b| b.cmp(a));
+        for i in finished {
+            let done = self.active.swap_remove(i);
+            self.release(done.seq);
+        }
+    }
+
+    /// Sample the next token of `active[i]` and stream it; true when the
+    /// sequence has finished (or its client is gone).
+    fn advance(&mut self, i: usize, logits: &[f32]) -> bool {
+        let model = &self.model;
+        let a = &mut self.active[i];
+        let req = &a.job.request;
+        let pos = a.tokens.len() as u32;
+        let token = sampling::sample(logits, &req.sampling, pos);
+        let (logprob, top) = sampling::logprobs(logits, token, req.top_logprobs);
+        a.tokens.push(token);
+        if model.is_eog(token) && !req.ignore_eos {
+            let text = a.text.finish();
+            let usage = a.usage();
+            let _ = a.job.events.send(Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage,
+                text,
+            });
+            return true;
+        }
+        let pushed = a.text.push(&model.token_bytes(token));
+        let event = TokenEvent {
+            token,
+            text: pushed.text,
+            logprob,
+            top_logprobs: top,
+        };
+        if a.job.events.send(Event::Token(event)).is_err() {
+            return true;
+        }
+        let finish = if pushed.stopped {
+            Some(FinishReason::Stop)
+        } else if a.tokens.len() >= a.end {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        match finish {
+            Some(finish_reason) => {
+                let text = if pushed.stopped {
+                    String::new()
+                } else {
+                    a.text.finish()
+                };
+                let usage = a.usage();
+                let _ = a.job.events.send(Event::Done {
+                    finish_reason,
+                    usage,
+                    text,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn fail_batch(&mut self, batch: &[BatchEntry], error: EngineError) {
+        let mut i = 0;
+        while i < self.active.len() {
+            let seq = self.active[i].seq;
+            if batch.iter().any(|e| e.seq == seq) {
+                let gone = self.active.swap_remove(i);
+                let _ = gone.job.events.send(Event::Error(error.clone()));
+                self.release(seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler against a tiny deterministic engine: these test the
+    //! batching bookkeeping, not inference (the real model is tested in the
+    //! `tessera` crate's end-to-end tests).
+    use super::*;
+    use crate::{ChatMessage, ModelInfo};
+
+    /// Vocabulary of 8 tokens: token t renders as the letter `a + t`; token 7
+    /// is end-of-generation. The "model" always predicts (last token + 1) % 8.
+    struct Counting {
+        info: ModelInfo,
+    }
+
+    impl Model for Counting {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn apply_chat_template(&self, m: &[ChatMessage]) -> Result<String, EngineError> {
+            Ok(m.iter().map(|m| m.content.as_str()).collect())
+        }
+        fn tokenize(&self, text: &str, _: bool) -> Result<Vec<Token>, EngineError> {
+            Ok(text.bytes().map(|b| Token::from(b - b'a') % 8).collect())
+        }
+        fn token_bytes(&self, t: Token) -> Vec<u8> {
+            if t == 7 {
+                vec![]
+            } else {
+                vec![b'a' + t as u8]
+            }
+        }
+    }
+
+    struct CountingEngine {
+        /// Batch sizes seen, to check that sequences share decode calls.
+        calls: Arc<std::sync::Mutex<Vec<usize>>>,
+        slots: usize,
+    }
+
+    impl Engine for CountingEngine {
+        fn decode(
+            &mut self,
+            b: &[BatchEntry],
+            _: bool,
+            out: &mut BatchOutput,
+        ) -> Result<(), EngineError> {
+            self.calls.lock().unwrap().push(b.len());
+            out.logits.clear();
+            for e in b.iter().filter(|e| e.output) {
+                let mut row = vec![0.0f32; 8];
+                row[((e.token + 1) % 8) as usize] = 10.0;
+                out.logits.extend(row);
+            }
+            Ok(())
+        }
+        fn clear_sequence(&mut self, _: SeqId) {}
+        fn max_sequences(&self) -> usize {
+            self.slots
+        }
+        fn max_batch(&self) -> usize {
+            4
+        }
+        fn context_per_sequence(&self) -> usize {
+            16
+        }
+    }
+
+    fn start(
+        slots: usize,
+    ) -> (
+        Scheduler,
+        SchedulerHandle,
+        Arc<std::sync::Mutex<Vec<usize>>>,
+    ) {
+        let info = ModelInfo {
+            name: "counting".into(),
+            n_vocab: 8,
+            n_embd: 1,
+            n_ctx_train: 16,
+            eog_tokens: vec![7],
+        };
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c = calls.clone();
+        let (s, h) = Scheduler::spawn(
+            Arc::new(Counting { info }),
+            SchedulerConfig::default(),
+            move || Ok(Box::new(CountingEngine { calls: c, slots }) as Box<dyn Engine>),
+        )
+        .unwrap();
+        (s, h, calls)
+    }
+
+    fn request(prompt: &[Token], max_tokens: Option<u32>, stop: &[&str]) -> GenerationRequest {
+        GenerationRequest {
+            prompt: prompt.to_vec(),
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            top_logprobs: 0,
+            ignore_eos: false,
+        }
+    }
+
+    fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> (String, Event) {
+        let mut text = String::new();
+        loop {
+            match rx.blocking_recv().expect("a final event") {
+                Event::Token(t) => text.push_str(&t.text),
+                done @ Event::Done { .. } => {
+                    if let Event::Done { text: tail, .. } = &done {
+                        text.push_str(tail);
+                    }
+                    return (text, done);
+                }
+                e @ Event::Error(_) => return (text, e),
+            }
+        }
+    }
+
+    #[test]
+    fn generates_until_end_of_generation_with_usage() {
+        let (_s, h, _) = start(2);
+        let (text, done) = collect(h.submit(request(&[0, 1], None, &[])).unwrap());
+        assert_eq!(text, "cdefg");
+        assert_eq!(
+            done,
+            Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage {
+                    prompt_tokens: 2,
+                    completion_tokens: 6
+                },
+                text: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn max_tokens_and_stop_sequences_end_early() {
+        let (_s, h, _) = start(2);
+        let (text, done) = collect(h.submit(request(&[0], Some(3), &[])).unwrap());
+        assert_eq!(text, "bcd");
+        assert!(matches!(
+            done,
+            Event::Done {
+                finish_reason: FinishReason::Length,
+                ..
+            }
+        ));
+        let (text, done) = collect(h.submit(request(&[0], None, &["de"])).unwrap());
+        assert_eq!(text, "bc");
+        assert!(matches!(
+            done,
+            Event::Done {
+                finish_reason: FinishReason::Stop,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn concurrent_sequences_share_decode_calls_and_queue_beyond_slots() {
+        let (_s, h, calls) = start(3);
+        let rxs: Vec<_> = (0..5)
+            .map(|_| h.submit(request(&[0], Some(5), &[])).unwrap())
+            .collect();
+        for rx in rxs {
+            let (text, _) = collect(rx);
+            assert_eq!(text, "bcdef");
+        }
+        let calls = calls.lock().unwrap();
+        assert!(calls.iter().any(|&n| n >= 3), "batches seen: {calls:?}");
+    }
+
+    #[test]
+    fn over_long_prompt_is_refused_and_context_end_is_length() {
+        let (_s, h, _) = start(1);
+        let err = h.submit(request(&[0; 16], None, &[])).unwrap_err();
+        assert!(matches!(
+            err,
+            SubmitError::Engine(EngineError::ContextLength { .. })
+        ));
+        // 10 prompt tokens of 0 predict 1..; context 16 allows 6 new tokens.
+        let (text, done) = collect(h.submit(request(&[6; 10], None, &[])).unwrap());
+        assert_eq!(text, "");
+        assert!(matches!(
+            done,
+            Event::Done {
+                finish_reason: FinishReason::Stop,
+                ..
+            }
+        ));
+        let (text, done) = collect(h.submit(request(&[0; 10], Some(100), &[])).unwrap());
+        assert_eq!(text, "bcdefg");
+        assert!(matches!(
+            done,
+            Event::Done {
+                finish_reason: FinishReason::Length,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn dropped_receiver_frees_the_slot() {
+        let (_s, h, _) = start(1);
+        drop(h.submit(request(&[0], Some(10), &[])).unwrap());
+        let (text, _) = collect(h.submit(request(&[1], Some(2), &[])).unwrap());
+        assert_eq!(text, "cd");
+    }
+}

@@ -1,0 +1,426 @@
+//! `tessera bench …`: the figures BENCHMARKS.md quotes.
+//!
+//! `bench engine` runs, in one process and on the same model and threads:
+//! the minimal direct llama.cpp loop, the Tessera engine on one stream, the
+//! engine at several concurrencies, and time to first token inside the
+//! engine vs through the HTTP API on loopback; then it reports peak RSS.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use tessera_api::{ApiConfig, Backend};
+use tessera_engine::{
+    ChatMessage, Event, GenerationRequest, Model, SamplingParams, SchedulerHandle, Token,
+};
+
+use crate::local::{self, LocalBackend};
+use crate::EngineArgs;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Engine throughput and latency against a direct llama.cpp loop.
+    Engine(EngineBench),
+    /// The direct llama.cpp loop alone, as JSON (`bench engine` runs it in a
+    /// child process so the two never share llama.cpp's thread pools).
+    Direct(DirectBench),
+}
+
+#[derive(Args)]
+pub struct DirectBench {
+    /// Path to the GGUF file.
+    #[arg(long)]
+    pub model_file: std::path::PathBuf,
+    #[arg(long)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub concurrency: Vec<usize>,
+}
+
+/// What `bench direct` reports.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DirectReport {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    tokens: Vec<Token>,
+    /// (streams, aggregate tok/s) with all streams in one llama.cpp batch.
+    batched: Vec<(usize, f64)>,
+}
+
+#[derive(Args)]
+pub struct EngineBench {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Tokens generated per stream.
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Repetitions of the single-stream runs (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Concurrency levels for the aggregate-throughput runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub concurrency: Vec<usize>,
+    /// Requests per time-to-first-token measurement.
+    #[arg(long, default_value_t = 30)]
+    pub ttft_samples: usize,
+}
+
+pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Engine(b) => engine(home, b),
+        BenchCommand::Direct(b) => direct(b),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i]
+}
+
+/// A prompt of exactly `n` tokens of ordinary English.
+fn prompt_of(model: &dyn Model, n: usize) -> anyhow::Result<Vec<Token>> {
+    let para = "The history of computing is a story of people finding new ways to share scarce machines. \
+                Early computers were rare and expensive, so researchers queued for hours to run their programs. \
+                Time-sharing systems later let many users work on one machine at once, each with the illusion of having it alone. ";
+    let mut tokens = model.tokenize(&para.repeat(n / 40 + 2), true)?;
+    if tokens.len() < n {
+        bail!("could not build a prompt of {n} tokens");
+    }
+    tokens.truncate(n);
+    Ok(tokens)
+}
+
+/// Timings of one generation through the scheduler.
+struct Timed {
+    ttft: Duration,
+    /// From the first to the last token.
+    decode: Duration,
+    tokens: Vec<Token>,
+}
+
+async fn generate(
+    handle: &SchedulerHandle,
+    prompt: Vec<Token>,
+    max_tokens: usize,
+) -> anyhow::Result<Timed> {
+    let start = Instant::now();
+    let mut rx = handle.submit(GenerationRequest {
+        prompt,
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(max_tokens as u32),
+        stop: Vec::new(),
+        top_logprobs: 0,
+        ignore_eos: true,
+    })?;
+    let mut first = None;
+    let mut tokens = Vec::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Token(t)) => {
+                first.get_or_insert_with(Instant::now);
+                tokens.push(t.token);
+            }
+            Some(Event::Done { .. }) => break,
+            Some(Event::Error(e)) => return Err(e.into()),
+            None => bail!("engine stopped"),
+        }
+    }
+    let first = first.context("no token generated")?;
+    Ok(Timed {
+        ttft: first - start,
+        decode: first.elapsed(),
+        tokens,
+    })
+}
+
+/// True once the SSE text holds a chunk with generated content or a finish
+/// reason (the role chunk that opens a chat stream does not count).
+fn first_token_event(sse: &str) -> bool {
+    sse.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .any(|data| {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                return false;
+            };
+            let choice = &v["choices"][0];
+            choice["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+                || !choice["finish_reason"].is_null()
+        })
+}
+
+fn direct(b: DirectBench) -> anyhow::Result<()> {
+    let file = tessera_llama::LlamaModelFile::load(&b.model_file)?;
+    let long = prompt_of(file.as_ref(), b.prompt_tokens)?;
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    let mut tokens = Vec::new();
+    for _ in 0..b.runs.max(1) {
+        let r = tessera_llama::direct::generate(&file, &long, b.tokens, b.threads)?;
+        prefill.push(r.prompt_tokens as f64 / r.prefill.as_secs_f64());
+        decode.push((r.generated.len() - 1) as f64 / r.decode.as_secs_f64());
+        tokens = r.generated;
+    }
+    let short = prompt_of(file.as_ref(), 32)?;
+    let mut batched = Vec::new();
+    for &c in &b.concurrency {
+        batched.push((
+            c,
+            tessera_llama::direct::batched_rate(&file, &short, b.tokens, c, b.threads)?,
+        ));
+    }
+    let report = DirectReport {
+        prefill_tok_s: median(prefill),
+        decode_tok_s: median(decode),
+        tokens,
+        batched,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
+    let max_conc = b.concurrency.iter().copied().max().unwrap_or(1);
+    let mut args = b.engine.clone();
+    args.slots = args.slots.max(max_conc);
+    let eng = local::start(home, &args)?;
+    let threads = eng.config.threads;
+    let model: Arc<dyn Model> = eng.file.clone();
+    println!("tessera bench engine");
+    println!(
+        "model {} ({}), threads {threads}, slots {}, context/slot {}, {} CPUs online",
+        eng.model.alias,
+        &eng.model.sha256[..12],
+        eng.config.slots,
+        eng.config.context_per_slot,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let long = prompt_of(model.as_ref(), b.prompt_tokens)?;
+    let runs = b.runs.max(1);
+
+    // 1. The direct llama.cpp loop, in a child process of its own.
+    let conc: Vec<String> = b.concurrency.iter().map(usize::to_string).collect();
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "direct", "--model-file"])
+        .arg(&eng.model.path)
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--tokens",
+            &b.tokens.to_string(),
+        ])
+        .args([
+            "--prompt-tokens",
+            &b.prompt_tokens.to_string(),
+            "--runs",
+            &runs.to_string(),
+        ])
+        .args(["--concurrency", &conc.join(",")])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run `tessera bench direct`")?;
+    if !out.status.success() {
+        bail!("`tessera bench direct` failed: {}", out.status);
+    }
+    let direct: DirectReport =
+        serde_json::from_slice(&out.stdout).context("bad output from `bench direct`")?;
+    let (dp, dd) = (direct.prefill_tok_s, direct.decode_tok_s);
+    let direct_tokens = direct.tokens.clone();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let handle = eng.handle.clone();
+
+    // 2. The Tessera engine, one stream, same prompt.
+    let mut t_prefill = Vec::new();
+    let mut t_decode = Vec::new();
+    let mut tessera_tokens = Vec::new();
+    for _ in 0..runs {
+        let r = rt.block_on(generate(&handle, long.clone(), b.tokens))?;
+        t_prefill.push(long.len() as f64 / r.ttft.as_secs_f64());
+        t_decode.push((r.tokens.len() - 1) as f64 / r.decode.as_secs_f64());
+        tessera_tokens = r.tokens;
+    }
+    let same = direct_tokens == tessera_tokens;
+    let (tp, td) = (median(t_prefill), median(t_decode));
+    println!();
+    println!(
+        "single stream ({} prompt tokens, {} generated, median of {runs})",
+        long.len(),
+        b.tokens
+    );
+    println!(
+        "  {:<22} {:>12} {:>12}",
+        "", "prefill tok/s", "decode tok/s"
+    );
+    println!(
+        "  {:<22} {:>12.1} {:>12.1}",
+        "direct llama.cpp loop", dp, dd
+    );
+    println!("  {:<22} {:>12.1} {:>12.1}", "tessera engine", tp, td);
+    println!(
+        "  {:<22} {:>12.3} {:>12.3}",
+        "ratio tessera/direct",
+        tp / dp,
+        td / dd
+    );
+    println!("  greedy tokens identical to the direct loop: {same}");
+
+    // 3. Aggregate throughput at several concurrencies.
+    println!();
+    println!(
+        "aggregate decode, {} tokens per stream, 32-token prompts (tok/s)",
+        b.tokens
+    );
+    println!(
+        "  {:>7} {:>14} {:>8} {:>22}",
+        "streams", "tessera engine", "vs 1", "direct llama.cpp batch"
+    );
+    let short = prompt_of(model.as_ref(), 32)?;
+    let mut single = None;
+    for &c in &b.concurrency {
+        let start = Instant::now();
+        let results = rt.block_on(async {
+            let jobs = (0..c).map(|_| generate(&handle, short.clone(), b.tokens));
+            futures::future::join_all(jobs).await
+        });
+        let wall = start.elapsed().as_secs_f64();
+        let mut total = 0usize;
+        for r in results {
+            total += r?.tokens.len();
+        }
+        let agg = total as f64 / wall;
+        let base = *single.get_or_insert(agg);
+        let ceiling = direct
+            .batched
+            .iter()
+            .find(|(n, _)| *n == c)
+            .map_or(f64::NAN, |(_, r)| *r);
+        println!("  {c:>7} {agg:>14.1} {:>7.2}x {ceiling:>22.1}", agg / base);
+    }
+
+    // 4. Time to first token: inside the engine vs through HTTP on loopback.
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&eng));
+    let messages = vec![ChatMessage {
+        role: "user".into(),
+        content: "Say hello.".into(),
+    }];
+    let chat_prompt = model.tokenize(&model.apply_chat_template(&messages)?, true)?;
+    let (engine_ttft, http_ttft) = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = tessera_api::router(backend, ApiConfig::default());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/v1/chat/completions");
+        let body = serde_json::json!({
+            "model": eng.model.alias,
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 1, "temperature": 0, "stream": true,
+        });
+        let mut e_ttft = Vec::new();
+        let mut h_ttft = Vec::new();
+        for i in 0..b.ttft_samples + 2 {
+            let r = generate(&handle, chat_prompt.clone(), 1).await?;
+            let start = Instant::now();
+            let resp = client
+                .post(&url)
+                .json(&body)
+                .send()
+                .await?
+                .error_for_status()?;
+            let mut stream = resp.bytes_stream();
+            let mut seen = String::new();
+            let mut got = None;
+            while let Some(chunk) = stream.next().await {
+                seen.push_str(&String::from_utf8_lossy(&chunk?));
+                if first_token_event(&seen) {
+                    got = Some(start.elapsed());
+                    break;
+                }
+            }
+            // Drain so the connection is reusable.
+            while stream.next().await.is_some() {}
+            if i >= 2 {
+                e_ttft.push(r.ttft.as_secs_f64() * 1e3);
+                h_ttft.push(got.context("no token chunk in the stream")?.as_secs_f64() * 1e3);
+            }
+        }
+        server.abort();
+        anyhow::Ok((e_ttft, h_ttft))
+    })?;
+    println!();
+    println!(
+        "time to first token, {}-token chat prompt, {} samples (ms)",
+        chat_prompt.len(),
+        engine_ttft.len()
+    );
+    println!("  {:<22} {:>8} {:>8}", "", "p50", "p90");
+    println!(
+        "  {:<22} {:>8.2} {:>8.2}",
+        "inside the engine",
+        percentile(engine_ttft.clone(), 0.5),
+        percentile(engine_ttft.clone(), 0.9)
+    );
+    println!(
+        "  {:<22} {:>8.2} {:>8.2}",
+        "through HTTP",
+        percentile(http_ttft.clone(), 0.5),
+        percentile(http_ttft.clone(), 0.9)
+    );
+    println!(
+        "  HTTP overhead p50: {:+.2} ms",
+        percentile(http_ttft, 0.5) - percentile(engine_ttft, 0.5)
+    );
+
+    // 5. Memory.
+    let kv =
+        eng.file.kv_bytes_per_token() * (eng.config.slots * eng.config.context_per_slot) as u64;
+    println!();
+    if let Some(rss) = peak_rss_bytes() {
+        let budget = eng.model.size + kv + 100 * 1024 * 1024;
+        println!(
+            "peak RSS {:.1} MiB; model file {:.1} MiB + KV cache {:.1} MiB + 100 MiB = {:.1} MiB budget ({})",
+            rss as f64 / 1048576.0,
+            eng.model.size as f64 / 1048576.0,
+            kv as f64 / 1048576.0,
+            budget as f64 / 1048576.0,
+            if rss <= budget { "within" } else { "OVER" }
+        );
+    }
+    drop(handle);
+    Ok(())
+}

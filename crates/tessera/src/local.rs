@@ -1,0 +1,99 @@
+//! The in-process provider: a llama.cpp engine behind the API's `Backend`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tessera_api::{ApiError, Backend, Dispatch, ServedModel};
+use tessera_engine::{GenerationRequest, Model, Scheduler, SchedulerConfig, SchedulerHandle};
+use tessera_llama::{EngineConfig, LlamaEngine, LlamaModelFile};
+use tessera_models::ResolvedModel;
+
+use crate::EngineArgs;
+
+/// A loaded model with its scheduler running.
+pub struct LocalEngine {
+    pub scheduler: Scheduler,
+    pub handle: SchedulerHandle,
+    pub model: ResolvedModel,
+    pub file: Arc<LlamaModelFile>,
+    pub config: EngineConfig,
+}
+
+/// Resolve (pulling if needed), load and start the engine `args` describe.
+pub fn start(home: &Path, args: &EngineArgs) -> anyhow::Result<LocalEngine> {
+    let model = crate::models::resolve_or_pull(home, &args.model)?;
+    let file = LlamaModelFile::load(&model.path)?;
+    let config = EngineConfig {
+        slots: args.slots.max(1),
+        context_per_slot: args.context.max(16),
+        threads: args.threads.unwrap_or_else(tessera_llama::physical_cores),
+        ..EngineConfig::default()
+    };
+    let engine_file = file.clone();
+    let engine_config = config.clone();
+    let (scheduler, handle) =
+        Scheduler::spawn(file.clone(), SchedulerConfig::default(), move || {
+            Ok(Box::new(LlamaEngine::new(&engine_file, engine_config)?)
+                as Box<dyn tessera_engine::Engine>)
+        })?;
+    Ok(LocalEngine {
+        scheduler,
+        handle,
+        model,
+        file,
+        config,
+    })
+}
+
+/// `Backend` over one local scheduler.
+pub struct LocalBackend {
+    handle: SchedulerHandle,
+    served: ServedModel,
+    /// Shown to clients as `tessera.provider`.
+    provider: String,
+}
+
+impl LocalBackend {
+    pub fn new(engine: &LocalEngine) -> Self {
+        let served = ServedModel {
+            id: engine.model.alias.clone(),
+            sha256: engine.model.sha256.clone(),
+            tokenizer: engine.file.clone() as Arc<dyn Model>,
+            context_length: engine.handle.context_per_sequence(),
+            providers: 1,
+        };
+        Self {
+            handle: engine.handle.clone(),
+            served,
+            provider: "local".into(),
+        }
+    }
+}
+
+impl Backend for LocalBackend {
+    fn models(&self) -> Vec<ServedModel> {
+        vec![self.served.clone()]
+    }
+
+    fn submit(
+        &self,
+        _model: &ServedModel,
+        request: GenerationRequest,
+    ) -> Result<Dispatch, ApiError> {
+        let events = self.handle.submit(request)?;
+        Ok(Dispatch {
+            events,
+            provider: self.provider.clone(),
+        })
+    }
+
+    fn health(&self) -> Value {
+        json!({
+            "kind": "local",
+            "active": self.handle.active(),
+            "waiting": self.handle.waiting(),
+            "slots": self.handle.max_sequences(),
+        })
+    }
+}

@@ -1,0 +1,85 @@
+//! `tessera`: one binary for every role in the network.
+//!
+//! This crate only wires the libraries together: `tessera-models` finds the
+//! weights, `tessera-llama` loads them into a `tessera-engine` scheduler, and
+//! `tessera-api` serves it over HTTP. Each subcommand lives in its own module.
+
+mod bench;
+mod local;
+mod models;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Tessera: a decentralized AI compute network with an OpenAI-compatible API.
+#[derive(Parser)]
+#[command(name = "tessera", version, about, long_about = None)]
+struct Cli {
+    /// Home folder for the model store, keys, ledger and endpoint.json.
+    #[arg(long, global = true, env = "TESSERA_HOME", default_value_os_t = default_home())]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model on this machine: the HTTP API and an in-process engine.
+    Serve(serve::ServeArgs),
+    /// Manage the local model store (GGUF files keyed by sha256).
+    Models {
+        #[command(subcommand)]
+        command: models::ModelsCommand,
+    },
+    /// Reproducible benchmarks; BENCHMARKS.md quotes their output.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+/// How the engine is sized; shared by `serve` and `bench`.
+#[derive(Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Model to load: an alias or sha256 from `tessera models list`, or a
+    /// path to a GGUF file.
+    #[arg(long, env = "TESSERA_MODEL", default_value = tessera_models::DEFAULT_MODEL.alias)]
+    pub model: String,
+    /// CPU threads for llama.cpp (default: the physical cores).
+    #[arg(long, env = "TESSERA_THREADS")]
+    pub threads: Option<usize>,
+    /// Requests decoded together (continuous-batching slots).
+    #[arg(long, env = "TESSERA_SLOTS", default_value_t = 16)]
+    pub slots: usize,
+    /// Context (prompt + output tokens) of each request.
+    #[arg(long, env = "TESSERA_CONTEXT", default_value_t = 2048)]
+    pub context: usize,
+}
+
+fn default_home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(
+        || PathBuf::from(".tessera"),
+        |h| PathBuf::from(h).join(".tessera"),
+    )
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Serve(args) => serve::run(&cli.home, args),
+        Command::Models { command } => models::run(&cli.home, command),
+        Command::Bench { command } => bench::run(&cli.home, command),
+    }
+}

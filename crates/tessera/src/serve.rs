@@ -1,0 +1,126 @@
+//! `tessera serve`: the API and one in-process provider on this machine.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use tessera_api::{ApiConfig, Backend};
+
+use crate::local::{self, LocalBackend};
+use crate::EngineArgs;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the HTTP API (the API lives under /v1).
+    #[arg(long, env = "TESSERA_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "TESSERA_BODY_LIMIT", default_value_t = 4 * 1024 * 1024)]
+    pub body_limit: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Removes endpoint.json when the server stops, so scripts never find a
+/// stale address.
+struct EndpointFile(PathBuf);
+
+impl Drop for EndpointFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn write_endpoint(home: &Path, addr: SocketAddr, model: &str) -> anyhow::Result<EndpointFile> {
+    std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
+    let path = home.join("endpoint.json");
+    let body = json!({
+        "api_base": format!("http://{addr}/v1"),
+        "api_key": null,
+        "model": model,
+        "pid": std::process::id(),
+    });
+    let tmp = home.join("endpoint.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(EndpointFile(path))
+}
+
+pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
+    let engine = local::start(home, &args.engine)?;
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&engine));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let _endpoint = write_endpoint(home, addr, &engine.model.alias)?;
+        tracing::info!(
+            %addr,
+            model = %engine.model.alias,
+            sha256 = %engine.model.sha256,
+            threads = engine.config.threads,
+            slots = engine.config.slots,
+            context = engine.config.context_per_slot,
+            "serving"
+        );
+        println!("Tessera is serving {} on http://{addr}/v1", engine.model.alias);
+        println!(
+            "  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hello\"}}]}}'",
+            engine.model.alias
+        );
+        let app = tessera_api::router(backend, ApiConfig { body_limit: args.body_limit });
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing requests in flight");
+            let _ = stop_tx.send(true);
+        });
+        // Streams in flight get a grace period, then the process exits anyway.
+        let mut grace = stop_rx.clone();
+        tokio::select! {
+            r = server => r.context("HTTP server failed")?,
+            _ = async {
+                let _ = grace.wait_for(|s| *s).await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            } => tracing::warn!("requests still running after 10 s; stopping anyway"),
+        }
+        anyhow::Ok(())
+    })?;
+    drop(runtime);
+    // The router held the last other handle; once ours goes, the engine
+    // thread finishes and can be joined.
+    let local::LocalEngine {
+        scheduler, handle, ..
+    } = engine;
+    drop(handle);
+    scheduler.join();
+    tracing::info!("stopped");
+    Ok(())
+}

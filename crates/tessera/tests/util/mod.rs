@@ -1,0 +1,224 @@
+//! The one harness every end-to-end test uses: it starts the real `tessera`
+//! binary on loopback with the real default model, waits for it to write its
+//! endpoint.json, and stops it when dropped.
+//!
+//! The model comes from `$TESSERA_TEST_MODEL` (a GGUF path; `make test` sets
+//! it after pulling the default model), or else from the store under
+//! `$HOME/.cache/tessera/home`, which `make test` fills.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const MODEL: &str = "smollm2-135m-instruct";
+
+/// Path to the default model's GGUF file.
+pub fn model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("TESSERA_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let home = PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tessera/home");
+    let store = tessera_models::ModelStore::open(&home).expect("model store");
+    match store.resolve(MODEL) {
+        Ok(m) => m.path,
+        Err(e) => panic!(
+            "the end-to-end tests need the default model: run `make test`, or \
+             `tessera models pull {MODEL}` with TESSERA_HOME={} ({e})",
+            home.display()
+        ),
+    }
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// A running `tessera serve`.
+pub struct Server {
+    child: Child,
+    pub home: tempfile::TempDir,
+    /// e.g. `http://127.0.0.1:43123/v1`
+    pub api_base: String,
+    /// e.g. `http://127.0.0.1:43123`
+    pub root: String,
+}
+
+impl Server {
+    /// Start `tessera serve` with extra flags (slots, context, limits…).
+    pub fn start(extra: &[&str]) -> Server {
+        let home = tempfile::tempdir().expect("temp home");
+        let child = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--model"])
+            .arg(model_path())
+            .args(extra)
+            .env("TESSERA_HOME", home.path())
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tessera serve");
+        let mut server = Server {
+            child,
+            home,
+            api_base: String::new(),
+            root: String::new(),
+        };
+        let endpoint = server.home.path().join("endpoint.json");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(bytes) = std::fs::read(&endpoint) {
+                if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+                    server.api_base = v["api_base"].as_str().expect("api_base").to_string();
+                    server.root = server.api_base.trim_end_matches("/v1").to_string();
+                    return server;
+                }
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("tessera serve exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tessera serve did not start within 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.root)
+    }
+
+    /// POST a JSON body; returns (status, parsed body).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, body.to_string().into_bytes())
+    }
+
+    pub fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let resp = client()
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().expect("body");
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        (status, value)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let resp = client().get(self.url(path)).send().expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().expect("JSON body"))
+    }
+
+    /// POST with `"stream": true` and return every `data:` payload in order.
+    pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let mut resp = client()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), 200, "stream request failed");
+        let ct = resp.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(ct.starts_with("text/event-stream"), "content-type {ct}");
+        let mut text = String::new();
+        resp.read_to_string(&mut text).expect("read stream");
+        sse_data(&text)
+    }
+
+    /// Block until `/health` reports no active or waiting requests.
+    pub fn wait_idle(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let (_, h) = self.get("/health");
+            if h["backend"]["active"] == 0 && h["backend"]["waiting"] == 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Ask the server to stop (SIGTERM) and wait for it.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+/// The `data:` payloads of a server-sent-event body.
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A chat request for the default model.
+pub fn chat(content: &str, extra: Value) -> Value {
+    let mut body = serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
+/// Check an error body has OpenAI's shape; returns the error object.
+pub fn assert_openai_error(body: &Value) -> &Value {
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message in {body}"
+    );
+    assert!(e["type"].is_string(), "no type in {body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "param/code missing in {body}"
+    );
+    e
+}
