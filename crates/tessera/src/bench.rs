@@ -24,6 +24,11 @@ use crate::EngineArgs;
 pub enum BenchCommand {
     /// Engine throughput and latency against a direct llama.cpp loop.
     Engine(EngineBench),
+    /// Cost of Tessera's sampling rule per token, on real logits.
+    Sampling {
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
     /// The direct llama.cpp loop alone, as JSON (`bench engine` runs it in a
     /// child process so the two never share llama.cpp's thread pools).
     Direct(DirectBench),
@@ -40,20 +45,51 @@ pub struct DirectBench {
     pub tokens: usize,
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
-    pub concurrency: Vec<usize>,
+    /// Decode this many streams together in one llama.cpp batch (32-token
+    /// prompts) instead of timing one stream.
+    #[arg(long)]
+    pub streams: Option<usize>,
 }
 
 /// What `bench direct` reports.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize, Default)]
 struct DirectReport {
     prefill_tok_s: f64,
     decode_tok_s: f64,
     tokens: Vec<Token>,
-    /// (streams, aggregate tok/s) with all streams in one llama.cpp batch.
-    batched: Vec<(usize, f64)>,
+    /// Generated tokens per second over all streams (with `--streams`).
+    aggregate_tok_s: f64,
+}
+
+/// Run `tessera bench direct` in a child process: llama.cpp's OpenMP thread
+/// pools belong to the thread that first decodes, and two pools in one
+/// process spin against each other on a small machine.
+fn direct_child(
+    model: &Path,
+    threads: usize,
+    tokens: usize,
+    prompt_tokens: usize,
+    streams: Option<usize>,
+) -> anyhow::Result<DirectReport> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["bench", "direct", "--model-file"])
+        .arg(model)
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--tokens",
+            &tokens.to_string(),
+        ])
+        .args(["--prompt-tokens", &prompt_tokens.to_string()])
+        .stderr(std::process::Stdio::inherit());
+    if let Some(n) = streams {
+        cmd.args(["--streams", &n.to_string()]);
+    }
+    let out = cmd.output().context("cannot run `tessera bench direct`")?;
+    if !out.status.success() {
+        bail!("`tessera bench direct` failed: {}", out.status);
+    }
+    serde_json::from_slice(&out.stdout).context("bad output from `bench direct`")
 }
 
 #[derive(Args)]
@@ -81,6 +117,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Engine(b) => engine(home, b),
         BenchCommand::Direct(b) => direct(b),
+        BenchCommand::Sampling { engine } => sampling(home, &engine),
     }
 }
 
@@ -174,31 +211,117 @@ fn first_token_event(sse: &str) -> bool {
         })
 }
 
+fn sampling(home: &Path, args: &EngineArgs) -> anyhow::Result<()> {
+    use tessera_engine::sampling::{logprobs, sample};
+    let model = crate::models::resolve_or_pull(home, &args.model)?;
+    let file = tessera_llama::LlamaModelFile::load(&model.path)?;
+    let config = tessera_llama::EngineConfig {
+        slots: 1,
+        context_per_slot: 1024,
+        threads: args.threads.unwrap_or_else(tessera_llama::physical_cores),
+        hidden_states: true,
+        ..tessera_llama::EngineConfig::default()
+    };
+    let mut engine = tessera_llama::LlamaEngine::new(&file, config)?;
+    // Real distributions: every position of a prompt plus a story.
+    let messages = vec![ChatMessage {
+        role: "user".into(),
+        content: "Tell me a story about a lighthouse keeper.".into(),
+    }];
+    let mut tokens = file.tokenize(&file.apply_chat_template(&messages)?, true)?;
+    tokens.extend(prompt_of(file.as_ref(), 200)?);
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    tessera_engine::prefill_all(&mut engine, 0, &tokens, &mut |_, l, _| {
+        rows.push(l.to_vec())
+    })?;
+    println!(
+        "tessera bench sampling: {} ({} logit rows of {} tokens)",
+        model.alias,
+        rows.len(),
+        file.info().n_vocab
+    );
+    let settings = [
+        ("greedy (T=0)", SamplingParams::greedy()),
+        (
+            "T=1, no filter",
+            SamplingParams {
+                seed: 1,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "T=0.7, top_p=0.9",
+            SamplingParams {
+                temperature: 0.7,
+                top_p: 0.9,
+                seed: 1,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "T=1, top_k=40",
+            SamplingParams {
+                top_k: 40,
+                seed: 1,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "T=1, min_p=0.05",
+            SamplingParams {
+                min_p: 0.05,
+                seed: 1,
+                ..SamplingParams::default()
+            },
+        ),
+    ];
+    let reps = 5;
+    for (name, p) in settings {
+        let start = Instant::now();
+        let mut sink = 0i64;
+        for _ in 0..reps {
+            for (pos, row) in rows.iter().enumerate() {
+                sink += i64::from(sample(row, &p, pos as u32));
+            }
+        }
+        let per = start.elapsed().as_secs_f64() * 1e6 / (reps * rows.len()) as f64;
+        println!("  sample {name:<20} {per:>8.1} µs/token   (checksum {sink})");
+    }
+    for n in [0usize, 5] {
+        let start = Instant::now();
+        let mut sink = 0.0f32;
+        for _ in 0..reps {
+            for row in &rows {
+                sink += logprobs(row, 0, n).0;
+            }
+        }
+        let per = start.elapsed().as_secs_f64() * 1e6 / (reps * rows.len()) as f64;
+        println!("  logprobs, top {n:<13} {per:>8.1} µs/token   (checksum {sink:.1})");
+    }
+    Ok(())
+}
+
 fn direct(b: DirectBench) -> anyhow::Result<()> {
     let file = tessera_llama::LlamaModelFile::load(&b.model_file)?;
-    let long = prompt_of(file.as_ref(), b.prompt_tokens)?;
-    let mut prefill = Vec::new();
-    let mut decode = Vec::new();
-    let mut tokens = Vec::new();
-    for _ in 0..b.runs.max(1) {
-        let r = tessera_llama::direct::generate(&file, &long, b.tokens, b.threads)?;
-        prefill.push(r.prompt_tokens as f64 / r.prefill.as_secs_f64());
-        decode.push((r.generated.len() - 1) as f64 / r.decode.as_secs_f64());
-        tokens = r.generated;
-    }
-    let short = prompt_of(file.as_ref(), 32)?;
-    let mut batched = Vec::new();
-    for &c in &b.concurrency {
-        batched.push((
-            c,
-            tessera_llama::direct::batched_rate(&file, &short, b.tokens, c, b.threads)?,
-        ));
-    }
-    let report = DirectReport {
-        prefill_tok_s: median(prefill),
-        decode_tok_s: median(decode),
-        tokens,
-        batched,
+    let report = match b.streams {
+        None => {
+            let prompt = prompt_of(file.as_ref(), b.prompt_tokens)?;
+            let r = tessera_llama::direct::generate(&file, &prompt, b.tokens, b.threads)?;
+            DirectReport {
+                prefill_tok_s: r.prompt_tokens as f64 / r.prefill.as_secs_f64(),
+                decode_tok_s: (r.generated.len() - 1) as f64 / r.decode.as_secs_f64(),
+                tokens: r.generated,
+                ..DirectReport::default()
+            }
+        }
+        Some(n) => {
+            let prompt = prompt_of(file.as_ref(), b.prompt_tokens)?;
+            let rate = tessera_llama::direct::batched_rate(&file, &prompt, b.tokens, n, b.threads)?;
+            DirectReport {
+                aggregate_tok_s: rate,
+                ..DirectReport::default()
+            }
+        }
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -230,52 +353,31 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
     let long = prompt_of(model.as_ref(), b.prompt_tokens)?;
     let runs = b.runs.max(1);
 
-    // 1. The direct llama.cpp loop, in a child process of its own.
-    let conc: Vec<String> = b.concurrency.iter().map(usize::to_string).collect();
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "direct", "--model-file"])
-        .arg(&eng.model.path)
-        .args([
-            "--threads",
-            &threads.to_string(),
-            "--tokens",
-            &b.tokens.to_string(),
-        ])
-        .args([
-            "--prompt-tokens",
-            &b.prompt_tokens.to_string(),
-            "--runs",
-            &runs.to_string(),
-        ])
-        .args(["--concurrency", &conc.join(",")])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("cannot run `tessera bench direct`")?;
-    if !out.status.success() {
-        bail!("`tessera bench direct` failed: {}", out.status);
-    }
-    let direct: DirectReport =
-        serde_json::from_slice(&out.stdout).context("bad output from `bench direct`")?;
-    let (dp, dd) = (direct.prefill_tok_s, direct.decode_tok_s);
-    let direct_tokens = direct.tokens.clone();
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let handle = eng.handle.clone();
 
-    // 2. The Tessera engine, one stream, same prompt.
-    let mut t_prefill = Vec::new();
-    let mut t_decode = Vec::new();
-    let mut tessera_tokens = Vec::new();
+    // 1. One stream, same prompt: the direct loop (child process) and the
+    // engine take turns, so drift in the machine's speed hits both alike.
+    let (mut d_prefill, mut d_decode, mut t_prefill, mut t_decode) =
+        (vec![], vec![], vec![], vec![]);
+    let mut same = true;
     for _ in 0..runs {
+        let d = direct_child(&eng.model.path, threads, b.tokens, b.prompt_tokens, None)?;
+        d_prefill.push(d.prefill_tok_s);
+        d_decode.push(d.decode_tok_s);
         let r = rt.block_on(generate(&handle, long.clone(), b.tokens))?;
         t_prefill.push(long.len() as f64 / r.ttft.as_secs_f64());
         t_decode.push((r.tokens.len() - 1) as f64 / r.decode.as_secs_f64());
-        tessera_tokens = r.tokens;
+        same &= d.tokens == r.tokens;
     }
-    let same = direct_tokens == tessera_tokens;
-    let (tp, td) = (median(t_prefill), median(t_decode));
+    let (dp, dd, tp, td) = (
+        median(d_prefill),
+        median(d_decode),
+        median(t_prefill),
+        median(t_decode),
+    );
     println!();
     println!(
         "single stream ({} prompt tokens, {} generated, median of {runs})",
@@ -283,35 +385,39 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
         b.tokens
     );
     println!(
-        "  {:<22} {:>12} {:>12}",
+        "  {:<22} {:>13} {:>13}",
         "", "prefill tok/s", "decode tok/s"
     );
     println!(
-        "  {:<22} {:>12.1} {:>12.1}",
+        "  {:<22} {:>13.1} {:>13.1}",
         "direct llama.cpp loop", dp, dd
     );
-    println!("  {:<22} {:>12.1} {:>12.1}", "tessera engine", tp, td);
+    println!("  {:<22} {:>13.1} {:>13.1}", "tessera engine", tp, td);
     println!(
-        "  {:<22} {:>12.3} {:>12.3}",
+        "  {:<22} {:>13.3} {:>13.3}",
         "ratio tessera/direct",
         tp / dp,
         td / dd
     );
     println!("  greedy tokens identical to the direct loop: {same}");
 
-    // 3. Aggregate throughput at several concurrencies.
+    // 2. Aggregate throughput at several concurrencies, each beside llama.cpp
+    // decoding the same number of streams in one batch (the ceiling).
     println!();
     println!(
         "aggregate decode, {} tokens per stream, 32-token prompts (tok/s)",
         b.tokens
     );
     println!(
-        "  {:>7} {:>14} {:>8} {:>22}",
-        "streams", "tessera engine", "vs 1", "direct llama.cpp batch"
+        "  {:>7} {:>14} {:>8} {:>22} {:>8}",
+        "streams", "tessera engine", "vs 1", "direct llama.cpp batch", "vs 1"
     );
     let short = prompt_of(model.as_ref(), 32)?;
     let mut single = None;
+    let mut d_single = None;
     for &c in &b.concurrency {
+        let ceiling =
+            direct_child(&eng.model.path, threads, b.tokens, 32, Some(c))?.aggregate_tok_s;
         let start = Instant::now();
         let results = rt.block_on(async {
             let jobs = (0..c).map(|_| generate(&handle, short.clone(), b.tokens));
@@ -324,12 +430,12 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
         }
         let agg = total as f64 / wall;
         let base = *single.get_or_insert(agg);
-        let ceiling = direct
-            .batched
-            .iter()
-            .find(|(n, _)| *n == c)
-            .map_or(f64::NAN, |(_, r)| *r);
-        println!("  {c:>7} {agg:>14.1} {:>7.2}x {ceiling:>22.1}", agg / base);
+        let d_base = *d_single.get_or_insert(ceiling);
+        println!(
+            "  {c:>7} {agg:>14.1} {:>7.2}x {ceiling:>22.1} {:>7.2}x",
+            agg / base,
+            ceiling / d_base
+        );
     }
 
     // 4. Time to first token: inside the engine vs through HTTP on loopback.

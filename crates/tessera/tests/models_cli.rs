@@ -35,7 +35,9 @@ fn pull_checks_the_hash_and_a_damaged_copy_is_refused() {
     assert_eq!(models[0]["size"], tessera_models::DEFAULT_MODEL.size);
 
     // Pulling again is a no-op that re-checks the file.
-    assert!(tessera(home.path(), &["models", "pull", util::MODEL]).status.success());
+    assert!(tessera(home.path(), &["models", "pull", util::MODEL])
+        .status
+        .success());
 
     // Truncate the stored file: it is refused, by `models path` and by `serve`.
     let blob = home.path().join("models/blobs").join(format!("{sha}.gguf"));
@@ -44,33 +46,64 @@ fn pull_checks_the_hash_and_a_damaged_copy_is_refused() {
     drop(f);
     let path = tessera(home.path(), &["models", "path", util::MODEL]);
     assert!(!path.status.success());
-    assert!(stderr(&path).contains("corrupt or truncated"), "{}", stderr(&path));
+    assert!(
+        stderr(&path).contains("corrupt or truncated"),
+        "{}",
+        stderr(&path)
+    );
     let serve = tessera(home.path(), &["serve", "--listen", "127.0.0.1:0"]);
     assert!(!serve.status.success());
-    assert!(stderr(&serve).contains("corrupt or truncated"), "{}", stderr(&serve));
+    assert!(
+        stderr(&serve).contains("corrupt or truncated"),
+        "{}",
+        stderr(&serve)
+    );
 
     // `pull` repairs it.
-    assert!(tessera(home.path(), &["models", "pull", util::MODEL]).status.success());
-    assert!(tessera(home.path(), &["models", "path", util::MODEL]).status.success());
+    assert!(tessera(home.path(), &["models", "pull", util::MODEL])
+        .status
+        .success());
+    assert!(tessera(home.path(), &["models", "path", util::MODEL])
+        .status
+        .success());
 }
 
 #[test]
 fn add_takes_gguf_files_and_refuses_others() {
     let home = tempfile::tempdir().unwrap();
-    let added = tessera(home.path(), &["models", "add", util::model_path().to_str().unwrap(), "--alias", "mine"]);
+    let added = tessera(
+        home.path(),
+        &[
+            "models",
+            "add",
+            util::model_path().to_str().unwrap(),
+            "--alias",
+            "mine",
+        ],
+    );
     assert!(added.status.success(), "{}", stderr(&added));
     let path = tessera(home.path(), &["models", "path", "mine"]);
     assert!(path.status.success());
     // The hash prefix works as a name too.
     let prefix = &tessera_models::DEFAULT_MODEL.sha256[..10];
-    assert!(tessera(home.path(), &["models", "path", prefix]).status.success());
+    assert!(tessera(home.path(), &["models", "path", prefix])
+        .status
+        .success());
 
     let junk = home.path().join("notes.gguf");
     std::fs::write(&junk, b"not a model").unwrap();
     let refused = tessera(home.path(), &["models", "add", junk.to_str().unwrap()]);
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("not a GGUF file"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("not a GGUF file"),
+        "{}",
+        stderr(&refused)
+    );
     let unknown = tessera(home.path(), &["models", "pull", "gpt-9"]);
     assert!(!unknown.status.success());
-    assert!(stderr(&unknown).contains("unknown model"), "{}", stderr(&unknown));
+    assert!(
+        stderr(&unknown).contains("unknown model"),
+        "{}",
+        stderr(&unknown)
+    );
 }
