@@ -18,7 +18,7 @@ MODEL := smollm2-135m-instruct
 .PHONY: help deps build model venv demo test lint bench
 
 help:
-	@echo "make demo   run Tessera on this machine with the default model"
+	@echo "make demo   run a local Tessera network (1 gateway, 3 providers) on the default model"
 	@echo "make test   run the whole test suite"
 	@echo "make bench  run the engine benchmark (figures in BENCHMARKS.md)"
 
@@ -35,8 +35,9 @@ venv: deps
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	@$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r crates/tessera/tests/clients/requirements.txt
 
+# A gateway and three providers as separate processes on loopback.
 demo: build
-	$(BIN) serve
+	$(BIN) devnet --providers 3
 
 lint: build
 	cargo fmt --all --check

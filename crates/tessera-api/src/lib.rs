@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+pub use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use tessera_engine::{Event, GenerationRequest, Model, Token};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -58,9 +59,14 @@ pub struct Dispatch {
 pub trait Backend: Send + Sync + 'static {
     /// Every model that can be requested now.
     fn models(&self) -> Vec<ServedModel>;
-    /// Start a generation of `model`.
-    fn submit(&self, model: &ServedModel, request: GenerationRequest)
-        -> Result<Dispatch, ApiError>;
+    /// Start a generation of `model`. The future resolves once a provider has
+    /// accepted the job (a network backend retries others before that), so
+    /// a job nobody can take fails as an HTTP error, not a broken stream.
+    fn submit(
+        &self,
+        model: &ServedModel,
+        request: GenerationRequest,
+    ) -> BoxFuture<'static, Result<Dispatch, ApiError>>;
     /// Extra facts for `GET /health`.
     fn health(&self) -> Value;
 }
@@ -193,7 +199,7 @@ async fn run(
         top_logprobs: checked.logprobs.unwrap_or(0) as usize,
         ignore_eos: checked.ignore_eos,
     };
-    let dispatch = api.backend.submit(&model, request)?;
+    let dispatch = api.backend.submit(&model, request).await?;
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
     } else {

@@ -21,7 +21,7 @@ use crate::text::TextStream;
 use crate::{BatchEntry, BatchOutput, Engine, EngineError, Model, SeqId, Token};
 
 /// One generation job for the scheduler.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenerationRequest {
     /// Prompt tokens, already templated and tokenized.
     pub prompt: Vec<Token>,
@@ -56,7 +56,7 @@ pub struct Usage {
 }
 
 /// One generated token and the text it released.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenEvent {
     pub token: Token,
     /// Text safe to show now (may be empty while a stop sequence or a split

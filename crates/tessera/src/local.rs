@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tessera_api::{ApiError, Backend, Dispatch, ServedModel};
+use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, ServedModel};
 use tessera_engine::{GenerationRequest, Model, Scheduler, SchedulerConfig, SchedulerHandle};
 use tessera_llama::{EngineConfig, LlamaEngine, LlamaModelFile};
 use tessera_models::ResolvedModel;
@@ -80,12 +80,16 @@ impl Backend for LocalBackend {
         &self,
         _model: &ServedModel,
         request: GenerationRequest,
-    ) -> Result<Dispatch, ApiError> {
-        let events = self.handle.submit(request)?;
-        Ok(Dispatch {
-            events,
-            provider: self.provider.clone(),
-        })
+    ) -> BoxFuture<'static, Result<Dispatch, ApiError>> {
+        let result = self
+            .handle
+            .submit(request)
+            .map(|events| Dispatch {
+                events,
+                provider: self.provider.clone(),
+            })
+            .map_err(ApiError::from);
+        Box::pin(std::future::ready(result))
     }
 
     fn health(&self) -> Value {

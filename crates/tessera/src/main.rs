@@ -5,8 +5,10 @@
 //! `tessera-api` serves it over HTTP. Each subcommand lives in its own module.
 
 mod bench;
+mod devnet;
 mod local;
 mod models;
+mod network;
 mod serve;
 
 use std::path::PathBuf;
@@ -28,6 +30,12 @@ struct Cli {
 enum Command {
     /// Serve a model on this machine: the HTTP API and an in-process engine.
     Serve(serve::ServeArgs),
+    /// Run a gateway: the HTTP API in front of providers that dial in.
+    Gateway(network::GatewayArgs),
+    /// Contribute this machine: serve jobs for one or more gateways.
+    Provider(network::ProviderArgs),
+    /// A gateway and N providers as separate processes on loopback.
+    Devnet(devnet::DevnetArgs),
     /// Manage the local model store (GGUF files keyed by sha256).
     Models {
         #[command(subcommand)]
@@ -79,6 +87,9 @@ fn main() -> anyhow::Result<()> {
     init_logging();
     match cli.command {
         Command::Serve(args) => serve::run(&cli.home, args),
+        Command::Gateway(args) => network::gateway(&cli.home, args),
+        Command::Provider(args) => network::provider(&cli.home, args),
+        Command::Devnet(args) => devnet::run(&cli.home, args),
         Command::Models { command } => models::run(&cli.home, command),
         Command::Bench { command } => bench::run(&cli.home, command),
     }

@@ -46,7 +46,7 @@ pub async fn shutdown_signal() {
 
 /// Removes endpoint.json when the server stops, so scripts never find a
 /// stale address.
-struct EndpointFile(PathBuf);
+pub struct EndpointFile(pub PathBuf);
 
 impl Drop for EndpointFile {
     fn drop(&mut self) {

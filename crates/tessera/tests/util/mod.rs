@@ -222,3 +222,145 @@ pub fn assert_openai_error(body: &Value) -> &Value {
     );
     e
 }
+
+/// A running `tessera devnet`: a gateway and providers as separate processes.
+pub struct Devnet {
+    child: Child,
+    pub home: tempfile::TempDir,
+    pub api_base: String,
+    pub ticket: String,
+    /// (pid, node id) of each provider the devnet started.
+    pub providers: Vec<(u32, String)>,
+}
+
+impl Devnet {
+    pub fn start(providers: usize) -> Devnet {
+        let home = tempfile::tempdir().expect("temp home");
+        let child = Command::new(binary())
+            .args([
+                "devnet",
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--slots",
+                "4",
+            ])
+            .args(["--providers", &providers.to_string(), "--model"])
+            .arg(model_path())
+            .env("TESSERA_HOME", home.path())
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tessera devnet");
+        let mut net = Devnet {
+            child,
+            home,
+            api_base: String::new(),
+            ticket: String::new(),
+            providers: vec![],
+        };
+        let endpoint = net.home.path().join("endpoint.json");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let v: Value = loop {
+            if let Some(v) = std::fs::read(&endpoint)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                break v;
+            }
+            if let Ok(Some(status)) = net.child.try_wait() {
+                panic!("tessera devnet exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the devnet did not start within 180 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        net.api_base = v["api_base"].as_str().unwrap().to_string();
+        net.ticket = v["ticket"].as_str().unwrap().to_string();
+        net.providers = v["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["pid"].as_u64().unwrap() as u32,
+                    p["node"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        net
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api_base.trim_end_matches("/v1"))
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = client()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().expect("JSON body"))
+    }
+
+    /// Node ids the gateway lists as connected.
+    pub fn listed(&self) -> Vec<String> {
+        let v: Value = client()
+            .get(self.url("/health"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v["backend"]["providers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["node"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Wait until the gateway lists exactly `n` providers.
+    pub fn wait_listed(&self, n: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.listed().len() == n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+}
+
+impl Drop for Devnet {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Send a signal to a process by pid.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}

@@ -1,0 +1,182 @@
+//! Node identity, iroh endpoints and tickets.
+//!
+//! Every node has one ed25519 key, kept in `$TESSERA_HOME/node.key`; its
+//! public half is the node id that peers authenticate through QUIC and that
+//! clients see as `tessera.provider`. Relays and public discovery are off:
+//! peers find each other through tickets (`NODEID@IP:PORT[+IP:PORT…]`),
+//! which is all a loopback devnet or a LAN needs.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Context};
+use iroh::endpoint::{presets, IdleTimeout, QuicTransportConfig};
+use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey, TransportAddr};
+
+/// Load the node key from `home/node.key`, creating it on first use.
+pub fn load_or_create_key(home: &Path) -> anyhow::Result<SecretKey> {
+    let path = home.join("node.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim())
+                .with_context(|| format!("{} is not hex", path.display()))?;
+            let bytes: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| anyhow!("{} must hold 32 bytes of hex", path.display()))?;
+            Ok(SecretKey::from_bytes(&bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(home)
+                .with_context(|| format!("cannot create {}", home.display()))?;
+            let key = SecretKey::generate();
+            let tmp = home.join("node.key.tmp");
+            std::fs::write(&tmp, hex::encode(key.to_bytes()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            }
+            std::fs::rename(&tmp, &path)?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// A peer silent this long is gone: keep-alives every second make silence
+/// mean death, so a killed provider leaves the directory within seconds.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Bind an iroh endpoint with relays and discovery off. `alpns` are the
+/// protocols it accepts (a provider, which only dials, passes none).
+pub async fn bind(
+    key: SecretKey,
+    addr: SocketAddr,
+    alpns: Vec<Vec<u8>>,
+) -> anyhow::Result<Endpoint> {
+    let idle: IdleTimeout = IDLE_TIMEOUT
+        .try_into()
+        .map_err(|e| anyhow!("idle timeout: {e}"))?;
+    let transport = QuicTransportConfig::builder()
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(std::time::Duration::from_secs(1))
+        .build();
+    Endpoint::builder(presets::Minimal)
+        .secret_key(key)
+        .transport_config(transport)
+        .relay_mode(RelayMode::Disabled)
+        .alpns(alpns)
+        .bind_addr(addr)
+        .map_err(|e| anyhow!("bad bind address {addr}: {e}"))?
+        .bind()
+        .await
+        .map_err(|e| anyhow!("cannot bind an iroh endpoint on {addr}: {e}"))
+}
+
+/// Short printable id of a node (hex of its public key).
+pub fn node_id(id: &EndpointId) -> String {
+    hex::encode(id.as_bytes())
+}
+
+/// How to reach a gateway: its node id and direct addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub id: EndpointId,
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Ticket {
+    /// The ticket of a bound endpoint; unspecified addresses (0.0.0.0, ::)
+    /// are advertised as loopback, so give `public` for other machines.
+    pub fn of(endpoint: &Endpoint, public: Option<SocketAddr>) -> Ticket {
+        let addrs = match public {
+            Some(a) => vec![a],
+            None => endpoint
+                .bound_sockets()
+                .into_iter()
+                .map(|mut a| {
+                    if a.ip().is_unspecified() {
+                        a.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                    }
+                    a
+                })
+                .collect(),
+        };
+        Ticket {
+            id: endpoint.id(),
+            addrs,
+        }
+    }
+
+    pub fn endpoint_addr(&self) -> EndpointAddr {
+        EndpointAddr::from_parts(self.id, self.addrs.iter().map(|a| TransportAddr::Ip(*a)))
+    }
+}
+
+impl std::fmt::Display for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addrs: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
+        write!(f, "{}@{}", node_id(&self.id), addrs.join("+"))
+    }
+}
+
+impl FromStr for Ticket {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Ticket> {
+        let (id, addrs) = s
+            .trim()
+            .split_once('@')
+            .ok_or_else(|| anyhow!("a ticket looks like NODEID@IP:PORT, got '{s}'"))?;
+        let bytes: [u8; 32] = hex::decode(id)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| anyhow!("the node id in ticket '{s}' is not 64 hex digits"))?;
+        let id =
+            EndpointId::from_bytes(&bytes).map_err(|e| anyhow!("bad node id in ticket: {e}"))?;
+        let addrs = addrs
+            .split('+')
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .with_context(|| format!("bad address '{a}' in ticket"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if addrs.is_empty() {
+            bail!("ticket '{s}' has no address");
+        }
+        Ok(Ticket { id, addrs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_round_trip_and_bad_ones_are_refused() {
+        let id = SecretKey::generate().public();
+        let t = Ticket {
+            id,
+            addrs: vec![
+                "127.0.0.1:4433".parse().unwrap(),
+                "[::1]:4433".parse().unwrap(),
+            ],
+        };
+        assert_eq!(t.to_string().parse::<Ticket>().unwrap(), t);
+        assert!("nope".parse::<Ticket>().is_err());
+        assert!("abcd@127.0.0.1:1".parse::<Ticket>().is_err());
+        assert!(format!("{}@not-an-address", node_id(&id))
+            .parse::<Ticket>()
+            .is_err());
+    }
+
+    #[test]
+    fn the_node_key_persists() {
+        let home = std::env::temp_dir().join(format!("tessera-key-{}", std::process::id()));
+        let a = load_or_create_key(&home).unwrap();
+        let b = load_or_create_key(&home).unwrap();
+        assert_eq!(a.public(), b.public());
+        let _ = std::fs::remove_dir_all(home);
+    }
+}

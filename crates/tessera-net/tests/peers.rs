@@ -1,0 +1,168 @@
+//! Misbehaving peers against a real gateway endpoint on loopback: garbage,
+//! wrong protocol versions and unknown models are refused, logged, and
+//! leave the gateway serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iroh::SecretKey;
+use tessera_api::ServedModel;
+use tessera_engine::{ChatMessage, EngineError, Model, ModelInfo, Token};
+use tessera_net::node::{self, Ticket};
+use tessera_net::Gateway;
+use tessera_protocol::{read_frame, write_frame, Frame, Hello, ModelOffer, ALPN, PROTOCOL_VERSION};
+
+/// The gateway only needs a tokenizer to exist; these tests send no jobs.
+struct NoTokenizer(ModelInfo);
+
+impl Model for NoTokenizer {
+    fn info(&self) -> &ModelInfo {
+        &self.0
+    }
+    fn apply_chat_template(&self, _: &[ChatMessage]) -> Result<String, EngineError> {
+        Ok(String::new())
+    }
+    fn tokenize(&self, _: &str, _: bool) -> Result<Vec<Token>, EngineError> {
+        Ok(vec![])
+    }
+    fn token_bytes(&self, _: Token) -> Vec<u8> {
+        vec![]
+    }
+}
+
+const SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+async fn gateway() -> (Gateway, Ticket) {
+    let endpoint = node::bind(
+        SecretKey::generate(),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![ALPN.to_vec()],
+    )
+    .await
+    .unwrap();
+    let ticket = Ticket::of(&endpoint, None);
+    let info = ModelInfo {
+        name: "m".into(),
+        n_vocab: 1,
+        n_embd: 1,
+        n_ctx_train: 2048,
+        eog_tokens: vec![],
+    };
+    let model = ServedModel {
+        id: "m".into(),
+        sha256: SHA.into(),
+        tokenizer: Arc::new(NoTokenizer(info)),
+        context_length: 2048,
+        providers: 0,
+    };
+    let gw = Gateway::new(endpoint, vec![model]);
+    tokio::spawn(gw.clone().accept());
+    (gw, ticket)
+}
+
+/// A fresh peer's connection to the gateway (the endpoint must outlive it).
+async fn dial(ticket: &Ticket) -> (iroh::Endpoint, iroh::endpoint::Connection) {
+    let ep = node::bind(
+        SecretKey::generate(),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let conn = ep.connect(ticket.endpoint_addr(), ALPN).await.unwrap();
+    (ep, conn)
+}
+
+fn hello(version: u8, sha: &str) -> Frame {
+    Frame::Hello(Hello {
+        protocol_version: version,
+        models: vec![ModelOffer {
+            sha256: sha.into(),
+            alias: "m".into(),
+            context_length: 2048,
+        }],
+        slots: 2,
+        hardware: "test".into(),
+        software: "test".into(),
+    })
+}
+
+fn listed(gw: &Gateway) -> usize {
+    gw.directory().describe().as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_instead_of_hello_closes_that_connection_only() {
+    let (gw, ticket) = gateway().await;
+    let (_ep, conn) = dial(&ticket).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"\x00\xffGET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    assert!(
+        closed.is_ok(),
+        "the gateway should drop a peer that sends garbage"
+    );
+    assert_eq!(listed(&gw), 0);
+
+    // An oversized frame header is garbage too.
+    let (_ep, conn) = dial(&ticket).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[b'T', PROTOCOL_VERSION, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .is_ok());
+
+    // The gateway still welcomes a well-behaved provider afterwards.
+    let (_ep, conn) = dial(&ticket).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &hello(PROTOCOL_VERSION, SHA))
+        .await
+        .unwrap();
+    let answer = read_frame(&mut recv).await.unwrap();
+    assert!(matches!(answer, Some(Frame::Welcome { .. })), "{answer:?}");
+    for _ in 0..50 {
+        if listed(&gw) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(listed(&gw), 1);
+
+    // Garbage on the control stream after Welcome drops the provider.
+    send.write_all(b"not a frame at all").await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .is_ok());
+    for _ in 0..50 {
+        if listed(&gw) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(listed(&gw), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_version_and_unknown_models_are_refused_with_a_reason() {
+    let (gw, ticket) = gateway().await;
+    for (frame, expect) in [
+        (hello(PROTOCOL_VERSION + 1, SHA), "protocol version"),
+        (hello(PROTOCOL_VERSION, &"0".repeat(64)), "unknown model"),
+    ] {
+        let (_ep, conn) = dial(&ticket).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        write_frame(&mut send, &frame).await.unwrap();
+        match read_frame(&mut recv).await {
+            Ok(Some(Frame::Refused { reason })) => assert!(reason.contains(expect), "{reason}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .is_ok());
+    }
+    assert_eq!(listed(&gw), 0);
+}

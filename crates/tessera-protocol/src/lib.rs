@@ -1,0 +1,262 @@
+//! The provider protocol (DESIGN.md §4), independent of the transport.
+//!
+//! A provider dials a gateway over iroh with ALPN [`ALPN`] and opens a
+//! **control stream**: it sends [`Frame::Hello`] (protocol version, models by
+//! sha256, slots, hardware, software), the gateway answers
+//! [`Frame::Welcome`] or [`Frame::Refused`] with a reason, and the provider
+//! then sends a [`Frame::Heartbeat`] every few seconds. Each **job** is one
+//! bi-directional stream opened by the gateway: [`Frame::JobRequest`], then
+//! [`Frame::Tokens`] frames, then exactly one [`Frame::JobDone`] or
+//! [`Frame::JobError`]. Resetting the stream cancels the job.
+//!
+//! On the wire every frame is a 6-byte header — the magic byte `T`, the
+//! protocol version, the payload length as a big-endian `u32` — followed by
+//! the JSON payload. A frame over [`MAX_FRAME_BYTES`], a wrong magic or
+//! version, or a payload that does not parse is a [`FrameError`]: the reader
+//! drops the peer, nothing panics.
+
+use serde::{Deserialize, Serialize};
+use tessera_engine::{FinishReason, GenerationRequest, TokenEvent, Usage};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The ALPN of the provider protocol.
+pub const ALPN: &[u8] = b"tessera/1";
+/// The version in every frame header and in `Hello`.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Largest payload accepted; a longer frame is garbage or an attack.
+pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+const MAGIC: u8 = b'T';
+
+/// A model a provider serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelOffer {
+    /// sha256 of the GGUF file: the model's identity.
+    pub sha256: String,
+    /// The provider's friendly name for it.
+    pub alias: String,
+    /// Positions (prompt + output) one job may use.
+    pub context_length: usize,
+}
+
+/// The provider's introduction on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u8,
+    pub models: Vec<ModelOffer>,
+    /// Jobs it decodes at once.
+    pub slots: usize,
+    /// A one-line description of the machine (CPU, threads, accelerator).
+    pub hardware: String,
+    /// `tessera x.y.z`.
+    pub software: String,
+}
+
+/// Periodic load report on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub active: usize,
+    pub free_slots: usize,
+    /// Tokens per second the provider measured over the last interval.
+    pub tok_s: f64,
+}
+
+/// A job sent to a provider on its own stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub job_id: String,
+    pub model_sha256: String,
+    pub generation: GenerationRequest,
+}
+
+/// The end of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobDone {
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    /// Text held back until the end (see `tessera_engine::text`).
+    pub text: String,
+}
+
+/// Why a job failed on the provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    pub message: String,
+    /// True when another provider may well succeed (overload, shutdown).
+    pub retryable: bool,
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Frame {
+    Hello(Hello),
+    Welcome { gateway: String, heartbeat_ms: u64 },
+    Refused { reason: String },
+    Heartbeat(Heartbeat),
+    JobRequest(JobRequest),
+    Tokens { tokens: Vec<TokenEvent> },
+    JobDone(JobDone),
+    JobError(JobError),
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a Tessera frame (magic byte {0:#04x})")]
+    BadMagic(u8),
+    #[error("protocol version {0} is not supported (this node speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("the stream ended in the middle of a frame")]
+    Truncated,
+}
+
+/// Write one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<(), FrameError> {
+    let payload = serde_json::to_vec(frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if payload.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(payload.len()));
+    }
+    let mut buf = Vec::with_capacity(6 + payload.len());
+    buf.push(MAGIC);
+    buf.push(PROTOCOL_VERSION);
+    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&payload);
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Read one frame; `Ok(None)` when the stream ended cleanly between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+    let mut header = [0u8; 6];
+    let mut got = 0;
+    while got < header.len() {
+        let n = r.read(&mut header[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated)
+            };
+        }
+        got += n;
+    }
+    if header[0] != MAGIC {
+        return Err(FrameError::BadMagic(header[0]));
+    }
+    if header[1] != PROTOCOL_VERSION {
+        return Err(FrameError::Version(header[1]));
+    }
+    let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Io(e),
+        })?;
+    serde_json::from_slice(&payload)
+        .map(Some)
+        .map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_engine::SamplingParams;
+
+    fn job() -> Frame {
+        Frame::JobRequest(JobRequest {
+            job_id: "j1".into(),
+            model_sha256: "ab".repeat(32),
+            generation: GenerationRequest {
+                prompt: vec![1, 2, 3],
+                sampling: SamplingParams {
+                    temperature: 0.5,
+                    seed: 9,
+                    ..SamplingParams::default()
+                },
+                max_tokens: Some(4),
+                stop: vec!["\n".into()],
+                top_logprobs: 0,
+                ignore_eos: false,
+            },
+        })
+    }
+
+    async fn roundtrip(bytes: Vec<u8>) -> Result<Option<Frame>, FrameError> {
+        read_frame(&mut bytes.as_slice()).await
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_in_order() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let frames = vec![
+            job(),
+            Frame::Tokens { tokens: vec![] },
+            Frame::JobDone(JobDone {
+                finish_reason: FinishReason::Stop,
+                usage: Usage::default(),
+                text: "x".into(),
+            }),
+        ];
+        for f in &frames {
+            write_frame(&mut a, f).await.unwrap();
+        }
+        drop(a);
+        for f in frames {
+            assert_eq!(read_frame(&mut b).await.unwrap(), Some(f));
+        }
+        assert!(
+            read_frame(&mut b).await.unwrap().is_none(),
+            "clean end between frames"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_wrong_version_oversized_and_truncated_frames_are_errors() {
+        assert!(matches!(
+            roundtrip(b"GET / HTTP/1.1\r\n".to_vec()).await,
+            Err(FrameError::BadMagic(b'G'))
+        ));
+        assert!(matches!(
+            roundtrip(vec![b'T', 9, 0, 0, 0, 2, b'{', b'}']).await,
+            Err(FrameError::Version(9))
+        ));
+        assert!(matches!(
+            roundtrip(vec![b'T', 1, 0xff, 0xff, 0xff, 0xff]).await,
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            roundtrip(vec![b'T', 1, 0, 0]).await,
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            roundtrip(vec![b'T', 1, 0, 0, 0, 10, b'{']).await,
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            roundtrip(vec![b'T', 1, 0, 0, 0, 3, b'{', b'x', b'}']).await,
+            Err(FrameError::Malformed(_))
+        ));
+        let unknown = br#"{"type":"launch_missiles"}"#;
+        let mut bytes = vec![b'T', 1, 0, 0, 0, unknown.len() as u8];
+        bytes.extend_from_slice(unknown);
+        assert!(matches!(
+            roundtrip(bytes).await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

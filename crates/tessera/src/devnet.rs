@@ -1,0 +1,213 @@
+//! `tessera devnet`: a whole network on loopback.
+//!
+//! One gateway and N providers, each a separate `tessera` process with its
+//! own home folder under `$TESSERA_HOME/devnet/`, joined over real iroh
+//! connections on 127.0.0.1. The devnet prints a banner with the API URL and
+//! the provider process ids, writes `$TESSERA_HOME/endpoint.json`, and stops
+//! every process it started on Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::serve::EndpointFile;
+
+#[derive(Args, Debug)]
+pub struct DevnetArgs {
+    /// Provider processes to start.
+    #[arg(long, env = "TESSERA_PROVIDERS", default_value_t = 3)]
+    pub providers: usize,
+    /// Address of the gateway's HTTP API.
+    #[arg(long, env = "TESSERA_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Model every provider serves (alias, sha256 or GGUF path).
+    #[arg(long, env = "TESSERA_MODEL", default_value = tessera_models::DEFAULT_MODEL.alias)]
+    pub model: String,
+    /// CPU threads per provider (default: the physical cores shared out).
+    #[arg(long, env = "TESSERA_THREADS")]
+    pub threads: Option<usize>,
+    /// Slots per provider.
+    #[arg(long, env = "TESSERA_SLOTS", default_value_t = 4)]
+    pub slots: usize,
+}
+
+/// Children are stopped (SIGTERM, then SIGKILL) when the devnet ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for c in &mut self.0 {
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn wait_for_file(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(v) = read_json(path) {
+            return Ok(v);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{what} exited during start-up: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not start within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
+    let model = crate::models::resolve_or_pull(home, &args.model)?;
+    let exe = std::env::current_exe()?;
+    let base = home.join("devnet");
+    let threads = args
+        .threads
+        .unwrap_or_else(|| (tessera_llama::physical_cores() / args.providers.max(1)).max(1));
+    let dir = |name: &str| -> anyhow::Result<PathBuf> {
+        let d = base.join(name);
+        std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+        let _ = std::fs::remove_file(d.join("endpoint.json"));
+        let _ = std::fs::remove_file(d.join("provider.json"));
+        Ok(d)
+    };
+    let mut children = Children(Vec::new());
+
+    let gw_home = dir("gateway")?;
+    let gateway = Command::new(&exe)
+        .args([
+            "gateway",
+            "--bind",
+            "127.0.0.1:0",
+            "--listen",
+            &args.listen.to_string(),
+            "--model",
+        ])
+        .arg(&model.path)
+        .env("TESSERA_HOME", &gw_home)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start the gateway")?;
+    children.0.push(gateway);
+    let gw = wait_for_file(
+        &gw_home.join("endpoint.json"),
+        &mut children.0[0],
+        "the gateway",
+    )?;
+    let ticket = gw["ticket"]
+        .as_str()
+        .context("no ticket in the gateway's endpoint.json")?
+        .to_string();
+    let api_base = gw["api_base"].as_str().unwrap_or_default().to_string();
+
+    let mut providers = Vec::new();
+    for i in 0..args.providers {
+        let p_home = dir(&format!("provider-{i}"))?;
+        let child = Command::new(&exe)
+            .args([
+                "provider",
+                "--gateway",
+                &ticket,
+                "--bind",
+                "127.0.0.1:0",
+                "--model",
+            ])
+            .arg(&model.path)
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--slots",
+                &args.slots.to_string(),
+            ])
+            .env("TESSERA_HOME", &p_home)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start a provider")?;
+        children.0.push(child);
+        let n = children.0.len() - 1;
+        let info = wait_for_file(
+            &p_home.join("provider.json"),
+            &mut children.0[n],
+            "a provider",
+        )?;
+        providers.push(json!({ "pid": info["pid"], "node": info["node"], "home": p_home }));
+    }
+
+    // Wait until the gateway lists every provider.
+    let health = format!("{}/health", api_base.trim_end_matches("/v1"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let joined = reqwest::blocking::get(&health)
+            .ok()
+            .and_then(|r| r.json::<Value>().ok())
+            .and_then(|v| v["backend"]["providers"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if joined >= args.providers {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {joined} of {} providers joined the gateway within 60 s",
+                args.providers
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let path = home.join("endpoint.json");
+    let endpoint = json!({
+        "api_base": api_base,
+        "api_key": null,
+        "ticket": ticket,
+        "gateway": { "pid": gw["pid"], "node": gw["node"], "home": gw_home },
+        "providers": providers,
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&endpoint)?)?;
+    let _endpoint_file = EndpointFile(path.clone());
+    println!(
+        "Tessera devnet is up: 1 gateway and {} providers on loopback ({})",
+        args.providers, model.alias
+    );
+    println!("  API:       {api_base}");
+    println!("  API key:   none needed yet");
+    println!("  ticket:    {ticket}");
+    for (i, p) in providers.iter().enumerate() {
+        println!(
+            "  provider {i}: pid {} node {}",
+            p["pid"],
+            p["node"].as_str().unwrap_or_default()
+        );
+    }
+    println!("  details:   {}", path.display());
+    println!("Try:\n  curl {api_base}/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hello\"}}]}}'", model.alias);
+    println!("Ctrl-C stops the devnet.");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::serve::shutdown_signal());
+    println!("stopping the devnet");
+    drop(children);
+    Ok(())
+}
