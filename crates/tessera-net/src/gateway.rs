@@ -14,14 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::endpoint::{Connection, SendStream};
 use iroh::Endpoint;
 use serde_json::{json, Value};
 use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, ServedModel};
-use tessera_engine::{EngineError, Event, GenerationRequest};
-use tessera_protocol::{read_frame, write_frame, Frame, JobRequest, ModelOffer, PROTOCOL_VERSION};
-use tokio::sync::mpsc;
+use tessera_engine::GenerationRequest;
+use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
 
+use crate::job::RoutedJob;
 use crate::node::node_id;
 
 /// Providers tried for one job before the client gets a 503.
@@ -30,18 +30,16 @@ pub const MAX_TRIES: usize = 3;
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A provider whose heartbeats stopped this long ago is not routed to.
 const STALE: Duration = Duration::from_secs(6);
-/// Longest wait for a provider's first answer to a job.
-const FIRST_FRAME: Duration = Duration::from_secs(120);
 
 /// One connected provider.
-struct Provider {
-    node: String,
-    conn: Connection,
+pub(crate) struct Provider {
+    pub(crate) node: String,
+    pub(crate) conn: Connection,
     offers: Vec<ModelOffer>,
     slots: usize,
     hardware: String,
     /// Jobs this gateway has in flight on it.
-    inflight: AtomicUsize,
+    pub(crate) inflight: AtomicUsize,
     last_heartbeat: Mutex<Instant>,
     /// Its own measured tok/s from the last heartbeat.
     tok_s: Mutex<f64>,
@@ -92,7 +90,12 @@ impl Directory {
     }
 
     /// Healthy providers of `sha256` with a free slot and room for `tokens`.
-    fn pick(&self, sha256: &str, tokens: usize, tried: &[String]) -> Option<Arc<Provider>> {
+    pub(crate) fn pick(
+        &self,
+        sha256: &str,
+        tokens: usize,
+        tried: &[String],
+    ) -> Option<Arc<Provider>> {
         let mut candidates: Vec<Arc<Provider>> = self
             .snapshot()
             .into_iter()
@@ -303,106 +306,6 @@ async fn refuse(
     Err(anyhow!("refused: {reason}"))
 }
 
-/// Releases a provider's slot when a job ends, however it ends.
-struct Slot(Arc<Provider>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Convert a job frame into engine events; true when it ends the job.
-fn frame_events(frame: Frame, node: &str) -> (Vec<Event>, bool) {
-    match frame {
-        Frame::Tokens { tokens } => (tokens.into_iter().map(Event::Token).collect(), false),
-        Frame::JobDone(d) => (
-            vec![Event::Done {
-                finish_reason: d.finish_reason,
-                usage: d.usage,
-                text: d.text,
-            }],
-            true,
-        ),
-        Frame::JobError(e) => (
-            vec![Event::Error(EngineError::Decode(format!(
-                "provider {}: {}",
-                &node[..12],
-                e.message
-            )))],
-            true,
-        ),
-        other => (
-            vec![Event::Error(EngineError::Decode(format!(
-                "provider {} sent {other:?} on a job stream",
-                &node[..12]
-            )))],
-            true,
-        ),
-    }
-}
-
-/// Start a job on `provider` and wait for its first frame.
-async fn start_job(
-    provider: Arc<Provider>,
-    job: JobRequest,
-) -> anyhow::Result<(SendStream, RecvStream, Frame, Slot)> {
-    provider.inflight.fetch_add(1, Ordering::Relaxed);
-    let slot = Slot(provider.clone());
-    let (mut send, mut recv) = provider
-        .conn
-        .open_bi()
-        .await
-        .map_err(|e| anyhow!("open stream: {e}"))?;
-    write_frame(&mut send, &Frame::JobRequest(job)).await?;
-    let first = tokio::time::timeout(FIRST_FRAME, read_frame(&mut recv))
-        .await
-        .map_err(|_| anyhow!("no answer within {} s", FIRST_FRAME.as_secs()))??
-        .ok_or_else(|| anyhow!("the provider closed the job stream"))?;
-    if let Frame::JobError(e) = &first {
-        return Err(anyhow!("provider refused the job: {}", e.message));
-    }
-    Ok((send, recv, first, slot))
-}
-
-/// Forward a job's frames as events until it ends or the client leaves.
-async fn pump(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    events: mpsc::UnboundedSender<Event>,
-    node: String,
-    _slot: Slot,
-) {
-    loop {
-        let frame = tokio::select! {
-            f = read_frame(&mut recv) => f,
-            _ = events.closed() => {
-                // The client went away: reset the stream, which cancels the job.
-                let _ = send.reset(0u32.into());
-                let _ = recv.stop(0u32.into());
-                return;
-            }
-        };
-        match frame {
-            Ok(Some(frame)) => {
-                let (list, end) = frame_events(frame, &node);
-                for e in list {
-                    let _ = events.send(e);
-                }
-                if end {
-                    let _ = recv.stop(0u32.into());
-                    return;
-                }
-            }
-            Ok(None) | Err(_) => {
-                let msg = format!("provider {} disconnected mid-answer", &node[..12]);
-                let _ = events.send(Event::Error(EngineError::Decode(msg)));
-                return;
-            }
-        }
-    }
-}
-
 /// `Backend` that routes jobs to providers over the network.
 pub struct NetworkBackend {
     gateway: Gateway,
@@ -436,54 +339,8 @@ impl Backend for NetworkBackend {
         model: &ServedModel,
         request: GenerationRequest,
     ) -> BoxFuture<'static, Result<Dispatch, ApiError>> {
-        let directory = self.gateway.directory.clone();
-        let sha256 = model.sha256.clone();
-        Box::pin(async move {
-            let job_id = format!("{:016x}", getrandom::u64().unwrap_or_default());
-            let mut tried: Vec<String> = Vec::new();
-            let mut last_error = None;
-            while tried.len() < MAX_TRIES {
-                let Some(provider) = directory.pick(&sha256, request.prompt.len(), &tried) else {
-                    break;
-                };
-                tried.push(provider.node.clone());
-                let node = provider.node.clone();
-                let job = JobRequest {
-                    job_id: job_id.clone(),
-                    model_sha256: sha256.clone(),
-                    generation: request.clone(),
-                };
-                match start_job(provider, job).await {
-                    Ok((send, recv, first, slot)) => {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        let (list, end) = frame_events(first, &node);
-                        for e in list {
-                            let _ = tx.send(e);
-                        }
-                        if !end {
-                            tokio::spawn(pump(send, recv, tx, node.clone(), slot));
-                        }
-                        return Ok(Dispatch {
-                            events: rx,
-                            provider: node,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(provider = %&node[..12], error = %e, "job failed before its first token; trying another provider");
-                        last_error = Some(e);
-                    }
-                }
-            }
-            let message = match last_error {
-                Some(e) => format!(
-                    "No provider could take the job ({} tried; last error: {e}).",
-                    tried.len()
-                ),
-                None => "No provider serving this model has a free slot right now; retry shortly."
-                    .to_string(),
-            };
-            Err(ApiError::unavailable(message))
-        })
+        let job = RoutedJob::new(self.gateway.directory.clone(), model.clone(), request);
+        Box::pin(job.dispatch())
     }
 
     fn health(&self) -> Value {

@@ -7,11 +7,14 @@
 //! each API request to one of them ([`gateway`]). The messages themselves
 //! are `tessera-protocol`'s frames.
 //!
+//! A request whose provider dies mid-answer continues on another provider
+//! from the tokens already sent ([`job`] explains how).
+//!
 //! Not yet here (see the open network issue): gossip discovery of other
-//! gateways, continuing an answer on another provider after a provider dies
-//! mid-answer, and OpenRouter-style provider preferences.
+//! gateways and OpenRouter-style provider preferences.
 
 pub mod gateway;
+mod job;
 pub mod node;
 pub mod provider;
 

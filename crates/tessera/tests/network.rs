@@ -110,3 +110,87 @@ fn a_provider_that_joins_later_receives_work() {
         assert_ne!(provider_of(&ask(&net, &format!("Say {i}."))), late_node);
     }
 }
+
+#[test]
+fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
+    use std::io::{BufRead, BufReader};
+    let net = Devnet::start(2);
+    let body = chat(
+        "Write a long story about a lighthouse.",
+        json!({
+            "max_tokens": 160, "ignore_eos": true, "temperature": 0.8, "seed": 42, "stream": true,
+            "stream_options": {"include_usage": true}
+        }),
+    );
+    let resp = util::client()
+        .post(net.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut reader = BufReader::new(resp);
+    let mut events: Vec<String> = Vec::new();
+    let mut killed = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
+        events.push(data.to_string());
+        if data == "[DONE]" {
+            break;
+        }
+        // After a dozen tokens, kill the provider serving this answer.
+        if killed.is_none() && events.len() == 12 {
+            let first: Value = serde_json::from_str(&events[0]).unwrap();
+            let node = first["tessera"]["provider"].as_str().unwrap().to_string();
+            let (pid, _) = net
+                .providers
+                .iter()
+                .find(|(_, n)| *n == node)
+                .unwrap()
+                .clone();
+            util::signal(pid, "-KILL");
+            killed = Some(node);
+        }
+    }
+    let killed = killed.expect("the stream was long enough to kill its provider");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream must end normally"
+    );
+    let mut finish = None;
+    let mut usage = None;
+    let mut tokens = 0;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        assert!(v.get("error").is_none(), "error in the stream: {v}");
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            tokens += 1;
+        }
+        if !v["usage"].is_null() {
+            usage = Some(v["usage"].clone());
+        }
+    }
+    assert_eq!(
+        finish.as_deref(),
+        Some("length"),
+        "the continued answer is not cut short"
+    );
+    assert_eq!(usage.expect("usage")["completion_tokens"], 160);
+    assert!(tokens > 100, "only {tokens} content chunks");
+    // The survivor served the rest, and the dead provider gets no new work.
+    assert!(net.wait_listed(1, Duration::from_secs(15)));
+    assert_ne!(provider_of(&ask(&net, "Say hi.")), killed);
+}

@@ -1,0 +1,295 @@
+//! One client request as the gateway runs it, across providers if need be.
+//!
+//! A job is a sequence of *parts*, each on one provider. Before the first
+//! token a failing provider is simply replaced (at most [`MAX_TRIES`] tries
+//! per part). After tokens have been streamed, a provider that dies or
+//! fails mid-answer is replaced too: the next part's prompt is the original
+//! prompt followed by every token already sent, with the same seed, so each
+//! token keeps its absolute position and seeded sampling continues exactly
+//! as one provider would have. The client sees one uninterrupted stream.
+//!
+//! To make that seamless the gateway, not the provider, turns tokens into
+//! text and watches for stop sequences: its [`TextStream`] spans every part,
+//! so a stop sequence or a UTF-8 character split across a provider change
+//! is still handled right. Usage is counted here for the same reason.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use iroh::endpoint::{RecvStream, SendStream};
+use tessera_api::{ApiError, Dispatch, ServedModel};
+use tessera_engine::text::TextStream;
+use tessera_engine::{
+    EngineError, Event, FinishReason, GenerationRequest, Token, TokenEvent, Usage,
+};
+use tessera_protocol::{read_frame, write_frame, Frame, JobRequest};
+use tokio::sync::mpsc;
+
+use crate::gateway::{Directory, Provider, MAX_TRIES};
+
+/// Longest wait for a provider's first answer to a job.
+const FIRST_FRAME: Duration = Duration::from_secs(120);
+/// Parts one job may have in all (the first and its continuations).
+const MAX_PARTS: usize = 8;
+
+/// Releases a provider's slot when a part ends, however it ends.
+struct Slot(Arc<Provider>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One provider's stretch of a job.
+struct Part {
+    send: SendStream,
+    recv: RecvStream,
+    node: String,
+    /// The provider's first answer, read while choosing it.
+    first: Option<Frame>,
+    /// Tokens this part has streamed.
+    streamed: usize,
+    _slot: Slot,
+}
+
+impl Part {
+    fn cancel(mut self) {
+        let _ = self.send.reset(0u32.into());
+        let _ = self.recv.stop(0u32.into());
+    }
+}
+
+/// A request being served by the network.
+pub struct RoutedJob {
+    directory: Arc<Directory>,
+    model: ServedModel,
+    job_id: String,
+    request: GenerationRequest,
+    /// Every token sent to the client so far.
+    generated: Vec<Token>,
+    text: TextStream,
+    /// Providers that failed this job; never asked again.
+    failed: Vec<String>,
+    parts: usize,
+}
+
+impl RoutedJob {
+    pub fn new(directory: Arc<Directory>, model: ServedModel, request: GenerationRequest) -> Self {
+        RoutedJob {
+            directory,
+            job_id: format!("{:016x}", getrandom::u64().unwrap_or_default()),
+            text: TextStream::new(request.stop.clone()),
+            model,
+            request,
+            generated: Vec::new(),
+            failed: Vec::new(),
+            parts: 0,
+        }
+    }
+
+    /// Start the job; resolves once a provider has answered.
+    pub async fn dispatch(mut self) -> Result<Dispatch, ApiError> {
+        let part = self.start_part().await?;
+        let provider = part.node.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(self.run(part, tx));
+        Ok(Dispatch {
+            events: rx,
+            provider,
+        })
+    }
+
+    /// What the next part asks for: the prompt plus what was generated.
+    fn continuation(&self) -> GenerationRequest {
+        let mut g = self.request.clone();
+        g.prompt.extend_from_slice(&self.generated);
+        g.max_tokens = self
+            .request
+            .max_tokens
+            .map(|m| m.saturating_sub(self.generated.len() as u32));
+        g
+    }
+
+    /// Find a provider for the next part and wait for its first frame.
+    async fn start_part(&mut self) -> Result<Part, ApiError> {
+        let request = self.continuation();
+        let mut tried: Vec<String> = self.failed.clone();
+        let mut last_error = None;
+        for _ in 0..MAX_TRIES {
+            let Some(provider) =
+                self.directory
+                    .pick(&self.model.sha256, request.prompt.len(), &tried)
+            else {
+                break;
+            };
+            tried.push(provider.node.clone());
+            let node = provider.node.clone();
+            match start(provider, &self.job_id, &self.model.sha256, request.clone()).await {
+                Ok(part) => {
+                    self.parts += 1;
+                    return Ok(part);
+                }
+                Err(e) => {
+                    tracing::warn!(provider = %&node[..12], error = %e, "provider failed before answering; trying another");
+                    self.failed.push(node);
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(ApiError::unavailable(match last_error {
+            Some(e) => format!(
+                "No provider could take the job ({} tried; last error: {e}).",
+                tried.len()
+            ),
+            None => {
+                "No provider serving this model has a free slot right now; retry shortly.".into()
+            }
+        }))
+    }
+
+    fn usage(&self, extra: usize) -> Usage {
+        Usage {
+            prompt_tokens: self.request.prompt.len() as u32,
+            completion_tokens: (self.generated.len() + extra) as u32,
+        }
+    }
+
+    /// Stream the job to the client until it ends, the client leaves, or no
+    /// provider is left to continue it.
+    async fn run(mut self, mut part: Part, events: mpsc::UnboundedSender<Event>) {
+        loop {
+            let frame = match part.first.take() {
+                Some(f) => Ok(Some(f)),
+                None => tokio::select! {
+                    f = read_frame(&mut part.recv) => f,
+                    _ = events.closed() => {
+                        part.cancel();
+                        return;
+                    }
+                },
+            };
+            let failure = match frame {
+                Ok(Some(Frame::Tokens { tokens })) => {
+                    for t in tokens {
+                        part.streamed += 1;
+                        if self.on_token(t, &events) {
+                            part.cancel();
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Ok(Some(Frame::JobDone(done))) => {
+                    // Tokens the provider generated but did not stream (the
+                    // end-of-generation token) still count.
+                    let extra =
+                        (done.usage.completion_tokens as usize).saturating_sub(part.streamed);
+                    let usage = self.usage(extra);
+                    let text = self.text.finish();
+                    let _ = events.send(Event::Done {
+                        finish_reason: done.finish_reason,
+                        usage,
+                        text,
+                    });
+                    return;
+                }
+                Ok(Some(Frame::JobError(e))) => format!("job error: {}", e.message),
+                Ok(Some(other)) => format!("unexpected frame {other:?}"),
+                Ok(None) => "the provider closed the job stream".to_string(),
+                Err(e) => e.to_string(),
+            };
+            // The provider failed mid-answer: continue on another one.
+            tracing::warn!(provider = %&part.node[..12], error = %failure, tokens = self.generated.len(), "provider failed mid-answer");
+            self.failed.push(part.node.clone());
+            part.cancel();
+            if self
+                .request
+                .max_tokens
+                .is_some_and(|m| self.generated.len() >= m as usize)
+            {
+                let usage = self.usage(0);
+                let text = self.text.finish();
+                let _ = events.send(Event::Done {
+                    finish_reason: FinishReason::Length,
+                    usage,
+                    text,
+                });
+                return;
+            }
+            if self.parts >= MAX_PARTS {
+                let _ = events.send(Event::Error(EngineError::Decode(format!(
+                    "gave up after {MAX_PARTS} providers failed this job"
+                ))));
+                return;
+            }
+            match self.start_part().await {
+                Ok(next) => {
+                    tracing::info!(provider = %&next.node[..12], tokens = self.generated.len(), "answer continues on another provider");
+                    part = next;
+                }
+                Err(e) => {
+                    let _ = events.send(Event::Error(EngineError::Decode(e.message)));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Forward one token with the gateway's own text; true when a stop
+    /// sequence ended the job.
+    fn on_token(&mut self, mut t: TokenEvent, events: &mpsc::UnboundedSender<Event>) -> bool {
+        self.generated.push(t.token);
+        let pushed = self.text.push(&self.model.tokenizer.token_bytes(t.token));
+        t.text = pushed.text;
+        let _ = events.send(Event::Token(t));
+        if pushed.stopped {
+            let usage = self.usage(0);
+            let _ = events.send(Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage,
+                text: String::new(),
+            });
+        }
+        pushed.stopped
+    }
+}
+
+/// Open a job stream on `provider`, send the request, wait for the answer.
+async fn start(
+    provider: Arc<Provider>,
+    job_id: &str,
+    sha256: &str,
+    generation: GenerationRequest,
+) -> anyhow::Result<Part> {
+    provider.inflight.fetch_add(1, Ordering::Relaxed);
+    let slot = Slot(provider.clone());
+    let (mut send, mut recv) = provider
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| anyhow!("open stream: {e}"))?;
+    let job = JobRequest {
+        job_id: job_id.to_string(),
+        model_sha256: sha256.to_string(),
+        generation,
+    };
+    write_frame(&mut send, &Frame::JobRequest(job)).await?;
+    let first = tokio::time::timeout(FIRST_FRAME, read_frame(&mut recv))
+        .await
+        .map_err(|_| anyhow!("no answer within {} s", FIRST_FRAME.as_secs()))??
+        .ok_or_else(|| anyhow!("the provider closed the job stream"))?;
+    if let Frame::JobError(e) = &first {
+        return Err(anyhow!("the provider refused the job: {}", e.message));
+    }
+    Ok(Part {
+        send,
+        recv,
+        node: provider.node.clone(),
+        first: Some(first),
+        streamed: 0,
+        _slot: slot,
+    })
+}
