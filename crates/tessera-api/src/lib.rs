@@ -152,7 +152,9 @@ pub(crate) struct Job {
     pub created: u64,
     pub model: ServedModel,
     pub checked: Checked,
-    pub provider: String,
+    /// Providers that served the answer, in order (more than one when an
+    /// answer was continued after a provider failed).
+    pub providers: Vec<String>,
 }
 
 /// Tokenize off the async threads: a multi-megabyte prompt takes a while.
@@ -211,7 +213,7 @@ async fn run(
         created: now(),
         model,
         checked,
-        provider: dispatch.provider,
+        providers: vec![dispatch.provider],
     };
     if job.checked.stream {
         Ok(response::stream(job, dispatch.events).into_response())

@@ -36,7 +36,8 @@ impl Job {
     /// The `tessera` extension object: who served it and how to reproduce it.
     fn extension(&self) -> Value {
         json!({
-            "provider": self.provider,
+            "provider": self.providers.last(),
+            "providers": self.providers,
             "model_sha256": self.model.sha256,
             "seed": self.checked.sampling.seed,
             "audit": "not_audited",
@@ -132,7 +133,7 @@ impl Job {
 
 /// Run the generation to the end and build the blocking response.
 pub(crate) async fn collect(
-    job: Job,
+    mut job: Job,
     mut events: UnboundedReceiver<Event>,
 ) -> Result<Value, ApiError> {
     let mut text = String::new();
@@ -152,6 +153,7 @@ pub(crate) async fn collect(
                 break (finish_reason, usage);
             }
             Some(Event::Error(e)) => return Err(e.into()),
+            Some(Event::Provider(p)) => job.providers.push(p),
             None => {
                 return Err(ApiError::internal(
                     "the engine stopped before the answer was complete",
@@ -200,6 +202,8 @@ struct StreamState {
     finished: bool,
     /// Bytes of text sent so far (legacy completions' `text_offset`).
     sent: usize,
+    /// A new provider took over: the next chunk names it.
+    handoff: bool,
 }
 
 fn data(v: &Value) -> SseEvent {
@@ -221,13 +225,18 @@ impl StreamState {
     }
 
     fn on_event(&mut self, event: Option<Event>) {
-        let first_text = self.job.kind == Kind::Completion && self.sent == 0;
+        let first_text = (self.job.kind == Kind::Completion && self.sent == 0) || self.handoff;
         match event {
             Some(Event::Token(t)) => {
                 if let Some(chunk) = self.job.token_chunk(&t, self.sent, first_text) {
                     self.out.push_back(data(&chunk));
+                    self.handoff = false;
                 }
                 self.sent += t.text.len();
+            }
+            Some(Event::Provider(p)) => {
+                self.job.providers.push(p);
+                self.handoff = true;
             }
             Some(Event::Done {
                 finish_reason,
@@ -292,6 +301,7 @@ pub(crate) fn stream(
         started: false,
         finished: false,
         sent: 0,
+        handoff: false,
     };
     Sse::new(stream::unfold(state, |mut st| async move {
         loop {

@@ -78,6 +78,10 @@ pub enum Event {
         text: String,
     },
     Error(EngineError),
+    /// From here on the answer comes from this provider. Never sent by the
+    /// scheduler; a network backend sends it when another provider takes
+    /// over an answer mid-stream.
+    Provider(String),
 }
 
 /// Knobs of the scheduler itself (the engine's sizes come from the engine).
@@ -620,6 +624,7 @@ mod tests {
                     return (text, done);
                 }
                 e @ Event::Error(_) => return (text, e),
+                Event::Provider(_) => {}
             }
         }
     }

@@ -228,6 +228,7 @@ impl RoutedJob {
             match self.start_part().await {
                 Ok(next) => {
                     tracing::info!(provider = %&next.node[..12], tokens = self.generated.len(), "answer continues on another provider");
+                    let _ = events.send(Event::Provider(next.node.clone()));
                     part = next;
                 }
                 Err(e) => {

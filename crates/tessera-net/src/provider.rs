@@ -209,6 +209,7 @@ async fn serve_job(
                 usage,
                 text,
             }),
+            Event::Provider(_) => continue,
             Event::Error(e) => Frame::JobError(JobError {
                 message: e.to_string(),
                 retryable: false,

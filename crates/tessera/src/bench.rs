@@ -183,6 +183,7 @@ async fn generate(
             }
             Some(Event::Done { .. }) => break,
             Some(Event::Error(e)) => return Err(e.into()),
+            Some(Event::Provider(_)) => {}
             None => bail!("engine stopped"),
         }
     }

@@ -167,9 +167,15 @@ fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
     let mut finish = None;
     let mut usage = None;
     let mut tokens = 0;
+    let mut named: Vec<String> = Vec::new();
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap();
         assert!(v.get("error").is_none(), "error in the stream: {v}");
+        if let Some(p) = v["tessera"]["provider"].as_str() {
+            if named.last().map(String::as_str) != Some(p) {
+                named.push(p.to_string());
+            }
+        }
         if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
             finish = Some(f.to_string());
         }
@@ -188,6 +194,10 @@ fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
         Some("length"),
         "the continued answer is not cut short"
     );
+    // The chunk that starts the second provider's part names it.
+    assert_eq!(named.len(), 2, "providers named in the stream: {named:?}");
+    assert_eq!(named[0], killed);
+    assert_ne!(named[1], killed);
     assert_eq!(usage.expect("usage")["completion_tokens"], 160);
     assert!(tokens > 100, "only {tokens} content chunks");
     // The survivor served the rest, and the dead provider gets no new work.
