@@ -34,6 +34,9 @@ const STALE: Duration = Duration::from_secs(6);
 /// One connected provider.
 pub(crate) struct Provider {
     pub(crate) node: String,
+    /// This session (node + connection): a job that saw it fail avoids it,
+    /// but not the same node reconnected after a restart.
+    pub(crate) session: String,
     pub(crate) conn: Connection,
     offers: Vec<ModelOffer>,
     slots: usize,
@@ -99,7 +102,7 @@ impl Directory {
         let mut candidates: Vec<Arc<Provider>> = self
             .snapshot()
             .into_iter()
-            .filter(|p| !tried.contains(&p.node) && p.healthy())
+            .filter(|p| !tried.contains(&p.session) && p.healthy())
             .filter(|p| p.inflight.load(Ordering::Relaxed) < p.slots)
             .filter(|p| {
                 p.offers
@@ -117,6 +120,18 @@ impl Directory {
         (0..n)
             .map(|k| candidates[(turn + k) % n].clone())
             .min_by(|a, b| load(a).total_cmp(&load(b)))
+    }
+
+    /// Whether a healthy provider not in `exclude` serves `sha256` with room
+    /// for `tokens`, busy or not: then a job should wait for a slot.
+    pub(crate) fn could_serve(&self, sha256: &str, tokens: usize, exclude: &[String]) -> bool {
+        self.snapshot().iter().any(|p| {
+            !exclude.contains(&p.session)
+                && p.healthy()
+                && p.offers
+                    .iter()
+                    .any(|o| o.sha256 == sha256 && o.context_length > tokens)
+        })
     }
 
     /// Providers serving `sha256` now, and the largest context among them.
@@ -247,6 +262,7 @@ impl Gateway {
         write_frame(&mut send, &welcome).await?;
         let provider = Arc::new(Provider {
             node: node.to_string(),
+            session: format!("{node}/{}", conn.stable_id()),
             conn: conn.clone(),
             offers: known,
             slots: hello.slots,

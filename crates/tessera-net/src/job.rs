@@ -33,6 +33,8 @@ use crate::gateway::{Directory, Provider, MAX_TRIES};
 const FIRST_FRAME: Duration = Duration::from_secs(120);
 /// Parts one job may have in all (the first and its continuations).
 const MAX_PARTS: usize = 8;
+/// Longest a job waits for a free slot while every provider is busy.
+const QUEUE_WAIT: Duration = Duration::from_secs(60);
 
 /// Releases a provider's slot when a part ends, however it ends.
 struct Slot(Arc<Provider>);
@@ -48,6 +50,7 @@ struct Part {
     send: SendStream,
     recv: RecvStream,
     node: String,
+    session: String,
     /// The provider's first answer, read while choosing it.
     first: Option<Frame>,
     /// Tokens this part has streamed.
@@ -71,7 +74,7 @@ pub struct RoutedJob {
     /// Every token sent to the client so far.
     generated: Vec<Token>,
     text: TextStream,
-    /// Providers that failed this job; never asked again.
+    /// Provider sessions that failed this job; never asked again.
     failed: Vec<String>,
     parts: usize,
 }
@@ -118,15 +121,27 @@ impl RoutedJob {
         let request = self.continuation();
         let mut tried: Vec<String> = self.failed.clone();
         let mut last_error = None;
-        for _ in 0..MAX_TRIES {
+        let queued = tokio::time::Instant::now();
+        let mut attempts = 0;
+        while attempts < MAX_TRIES {
             let Some(provider) =
                 self.directory
                     .pick(&self.model.sha256, request.prompt.len(), &tried)
             else {
+                // Every provider that could serve it is busy: wait for a slot.
+                let busy =
+                    self.directory
+                        .could_serve(&self.model.sha256, request.prompt.len(), &tried);
+                if busy && queued.elapsed() < QUEUE_WAIT {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
                 break;
             };
-            tried.push(provider.node.clone());
+            attempts += 1;
+            tried.push(provider.session.clone());
             let node = provider.node.clone();
+            let session = provider.session.clone();
             match start(provider, &self.job_id, &self.model.sha256, request.clone()).await {
                 Ok(part) => {
                     self.parts += 1;
@@ -134,7 +149,7 @@ impl RoutedJob {
                 }
                 Err(e) => {
                     tracing::warn!(provider = %&node[..12], error = %e, "provider failed before answering; trying another");
-                    self.failed.push(node);
+                    self.failed.push(session);
                     last_error = Some(e);
                 }
             }
@@ -144,9 +159,7 @@ impl RoutedJob {
                 "No provider could take the job ({} tried; last error: {e}).",
                 tried.len()
             ),
-            None => {
-                "No provider serving this model has a free slot right now; retry shortly.".into()
-            }
+            None => "No provider serving this model is available right now; retry shortly.".into(),
         }))
     }
 
@@ -203,7 +216,7 @@ impl RoutedJob {
             };
             // The provider failed mid-answer: continue on another one.
             tracing::warn!(provider = %&part.node[..12], error = %failure, tokens = self.generated.len(), "provider failed mid-answer");
-            self.failed.push(part.node.clone());
+            self.failed.push(part.session.clone());
             part.cancel();
             if self
                 .request
@@ -289,6 +302,7 @@ async fn start(
         send,
         recv,
         node: provider.node.clone(),
+        session: provider.session.clone(),
         first: Some(first),
         streamed: 0,
         _slot: slot,

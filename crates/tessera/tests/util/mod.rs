@@ -231,6 +231,9 @@ pub struct Devnet {
     pub ticket: String,
     /// (pid, node id) of each provider the devnet started.
     pub providers: Vec<(u32, String)>,
+    /// Home folder of each of those providers (restarting a provider there
+    /// brings it back with the same node key).
+    pub provider_homes: Vec<PathBuf>,
 }
 
 impl Devnet {
@@ -260,6 +263,7 @@ impl Devnet {
             api_base: String::new(),
             ticket: String::new(),
             providers: vec![],
+            provider_homes: vec![],
         };
         let endpoint = net.home.path().join("endpoint.json");
         let deadline = Instant::now() + Duration::from_secs(180);
@@ -281,6 +285,12 @@ impl Devnet {
         };
         net.api_base = v["api_base"].as_str().unwrap().to_string();
         net.ticket = v["ticket"].as_str().unwrap().to_string();
+        net.provider_homes = v["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| PathBuf::from(p["home"].as_str().unwrap()))
+            .collect();
         net.providers = v["providers"]
             .as_array()
             .unwrap()

@@ -1,0 +1,156 @@
+//! Chaos: providers are killed with SIGKILL and restarted while 200
+//! streamed requests run 16 at a time. Every request must end with a
+//! complete, well-formed answer.
+
+mod util;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use util::{chat, Devnet};
+
+const REQUESTS: usize = 200;
+const CONCURRENCY: usize = 16;
+const MAX_TOKENS: u64 = 24;
+
+/// Check one streamed answer; returns its finish reason.
+fn check_stream(text: &str, ignore_eos: bool) -> String {
+    let events = util::sse_data(text);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream did not end with [DONE]; it ended with {:?}",
+        &events[events.len().saturating_sub(3)..]
+    );
+    let mut finish = None;
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap_or_else(|_| panic!("bad chunk {e}"));
+        assert!(v.get("error").is_none(), "error event: {v}");
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            assert!(finish.is_none(), "two finish reasons");
+            finish = Some(f.to_string());
+        }
+        if !v["usage"].is_null() {
+            usage = Some(v["usage"].clone());
+        }
+    }
+    let finish = finish.expect("a finish reason");
+    let completion = usage.expect("a usage chunk")["completion_tokens"]
+        .as_u64()
+        .unwrap();
+    match finish.as_str() {
+        // Cut at max_tokens, never short of it.
+        "length" => assert_eq!(completion, MAX_TOKENS),
+        "stop" => assert!(
+            !ignore_eos && completion <= MAX_TOKENS,
+            "stop with ignore_eos or too long"
+        ),
+        other => panic!("unexpected finish reason {other}"),
+    }
+    finish
+}
+
+#[test]
+fn every_request_completes_while_providers_are_killed_and_restarted() {
+    let net = Arc::new(Devnet::start(4));
+    let done = Arc::new(AtomicBool::new(false));
+    let restarted: Arc<Mutex<Vec<Child>>> = Arc::default();
+    let kills = Arc::new(AtomicUsize::new(0));
+
+    // Every 3 s kill one provider (round robin) and start it again.
+    let chaos = {
+        let (net, done, restarted, kills) =
+            (net.clone(), done.clone(), restarted.clone(), kills.clone());
+        std::thread::spawn(move || {
+            let mut pids: Vec<u32> = net.providers.iter().map(|(pid, _)| *pid).collect();
+            let mut i = 0;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(3));
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let k = i % pids.len();
+                util::signal(pids[k], "-KILL");
+                kills.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(500));
+                let child = Command::new(util::binary())
+                    .args([
+                        "provider",
+                        "--gateway",
+                        &net.ticket,
+                        "--bind",
+                        "127.0.0.1:0",
+                    ])
+                    .args(["--threads", "1", "--slots", "4", "--model"])
+                    .arg(util::model_path())
+                    .env("TESSERA_HOME", &net.provider_homes[k])
+                    .env("TESSERA_LOG", "error")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("restart a provider");
+                pids[k] = child.id();
+                restarted.lock().unwrap().push(child);
+                i += 1;
+            }
+        })
+    };
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (net, next) = (net.clone(), next.clone());
+            std::thread::spawn(move || {
+                let mut finishes = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= REQUESTS {
+                        return finishes;
+                    }
+                    let ignore_eos = i % 2 == 0;
+                    let body = chat(&format!("Tell me about the number {i}."), json!({
+                        "max_tokens": MAX_TOKENS, "temperature": 0.7, "seed": i, "ignore_eos": ignore_eos,
+                        "stream": true, "stream_options": {"include_usage": true}
+                    }));
+                    let outcome = std::panic::catch_unwind(|| {
+                        let resp = util::client().post(net.url("/v1/chat/completions")).json(&body).send().unwrap();
+                        let status = resp.status().as_u16();
+                        let text = resp.text().unwrap();
+                        assert_eq!(status, 200, "request {i} failed: {text}");
+                        check_stream(&text, ignore_eos)
+                    });
+                    // Keep going after a failure so the harness can clean up;
+                    // the failure is reported at the end.
+                    finishes.push(outcome.map_err(|e| {
+                        e.downcast_ref::<String>().cloned().unwrap_or_else(|| "panic".into())
+                    }));
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for w in workers {
+        outcomes.extend(w.join().expect("worker thread"));
+    }
+    done.store(true, Ordering::Relaxed);
+    chaos.join().unwrap();
+    for mut c in restarted.lock().unwrap().drain(..) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {REQUESTS} requests failed; first: {}",
+        failures.len(),
+        failures[0]
+    );
+    assert_eq!(outcomes.len(), REQUESTS);
+    assert!(
+        kills.load(Ordering::Relaxed) >= 2,
+        "the run was too short to kill anything"
+    );
+}
