@@ -32,6 +32,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use error::ApiError;
 use validation::{check_common, check_messages, check_prompt, parse_body, Checked};
+pub use validation::{RoutePrefs, Sort};
 
 /// A model as the API shows it and as requests name it.
 #[derive(Clone)]
@@ -66,6 +67,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         model: &ServedModel,
         request: GenerationRequest,
+        route: &RoutePrefs,
     ) -> BoxFuture<'static, Result<Dispatch, ApiError>>;
     /// Extra facts for `GET /health`.
     fn health(&self) -> Value;
@@ -201,7 +203,7 @@ async fn run(
         top_logprobs: checked.logprobs.unwrap_or(0) as usize,
         ignore_eos: checked.ignore_eos,
     };
-    let dispatch = api.backend.submit(&model, request).await?;
+    let dispatch = api.backend.submit(&model, request, &checked.route).await?;
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
     } else {

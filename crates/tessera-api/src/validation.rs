@@ -59,6 +59,20 @@ pub struct CommonParams {
     /// end-of-generation token (until `max_tokens`), for benchmarks.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// OpenRouter-style provider preferences.
+    pub provider: Option<ProviderPrefs>,
+}
+
+/// The request's `provider` object, as OpenRouter defines it.
+#[derive(Debug, Default, Deserialize)]
+pub struct ProviderPrefs {
+    pub order: Option<Vec<String>>,
+    pub only: Option<Vec<String>>,
+    pub ignore: Option<Vec<String>>,
+    pub allow_fallbacks: Option<bool>,
+    pub sort: Option<String>,
+    /// Accepted now; enforced once providers announce prices.
+    pub max_price: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +169,68 @@ pub struct Checked {
     /// `None` = no logprobs; `Some(n)` = chosen token plus `n` alternatives.
     pub logprobs: Option<u32>,
     pub ignore_eos: bool,
+    pub route: RoutePrefs,
+}
+
+/// How the router should choose providers for one request. Providers are
+/// named by node id or any prefix of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePrefs {
+    /// Try these first, in this order.
+    pub order: Vec<String>,
+    /// Use no provider outside this list (empty: any).
+    pub only: Vec<String>,
+    /// Never use these.
+    pub ignore: Vec<String>,
+    /// When `order` is given: may other providers be used if those fail?
+    pub allow_fallbacks: bool,
+    pub sort: Option<Sort>,
+}
+
+/// Ranking asked for by `provider.sort`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sort {
+    /// Cheapest first (no effect until providers announce prices).
+    Price,
+    /// Lowest measured time to first token first.
+    Latency,
+    /// Highest measured tokens per second first.
+    Throughput,
+}
+
+impl RoutePrefs {
+    /// Whether the provider `node` matches `pattern` (a node id or a prefix).
+    pub fn names(pattern: &str, node: &str) -> bool {
+        !pattern.is_empty() && node.starts_with(pattern)
+    }
+}
+
+fn check_route(p: Option<&ProviderPrefs>) -> Result<RoutePrefs, ApiError> {
+    let Some(p) = p else {
+        return Ok(RoutePrefs {
+            allow_fallbacks: true,
+            ..RoutePrefs::default()
+        });
+    };
+    let sort = match p.sort.as_deref() {
+        None => None,
+        Some("price") => Some(Sort::Price),
+        Some("latency") => Some(Sort::Latency),
+        Some("throughput") => Some(Sort::Throughput),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("'provider.sort' must be price, latency or throughput (got '{other}')."),
+                Some("provider.sort"),
+            ))
+        }
+    };
+    Ok(RoutePrefs {
+        order: p.order.clone().unwrap_or_default(),
+        only: p.only.clone().unwrap_or_default(),
+        ignore: p.ignore.clone().unwrap_or_default(),
+        allow_fallbacks: p.allow_fallbacks.unwrap_or(true),
+        sort,
+    })
 }
 
 /// Check the shared parameters. `context` is the model's context per
@@ -260,6 +336,7 @@ pub fn check_common(
         include_usage,
         logprobs,
         ignore_eos: p.ignore_eos,
+        route: check_route(p.provider.as_ref())?,
     })
 }
 

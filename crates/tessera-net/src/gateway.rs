@@ -17,7 +17,7 @@ use anyhow::anyhow;
 use iroh::endpoint::{Connection, SendStream};
 use iroh::Endpoint;
 use serde_json::{json, Value};
-use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, ServedModel};
+use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, RoutePrefs, ServedModel, Sort};
 use tessera_engine::GenerationRequest;
 use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
 
@@ -46,6 +46,8 @@ pub(crate) struct Provider {
     last_heartbeat: Mutex<Instant>,
     /// Its own measured tok/s from the last heartbeat.
     tok_s: Mutex<f64>,
+    /// Moving average of time to first token seen by this gateway (ms).
+    pub(crate) latency_ms: Mutex<f64>,
 }
 
 impl Provider {
@@ -92,46 +94,65 @@ impl Directory {
             .unwrap_or_default()
     }
 
-    /// Healthy providers of `sha256` with a free slot and room for `tokens`.
-    pub(crate) fn pick(
+    /// Healthy providers of `sha256` with room for `tokens` that `route`
+    /// allows and `tried` does not name (slots not considered).
+    fn eligible(
         &self,
         sha256: &str,
         tokens: usize,
         tried: &[String],
-    ) -> Option<Arc<Provider>> {
-        let mut candidates: Vec<Arc<Provider>> = self
+        route: &RoutePrefs,
+    ) -> Vec<Arc<Provider>> {
+        let mut list: Vec<Arc<Provider>> = self
             .snapshot()
             .into_iter()
-            .filter(|p| !tried.contains(&p.session) && p.healthy())
-            .filter(|p| p.inflight.load(Ordering::Relaxed) < p.slots)
+            .filter(|p| !tried.contains(&p.session) && p.healthy() && allowed(&p.node, route))
             .filter(|p| {
                 p.offers
                     .iter()
                     .any(|o| o.sha256 == sha256 && o.context_length > tokens)
             })
             .collect();
-        if candidates.is_empty() {
-            return None;
-        }
-        candidates.sort_by(|a, b| a.node.cmp(&b.node));
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let n = candidates.len();
-        let load = |p: &Provider| p.inflight.load(Ordering::Relaxed) as f64 / p.slots.max(1) as f64;
-        (0..n)
-            .map(|k| candidates[(turn + k) % n].clone())
-            .min_by(|a, b| load(a).total_cmp(&load(b)))
+        list.sort_by(|a, b| a.node.cmp(&b.node));
+        list
     }
 
-    /// Whether a healthy provider not in `exclude` serves `sha256` with room
-    /// for `tokens`, busy or not: then a job should wait for a slot.
-    pub(crate) fn could_serve(&self, sha256: &str, tokens: usize, exclude: &[String]) -> bool {
-        self.snapshot().iter().any(|p| {
-            !exclude.contains(&p.session)
-                && p.healthy()
-                && p.offers
-                    .iter()
-                    .any(|o| o.sha256 == sha256 && o.context_length > tokens)
-        })
+    /// The provider to try next, or `None` when every eligible one is busy
+    /// (or none exists).
+    pub(crate) fn pick(
+        &self,
+        sha256: &str,
+        tokens: usize,
+        tried: &[String],
+        route: &RoutePrefs,
+    ) -> Option<Arc<Provider>> {
+        let free: Vec<Arc<Provider>> = self
+            .eligible(sha256, tokens, tried, route)
+            .into_iter()
+            .filter(|p| p.inflight.load(Ordering::Relaxed) < p.slots)
+            .collect();
+        let candidates: Vec<Candidate<'_>> = free
+            .iter()
+            .map(|p| Candidate {
+                node: &p.node,
+                load: p.inflight.load(Ordering::Relaxed) as f64 / p.slots.max(1) as f64,
+                tok_s: p.tok_s.lock().map_or(0.0, |t| *t),
+                latency_ms: p.latency_ms.lock().map_or(0.0, |t| *t),
+            })
+            .collect();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        choose(&candidates, route, turn).map(|i| free[i].clone())
+    }
+
+    /// Whether some provider could serve the job once it has a free slot.
+    pub(crate) fn could_serve(
+        &self,
+        sha256: &str,
+        tokens: usize,
+        tried: &[String],
+        route: &RoutePrefs,
+    ) -> bool {
+        !self.eligible(sha256, tokens, tried, route).is_empty()
     }
 
     /// Providers serving `sha256` now, and the largest context among them.
@@ -166,6 +187,63 @@ impl Directory {
             .collect();
         list.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
         Value::Array(list)
+    }
+}
+
+/// Whether `route` lets the router use provider `node` at all.
+fn allowed(node: &str, route: &RoutePrefs) -> bool {
+    let named = |list: &[String]| list.iter().any(|p| RoutePrefs::names(p, node));
+    (route.only.is_empty() || named(&route.only))
+        && !named(&route.ignore)
+        && (route.order.is_empty() || route.allow_fallbacks || named(&route.order))
+}
+
+/// What the router weighs about one provider with a free slot.
+pub(crate) struct Candidate<'a> {
+    pub node: &'a str,
+    /// Jobs in flight ÷ slots.
+    pub load: f64,
+    /// Tokens per second it reported in its last heartbeat.
+    pub tok_s: f64,
+    /// Moving average of its time to first token (0: not measured yet).
+    pub latency_ms: f64,
+}
+
+/// Choose among allowed providers with a free slot: the first match of
+/// `route.order`, else by `route.sort`, else the least loaded; `turn`
+/// rotates ties so equal providers share the work.
+pub(crate) fn choose(
+    candidates: &[Candidate<'_>],
+    route: &RoutePrefs,
+    turn: usize,
+) -> Option<usize> {
+    for pattern in &route.order {
+        if let Some(i) = candidates
+            .iter()
+            .position(|c| RoutePrefs::names(pattern, c.node))
+        {
+            return Some(i);
+        }
+    }
+    if !route.order.is_empty() && !route.allow_fallbacks {
+        return None;
+    }
+    let n = candidates.len();
+    let rotated = (0..n).map(|k| (turn + k) % n);
+    let unmeasured = |l: f64| if l > 0.0 { l } else { f64::MAX };
+    match route.sort {
+        Some(Sort::Throughput) => rotated.max_by(|&a, &b| {
+            candidates[a]
+                .tok_s
+                .total_cmp(&candidates[b].tok_s)
+                .then(std::cmp::Ordering::Greater)
+        }),
+        Some(Sort::Latency) => rotated.min_by(|&a, &b| {
+            unmeasured(candidates[a].latency_ms).total_cmp(&unmeasured(candidates[b].latency_ms))
+        }),
+        Some(Sort::Price) | None => {
+            rotated.min_by(|&a, &b| candidates[a].load.total_cmp(&candidates[b].load))
+        }
     }
 }
 
@@ -270,6 +348,7 @@ impl Gateway {
             inflight: AtomicUsize::new(0),
             last_heartbeat: Mutex::new(Instant::now()),
             tok_s: Mutex::new(0.0),
+            latency_ms: Mutex::new(0.0),
         });
         self.directory.insert(provider.clone());
         tracing::info!(provider = %&node[..12], slots = hello.slots, "provider joined");
@@ -354,12 +433,128 @@ impl Backend for NetworkBackend {
         &self,
         model: &ServedModel,
         request: GenerationRequest,
+        route: &RoutePrefs,
     ) -> BoxFuture<'static, Result<Dispatch, ApiError>> {
-        let job = RoutedJob::new(self.gateway.directory.clone(), model.clone(), request);
+        let job = RoutedJob::new(
+            self.gateway.directory.clone(),
+            model.clone(),
+            request,
+            route.clone(),
+        );
         Box::pin(job.dispatch())
     }
 
     fn health(&self) -> Value {
         json!({ "kind": "gateway", "providers": self.gateway.directory.describe() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(node: &str, load: f64, tok_s: f64, latency_ms: f64) -> Candidate<'_> {
+        Candidate {
+            node,
+            load,
+            tok_s,
+            latency_ms,
+        }
+    }
+
+    fn prefs() -> RoutePrefs {
+        RoutePrefs {
+            allow_fallbacks: true,
+            ..RoutePrefs::default()
+        }
+    }
+
+    #[test]
+    fn least_loaded_wins_and_ties_take_turns() {
+        let list = [
+            c("aa", 0.5, 0.0, 0.0),
+            c("bb", 0.0, 0.0, 0.0),
+            c("cc", 0.0, 0.0, 0.0),
+        ];
+        let picks: Vec<usize> = (0..4)
+            .map(|t| choose(&list, &prefs(), t).unwrap())
+            .collect();
+        assert!(picks.iter().all(|&i| i != 0), "{picks:?}");
+        assert!(
+            picks.contains(&1) && picks.contains(&2),
+            "ties should rotate: {picks:?}"
+        );
+    }
+
+    #[test]
+    fn order_only_ignore_and_fallbacks() {
+        let list = [c("aa11", 0.0, 0.0, 0.0), c("bb22", 0.9, 0.0, 0.0)];
+        let order = RoutePrefs {
+            order: vec!["bb".into()],
+            ..prefs()
+        };
+        assert_eq!(choose(&list, &order, 0), Some(1), "order beats load");
+        let missing = RoutePrefs {
+            order: vec!["zz".into()],
+            ..prefs()
+        };
+        assert_eq!(
+            choose(&list, &missing, 0),
+            Some(0),
+            "falls back when allowed"
+        );
+        let strict = RoutePrefs {
+            allow_fallbacks: false,
+            ..missing
+        };
+        assert_eq!(choose(&list, &strict, 0), None);
+        assert!(allowed(
+            "bb22",
+            &RoutePrefs {
+                only: vec!["bb".into()],
+                ..prefs()
+            }
+        ));
+        assert!(!allowed(
+            "aa11",
+            &RoutePrefs {
+                only: vec!["bb".into()],
+                ..prefs()
+            }
+        ));
+        assert!(!allowed(
+            "aa11",
+            &RoutePrefs {
+                ignore: vec!["aa1".into()],
+                ..prefs()
+            }
+        ));
+        assert!(!allowed(
+            "aa11",
+            &RoutePrefs {
+                order: vec!["bb".into()],
+                allow_fallbacks: false,
+                ..prefs()
+            }
+        ));
+    }
+
+    #[test]
+    fn sort_by_throughput_and_latency() {
+        let list = [
+            c("aa", 0.0, 50.0, 90.0),
+            c("bb", 0.5, 80.0, 0.0),
+            c("cc", 0.0, 20.0, 40.0),
+        ];
+        let by = |sort| RoutePrefs {
+            sort: Some(sort),
+            ..prefs()
+        };
+        assert_eq!(choose(&list, &by(Sort::Throughput), 0), Some(1));
+        assert_eq!(
+            choose(&list, &by(Sort::Latency), 0),
+            Some(2),
+            "unmeasured latency ranks last"
+        );
     }
 }

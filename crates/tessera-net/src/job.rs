@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use iroh::endpoint::{RecvStream, SendStream};
-use tessera_api::{ApiError, Dispatch, ServedModel};
+use tessera_api::{ApiError, Dispatch, RoutePrefs, ServedModel};
 use tessera_engine::text::TextStream;
 use tessera_engine::{
     EngineError, Event, FinishReason, GenerationRequest, Token, TokenEvent, Usage,
@@ -77,10 +77,16 @@ pub struct RoutedJob {
     /// Provider sessions that failed this job; never asked again.
     failed: Vec<String>,
     parts: usize,
+    route: RoutePrefs,
 }
 
 impl RoutedJob {
-    pub fn new(directory: Arc<Directory>, model: ServedModel, request: GenerationRequest) -> Self {
+    pub fn new(
+        directory: Arc<Directory>,
+        model: ServedModel,
+        request: GenerationRequest,
+        route: RoutePrefs,
+    ) -> Self {
         RoutedJob {
             directory,
             job_id: format!("{:016x}", getrandom::u64().unwrap_or_default()),
@@ -90,6 +96,7 @@ impl RoutedJob {
             generated: Vec::new(),
             failed: Vec::new(),
             parts: 0,
+            route,
         }
     }
 
@@ -124,14 +131,19 @@ impl RoutedJob {
         let queued = tokio::time::Instant::now();
         let mut attempts = 0;
         while attempts < MAX_TRIES {
-            let Some(provider) =
-                self.directory
-                    .pick(&self.model.sha256, request.prompt.len(), &tried)
-            else {
+            let Some(provider) = self.directory.pick(
+                &self.model.sha256,
+                request.prompt.len(),
+                &tried,
+                &self.route,
+            ) else {
                 // Every provider that could serve it is busy: wait for a slot.
-                let busy =
-                    self.directory
-                        .could_serve(&self.model.sha256, request.prompt.len(), &tried);
+                let busy = self.directory.could_serve(
+                    &self.model.sha256,
+                    request.prompt.len(),
+                    &tried,
+                    &self.route,
+                );
                 if busy && queued.elapsed() < QUEUE_WAIT {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
@@ -291,12 +303,17 @@ async fn start(
         generation,
     };
     write_frame(&mut send, &Frame::JobRequest(job)).await?;
+    let asked = std::time::Instant::now();
     let first = tokio::time::timeout(FIRST_FRAME, read_frame(&mut recv))
         .await
         .map_err(|_| anyhow!("no answer within {} s", FIRST_FRAME.as_secs()))??
         .ok_or_else(|| anyhow!("the provider closed the job stream"))?;
     if let Frame::JobError(e) = &first {
         return Err(anyhow!("the provider refused the job: {}", e.message));
+    }
+    let ms = asked.elapsed().as_secs_f64() * 1e3;
+    if let Ok(mut l) = provider.latency_ms.lock() {
+        *l = if *l > 0.0 { 0.8 * *l + 0.2 * ms } else { ms };
     }
     Ok(Part {
         send,

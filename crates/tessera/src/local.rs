@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, ServedModel};
+use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, RoutePrefs, ServedModel};
 use tessera_engine::{GenerationRequest, Model, Scheduler, SchedulerConfig, SchedulerHandle};
 use tessera_llama::{EngineConfig, LlamaEngine, LlamaModelFile};
 use tessera_models::ResolvedModel;
@@ -80,6 +80,8 @@ impl Backend for LocalBackend {
         &self,
         _model: &ServedModel,
         request: GenerationRequest,
+        // One provider: preferences have nothing to choose between.
+        _route: &RoutePrefs,
     ) -> BoxFuture<'static, Result<Dispatch, ApiError>> {
         let result = self
             .handle

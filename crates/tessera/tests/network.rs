@@ -204,3 +204,41 @@ fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
     assert!(net.wait_listed(1, Duration::from_secs(15)));
     assert_ne!(provider_of(&ask(&net, "Say hi.")), killed);
 }
+
+#[test]
+fn provider_preferences_steer_routing() {
+    let net = Devnet::start(2);
+    let (a, b) = (net.providers[0].1.clone(), net.providers[1].1.clone());
+    let with = |prefs: Value| {
+        net.post(
+            "/v1/chat/completions",
+            &chat(
+                "Say hi.",
+                json!({"max_tokens": 4, "temperature": 0, "provider": prefs}),
+            ),
+        )
+    };
+    for _ in 0..3 {
+        // A prefix of the node id is enough to name a provider.
+        let (s, v) = with(json!({"order": [&b[..10]]}));
+        assert_eq!((s, provider_of(&v)), (200, b.clone()), "order");
+        let (s, v) = with(json!({"only": [&a]}));
+        assert_eq!((s, provider_of(&v)), (200, a.clone()), "only");
+        let (s, v) = with(json!({"ignore": [&a[..8]]}));
+        assert_eq!((s, provider_of(&v)), (200, b.clone()), "ignore");
+    }
+    let (s, v) = with(json!({"sort": "throughput"}));
+    assert_eq!(s, 200, "{v}");
+    // Nobody matches: a clear 503, not a hang.
+    let (s, v) = with(json!({"only": ["ffff0000"]}));
+    assert_eq!(s, 503, "{v}");
+    util::assert_openai_error(&v);
+    let (s, v) = with(json!({"order": ["ffff0000"], "allow_fallbacks": false}));
+    assert_eq!(s, 503, "{v}");
+    // A bad preference is the client's mistake.
+    let (s, v) = with(json!({"sort": "vibes"}));
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["param"], "provider.sort");
+    let (s, v) = with(json!({"only": "not-a-list"}));
+    assert_eq!(s, 400, "{v}");
+}
