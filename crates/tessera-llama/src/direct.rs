@@ -7,12 +7,35 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tessera_engine::{EngineError, Token};
 
 use crate::{backend, LlamaModelFile};
+
+/// A plain llama.cpp context: `n_seq` sequences sharing one KV cache.
+fn context(
+    file: &LlamaModelFile,
+    n_ctx: u32,
+    n_batch: u32,
+    n_seq: usize,
+    threads: usize,
+) -> Result<LlamaContext<'_>, EngineError> {
+    let threads = i32::try_from(threads.max(1)).unwrap_or(1);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch.min(512))
+        .with_n_seq_max(n_seq as u32)
+        .with_kv_unified(true)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    file.llama()
+        .new_context(backend()?, params)
+        .map_err(|e| EngineError::Decode(e.to_string()))
+}
 
 /// Timings of one direct run.
 #[derive(Clone, Debug)]
@@ -34,16 +57,7 @@ pub fn generate(
 ) -> Result<DirectRun, EngineError> {
     let err = |e: &dyn std::fmt::Display| EngineError::Decode(e.to_string());
     let n_ctx = (prompt.len() + n_gen + 16) as u32;
-    let threads = i32::try_from(threads.max(1)).unwrap_or(1);
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx.max(512))
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    let mut ctx = file
-        .llama()
-        .new_context(backend()?, params)
-        .map_err(|e| err(&e))?;
+    let mut ctx = context(file, n_ctx, n_ctx.max(512), 1, threads)?;
     let mut batch = LlamaBatch::new(n_ctx as usize, 1);
     let last = prompt.len().saturating_sub(1);
     for (i, &t) in prompt.iter().enumerate() {
@@ -91,19 +105,7 @@ pub fn batched_rate(
     let per_seq = prompt.len() + n_gen + 16;
     let n_ctx = (per_seq * n_seq) as u32;
     let n_batch = (prompt.len() * n_seq).max(512) as u32;
-    let threads = i32::try_from(threads.max(1)).unwrap_or(1);
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_batch)
-        .with_n_ubatch(512)
-        .with_n_seq_max(n_seq as u32)
-        .with_kv_unified(true)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    let mut ctx = file
-        .llama()
-        .new_context(backend()?, params)
-        .map_err(|e| err(&e))?;
+    let mut ctx = context(file, n_ctx, n_batch, n_seq, threads)?;
     let mut batch = LlamaBatch::new(n_batch as usize, 1);
     let start = Instant::now();
     let last = prompt.len() - 1;

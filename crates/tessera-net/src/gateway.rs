@@ -199,7 +199,7 @@ fn allowed(node: &str, route: &RoutePrefs) -> bool {
 }
 
 /// What the router weighs about one provider with a free slot.
-pub(crate) struct Candidate<'a> {
+pub struct Candidate<'a> {
     pub node: &'a str,
     /// Jobs in flight ÷ slots.
     pub load: f64,
@@ -212,11 +212,7 @@ pub(crate) struct Candidate<'a> {
 /// Choose among allowed providers with a free slot: the first match of
 /// `route.order`, else by `route.sort`, else the least loaded; `turn`
 /// rotates ties so equal providers share the work.
-pub(crate) fn choose(
-    candidates: &[Candidate<'_>],
-    route: &RoutePrefs,
-    turn: usize,
-) -> Option<usize> {
+pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> Option<usize> {
     for pattern in &route.order {
         if let Some(i) = candidates
             .iter()

@@ -24,6 +24,8 @@ use crate::EngineArgs;
 pub enum BenchCommand {
     /// Engine throughput and latency against a direct llama.cpp loop.
     Engine(EngineBench),
+    /// What the network hop costs: `serve` vs a devnet, and router timing.
+    Network(crate::netbench::NetworkBench),
     /// Cost of Tessera's sampling rule per token, on real logits.
     Sampling {
         #[command(flatten)]
@@ -117,6 +119,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Engine(b) => engine(home, b),
         BenchCommand::Direct(b) => direct(b),
+        BenchCommand::Network(b) => crate::netbench::run(home, b),
         BenchCommand::Sampling { engine } => sampling(home, &engine),
     }
 }

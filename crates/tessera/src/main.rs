@@ -8,6 +8,7 @@ mod bench;
 mod devnet;
 mod local;
 mod models;
+mod netbench;
 mod network;
 mod serve;
 

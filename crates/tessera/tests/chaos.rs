@@ -4,7 +4,7 @@
 
 mod util;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,21 +77,7 @@ fn every_request_completes_while_providers_are_killed_and_restarted() {
                 util::signal(pids[k], "-KILL");
                 kills.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(500));
-                let child = Command::new(util::binary())
-                    .args([
-                        "provider",
-                        "--gateway",
-                        &net.ticket,
-                        "--bind",
-                        "127.0.0.1:0",
-                    ])
-                    .args(["--threads", "1", "--slots", "4", "--model"])
-                    .arg(util::model_path())
-                    .env("TESSERA_HOME", &net.provider_homes[k])
-                    .env("TESSERA_LOG", "error")
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("restart a provider");
+                let child = util::spawn_provider(&net.ticket, &net.provider_homes[k], 4);
                 pids[k] = child.id();
                 restarted.lock().unwrap().push(child);
                 i += 1;

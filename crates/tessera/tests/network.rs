@@ -4,7 +4,6 @@
 mod util;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -66,25 +65,7 @@ fn requests_spread_over_providers_and_a_killed_provider_stops_receiving_work() {
 fn a_provider_that_joins_later_receives_work() {
     let net = Devnet::start(1);
     let home = tempfile::tempdir().unwrap();
-    let mut late = Command::new(util::binary())
-        .args([
-            "provider",
-            "--gateway",
-            &net.ticket,
-            "--bind",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--slots",
-            "2",
-            "--model",
-        ])
-        .arg(util::model_path())
-        .env("TESSERA_HOME", home.path())
-        .env("TESSERA_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut late = util::spawn_provider(&net.ticket, home.path(), 2);
     assert!(
         net.wait_listed(2, Duration::from_secs(60)),
         "the late provider never joined"

@@ -367,6 +367,28 @@ impl Drop for Devnet {
     }
 }
 
+/// Start a `tessera provider` for the gateway `ticket`, with its home at
+/// `home` (the same home means the same node key).
+pub fn spawn_provider(ticket: &str, home: &std::path::Path, slots: usize) -> Child {
+    Command::new(binary())
+        .args([
+            "provider",
+            "--gateway",
+            ticket,
+            "--bind",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+        ])
+        .args(["--slots", &slots.to_string(), "--model"])
+        .arg(model_path())
+        .env("TESSERA_HOME", home)
+        .env("TESSERA_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start tessera provider")
+}
+
 /// Send a signal to a process by pid.
 pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")

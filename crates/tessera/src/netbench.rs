@@ -1,0 +1,241 @@
+//! `tessera bench network`: what the network hop costs.
+//!
+//! Starts `tessera serve` and a one-provider `tessera devnet` side by side
+//! (separate processes, same model, same threads and slots) and takes turns
+//! sending them the same streamed requests through HTTP, so drift in the
+//! machine's speed hits both alike. Then it times the router's decision
+//! among 10,000 simulated providers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+#[derive(Args)]
+pub struct NetworkBench {
+    /// Model to serve (alias, sha256 or GGUF path).
+    #[arg(long, default_value = tessera_models::DEFAULT_MODEL.alias)]
+    pub model: String,
+    /// Time-to-first-token samples per side.
+    #[arg(long, default_value_t = 30)]
+    pub samples: usize,
+    /// Tokens per throughput stream.
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    /// Throughput streams per side.
+    #[arg(long, default_value_t = 3)]
+    pub streams: usize,
+    /// Simulated providers for the router timing.
+    #[arg(long, default_value_t = 10_000)]
+    pub providers: usize,
+}
+
+/// A child process stopped with SIGTERM (then SIGKILL) when dropped, and
+/// the home folder it ran in, removed after it.
+struct Proc {
+    child: Child,
+    _home: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `tessera ARGS…` in a fresh home and wait for its endpoint.json.
+fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String)> {
+    let home = tempfile::tempdir()?;
+    let child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .arg("--model")
+        .arg(model)
+        .env("TESSERA_HOME", home.path())
+        .env("TESSERA_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start tessera {}", args.join(" ")))?;
+    let endpoint: PathBuf = home.path().join("endpoint.json");
+    let mut proc = Proc { child, _home: home };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(v) = std::fs::read(&endpoint)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        {
+            if let Some(api) = v["api_base"].as_str() {
+                return Ok((proc, api.to_string()));
+            }
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            bail!("tessera {} exited: {status}", args.join(" "));
+        }
+        if Instant::now() > deadline {
+            bail!("tessera {} did not start", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One streamed request: (time to the first token, tok/s after it).
+async fn stream(client: &reqwest::Client, api: &str, body: &Value) -> anyhow::Result<(f64, f64)> {
+    let start = Instant::now();
+    let resp = client
+        .post(format!("{api}/chat/completions"))
+        .json(body)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut bytes = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut first = None;
+    let mut tokens = 0usize;
+    while let Some(chunk) = bytes.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            let choice = &v["choices"][0];
+            if choice["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+                || !choice["finish_reason"].is_null()
+            {
+                first.get_or_insert_with(Instant::now);
+                tokens += 1;
+            }
+        }
+    }
+    let first = first.context("no token in the stream")?;
+    let rate = (tokens.saturating_sub(1)) as f64 / first.elapsed().as_secs_f64().max(1e-9);
+    Ok(((first - start).as_secs_f64() * 1e3, rate))
+}
+
+fn pct(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
+    let model = crate::models::resolve_or_pull(home, &b.model)?;
+    let (_serve, serve_api) = start(
+        &["serve", "--listen", "127.0.0.1:0", "--slots", "4"],
+        &model.path,
+    )?;
+    let (_devnet, devnet_api) = start(
+        &[
+            "devnet",
+            "--providers",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--slots",
+            "4",
+        ],
+        &model.path,
+    )?;
+    println!("tessera bench network: {} — `tessera serve` vs a 1-provider devnet (gateway + iroh + provider)", model.alias);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::new();
+    let ttft_body = json!({"model": model.alias, "messages": [{"role": "user", "content": "Say hello."}],
+                           "max_tokens": 1, "temperature": 0, "stream": true});
+    let long_body = json!({"model": model.alias, "messages": [{"role": "user", "content": "Write a long story."}],
+                           "max_tokens": b.tokens, "ignore_eos": true, "temperature": 0, "stream": true});
+    let (mut s_ttft, mut d_ttft, mut s_rate, mut d_rate) = (vec![], vec![], vec![], vec![]);
+    rt.block_on(async {
+        // Warm both paths (connections, caches) before measuring.
+        for api in [&serve_api, &devnet_api] {
+            for _ in 0..2 {
+                stream(&client, api, &ttft_body).await?;
+            }
+        }
+        for _ in 0..b.samples {
+            s_ttft.push(stream(&client, &serve_api, &ttft_body).await?.0);
+            d_ttft.push(stream(&client, &devnet_api, &ttft_body).await?.0);
+        }
+        for _ in 0..b.streams {
+            s_rate.push(stream(&client, &serve_api, &long_body).await?.1);
+            d_rate.push(stream(&client, &devnet_api, &long_body).await?.1);
+        }
+        anyhow::Ok(())
+    })?;
+    println!();
+    println!(
+        "time to first token, {} samples each (ms)       p50      p90",
+        b.samples
+    );
+    println!(
+        "  tessera serve                            {:>8.2} {:>8.2}",
+        pct(s_ttft.clone(), 0.5),
+        pct(s_ttft.clone(), 0.9)
+    );
+    println!(
+        "  devnet (gateway + iroh + provider)       {:>8.2} {:>8.2}",
+        pct(d_ttft.clone(), 0.5),
+        pct(d_ttft.clone(), 0.9)
+    );
+    println!(
+        "  network adds p50                         {:>+8.2}",
+        pct(d_ttft, 0.5) - pct(s_ttft, 0.5)
+    );
+    let (s, d) = (pct(s_rate, 0.5), pct(d_rate, 0.5));
+    println!(
+        "streaming, {} tokens, median of {} (tok/s)",
+        b.tokens, b.streams
+    );
+    println!(
+        "  tessera serve {s:.1}   devnet {d:.1}   ratio {:.3}",
+        d / s
+    );
+
+    // The router's choice among many providers.
+    let nodes: Vec<String> = (0..b.providers).map(|i| format!("{i:064x}")).collect();
+    let candidates: Vec<tessera_net::gateway::Candidate<'_>> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| tessera_net::gateway::Candidate {
+            node: n,
+            load: (i * 7919 % 100) as f64 / 100.0,
+            tok_s: (i * 104_729 % 1000) as f64,
+            latency_ms: (i * 31 % 500) as f64,
+        })
+        .collect();
+    let route = tessera_api::RoutePrefs {
+        allow_fallbacks: true,
+        ..Default::default()
+    };
+    let mut times = Vec::new();
+    for turn in 0..2000 {
+        let t = Instant::now();
+        std::hint::black_box(tessera_net::gateway::choose(&candidates, &route, turn));
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    println!(
+        "router choice among {} providers (ranking only, 2000 runs): p50 {:.1} µs, p99 {:.1} µs",
+        b.providers,
+        pct(times.clone(), 0.5),
+        pct(times, 0.99)
+    );
+    Ok(())
+}
