@@ -225,22 +225,26 @@ pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> 
         return None;
     }
     let n = candidates.len();
-    let rotated = (0..n).map(|k| (turn + k) % n);
-    let unmeasured = |l: f64| if l > 0.0 { l } else { f64::MAX };
-    match route.sort {
-        Some(Sort::Throughput) => rotated.max_by(|&a, &b| {
-            candidates[a]
-                .tok_s
-                .total_cmp(&candidates[b].tok_s)
-                .then(std::cmp::Ordering::Greater)
-        }),
-        Some(Sort::Latency) => rotated.min_by(|&a, &b| {
-            unmeasured(candidates[a].latency_ms).total_cmp(&unmeasured(candidates[b].latency_ms))
-        }),
-        Some(Sort::Price) | None => {
-            rotated.min_by(|&a, &b| candidates[a].load.total_cmp(&candidates[b].load))
+    if n == 0 {
+        return None;
+    }
+    // Lower is better; one pass, starting at `turn` so the first of equals
+    // changes from call to call.
+    let key = |c: &Candidate<'_>| match route.sort {
+        Some(Sort::Throughput) => -c.tok_s,
+        Some(Sort::Latency) if c.latency_ms > 0.0 => c.latency_ms,
+        Some(Sort::Latency) => f64::MAX,
+        Some(Sort::Price) | None => c.load,
+    };
+    let start = turn % n;
+    let mut best = (start, key(&candidates[start]));
+    for i in (start + 1..n).chain(0..start) {
+        let k = key(&candidates[i]);
+        if k < best.1 {
+            best = (i, k);
         }
     }
+    Some(best.0)
 }
 
 /// A gateway: its endpoint, the models it can tokenize, its directory.
