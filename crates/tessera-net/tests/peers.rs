@@ -166,3 +166,175 @@ async fn wrong_version_and_unknown_models_are_refused_with_a_reason() {
     }
     assert_eq!(listed(&gw), 0);
 }
+
+/// A two-token vocabulary: the "model" always predicts token 1, which
+/// renders as "x". Enough to run the scheduler behind a real provider.
+struct Echo;
+
+impl tessera_engine::Engine for Echo {
+    fn decode(
+        &mut self,
+        batch: &[tessera_engine::BatchEntry],
+        _: bool,
+        out: &mut tessera_engine::BatchOutput,
+    ) -> Result<(), EngineError> {
+        out.logits.clear();
+        for _ in batch.iter().filter(|e| e.output) {
+            out.logits.extend([0.0, 5.0]);
+        }
+        Ok(())
+    }
+    fn clear_sequence(&mut self, _: tessera_engine::SeqId) {}
+    fn max_sequences(&self) -> usize {
+        2
+    }
+    fn max_batch(&self) -> usize {
+        64
+    }
+    fn context_per_sequence(&self) -> usize {
+        64
+    }
+}
+
+struct EchoModel(ModelInfo);
+
+impl Model for EchoModel {
+    fn info(&self) -> &ModelInfo {
+        &self.0
+    }
+    fn apply_chat_template(&self, _: &[ChatMessage]) -> Result<String, EngineError> {
+        Ok(String::new())
+    }
+    fn tokenize(&self, _: &str, _: bool) -> Result<Vec<Token>, EngineError> {
+        Ok(vec![0])
+    }
+    fn token_bytes(&self, t: Token) -> Vec<u8> {
+        if t == 1 {
+            b"x".to_vec()
+        } else {
+            vec![]
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
+    use tessera_engine::{GenerationRequest, SamplingParams, Scheduler, SchedulerConfig};
+    use tessera_protocol::JobRequest;
+
+    // A bare gateway endpoint that this test drives by hand.
+    let gw = node::bind(
+        SecretKey::generate(),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![ALPN.to_vec()],
+    )
+    .await
+    .unwrap();
+    let ticket = Ticket::of(&gw, None);
+    let info = ModelInfo {
+        name: "echo".into(),
+        n_vocab: 2,
+        n_embd: 1,
+        n_ctx_train: 64,
+        eog_tokens: vec![],
+    };
+    let (_scheduler, handle) = Scheduler::spawn(
+        Arc::new(EchoModel(info)),
+        SchedulerConfig::default(),
+        || Ok(Box::new(Echo) as Box<dyn tessera_engine::Engine>),
+    )
+    .unwrap();
+    let provider_ep = node::bind(
+        SecretKey::generate(),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let config = tessera_net::ProviderConfig {
+        gateways: vec![ticket],
+        offers: vec![ModelOffer {
+            sha256: SHA.into(),
+            alias: "echo".into(),
+            context_length: 64,
+        }],
+        hardware: "test".into(),
+    };
+    tokio::spawn(tessera_net::provider::run(
+        provider_ep.clone(),
+        handle.clone(),
+        config,
+    ));
+
+    let conn = gw.accept().await.unwrap().await.unwrap();
+    let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await.unwrap();
+    assert!(matches!(
+        read_frame(&mut ctl_recv).await.unwrap(),
+        Some(Frame::Hello(_))
+    ));
+    write_frame(
+        &mut ctl_send,
+        &Frame::Welcome {
+            gateway: "test".into(),
+            heartbeat_ms: 200,
+        },
+    )
+    .await
+    .unwrap();
+
+    // Garbage, then an oversized header, each on its own job stream: the
+    // provider drops that stream and nothing else.
+    for bad in [
+        b"garbage!garbage!".to_vec(),
+        vec![b'T', PROTOCOL_VERSION, 0xff, 0xff, 0xff, 0xff],
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&bad).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
+            .await
+            .unwrap();
+        assert!(
+            !matches!(answer, Ok(Some(Frame::Tokens { .. }))),
+            "garbage got an answer: {answer:?}"
+        );
+    }
+
+    // A well-formed job on the same connection is still served in full.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let job = JobRequest {
+        job_id: "j".into(),
+        model_sha256: SHA.into(),
+        generation: GenerationRequest {
+            prompt: vec![0],
+            sampling: SamplingParams::greedy(),
+            max_tokens: Some(3),
+            stop: vec![],
+            top_logprobs: 0,
+            ignore_eos: false,
+        },
+    };
+    write_frame(&mut send, &Frame::JobRequest(job))
+        .await
+        .unwrap();
+    let mut tokens = 0;
+    loop {
+        match read_frame(&mut recv).await.unwrap() {
+            Some(Frame::Tokens { tokens: t }) => tokens += t.len(),
+            Some(Frame::JobDone(done)) => {
+                assert_eq!(done.usage.completion_tokens, 3);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(tokens, 3);
+    // And no slot leaked on the provider.
+    for _ in 0..50 {
+        if handle.active() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(handle.active(), 0);
+    provider_ep.close().await;
+}
