@@ -12,46 +12,33 @@ use tessera_net::node::{self, Ticket};
 use tessera_net::Gateway;
 use tessera_protocol::{read_frame, write_frame, Frame, Hello, ModelOffer, ALPN, PROTOCOL_VERSION};
 
-/// The gateway only needs a tokenizer to exist; these tests send no jobs.
-struct NoTokenizer(ModelInfo);
+const SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
-impl Model for NoTokenizer {
-    fn info(&self) -> &ModelInfo {
-        &self.0
-    }
-    fn apply_chat_template(&self, _: &[ChatMessage]) -> Result<String, EngineError> {
-        Ok(String::new())
-    }
-    fn tokenize(&self, _: &str, _: bool) -> Result<Vec<Token>, EngineError> {
-        Ok(vec![])
-    }
-    fn token_bytes(&self, _: Token) -> Vec<u8> {
-        vec![]
+/// An iroh endpoint on 127.0.0.1 accepting `alpns`.
+async fn loopback(alpns: Vec<Vec<u8>>) -> iroh::Endpoint {
+    node::bind(SecretKey::generate(), "127.0.0.1:0".parse().unwrap(), alpns)
+        .await
+        .unwrap()
+}
+
+fn echo_info() -> ModelInfo {
+    ModelInfo {
+        name: "echo".into(),
+        n_vocab: 2,
+        n_embd: 1,
+        n_ctx_train: 64,
+        eog_tokens: vec![],
     }
 }
 
-const SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-
 async fn gateway() -> (Gateway, Ticket) {
-    let endpoint = node::bind(
-        SecretKey::generate(),
-        "127.0.0.1:0".parse().unwrap(),
-        vec![ALPN.to_vec()],
-    )
-    .await
-    .unwrap();
+    let endpoint = loopback(vec![ALPN.to_vec()]).await;
     let ticket = Ticket::of(&endpoint, None);
-    let info = ModelInfo {
-        name: "m".into(),
-        n_vocab: 1,
-        n_embd: 1,
-        n_ctx_train: 2048,
-        eog_tokens: vec![],
-    };
+    let info = echo_info();
     let model = ServedModel {
         id: "m".into(),
         sha256: SHA.into(),
-        tokenizer: Arc::new(NoTokenizer(info)),
+        tokenizer: Arc::new(EchoModel(info)),
         context_length: 2048,
         providers: 0,
     };
@@ -62,13 +49,7 @@ async fn gateway() -> (Gateway, Ticket) {
 
 /// A fresh peer's connection to the gateway (the endpoint must outlive it).
 async fn dial(ticket: &Ticket) -> (iroh::Endpoint, iroh::endpoint::Connection) {
-    let ep = node::bind(
-        SecretKey::generate(),
-        "127.0.0.1:0".parse().unwrap(),
-        vec![],
-    )
-    .await
-    .unwrap();
+    let ep = loopback(vec![]).await;
     let conn = ep.connect(ticket.endpoint_addr(), ALPN).await.unwrap();
     (ep, conn)
 }
@@ -168,7 +149,8 @@ async fn wrong_version_and_unknown_models_are_refused_with_a_reason() {
 }
 
 /// A two-token vocabulary: the "model" always predicts token 1, which
-/// renders as "x". Enough to run the scheduler behind a real provider.
+/// renders as "x". Enough to run the scheduler behind a real provider, and
+/// a tokenizer for the gateway tests (which send no jobs).
 struct Echo;
 
 impl tessera_engine::Engine for Echo {
@@ -223,34 +205,16 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
     use tessera_protocol::JobRequest;
 
     // A bare gateway endpoint that this test drives by hand.
-    let gw = node::bind(
-        SecretKey::generate(),
-        "127.0.0.1:0".parse().unwrap(),
-        vec![ALPN.to_vec()],
-    )
-    .await
-    .unwrap();
+    let gw = loopback(vec![ALPN.to_vec()]).await;
     let ticket = Ticket::of(&gw, None);
-    let info = ModelInfo {
-        name: "echo".into(),
-        n_vocab: 2,
-        n_embd: 1,
-        n_ctx_train: 64,
-        eog_tokens: vec![],
-    };
+    let info = echo_info();
     let (_scheduler, handle) = Scheduler::spawn(
         Arc::new(EchoModel(info)),
         SchedulerConfig::default(),
         || Ok(Box::new(Echo) as Box<dyn tessera_engine::Engine>),
     )
     .unwrap();
-    let provider_ep = node::bind(
-        SecretKey::generate(),
-        "127.0.0.1:0".parse().unwrap(),
-        vec![],
-    )
-    .await
-    .unwrap();
+    let provider_ep = loopback(vec![]).await;
     let config = tessera_net::ProviderConfig {
         gateways: vec![ticket],
         offers: vec![ModelOffer {
