@@ -292,9 +292,6 @@ async fn get_model(
 }
 
 async fn health(State(api): State<Arc<Api>>) -> Json<Value> {
-    let models: Vec<&str> = Vec::new();
-    let mut body = json!({ "status": "ok", "models": models });
-    body["models"] = api.backend.models().iter().map(|m| json!(m.id)).collect();
-    body["backend"] = api.backend.health();
-    Json(body)
+    let models: Vec<String> = api.backend.models().into_iter().map(|m| m.id).collect();
+    Json(json!({ "status": "ok", "models": models, "backend": api.backend.health() }))
 }

@@ -351,24 +351,18 @@ impl Loop {
     }
 
     fn admit(&mut self) {
+        // `SchedulerHandle::submit` already refused empty and over-long prompts.
         let limit = self.engine.context_per_sequence();
-        while !self.free.is_empty() {
-            let Some(job) = self.waiting.pop_front() else {
+        while let Some(seq) = self.free.pop() {
+            let Some(mut job) = self.waiting.pop_front() else {
+                self.free.push(seq);
                 break;
             };
-            let n_prompt = job.request.prompt.len();
-            if n_prompt == 0 || n_prompt >= limit {
-                let _ = job.events.send(Event::Error(EngineError::ContextLength {
-                    prompt: n_prompt,
-                    limit,
-                }));
-                continue;
-            }
-            let Some(seq) = self.free.pop() else { break };
+            let tokens = std::mem::take(&mut job.request.prompt);
+            let n_prompt = tokens.len();
             let max_new = job.request.max_tokens.map_or(usize::MAX, |m| m as usize);
             let end = n_prompt.saturating_add(max_new).min(limit);
             let text = TextStream::new(job.request.stop.clone());
-            let tokens = job.request.prompt.clone();
             self.active.push(Active {
                 seq,
                 job,

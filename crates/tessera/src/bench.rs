@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use futures::StreamExt;
 use tessera_api::{ApiConfig, Backend};
 use tessera_engine::{
     ChatMessage, Event, GenerationRequest, Model, SamplingParams, SchedulerHandle, Token,
@@ -132,7 +131,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;
@@ -196,23 +195,6 @@ async fn generate(
         decode: first.elapsed(),
         tokens,
     })
-}
-
-/// True once the SSE text holds a chunk with generated content or a finish
-/// reason (the role chunk that opens a chat stream does not count).
-fn first_token_event(sse: &str) -> bool {
-    sse.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .any(|data| {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
-                return false;
-            };
-            let choice = &v["choices"][0];
-            choice["delta"]["content"]
-                .as_str()
-                .is_some_and(|c| !c.is_empty())
-                || !choice["finish_reason"].is_null()
-        })
 }
 
 fn sampling(home: &Path, args: &EngineArgs) -> anyhow::Result<()> {
@@ -455,7 +437,7 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
         let app = tessera_api::router(backend, ApiConfig::default());
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let client = reqwest::Client::new();
-        let url = format!("http://{addr}/v1/chat/completions");
+        let api = format!("http://{addr}/v1");
         let body = serde_json::json!({
             "model": eng.model.alias,
             "messages": [{"role": "user", "content": "Say hello."}],
@@ -465,28 +447,10 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
         let mut h_ttft = Vec::new();
         for i in 0..b.ttft_samples + 2 {
             let r = generate(&handle, chat_prompt.clone(), 1).await?;
-            let start = Instant::now();
-            let resp = client
-                .post(&url)
-                .json(&body)
-                .send()
-                .await?
-                .error_for_status()?;
-            let mut stream = resp.bytes_stream();
-            let mut seen = String::new();
-            let mut got = None;
-            while let Some(chunk) = stream.next().await {
-                seen.push_str(&String::from_utf8_lossy(&chunk?));
-                if first_token_event(&seen) {
-                    got = Some(start.elapsed());
-                    break;
-                }
-            }
-            // Drain so the connection is reusable.
-            while stream.next().await.is_some() {}
+            let (http_ms, _) = crate::netbench::stream(&client, &api, &body).await?;
             if i >= 2 {
                 e_ttft.push(r.ttft.as_secs_f64() * 1e3);
-                h_ttft.push(got.context("no token chunk in the stream")?.as_secs_f64() * 1e3);
+                h_ttft.push(http_ms);
             }
         }
         server.abort();

@@ -36,8 +36,8 @@ pub struct DevnetArgs {
     pub slots: usize,
 }
 
-/// Children are stopped (SIGTERM, then SIGKILL) when the devnet ends.
-struct Children(Vec<Child>);
+/// Child processes, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
+pub(crate) struct Children(pub(crate) Vec<Child>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -183,7 +183,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         "gateway": { "pid": gw["pid"], "node": gw["node"], "home": gw_home },
         "providers": providers,
     });
-    std::fs::write(&path, serde_json::to_vec_pretty(&endpoint)?)?;
+    crate::serve::write_json(&path, &endpoint)?;
     let _endpoint_file = EndpointFile(path.clone());
     println!(
         "Tessera devnet is up: 1 gateway and {} providers on loopback ({})",

@@ -7,13 +7,16 @@
 //! among 10,000 simulated providers.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use futures::StreamExt;
 use serde_json::{json, Value};
+
+use crate::bench::percentile;
+use crate::devnet::Children;
 
 #[derive(Args)]
 pub struct NetworkBench {
@@ -34,25 +37,12 @@ pub struct NetworkBench {
     pub providers: usize,
 }
 
-/// A child process stopped with SIGTERM (then SIGKILL) when dropped, and
-/// the home folder it ran in, removed after it.
+/// A child process (stopped like the devnet's children when dropped) and
+/// the home folder it ran in, removed after it. Field order matters: the
+/// process stops before its folder goes.
 struct Proc {
-    child: Child,
+    child: Children,
     _home: tempfile::TempDir,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Start `tessera ARGS…` in a fresh home and wait for its endpoint.json.
@@ -68,7 +58,10 @@ fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String)> {
         .spawn()
         .with_context(|| format!("cannot start tessera {}", args.join(" ")))?;
     let endpoint: PathBuf = home.path().join("endpoint.json");
-    let mut proc = Proc { child, _home: home };
+    let mut proc = Proc {
+        child: Children(vec![child]),
+        _home: home,
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(v) = std::fs::read(&endpoint)
@@ -79,7 +72,7 @@ fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String)> {
                 return Ok((proc, api.to_string()));
             }
         }
-        if let Ok(Some(status)) = proc.child.try_wait() {
+        if let Ok(Some(status)) = proc.child.0[0].try_wait() {
             bail!("tessera {} exited: {status}", args.join(" "));
         }
         if Instant::now() > deadline {
@@ -89,8 +82,13 @@ fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String)> {
     }
 }
 
-/// One streamed request: (time to the first token, tok/s after it).
-async fn stream(client: &reqwest::Client, api: &str, body: &Value) -> anyhow::Result<(f64, f64)> {
+/// One streamed chat request: (ms to the first token — the first chunk with
+/// content or a finish reason, not the role chunk — and tok/s after it).
+pub(crate) async fn stream(
+    client: &reqwest::Client,
+    api: &str,
+    body: &Value,
+) -> anyhow::Result<(f64, f64)> {
     let start = Instant::now();
     let resp = client
         .post(format!("{api}/chat/completions"))
@@ -126,13 +124,6 @@ async fn stream(client: &reqwest::Client, api: &str, body: &Value) -> anyhow::Re
     let first = first.context("no token in the stream")?;
     let rate = (tokens.saturating_sub(1)) as f64 / first.elapsed().as_secs_f64().max(1e-9);
     Ok(((first - start).as_secs_f64() * 1e3, rate))
-}
-
-fn pct(mut v: Vec<f64>, p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
-        .copied()
-        .unwrap_or(f64::NAN)
 }
 
 pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
@@ -187,19 +178,19 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
     );
     println!(
         "  tessera serve                            {:>8.2} {:>8.2}",
-        pct(s_ttft.clone(), 0.5),
-        pct(s_ttft.clone(), 0.9)
+        percentile(s_ttft.clone(), 0.5),
+        percentile(s_ttft.clone(), 0.9)
     );
     println!(
         "  devnet (gateway + iroh + provider)       {:>8.2} {:>8.2}",
-        pct(d_ttft.clone(), 0.5),
-        pct(d_ttft.clone(), 0.9)
+        percentile(d_ttft.clone(), 0.5),
+        percentile(d_ttft.clone(), 0.9)
     );
     println!(
         "  network adds p50                         {:>+8.2}",
-        pct(d_ttft, 0.5) - pct(s_ttft, 0.5)
+        percentile(d_ttft, 0.5) - percentile(s_ttft, 0.5)
     );
-    let (s, d) = (pct(s_rate, 0.5), pct(d_rate, 0.5));
+    let (s, d) = (percentile(s_rate, 0.5), percentile(d_rate, 0.5));
     println!(
         "streaming, {} tokens, median of {} (tok/s)",
         b.tokens, b.streams
@@ -234,8 +225,8 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
     println!(
         "router choice among {} providers (ranking only, 2000 runs): p50 {:.1} µs, p99 {:.1} µs",
         b.providers,
-        pct(times.clone(), 0.5),
-        pct(times, 0.99)
+        percentile(times.clone(), 0.5),
+        percentile(times, 0.99)
     );
     Ok(())
 }

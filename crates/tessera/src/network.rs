@@ -13,7 +13,7 @@ use tessera_net::node::{self, Ticket};
 use tessera_net::{Gateway, NetworkBackend, ProviderConfig};
 use tessera_protocol::{ModelOffer, ALPN};
 
-use crate::serve::{shutdown_signal, EndpointFile};
+use crate::serve::{shutdown_signal, write_json, EndpointFile};
 use crate::EngineArgs;
 
 #[derive(Args, Debug)]
@@ -52,13 +52,6 @@ pub struct ProviderArgs {
     pub bind: SocketAddr,
     #[command(flatten)]
     pub engine: EngineArgs,
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {

@@ -63,10 +63,17 @@ fn write_endpoint(home: &Path, addr: SocketAddr, model: &str) -> anyhow::Result<
         "model": model,
         "pid": std::process::id(),
     });
-    let tmp = home.join("endpoint.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?)?;
-    std::fs::rename(&tmp, &path)?;
+    write_json(&path, &body)?;
     Ok(EndpointFile(path))
+}
+
+/// Write JSON atomically (temporary file, then rename), so a reader polling
+/// for the file never sees half of it.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
