@@ -21,6 +21,7 @@ use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, RoutePrefs, ServedMode
 use tessera_engine::GenerationRequest;
 use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
 
+use crate::discovery::{Discovery, GOSSIP_ALPN};
 use crate::job::RoutedJob;
 use crate::node::node_id;
 
@@ -254,6 +255,7 @@ pub struct Gateway {
     /// Models this gateway knows (it needs their tokenizer to take requests).
     models: Arc<Vec<ServedModel>>,
     directory: Arc<Directory>,
+    discovery: Option<Discovery>,
 }
 
 impl Gateway {
@@ -262,14 +264,21 @@ impl Gateway {
             endpoint,
             models: Arc::new(models),
             directory: Arc::default(),
+            discovery: None,
         }
+    }
+
+    /// Take part in gossip discovery (the endpoint must accept its ALPN).
+    pub fn with_discovery(mut self, discovery: Discovery) -> Self {
+        self.discovery = Some(discovery);
+        self
     }
 
     pub fn directory(&self) -> &Arc<Directory> {
         &self.directory
     }
 
-    /// Accept providers until the endpoint closes.
+    /// Accept providers (and gossip peers) until the endpoint closes.
     pub async fn accept(self) {
         while let Some(incoming) = self.endpoint.accept().await {
             let gw = self.clone();
@@ -281,6 +290,13 @@ impl Gateway {
                         return;
                     }
                 };
+                if conn.alpn() == GOSSIP_ALPN {
+                    match &gw.discovery {
+                        Some(d) => d.handle(conn).await,
+                        None => conn.close(1u32.into(), b"no discovery here"),
+                    }
+                    return;
+                }
                 let node = node_id(&conn.remote_id());
                 if let Err(e) = gw.provider_session(conn, &node).await {
                     tracing::warn!(provider = %&node[..12], error = %e, "provider session ended");
@@ -445,7 +461,12 @@ impl Backend for NetworkBackend {
     }
 
     fn health(&self) -> Value {
-        json!({ "kind": "gateway", "providers": self.gateway.directory.describe() })
+        let mut health =
+            json!({ "kind": "gateway", "providers": self.gateway.directory.describe() });
+        if let Some(d) = &self.gateway.discovery {
+            health["discovered"] = d.describe();
+        }
+        health
     }
 }
 

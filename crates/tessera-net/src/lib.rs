@@ -10,14 +10,18 @@
 //! A request whose provider dies mid-answer continues on another provider
 //! from the tokens already sent ([`job`] explains how).
 //!
-//! Not yet here (see the open network issue): gossip discovery of other
-//! gateways and OpenRouter-style provider preferences.
+//! Nodes find each other through signed announcements on a gossip topic
+//! ([`discovery`]): a provider given one gateway's ticket learns the others
+//! and serves several.
 
+pub mod discovery;
 pub mod gateway;
 mod job;
 pub mod node;
 pub mod provider;
+pub mod synthetic;
 
+pub use discovery::{Discovery, DiscoveryConfig, Role};
 pub use gateway::{Gateway, NetworkBackend};
 pub use node::Ticket;
 pub use provider::ProviderConfig;

@@ -48,6 +48,9 @@ pub fn load_or_create_key(home: &Path) -> anyhow::Result<SecretKey> {
 /// mean death, so a killed provider leaves the directory within seconds.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Job streams one connection may carry at once.
+pub const MAX_STREAMS: u32 = 8192;
+
 /// Bind an iroh endpoint with relays and discovery off. `alpns` are the
 /// protocols it accepts (a provider, which only dials, passes none).
 pub async fn bind(
@@ -60,6 +63,9 @@ pub async fn bind(
         .map_err(|e| anyhow!("idle timeout: {e}"))?;
     let transport = QuicTransportConfig::builder()
         .max_idle_timeout(Some(idle))
+        // Every job is a bi-stream the gateway opens: QUIC's default of 100
+        // open streams per connection would cap a provider at 100 jobs.
+        .max_concurrent_bidi_streams(MAX_STREAMS.into())
         .keep_alive_interval(std::time::Duration::from_secs(1))
         .build();
     Endpoint::builder(presets::Minimal)

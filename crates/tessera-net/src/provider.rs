@@ -1,25 +1,52 @@
 //! The provider side: dial gateways, introduce ourselves, serve jobs.
 //!
-//! A provider never listens: it dials every gateway it was given (so it
-//! works behind NAT), keeps the session alive with heartbeats, and serves
+//! A provider dials every gateway it was given and those it learns through
+//! discovery (so it works behind NAT: it only accepts gossip), keeps the session alive with heartbeats, and serves
 //! each bi-stream the gateway opens as one job on the local scheduler. A
 //! lost session is redialled with backoff; a reset job stream drops the
 //! job's event receiver, which cancels it in the scheduler.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use iroh::endpoint::{Connection, RecvStream, SendStream};
-use iroh::Endpoint;
-use tessera_engine::{Event, SchedulerHandle, SubmitError};
+use iroh::{Endpoint, EndpointId};
+use tessera_engine::{Event, GenerationRequest, SchedulerHandle, SubmitError};
 use tessera_protocol::{
     read_frame, write_frame, Frame, Heartbeat, Hello, JobDone, JobError, ModelOffer, ALPN,
     PROTOCOL_VERSION,
 };
+use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::discovery::Discovery;
 use crate::node::Ticket;
+
+/// Where a provider's jobs run: the engine's scheduler, or for the gateway
+/// load benchmark a [`crate::synthetic::SyntheticRunner`].
+pub trait JobRunner: Send + Sync + 'static {
+    /// Queue a job; the receiver yields tokens then one `Done` or `Error`,
+    /// and dropping it cancels the job.
+    fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, SubmitError>;
+    /// Jobs running now.
+    fn active(&self) -> usize;
+    /// Jobs that can run at once.
+    fn max_sequences(&self) -> usize;
+}
+
+impl JobRunner for SchedulerHandle {
+    fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        SchedulerHandle::submit(self, request)
+    }
+    fn active(&self) -> usize {
+        SchedulerHandle::active(self)
+    }
+    fn max_sequences(&self) -> usize {
+        SchedulerHandle::max_sequences(self)
+    }
+}
 
 /// What a provider offers and to whom.
 #[derive(Clone, Debug)]
@@ -28,46 +55,109 @@ pub struct ProviderConfig {
     pub offers: Vec<ModelOffer>,
     /// One line about the machine, for the gateway's directory.
     pub hardware: String,
+    /// Most gateways to serve at once, configured and discovered together.
+    pub max_gateways: usize,
 }
 
-/// Serve jobs for every configured gateway until the process ends.
-pub async fn run(endpoint: Endpoint, handle: SchedulerHandle, config: ProviderConfig) {
-    let generated = Arc::new(AtomicU64::new(0));
+/// Serve jobs for every configured gateway, and for gateways learnt
+/// through `discovery` up to `max_gateways` in all, until the process ends.
+pub async fn run(
+    endpoint: Endpoint,
+    handle: Arc<dyn JobRunner>,
+    config: ProviderConfig,
+    discovery: Option<Discovery>,
+) {
+    let shared = Shared {
+        endpoint,
+        handle,
+        config,
+        generated: Arc::default(),
+        serving: Arc::default(),
+    };
     let mut tasks = tokio::task::JoinSet::new();
-    for ticket in config.gateways.clone() {
-        let (endpoint, handle, config, generated) = (
-            endpoint.clone(),
-            handle.clone(),
-            config.clone(),
-            generated.clone(),
-        );
-        tasks.spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                let started = Instant::now();
-                match session(&endpoint, &ticket, &handle, &config, &generated).await {
-                    Ok(()) => tracing::info!(gateway = %ticket.id.fmt_short(), "session ended"),
-                    Err(e) => tracing::warn!(gateway = %ticket.id.fmt_short(), error = %e, "session failed"),
-                }
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(200);
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        });
+    for ticket in shared.config.gateways.clone() {
+        if let Ok(mut s) = shared.serving.lock() {
+            s.insert(ticket.id);
+        }
+        tasks.spawn(serve_gateway(shared.clone(), ticket, None));
     }
-    while tasks.join_next().await.is_some() {}
+    let Some(discovery) = discovery else {
+        while tasks.join_next().await.is_some() {}
+        return;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for ticket in discovery.gateways() {
+            let new = shared.serving.lock().is_ok_and(|mut s| {
+                s.len() < shared.config.max_gateways.max(1) && s.insert(ticket.id)
+            });
+            if new {
+                tracing::info!(gateway = %ticket.id.fmt_short(), "serving a discovered gateway");
+                tasks.spawn(serve_gateway(
+                    shared.clone(),
+                    ticket,
+                    Some(discovery.clone()),
+                ));
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+/// What every gateway session of one provider shares.
+#[derive(Clone)]
+struct Shared {
+    endpoint: Endpoint,
+    handle: Arc<dyn JobRunner>,
+    config: ProviderConfig,
+    /// Tokens generated, for the tok/s in heartbeats.
+    generated: Arc<AtomicU64>,
+    /// Gateways with a session loop running.
+    serving: Arc<Mutex<HashSet<EndpointId>>>,
+}
+
+/// Keep a session with one gateway, redialling with backoff. A configured
+/// gateway is served for ever; a discovered one until its announcements
+/// stop while it is unreachable.
+async fn serve_gateway(shared: Shared, mut ticket: Ticket, discovered: Option<Discovery>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = Instant::now();
+        match session(&shared, &ticket).await {
+            Ok(()) => tracing::info!(gateway = %ticket.id.fmt_short(), "session ended"),
+            Err(e) => {
+                tracing::warn!(gateway = %ticket.id.fmt_short(), error = %e, "session failed")
+            }
+        }
+        if let Some(d) = &discovered {
+            match d.gateways().into_iter().find(|t| t.id == ticket.id) {
+                Some(fresh) => ticket = fresh,
+                None => {
+                    tracing::info!(gateway = %ticket.id.fmt_short(), "gateway no longer announced");
+                    if let Ok(mut s) = shared.serving.lock() {
+                        s.remove(&ticket.id);
+                    }
+                    return;
+                }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// One connection to one gateway, from Hello to the connection's end.
-async fn session(
-    endpoint: &Endpoint,
-    ticket: &Ticket,
-    handle: &SchedulerHandle,
-    config: &ProviderConfig,
-    generated: &Arc<AtomicU64>,
-) -> anyhow::Result<()> {
+async fn session(shared: &Shared, ticket: &Ticket) -> anyhow::Result<()> {
+    let Shared {
+        endpoint,
+        handle,
+        config,
+        generated,
+        ..
+    } = shared;
     let conn = endpoint
         .connect(ticket.endpoint_addr(), ALPN)
         .await
@@ -127,7 +217,7 @@ async fn session(
 
 async fn serve_jobs(
     conn: &Connection,
-    handle: &SchedulerHandle,
+    handle: &Arc<dyn JobRunner>,
     config: &ProviderConfig,
     generated: &Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
@@ -151,7 +241,7 @@ async fn serve_jobs(
 async fn serve_job(
     mut send: SendStream,
     mut recv: RecvStream,
-    handle: &SchedulerHandle,
+    handle: &Arc<dyn JobRunner>,
     offers: &[ModelOffer],
     generated: &AtomicU64,
 ) -> anyhow::Result<()> {

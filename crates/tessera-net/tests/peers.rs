@@ -223,11 +223,13 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
             context_length: 64,
         }],
         hardware: "test".into(),
+        max_gateways: 1,
     };
     tokio::spawn(tessera_net::provider::run(
         provider_ep.clone(),
-        handle.clone(),
+        Arc::new(handle.clone()),
         config,
+        None,
     ));
 
     let conn = gw.accept().await.unwrap().await.unwrap();

@@ -25,6 +25,8 @@ pub enum BenchCommand {
     Engine(EngineBench),
     /// What the network hop costs: `serve` vs a devnet, and router timing.
     Network(crate::netbench::NetworkBench),
+    /// Concurrent streams one gateway holds (SYNTHETIC-engine providers).
+    Gateway(crate::loadbench::GatewayBench),
     /// Cost of Tessera's sampling rule per token, on real logits.
     Sampling {
         #[command(flatten)]
@@ -119,6 +121,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Engine(b) => engine(home, b),
         BenchCommand::Direct(b) => direct(b),
         BenchCommand::Network(b) => crate::netbench::run(home, b),
+        BenchCommand::Gateway(b) => crate::loadbench::run(home, b),
         BenchCommand::Sampling { engine } => sampling(home, &engine),
     }
 }

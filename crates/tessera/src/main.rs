@@ -6,6 +6,7 @@
 
 mod bench;
 mod devnet;
+mod loadbench;
 mod local;
 mod models;
 mod netbench;

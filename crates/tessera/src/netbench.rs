@@ -40,13 +40,14 @@ pub struct NetworkBench {
 /// A child process (stopped like the devnet's children when dropped) and
 /// the home folder it ran in, removed after it. Field order matters: the
 /// process stops before its folder goes.
-struct Proc {
-    child: Children,
+pub(crate) struct Proc {
+    pub(crate) child: Children,
     _home: tempfile::TempDir,
 }
 
-/// Start `tessera ARGS…` in a fresh home and wait for its endpoint.json.
-fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String)> {
+/// Start `tessera ARGS…` in a fresh home and wait for its endpoint.json;
+/// returns the process and that file's `api_base` and contents.
+pub(crate) fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String, Value)> {
     let home = tempfile::tempdir()?;
     let child = Command::new(std::env::current_exe()?)
         .args(args)
@@ -69,7 +70,7 @@ fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String)> {
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         {
             if let Some(api) = v["api_base"].as_str() {
-                return Ok((proc, api.to_string()));
+                return Ok((proc, api.to_string(), v));
             }
         }
         if let Ok(Some(status)) = proc.child.0[0].try_wait() {
@@ -128,11 +129,11 @@ pub(crate) async fn stream(
 
 pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
     let model = crate::models::resolve_or_pull(home, &b.model)?;
-    let (_serve, serve_api) = start(
+    let (_serve, serve_api, _) = start(
         &["serve", "--listen", "127.0.0.1:0", "--slots", "4"],
         &model.path,
     )?;
-    let (_devnet, devnet_api) = start(
+    let (_devnet, devnet_api, _) = start(
         &[
             "devnet",
             "--providers",

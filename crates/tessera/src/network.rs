@@ -9,8 +9,11 @@ use clap::Args;
 use serde_json::json;
 use tessera_api::{ApiConfig, Backend, ServedModel};
 use tessera_engine::Model;
+use tessera_net::discovery::GOSSIP_ALPN;
 use tessera_net::node::{self, Ticket};
-use tessera_net::{Gateway, NetworkBackend, ProviderConfig};
+use tessera_net::provider::JobRunner;
+use tessera_net::synthetic::SyntheticRunner;
+use tessera_net::{Discovery, DiscoveryConfig, Gateway, NetworkBackend, ProviderConfig, Role};
 use tessera_protocol::{ModelOffer, ALPN};
 
 use crate::serve::{shutdown_signal, write_json, EndpointFile};
@@ -34,6 +37,21 @@ pub struct GatewayArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "TESSERA_BODY_LIMIT", default_value_t = 4 * 1024 * 1024)]
     pub body_limit: usize,
+    /// Ticket of another gateway (or any node) of the network to join its
+    /// gossip topic through; repeatable.
+    #[arg(long = "join", env = "TESSERA_JOIN", value_delimiter = ',')]
+    pub join: Vec<Ticket>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// Discovery settings shared by gateways and providers.
+#[derive(Args, Debug)]
+pub struct NetworkArgs {
+    /// Name of the network: nodes announce themselves on a gossip topic
+    /// derived from it and ignore announcements of other networks.
+    #[arg(long = "network", env = "TESSERA_NETWORK", default_value = "tessera")]
+    pub name: String,
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +68,17 @@ pub struct ProviderArgs {
     /// Local UDP address of the provider's iroh endpoint.
     #[arg(long, env = "TESSERA_BIND", default_value = "0.0.0.0:0")]
     pub bind: SocketAddr,
+    /// Most gateways to serve at once: the given ones plus those learnt
+    /// through discovery.
+    #[arg(long, env = "TESSERA_MAX_GATEWAYS", default_value_t = 4)]
+    pub max_gateways: usize,
+    /// FOR LOAD BENCHMARKS ONLY: run no model, answer every job by echoing
+    /// its prompt tokens at this many tokens/s per stream (`tessera bench
+    /// gateway` uses it; the gateway sees the provider as synthetic).
+    #[arg(long, value_name = "TOK_S")]
+    pub synthetic: Option<f64>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -74,13 +103,29 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let endpoint = node::bind(key, args.bind, vec![ALPN.to_vec()]).await?;
+        let endpoint = node::bind(
+            key.clone(),
+            args.bind,
+            vec![ALPN.to_vec(), GOSSIP_ALPN.to_vec()],
+        )
+        .await?;
         let ticket = Ticket::of(&endpoint, args.public_addr);
+        let discovery = Discovery::start(
+            &endpoint,
+            key,
+            DiscoveryConfig {
+                network: args.network.name.clone(),
+                role: Role::Gateway,
+                addrs: ticket.addrs.clone(),
+                models: models.iter().map(|m| m.sha256.clone()).collect(),
+                bootstrap: args.join.clone(),
+            },
+        );
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        let gateway = Gateway::new(endpoint.clone(), models);
+        let gateway = Gateway::new(endpoint.clone(), models).with_discovery(discovery);
         tokio::spawn(gateway.clone().accept());
         let path = home.join("endpoint.json");
         write_json(
@@ -90,6 +135,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 "api_key": null,
                 "ticket": ticket.to_string(),
                 "node": node::node_id(&endpoint.id()),
+                "network": args.network.name,
                 "pid": std::process::id(),
             }),
         )?;
@@ -113,39 +159,74 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
 }
 
 pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
-    let engine = crate::local::start(home, &args.engine)?;
     let key = node::load_or_create_key(home)?;
+    // The engine (or the synthetic stand-in), kept alive for the whole run.
+    let mut engine = None;
+    let (runner, model, context, hardware): (Arc<dyn JobRunner>, _, _, _) = match args.synthetic {
+        Some(tok_s) => (
+            Arc::new(SyntheticRunner::new(args.engine.slots, tok_s)),
+            crate::models::resolve_or_pull(home, &args.engine.model)?,
+            args.engine.context,
+            format!("SYNTHETIC engine for load benchmarks, {tok_s} tok/s per stream"),
+        ),
+        None => {
+            let local = engine.insert(crate::local::start(home, &args.engine)?);
+            let hardware = format!(
+                "{} CPU threads, {} slots, {}",
+                local.config.threads,
+                local.config.slots,
+                std::env::consts::ARCH
+            );
+            (
+                Arc::new(local.handle.clone()),
+                local.model.clone(),
+                local.handle.context_per_sequence(),
+                hardware,
+            )
+        }
+    };
     let offers = vec![ModelOffer {
-        sha256: engine.model.sha256.clone(),
-        alias: engine.model.alias.clone(),
-        context_length: engine.handle.context_per_sequence(),
+        sha256: model.sha256.clone(),
+        alias: model.alias.clone(),
+        context_length: context,
     }];
-    let hardware = format!(
-        "{} CPU threads, {} slots, {}",
-        engine.config.threads,
-        engine.config.slots,
-        std::env::consts::ARCH
-    );
+    let models = offers.iter().map(|o| o.sha256.clone()).collect();
     let config = ProviderConfig {
-        gateways: args.gateways,
+        gateways: args.gateways.clone(),
         offers,
         hardware,
+        max_gateways: args.max_gateways,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let endpoint = node::bind(key, args.bind, vec![]).await?;
+        let endpoint = node::bind(key.clone(), args.bind, vec![GOSSIP_ALPN.to_vec()]).await?;
         let id = node::node_id(&endpoint.id());
+        let discovery = Discovery::start(
+            &endpoint,
+            key,
+            DiscoveryConfig {
+                network: args.network.name.clone(),
+                role: Role::Provider,
+                addrs: Ticket::of(&endpoint, None).addrs,
+                models,
+                bootstrap: args.gateways,
+            },
+        );
+        tokio::spawn(discovery.clone().accept(endpoint.clone()));
         let path = home.join("provider.json");
         write_json(&path, &json!({ "node": id, "pid": std::process::id() }))?;
         let _file = EndpointFile(path);
-        println!("Tessera provider {id} serving {}", engine.model.alias);
+        println!("Tessera provider {id} serving {}", model.alias);
+        let serve = tessera_net::provider::run(endpoint.clone(), runner, config, Some(discovery));
         tokio::select! {
-            _ = tessera_net::provider::run(endpoint.clone(), engine.handle.clone(), config) => {}
+            _ = serve => {}
             _ = shutdown_signal() => tracing::info!("provider shutting down"),
         }
         endpoint.close().await;
         anyhow::Ok(())
-    })
+    })?;
+    drop(engine);
+    Ok(())
 }

@@ -223,3 +223,72 @@ fn provider_preferences_steer_routing() {
     let (s, v) = with(json!({"only": "not-a-list"}));
     assert_eq!(s, 400, "{v}");
 }
+
+#[test]
+fn providers_discover_a_second_gateway_and_survive_losing_the_first() {
+    use util::{spawn_provider, Gateway, KillOnDrop};
+    let mut first = Gateway::start(&[]);
+    // The second gateway knows only the first; the providers know only the
+    // first too. Everything else they learn through gossip.
+    let second = Gateway::start(&["--join", &first.ticket]);
+    let homes = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let _providers = KillOnDrop(
+        homes
+            .iter()
+            .map(|h| spawn_provider(&first.ticket, h.path(), 2))
+            .collect(),
+    );
+    let within = Duration::from_secs(90);
+    assert!(
+        util::wait_listed(&first.url("/health"), 2, within),
+        "providers did not join the gateway they were given"
+    );
+    assert!(
+        util::wait_listed(&second.url("/health"), 2, within),
+        "providers did not discover the second gateway: {:?}",
+        util::listed(&second.url("/health"))
+    );
+    let providers: HashSet<String> = util::listed(&second.url("/health")).into_iter().collect();
+    let health: Value = util::client()
+        .get(second.url("/health"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let gateways = &health["backend"]["discovered"]["gateways"];
+    assert!(
+        gateways.as_array().is_some_and(|g| g
+            .iter()
+            .any(|g| first.ticket.starts_with(g["node"].as_str().unwrap()))),
+        "the second gateway did not hear the first: {health}"
+    );
+
+    util::signal(first.child.id(), "-KILL");
+    let _ = first.child.wait();
+    let ask = |i: usize| {
+        let resp = util::client()
+            .post(second.url("/v1/chat/completions"))
+            .json(&chat(
+                &format!("Say {i}."),
+                json!({"max_tokens": 8, "temperature": 0}),
+            ))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        provider_of(&resp.json().unwrap())
+    };
+    let served: HashSet<String> = (0..8).map(ask).collect();
+    assert_eq!(
+        served, providers,
+        "all providers keep serving the second gateway"
+    );
+    // Some seconds later, they are all still there.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        util::listed(&second.url("/health")).len(),
+        2,
+        "providers dropped off the surviving gateway"
+    );
+    let served: HashSet<String> = (8..14).map(ask).collect();
+    assert_eq!(served, providers);
+}

@@ -321,33 +321,44 @@ impl Devnet {
 
     /// Node ids the gateway lists as connected.
     pub fn listed(&self) -> Vec<String> {
-        let v: Value = client()
-            .get(self.url("/health"))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        v["backend"]["providers"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p["node"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
+        listed(&self.url("/health"))
     }
 
     /// Wait until the gateway lists exactly `n` providers.
     pub fn wait_listed(&self, n: usize, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.listed().len() == n {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        false
+        wait_listed(&self.url("/health"), n, within)
     }
+}
+
+/// Node ids of the providers a gateway's `/health` lists as connected.
+pub fn listed(health_url: &str) -> Vec<String> {
+    let Ok(v) = client()
+        .get(health_url)
+        .send()
+        .and_then(|r| r.json::<Value>())
+    else {
+        return vec![];
+    };
+    v["backend"]["providers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["node"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Wait until a gateway lists exactly `n` providers.
+pub fn wait_listed(health_url: &str, n: usize, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if listed(health_url).len() == n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 impl Drop for Devnet {
@@ -395,4 +406,81 @@ pub fn signal(pid: u32, sig: &str) {
         .args([sig, &pid.to_string()])
         .stderr(Stdio::null())
         .status();
+}
+
+/// A running `tessera gateway` (no providers of its own).
+pub struct Gateway {
+    pub child: Child,
+    pub home: tempfile::TempDir,
+    pub api_base: String,
+    pub ticket: String,
+}
+
+impl Gateway {
+    /// Start a gateway on loopback with extra flags (e.g. `--join TICKET`).
+    pub fn start(extra: &[&str]) -> Gateway {
+        let home = tempfile::tempdir().expect("temp home");
+        let mut child = Command::new(binary())
+            .args([
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--bind",
+                "127.0.0.1:0",
+            ])
+            .arg("--model")
+            .arg(model_path())
+            .args(extra)
+            .env("TESSERA_HOME", home.path())
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tessera gateway");
+        let endpoint = home.path().join("endpoint.json");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let v: Value = loop {
+            if let Some(v) = std::fs::read(&endpoint)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                break v;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("tessera gateway exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "the gateway did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Gateway {
+            child,
+            home,
+            api_base: v["api_base"].as_str().unwrap().to_string(),
+            ticket: v["ticket"].as_str().unwrap().to_string(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api_base.trim_end_matches("/v1"))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Child processes killed (SIGKILL) and reaped when dropped, so a failing
+/// test leaves nothing running.
+pub struct KillOnDrop(pub Vec<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
