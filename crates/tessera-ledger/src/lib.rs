@@ -1,0 +1,479 @@
+//! Tessera's ledger: accounts, API keys and every movement of credits.
+//!
+//! Amounts are integer **micro-credits** (1 credit = 1,000,000). The ledger
+//! is double-entry: every change is an *entry* whose *postings* (one per
+//! account touched) sum to zero, and each account's `balance` column is kept
+//! equal to the sum of its postings in the same transaction. New credits come
+//! from the `system:issuance` account (whose balance is minus everything ever
+//! issued), so the balances of all accounts always sum to zero.
+//!
+//! A paid request goes through **escrow**: before dispatch its largest
+//! possible cost is *held* (client → `system:escrow`); when it ends the hold
+//! is *settled*: each provider part is paid its cost less the gateway's fee
+//! (fee → `system:fees`) and the rest goes back to the client. A hold left
+//! open by a crash is released when its gateway starts again. A hold may
+//! carry an idempotency key: the same key on the same account never holds
+//! (or charges) twice.
+//!
+//! The same SQL runs on SQLite (one file, WAL, `synchronous=FULL`) and on
+//! PostgreSQL, through sqlx's Any driver. Writes go through one writer task
+//! per [`Ledger`] that commits many operations in one transaction (group
+//! commit): every operation is durable when its call returns, and the disk
+//! sync is shared. Conditional updates (`balance >= amount`, `state =
+//! 'open'`) make concurrent writers — several gateways on one PostgreSQL —
+//! lose no update.
+
+pub mod pg;
+mod schema;
+mod writer;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use writer::{Op, Pending};
+
+/// Where new credits come from; its balance is minus all credits issued.
+pub const ISSUANCE: &str = "system:issuance";
+/// Credits held for requests in flight.
+pub const ESCROW: &str = "system:escrow";
+/// The gateways' fees.
+pub const FEES: &str = "system:fees";
+
+/// Micro-credits per credit.
+pub const MICRO: u64 = 1_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("insufficient credits: {needed} micro-credits needed, {available} available")]
+    Insufficient { needed: u64, available: u64 },
+    #[error("spending limit reached: {limit} micro-credits, {used} spent or held")]
+    SpendLimit { limit: u64, used: u64 },
+    #[error("no account '{0}'")]
+    NoAccount(String),
+    #[error("an account named '{0}' already exists")]
+    NameTaken(String),
+    #[error("hold {0} is unknown or already closed")]
+    HoldClosed(String),
+    #[error("charges of {charged} exceed the hold of {held} micro-credits")]
+    OverHold { charged: u64, held: u64 },
+    #[error("invalid amount: {0}")]
+    Amount(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("the ledger's writer has stopped")]
+    Closed,
+}
+
+pub type Result<T, E = LedgerError> = std::result::Result<T, E>;
+
+/// An account as clients and operators see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Account {
+    pub id: String,
+    pub name: String,
+    /// `client`, `provider` or `system`.
+    pub kind: String,
+    /// Credits available to spend (holds already taken out).
+    pub balance: i64,
+    /// Credits held for requests in flight.
+    pub held: i64,
+    /// Credits charged so far.
+    pub spent: i64,
+    /// Most credits this account may spend in all (spent + held), if set.
+    pub spend_limit: Option<i64>,
+    /// Most requests per minute, if set.
+    pub rate_limit: Option<i64>,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+/// Limits handed out with a key (e.g. to an AI agent given a budget).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    pub spend_limit: Option<u64>,
+    pub rate_limit: Option<u64>,
+}
+
+/// What one provider's part of a request costs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Charge {
+    /// The provider's node id.
+    pub provider: String,
+    pub model_sha256: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Micro-credits per input / output token (= credits per million).
+    pub input_price: u64,
+    pub output_price: u64,
+}
+
+impl Charge {
+    /// tokens × price, exactly.
+    pub fn cost(&self) -> u64 {
+        self.prompt_tokens * self.input_price + self.completion_tokens * self.output_price
+    }
+}
+
+/// Outcome of settling a hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Settlement {
+    /// The settlement entry's id; the response's `tessera.receipt`.
+    pub receipt: String,
+    /// Micro-credits charged to the client.
+    pub cost: u64,
+    /// The gateway's share of it.
+    pub fee: u64,
+    /// Receipt ids of the parts, in order.
+    pub parts: Vec<String>,
+}
+
+/// Outcome of asking for a hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Credits are held under this id.
+    New(String),
+    /// The idempotency key was used before, for this hold (settled with
+    /// `cost` when `Some`).
+    Duplicate { hold: String, cost: Option<u64> },
+}
+
+/// Result of [`Ledger::check`]: what must hold for the books to be right.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub entries: i64,
+    /// Entries whose postings do not sum to zero (must be 0).
+    pub unbalanced_entries: i64,
+    /// Accounts whose balance is not the sum of their postings (must be 0).
+    pub mismatched_accounts: i64,
+    /// Sum of all balances (must be 0).
+    pub total: i64,
+    /// Credits ever issued.
+    pub issued: i64,
+    pub open_holds: i64,
+    pub open_held: i64,
+    /// Balance of the escrow account (must equal `open_held`).
+    pub escrow: i64,
+}
+
+impl Check {
+    pub fn ok(&self) -> bool {
+        self.unbalanced_entries == 0
+            && self.mismatched_accounts == 0
+            && self.total == 0
+            && self.escrow == self.open_held
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub(crate) fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 12];
+    getrandom::fill(&mut b).expect("the OS random source failed");
+    format!("{prefix}_{}", hex::encode(b))
+}
+
+/// sha256 of an API key, as stored.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// The ledger: a pool for reads and one writer task for writes.
+#[derive(Clone)]
+pub struct Ledger {
+    pool: AnyPool,
+    writer: mpsc::Sender<Pending>,
+    postgres: bool,
+}
+
+const ACCOUNT_COLUMNS: &str = "id, name, kind, balance, held, spent, spend_limit, rate_limit, \
+                               requests, prompt_tokens, completion_tokens";
+
+fn account_of(row: &AnyRow) -> Result<Account> {
+    Ok(Account {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        kind: row.try_get("kind")?,
+        balance: row.try_get("balance")?,
+        held: row.try_get("held")?,
+        spent: row.try_get("spent")?,
+        spend_limit: row.try_get("spend_limit")?,
+        rate_limit: row.try_get("rate_limit")?,
+        requests: row.try_get("requests")?,
+        prompt_tokens: row.try_get("prompt_tokens")?,
+        completion_tokens: row.try_get("completion_tokens")?,
+    })
+}
+
+impl Ledger {
+    /// Open (creating if need be) the ledger at `url`: `sqlite://PATH` or
+    /// `postgres://…`. SQLite runs in WAL mode with full sync.
+    pub async fn open(url: &str) -> Result<Ledger> {
+        sqlx::any::install_default_drivers();
+        let postgres = url.starts_with("postgres");
+        let url = if postgres || url.contains('?') {
+            url.to_string()
+        } else {
+            format!("{url}?mode=rwc")
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if postgres { 8 } else { 4 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if !postgres {
+                        for pragma in [
+                            "PRAGMA journal_mode=WAL",
+                            "PRAGMA synchronous=FULL",
+                            "PRAGMA busy_timeout=10000",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        schema::migrate(&pool, postgres).await?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(writer::run(pool.clone(), rx));
+        Ok(Ledger {
+            pool,
+            writer: tx,
+            postgres,
+        })
+    }
+
+    /// Open a SQLite ledger file.
+    pub async fn open_file(path: &std::path::Path) -> Result<Ledger> {
+        Ledger::open(&format!("sqlite://{}", path.display())).await
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
+    async fn write<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Pending { op: op(tx) })
+            .await
+            .map_err(|_| LedgerError::Closed)?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Create a client account with `credits` micro-credits; returns it and
+    /// its API key (shown once; only its hash is stored).
+    pub async fn create_account(
+        &self,
+        name: &str,
+        credits: u64,
+        limits: Limits,
+    ) -> Result<(Account, String)> {
+        let mut k = [0u8; 24];
+        getrandom::fill(&mut k).expect("the OS random source failed");
+        let key = format!("tsk_{}", hex::encode(k));
+        let name = name.to_string();
+        let key_hash = hash_key(&key);
+        let id = self
+            .write(|reply| Op::CreateAccount {
+                name,
+                key_hash,
+                credits,
+                limits,
+                reply,
+            })
+            .await?;
+        let account = self
+            .account(&id)
+            .await?
+            .ok_or_else(|| LedgerError::NoAccount(id.clone()))?;
+        Ok((account, key))
+    }
+
+    /// Add credits to an account (by name or id).
+    pub async fn topup(&self, account: &str, credits: u64) -> Result<Account> {
+        let found = self
+            .account(account)
+            .await?
+            .ok_or_else(|| LedgerError::NoAccount(account.to_string()))?;
+        let id = found.id.clone();
+        self.write(|reply| Op::Topup {
+            account: id.clone(),
+            credits,
+            reply,
+        })
+        .await?;
+        self.account(&id)
+            .await?
+            .ok_or(LedgerError::NoAccount(id))
+    }
+
+    /// An account by id or name.
+    pub async fn account(&self, id_or_name: &str) -> Result<Option<Account>> {
+        // Built from constants only: no input reaches the SQL text.
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1 OR name = $2"
+        )))
+        .bind(id_or_name.to_string())
+        .bind(id_or_name.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(account_of).transpose()
+    }
+
+    /// The account an API key belongs to.
+    pub async fn account_by_key(&self, key: &str) -> Result<Option<Account>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE key_hash = $1"
+        )))
+        .bind(hash_key(key))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(account_of).transpose()
+    }
+
+    /// Hold `amount` from `account` for a request `gateway` is about to run.
+    pub async fn hold(
+        &self,
+        account: &str,
+        amount: u64,
+        gateway: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Hold> {
+        let (account, gateway) = (account.to_string(), gateway.to_string());
+        let idempotency_key = idempotency_key.map(str::to_string);
+        self.write(|reply| Op::Hold {
+            account,
+            amount,
+            gateway,
+            idempotency_key,
+            reply,
+        })
+        .await
+    }
+
+    /// Settle a hold: charge `charges` (each provider paid its cost less
+    /// `fee_bps`/10,000), return the rest. No charges releases the hold.
+    pub async fn settle(
+        &self,
+        hold: &str,
+        job_id: &str,
+        charges: Vec<Charge>,
+        fee_bps: u64,
+    ) -> Result<Settlement> {
+        if fee_bps > 10_000 {
+            return Err(LedgerError::Amount(format!(
+                "a fee of {fee_bps} basis points is over 100%"
+            )));
+        }
+        let (hold, job_id) = (hold.to_string(), job_id.to_string());
+        self.write(|reply| Op::Settle {
+            hold,
+            job_id,
+            charges,
+            fee_bps,
+            reply,
+        })
+        .await
+    }
+
+    /// Release every hold `gateway` left open (after a crash); returns how many.
+    pub async fn release_open_holds(&self, gateway: &str) -> Result<usize> {
+        let rows = sqlx::query("SELECT id FROM holds WHERE gateway = $1 AND state = 'open'")
+            .bind(gateway.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut released = 0;
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            match self.settle(&id, "", vec![], 0).await {
+                Ok(_) => released += 1,
+                Err(LedgerError::HoldClosed(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(released)
+    }
+
+    /// Receipts of one provider (node id), newest first, with their total.
+    pub async fn provider_receipts(&self, provider: &str) -> Result<Vec<serde_json::Value>> {
+        let rows = sqlx::query(
+            "SELECT id, hold_id, job_id, model_sha256, prompt_tokens, completion_tokens, \
+             input_price, output_price, cost, fee, created_ms FROM receipts \
+             WHERE provider = $1 ORDER BY created_ms DESC",
+        )
+        .bind(provider.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "id": r.try_get::<String, _>("id")?,
+                    "hold": r.try_get::<String, _>("hold_id")?,
+                    "job": r.try_get::<String, _>("job_id")?,
+                    "model_sha256": r.try_get::<String, _>("model_sha256")?,
+                    "prompt_tokens": r.try_get::<i64, _>("prompt_tokens")?,
+                    "completion_tokens": r.try_get::<i64, _>("completion_tokens")?,
+                    "input_price": r.try_get::<i64, _>("input_price")?,
+                    "output_price": r.try_get::<i64, _>("output_price")?,
+                    "cost": r.try_get::<i64, _>("cost")?,
+                    "fee": r.try_get::<i64, _>("fee")?,
+                    "earned": r.try_get::<i64, _>("cost")? - r.try_get::<i64, _>("fee")?,
+                    "created_ms": r.try_get::<i64, _>("created_ms")?,
+                }))
+            })
+            .collect()
+    }
+
+    /// Verify the books (see [`Check`]).
+    pub async fn check(&self) -> Result<Check> {
+        let one = |sql: &'static str| async move {
+            let row = sqlx::query(sql).fetch_one(&self.pool).await?;
+            Ok::<i64, LedgerError>(row.try_get::<Option<i64>, _>(0)?.unwrap_or(0))
+        };
+        Ok(Check {
+            entries: one("SELECT COUNT(*) FROM entries").await?,
+            unbalanced_entries: one(
+                "SELECT COUNT(*) FROM (SELECT entry_id FROM postings GROUP BY entry_id \
+                 HAVING SUM(amount) <> 0) AS bad",
+            )
+            .await?,
+            mismatched_accounts: one(
+                "SELECT COUNT(*) FROM accounts a LEFT JOIN (SELECT account_id, \
+                 CAST(SUM(amount) AS BIGINT) AS s FROM postings GROUP BY account_id) p \
+                 ON p.account_id = a.id WHERE a.balance <> COALESCE(p.s, 0)",
+            )
+            .await?,
+            total: one("SELECT CAST(SUM(balance) AS BIGINT) FROM accounts").await?,
+            issued: -one("SELECT balance FROM accounts WHERE id = 'system:issuance'").await?,
+            open_holds: one("SELECT COUNT(*) FROM holds WHERE state = 'open'").await?,
+            open_held: one(
+                "SELECT CAST(SUM(amount) AS BIGINT) FROM holds WHERE state = 'open'",
+            )
+            .await?,
+            escrow: one("SELECT balance FROM accounts WHERE id = 'system:escrow'").await?,
+        })
+    }
+
+    /// Settled requests whose idempotency key was `key` on `account`.
+    pub async fn holds_with_key(&self, account: &str, key: &str) -> Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM holds WHERE account_id = $1 AND idempotency_key = $2",
+        )
+        .bind(account.to_string())
+        .bind(key.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get(0)?)
+    }
+}

@@ -1,0 +1,236 @@
+//! The ledger's rules, each checked on a SQLite file and on a real
+//! PostgreSQL server started on loopback for the test.
+
+use tessera_ledger::pg::TempPostgres;
+use tessera_ledger::{Charge, Hold, Ledger, LedgerError, Limits, MICRO};
+
+/// What keeps a test's database alive: its SQLite folder or its own
+/// PostgreSQL server (stopped when dropped, after the ledger).
+#[allow(dead_code)]
+enum Store {
+    Sqlite(tempfile::TempDir),
+    Postgres(TempPostgres),
+}
+
+/// A fresh ledger of each kind, with its URL.
+async fn ledgers() -> Vec<(Ledger, String, Store)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let sqlite = Ledger::open(&sqlite_url).await.unwrap();
+    let pg = TempPostgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let pg_url = pg.url();
+    let postgres = Ledger::open(&pg_url).await.unwrap();
+    vec![
+        (sqlite, sqlite_url, Store::Sqlite(dir)),
+        (postgres, pg_url, Store::Postgres(pg)),
+    ]
+}
+
+fn charge(provider: &str, prompt: u64, completion: u64, input: u64, output: u64) -> Charge {
+    Charge {
+        provider: provider.into(),
+        model_sha256: "ab".repeat(32),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        input_price: input,
+        output_price: output,
+    }
+}
+
+fn new_hold(h: Hold) -> String {
+    match h {
+        Hold::New(id) => id,
+        other => panic!("expected a new hold, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn charges_are_tokens_times_price_and_the_fee_is_split() {
+    for (ledger, url, _store) in ledgers().await {
+        let (acct, key) = ledger
+            .create_account("alice", 10 * MICRO, Limits::default())
+            .await
+            .unwrap();
+        assert_eq!(acct.balance, 10 * MICRO as i64, "{url}");
+        assert_eq!(ledger.account_by_key(&key).await.unwrap().unwrap().id, acct.id);
+        assert!(ledger.account_by_key("tsk_wrong").await.unwrap().is_none());
+
+        let hold = new_hold(ledger.hold(&acct.id, 50_000, "gw1", None).await.unwrap());
+        let during = ledger.account(&acct.id).await.unwrap().unwrap();
+        assert_eq!((during.balance, during.held), (10 * MICRO as i64 - 50_000, 50_000));
+        // Two parts (an answer continued on a second provider).
+        let parts = vec![charge("p1", 120, 30, 100, 300), charge("p2", 0, 40, 100, 250)];
+        let s = ledger.settle(&hold, "job-1", parts, 500).await.unwrap();
+        let p1_cost = 120 * 100 + 30 * 300;
+        let p2_cost = 40 * 250;
+        assert_eq!(s.cost, p1_cost + p2_cost, "{url}");
+        assert_eq!(s.fee, p1_cost * 5 / 100 + p2_cost * 5 / 100);
+        assert_eq!(s.parts.len(), 2);
+        let after = ledger.account(&acct.id).await.unwrap().unwrap();
+        assert_eq!(after.balance, 10 * MICRO as i64 - s.cost as i64);
+        assert_eq!((after.held, after.spent), (0, s.cost as i64));
+        assert_eq!((after.prompt_tokens, after.completion_tokens, after.requests), (120, 70, 1));
+        let p1 = ledger.account("provider:p1").await.unwrap().unwrap();
+        assert_eq!(p1.balance, (p1_cost - p1_cost * 5 / 100) as i64);
+        let fees = ledger.account(tessera_ledger::FEES).await.unwrap().unwrap();
+        assert_eq!(fees.balance, s.fee as i64);
+        let receipts = ledger.provider_receipts("p2").await.unwrap();
+        assert_eq!(receipts.len(), 1);
+        assert_eq!(receipts[0]["cost"], p2_cost);
+
+        // Settling again, or charging more than was held, is refused.
+        assert!(matches!(
+            ledger.settle(&hold, "job-1", vec![], 500).await,
+            Err(LedgerError::HoldClosed(_))
+        ));
+        let h2 = new_hold(ledger.hold(&acct.id, 1_000, "gw1", None).await.unwrap());
+        assert!(matches!(
+            ledger.settle(&h2, "job-2", vec![charge("p1", 10, 10, 100, 100)], 0).await,
+            Err(LedgerError::OverHold { .. })
+        ));
+        // A release returns everything.
+        let r = ledger.settle(&h2, "job-2", vec![], 0).await.unwrap();
+        assert_eq!(r.cost, 0);
+        let check = ledger.check().await.unwrap();
+        assert!(check.ok(), "{url}: {check:?}");
+        assert_eq!(check.issued, 10 * MICRO as i64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_balances_and_spend_limits_refuse_the_hold_and_write_nothing() {
+    for (ledger, url, _store) in ledgers().await {
+        let (poor, _) = ledger.create_account("poor", 1_000, Limits::default()).await.unwrap();
+        let before = ledger.check().await.unwrap();
+        match ledger.hold(&poor.id, 1_001, "gw", None).await {
+            Err(LedgerError::Insufficient { needed, available }) => {
+                assert_eq!((needed, available), (1_001, 1_000), "{url}")
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+        assert_eq!(ledger.check().await.unwrap(), before, "{url}: a refused hold wrote");
+        let limits = Limits {
+            spend_limit: Some(5_000),
+            rate_limit: None,
+        };
+        let (agent, _) = ledger.create_account("agent", MICRO, limits).await.unwrap();
+        let h = new_hold(ledger.hold(&agent.id, 4_000, "gw", None).await.unwrap());
+        assert!(matches!(
+            ledger.hold(&agent.id, 1_001, "gw", None).await,
+            Err(LedgerError::SpendLimit { limit: 5_000, used: 4_000 })
+        ));
+        ledger
+            .settle(&h, "j", vec![charge("p", 10, 10, 100, 100)], 0)
+            .await
+            .unwrap();
+        // 2,000 spent: 3,000 left under the limit.
+        new_hold(ledger.hold(&agent.id, 3_000, "gw", None).await.unwrap());
+        assert!(ledger.hold(&agent.id, 1, "gw", None).await.is_err());
+        assert!(matches!(
+            ledger.hold("acct_nobody", 1, "gw", None).await,
+            Err(LedgerError::NoAccount(_))
+        ));
+        assert!(matches!(
+            ledger.create_account("agent", 1, Limits::default()).await,
+            Err(LedgerError::NameTaken(_))
+        ));
+        assert!(ledger.check().await.unwrap().ok());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_never_charges_twice_and_crashed_holds_are_released() {
+    for (ledger, url, _store) in ledgers().await {
+        let (a, _) = ledger.create_account("a", MICRO, Limits::default()).await.unwrap();
+        let h = new_hold(ledger.hold(&a.id, 10_000, "gw", Some("req-1")).await.unwrap());
+        assert_eq!(
+            ledger.hold(&a.id, 10_000, "gw", Some("req-1")).await.unwrap(),
+            Hold::Duplicate {
+                hold: h.clone(),
+                cost: None
+            }
+        );
+        let s = ledger
+            .settle(&h, "j", vec![charge("p", 5, 5, 100, 100)], 0)
+            .await
+            .unwrap();
+        assert_eq!(
+            ledger.hold(&a.id, 10_000, "gw", Some("req-1")).await.unwrap(),
+            Hold::Duplicate {
+                hold: h,
+                cost: Some(s.cost)
+            }
+        );
+        assert_eq!(ledger.account(&a.id).await.unwrap().unwrap().spent, 1_000);
+
+        // Holds of a gateway that crashed are released when it restarts;
+        // another gateway's are left alone.
+        new_hold(ledger.hold(&a.id, 7_000, "gw-crashed", None).await.unwrap());
+        new_hold(ledger.hold(&a.id, 7_000, "gw-crashed", None).await.unwrap());
+        let other = new_hold(ledger.hold(&a.id, 3_000, "gw-other", None).await.unwrap());
+        drop(ledger);
+        let reopened = Ledger::open(&url).await.unwrap();
+        assert_eq!(reopened.release_open_holds("gw-crashed").await.unwrap(), 2);
+        let check = reopened.check().await.unwrap();
+        assert_eq!((check.open_holds, check.open_held), (1, 3_000), "{url}");
+        assert!(check.ok(), "{url}: {check:?}");
+        reopened.settle(&other, "j", vec![], 0).await.unwrap();
+        let acct = reopened.account(&a.id).await.unwrap().unwrap();
+        assert_eq!((acct.balance, acct.held), (MICRO as i64 - 1_000, 0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_gateways_settling_at_once_lose_no_update() {
+    for (first, url, _store) in ledgers().await {
+        let second = Ledger::open(&url).await.unwrap();
+        let mut accounts = vec![];
+        for i in 0..4 {
+            accounts.push(
+                first
+                    .create_account(&format!("c{i}"), 10 * MICRO, Limits::default())
+                    .await
+                    .unwrap()
+                    .0
+                    .id,
+            );
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..400u64 {
+            let ledger = if n % 2 == 0 { first.clone() } else { second.clone() };
+            let account = accounts[n as usize % 4].clone();
+            tasks.spawn(async move {
+                let gw = if n % 2 == 0 { "gw-a" } else { "gw-b" };
+                let h = new_hold(ledger.hold(&account, 20_000, gw, None).await.unwrap());
+                let c = charge(&format!("p{}", n % 3), 10 + n % 7, 20 + n % 5, 100, 200);
+                let cost = c.cost();
+                let s = ledger.settle(&h, "j", vec![c], 1_000).await.unwrap();
+                assert_eq!(s.cost, cost);
+                cost
+            });
+        }
+        let mut total = 0;
+        while let Some(r) = tasks.join_next().await {
+            total += r.unwrap();
+        }
+        let check = first.check().await.unwrap();
+        assert!(check.ok(), "{url}: {check:?}");
+        assert_eq!(check.open_holds, 0);
+        let mut spent = 0;
+        for a in &accounts {
+            spent += first.account(a).await.unwrap().unwrap().spent;
+        }
+        assert_eq!(spent, total as i64, "{url}: charges lost or doubled");
+        let mut earned = 0;
+        for p in ["p0", "p1", "p2"] {
+            earned += first
+                .account(&format!("provider:{p}"))
+                .await
+                .unwrap()
+                .unwrap()
+                .balance;
+        }
+        let fees = first.account(tessera_ledger::FEES).await.unwrap().unwrap().balance;
+        assert_eq!(earned + fees, total as i64, "{url}");
+    }
+}
