@@ -17,6 +17,11 @@ need "command -v curl" curl
 need "command -v python3" python3
 need "python3 -m venv --help" python3-venv
 need "python3 -m pip --version" python3-pip
+# The ledger's tests and `tessera bench ledger` start a throwaway
+# PostgreSQL server on loopback (initdb + pg_ctl from Debian's package).
+need "ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | grep -q . || command -v initdb" postgresql
+# PostgreSQL refuses to run as root; as root the tests run it as `postgres`.
+need "command -v runuser" util-linux
 # bindgen (llama-cpp-sys-2) needs libclang.
 need "ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* 2>/dev/null | grep -q ." libclang-dev
 
@@ -39,5 +44,5 @@ fi
 
 echo "Tessera needs these system packages: ${missing_pkgs[*]}" >&2
 echo "On Debian or Ubuntu: sudo apt-get install -y ${missing_pkgs[*]}" >&2
-echo "Elsewhere, install the equivalents (cmake, a C/C++ compiler, libclang, curl, python3 with venv and pip)." >&2
+echo "Elsewhere, install the equivalents (cmake, a C/C++ compiler, libclang, curl, python3 with venv and pip, PostgreSQL)." >&2
 exit 1

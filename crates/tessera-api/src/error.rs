@@ -99,6 +99,51 @@ impl ApiError {
         }
     }
 
+    /// 401: no key, or a key that matches no account.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    /// 402: the account's credits (`code` = `insufficient_credits`) or its
+    /// spending limit (`spend_limit_exceeded`) do not cover the request.
+    pub fn payment_required(message: impl Into<String>, code: &'static str) -> Self {
+        Self {
+            status: StatusCode::PAYMENT_REQUIRED,
+            message: message.into(),
+            kind: "insufficient_quota",
+            param: None,
+            code: Some(code),
+        }
+    }
+
+    /// 429: the key's request rate limit.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+        }
+    }
+
+    /// 409: the idempotency key was already used for another request.
+    pub fn conflict(message: impl Into<String>, code: &'static str) -> Self {
+        Self {
+            status: StatusCode::CONFLICT,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some(code),
+        }
+    }
+
     /// 500: our fault, never the client's.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {

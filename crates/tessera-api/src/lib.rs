@@ -8,9 +8,16 @@
 //! response. Every failure leaves through [`ApiError`] in OpenAI's shape.
 //!
 //! `tessera serve` puts an in-process engine behind [`Backend`]; the network
-//! gateway will put its router there. Dropping the event receiver (the
-//! client went away) cancels the job.
+//! gateway puts its router there. Dropping the event receiver (the client
+//! went away) cancels the job.
+//!
+//! Every `/v1` call needs an API key (`Authorization: Bearer KEY`), checked
+//! by [`Accounts`]. A generation is paid from escrow: the largest possible
+//! cost (prompt × input price + max output × output price, at the highest
+//! price of the providers that may serve it) is held before dispatch and
+//! settled at the real cost when the answer ends ([`billing`]).
 
+mod billing;
 pub mod error;
 mod response;
 pub mod validation;
@@ -19,17 +26,19 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, Uri};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 pub use futures::future::BoxFuture;
 use serde_json::{json, Value};
-use tessera_engine::{Event, GenerationRequest, Model, Token};
+use tessera_engine::{Event, GenerationRequest, Model, Price, Token};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+pub use billing::{Accounts, Caller, Held, Part, Settled};
 pub use error::ApiError;
 use validation::{check_common, check_messages, check_prompt, parse_body, Checked};
 pub use validation::{RoutePrefs, Sort};
@@ -47,6 +56,8 @@ pub struct ServedModel {
     pub context_length: usize,
     /// Providers currently able to serve it.
     pub providers: usize,
+    /// Lowest and highest price among them.
+    pub prices: Option<(Price, Price)>,
 }
 
 /// A job on its way: the events of one generation and who produces them.
@@ -54,6 +65,8 @@ pub struct Dispatch {
     pub events: UnboundedReceiver<Event>,
     /// The serving provider's id, shown to the client in `tessera.provider`.
     pub provider: String,
+    /// Its price (later providers announce theirs in `Event::Provider`).
+    pub price: Price,
 }
 
 /// Where the API sends work.
@@ -69,6 +82,10 @@ pub trait Backend: Send + Sync + 'static {
         request: GenerationRequest,
         route: &RoutePrefs,
     ) -> BoxFuture<'static, Result<Dispatch, ApiError>>;
+    /// The highest price among providers that may serve this request
+    /// (within `route.max_price`): what the hold is sized by. An error when
+    /// none may.
+    fn quote(&self, model: &ServedModel, route: &RoutePrefs) -> Result<Price, ApiError>;
     /// Extra facts for `GET /health`.
     fn health(&self) -> Value;
 }
@@ -90,18 +107,27 @@ impl Default for ApiConfig {
 
 struct Api {
     backend: Arc<dyn Backend>,
+    accounts: Arc<dyn Accounts>,
     config: ApiConfig,
 }
 
 /// The API's routes, ready to serve.
-pub fn router(backend: Arc<dyn Backend>, config: ApiConfig) -> Router {
+pub fn router(backend: Arc<dyn Backend>, accounts: Arc<dyn Accounts>, config: ApiConfig) -> Router {
     let limit = config.body_limit;
-    let state = Arc::new(Api { backend, config });
-    Router::new()
+    let state = Arc::new(Api {
+        backend,
+        accounts,
+        config,
+    });
+    let paid = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
+        .route("/v1/account", get(account))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(paid)
         .route("/health", get(health))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|uri: Uri| async move {
@@ -113,6 +139,30 @@ pub fn router(backend: Arc<dyn Backend>, config: ApiConfig) -> Router {
         })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Every `/v1` route: find the account behind the bearer key, or 401.
+async fn authenticate(
+    State(api): State<Arc<Api>>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let key = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    let Some(key) = key else {
+        return Err(ApiError::unauthorized(
+            "No API key: send 'Authorization: Bearer KEY' (`tessera account create` makes one; \
+             devnet and serve write a demo key to endpoint.json).",
+        ));
+    };
+    let caller = api.accounts.authenticate(key).await?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
 }
 
 fn body(api: &Api, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -157,6 +207,8 @@ pub(crate) struct Job {
     /// Providers that served the answer, in order (more than one when an
     /// answer was continued after a provider failed).
     pub providers: Vec<String>,
+    /// The request's escrow and what it has used so far.
+    pub bill: billing::Bill,
 }
 
 /// Tokenize off the async threads: a multi-megabyte prompt takes a while.
@@ -179,12 +231,28 @@ enum Render {
     Raw(String),
 }
 
+/// The request's `Idempotency-Key` header, if any.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(k) if !k.trim().is_empty() && k.len() <= 255 => Ok(Some(k.trim().to_string())),
+            _ => Err(ApiError::invalid(
+                "The Idempotency-Key header must be 1–255 visible ASCII characters.",
+                None,
+            )),
+        },
+    }
+}
+
 async fn run(
     api: &Api,
     kind: Kind,
     model: ServedModel,
-    checked: Checked,
+    mut checked: Checked,
     render: Render,
+    caller: Caller,
+    idempotency: Option<String>,
 ) -> Result<Response, ApiError> {
     let prompt = tokenize(&model, render).await?;
     let limit = model.context_length;
@@ -195,6 +263,47 @@ async fn run(
         }
         .into());
     }
+    // Escrow: hold the most this request can cost, at the highest price of
+    // any provider that may serve it, and keep the router within that price.
+    let price = api.backend.quote(&model, &checked.route)?;
+    checked.route.max_price = Some(price);
+    let room = limit - prompt.len();
+    let max_out = checked.max_tokens.map_or(room, |m| (m as usize).min(room));
+    let most = price.cost(prompt.len() as u64, max_out as u64);
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let id = format!("{prefix}-{:016x}", validation::random_u64());
+    let hold = match api
+        .accounts
+        .hold(&caller, most, idempotency.clone())
+        .await?
+    {
+        Held::New(hold) => hold,
+        Held::Duplicate { cost } => {
+            let what = match cost {
+                Some(c) => format!("it was settled for {c} micro-credits"),
+                None => "it is still running".into(),
+            };
+            return Err(ApiError::conflict(
+                format!(
+                    "Idempotency-Key '{}' was already used by this account and {what}; \
+                     it is never charged twice. Use a new key for a new request.",
+                    idempotency.unwrap_or_default()
+                ),
+                "idempotency_key_reused",
+            ));
+        }
+    };
+    let mut bill = billing::Bill::new(
+        api.accounts.clone(),
+        hold,
+        id.clone(),
+        model.sha256.clone(),
+        prompt.len() as u64,
+    );
     let request = GenerationRequest {
         prompt,
         sampling: checked.sampling.clone(),
@@ -203,19 +312,22 @@ async fn run(
         top_logprobs: checked.logprobs.unwrap_or(0) as usize,
         ignore_eos: checked.ignore_eos,
     };
-    let dispatch = api.backend.submit(&model, request, &checked.route).await?;
-    let prefix = if kind == Kind::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
+    let dispatch = match api.backend.submit(&model, request, &checked.route).await {
+        Ok(d) => d,
+        Err(e) => {
+            bill.release().await;
+            return Err(e);
+        }
     };
+    bill.part(dispatch.provider.clone(), dispatch.price);
     let job = Job {
         kind,
-        id: format!("{prefix}-{:016x}", validation::random_u64()),
+        id,
         created: now(),
         model,
         checked,
         providers: vec![dispatch.provider],
+        bill,
     };
     if job.checked.stream {
         Ok(response::stream(job, dispatch.events).into_response())
@@ -228,8 +340,11 @@ async fn run(
 
 async fn chat_completions(
     State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let idempotency = idempotency_key(&headers)?;
     let raw = body(&api, raw)?;
     let (req, common): (validation::ChatRequest, _) = parse_body(&raw)?;
     let model = find_model(&api, &req.model)?;
@@ -247,13 +362,26 @@ async fn chat_completions(
         model.context_length,
     )?;
     let messages = check_messages(&req.messages)?;
-    run(&api, Kind::Chat, model, checked, Render::Chat(messages)).await
+    let render = Render::Chat(messages);
+    run(
+        &api,
+        Kind::Chat,
+        model,
+        checked,
+        render,
+        caller,
+        idempotency,
+    )
+    .await
 }
 
 async fn completions(
     State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let idempotency = idempotency_key(&headers)?;
     let raw = body(&api, raw)?;
     let (req, common): (validation::CompletionRequest, _) = parse_body(&raw)?;
     let model = find_model(&api, &req.model)?;
@@ -262,10 +390,27 @@ async fn completions(
     }
     let checked = check_common(&common, None, req.logprobs, model.context_length)?;
     let prompt = check_prompt(&req.prompt)?;
-    run(&api, Kind::Completion, model, checked, Render::Raw(prompt)).await
+    let render = Render::Raw(prompt);
+    run(
+        &api,
+        Kind::Completion,
+        model,
+        checked,
+        render,
+        caller,
+        idempotency,
+    )
+    .await
 }
 
 fn model_card(m: &ServedModel) -> Value {
+    let price = m.prices.map(|(lo, hi)| {
+        json!({
+            "unit": "credits per million tokens (= micro-credits per token)",
+            "prompt": { "min": lo.input, "max": hi.input },
+            "completion": { "min": lo.output, "max": hi.output },
+        })
+    });
     json!({
         "id": m.id,
         "object": "model",
@@ -275,8 +420,16 @@ fn model_card(m: &ServedModel) -> Value {
             "sha256": m.sha256,
             "context_length": m.context_length,
             "providers": m.providers,
+            "price": price,
         }
     })
+}
+
+async fn account(
+    State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    api.accounts.account(&caller).await.map(Json)
 }
 
 async fn list_models(State(api): State<Arc<Api>>) -> Json<Value> {

@@ -35,13 +35,18 @@ fn usage_json(u: &Usage) -> Value {
 impl Job {
     /// The `tessera` extension object: who served it and how to reproduce it.
     fn extension(&self) -> Value {
-        json!({
+        let mut v = json!({
             "provider": self.providers.last(),
             "providers": self.providers,
             "model_sha256": self.model.sha256,
             "seed": self.checked.sampling.seed,
             "audit": "not_audited",
-        })
+        });
+        if let Some(s) = &self.bill.settled {
+            v["cost"] = json!(s.cost);
+            v["receipt"] = json!(s.receipt);
+        }
+        v
     }
 
     fn token_text(&self, token: i32) -> (String, Vec<u8>) {
@@ -141,6 +146,7 @@ pub(crate) async fn collect(
     let (finish, usage) = loop {
         match events.recv().await {
             Some(Event::Token(t)) => {
+                job.bill.token();
                 text.push_str(&t.text);
                 tokens.push(t);
             }
@@ -150,14 +156,22 @@ pub(crate) async fn collect(
                 text: tail,
             }) => {
                 text.push_str(&tail);
+                job.bill.settle(&usage).await;
                 break (finish_reason, usage);
             }
-            Some(Event::Error(e)) => return Err(e.into()),
-            Some(Event::Provider(p)) => job.providers.push(p),
+            Some(Event::Error(e)) => {
+                job.bill.release().await;
+                return Err(e.into());
+            }
+            Some(Event::Provider { node, price }) => {
+                job.bill.part(node.clone(), price);
+                job.providers.push(node);
+            }
             None => {
+                job.bill.release().await;
                 return Err(ApiError::internal(
                     "the engine stopped before the answer was complete",
-                ))
+                ));
             }
         }
     };
@@ -228,14 +242,16 @@ impl StreamState {
         let first_text = (self.job.kind == Kind::Completion && self.sent == 0) || self.handoff;
         match event {
             Some(Event::Token(t)) => {
+                self.job.bill.token();
                 if let Some(chunk) = self.job.token_chunk(&t, self.sent, first_text) {
                     self.out.push_back(data(&chunk));
                     self.handoff = false;
                 }
                 self.sent += t.text.len();
             }
-            Some(Event::Provider(p)) => {
-                self.job.providers.push(p);
+            Some(Event::Provider { node, price }) => {
+                self.job.bill.part(node.clone(), price);
+                self.job.providers.push(node);
                 self.handoff = true;
             }
             Some(Event::Done {
@@ -315,6 +331,12 @@ pub(crate) fn stream(
                 return None;
             }
             let next = st.events.recv().await;
+            // Settle before the final chunk, which carries the cost.
+            match &next {
+                Some(Event::Done { usage, .. }) => st.job.bill.settle(usage).await,
+                Some(Event::Error(_)) | None => st.job.bill.release().await,
+                _ => {}
+            }
             st.on_event(next);
         }
     }))

@@ -8,7 +8,7 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
-use tessera_engine::{ChatMessage, SamplingParams};
+use tessera_engine::{ChatMessage, Price, SamplingParams};
 
 use crate::error::ApiError;
 
@@ -71,8 +71,16 @@ pub struct ProviderPrefs {
     pub ignore: Option<Vec<String>>,
     pub allow_fallbacks: Option<bool>,
     pub sort: Option<String>,
-    /// Accepted now; enforced once providers announce prices.
-    pub max_price: Option<Value>,
+    /// Highest price accepted, in credits per million tokens (= micro-credits
+    /// per token), per prompt and per completion token.
+    pub max_price: Option<MaxPrice>,
+}
+
+/// `provider.max_price`: either side may be left out (no cap).
+#[derive(Debug, Default, Deserialize)]
+pub struct MaxPrice {
+    pub prompt: Option<f64>,
+    pub completion: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,12 +193,14 @@ pub struct RoutePrefs {
     /// When `order` is given: may other providers be used if those fail?
     pub allow_fallbacks: bool,
     pub sort: Option<Sort>,
+    /// Providers above this price are not used (`None`: no cap).
+    pub max_price: Option<Price>,
 }
 
 /// Ranking asked for by `provider.sort`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sort {
-    /// Cheapest first (no effect until providers announce prices).
+    /// Cheapest first (output price, then input price).
     Price,
     /// Lowest measured time to first token first.
     Latency,
@@ -224,12 +234,37 @@ fn check_route(p: Option<&ProviderPrefs>) -> Result<RoutePrefs, ApiError> {
             ))
         }
     };
+    let max_price = match &p.max_price {
+        None => None,
+        Some(m) => {
+            let cap = |v: Option<f64>, side: &'static str| -> Result<u64, ApiError> {
+                match v {
+                    None => Ok(u64::MAX),
+                    Some(x) if x.is_finite() && x >= 0.0 => {
+                        Ok(x.floor().min(u64::MAX as f64) as u64)
+                    }
+                    Some(x) => Err(ApiError::invalid(
+                        format!("'provider.max_price.{side}' must be a number ≥ 0 (got {x})."),
+                        Some(match side {
+                            "prompt" => "provider.max_price.prompt",
+                            _ => "provider.max_price.completion",
+                        }),
+                    )),
+                }
+            };
+            Some(Price {
+                input: cap(m.prompt, "prompt")?,
+                output: cap(m.completion, "completion")?,
+            })
+        }
+    };
     Ok(RoutePrefs {
         order: p.order.clone().unwrap_or_default(),
         only: p.only.clone().unwrap_or_default(),
         ignore: p.ignore.clone().unwrap_or_default(),
         allow_fallbacks: p.allow_fallbacks.unwrap_or(true),
         sort,
+        max_price,
     })
 }
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use sampling::SamplingParams;
 pub use scheduler::{
-    Event, FinishReason, GenerationRequest, Scheduler, SchedulerConfig, SchedulerHandle,
+    Event, FinishReason, GenerationRequest, Price, Scheduler, SchedulerConfig, SchedulerHandle,
     SubmitError, TokenEvent, Usage,
 };
 

@@ -78,10 +78,30 @@ pub enum Event {
         text: String,
     },
     Error(EngineError),
-    /// From here on the answer comes from this provider. Never sent by the
-    /// scheduler; a network backend sends it when another provider takes
-    /// over an answer mid-stream.
-    Provider(String),
+    /// From here on the answer comes from this provider, at its price.
+    /// Never sent by the scheduler; a network backend sends it when another
+    /// provider takes over an answer mid-stream.
+    Provider {
+        node: String,
+        price: Price,
+    },
+}
+
+/// What a provider charges, in micro-credits per token (which is the same
+/// number as credits per million tokens).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    /// Per prompt (input) token.
+    pub input: u64,
+    /// Per generated (output) token.
+    pub output: u64,
+}
+
+impl Price {
+    /// The cost of these tokens at this price, exactly.
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
+        prompt_tokens * self.input + completion_tokens * self.output
+    }
 }
 
 /// Knobs of the scheduler itself (the engine's sizes come from the engine).
@@ -618,7 +638,7 @@ mod tests {
                     return (text, done);
                 }
                 e @ Event::Error(_) => return (text, e),
-                Event::Provider(_) => {}
+                Event::Provider { .. } => {}
             }
         }
     }

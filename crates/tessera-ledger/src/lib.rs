@@ -12,8 +12,9 @@
 //! is *settled*: each provider part is paid its cost less the gateway's fee
 //! (fee → `system:fees`) and the rest goes back to the client. A hold left
 //! open by a crash is released when its gateway starts again. A hold may
-//! carry an idempotency key: the same key on the same account never holds
-//! (or charges) twice.
+//! carry an idempotency key: while a hold with that key on that account is
+//! open or settled, the key holds (and charges) nothing more; once a hold
+//! was released (nothing charged), the key may be used again by a retry.
 //!
 //! The same SQL runs on SQLite (one file, WAL, `synchronous=FULL`) and on
 //! PostgreSQL, through sqlx's Any driver. Writes go through one writer task
@@ -138,8 +139,8 @@ pub struct Settlement {
 pub enum Hold {
     /// Credits are held under this id.
     New(String),
-    /// The idempotency key was used before, for this hold (settled with
-    /// `cost` when `Some`).
+    /// The idempotency key is taken by this hold: still open (`cost` is
+    /// `None`) or settled for `cost`.
     Duplicate { hold: String, cost: Option<u64> },
 }
 
@@ -313,9 +314,7 @@ impl Ledger {
             reply,
         })
         .await?;
-        self.account(&id)
-            .await?
-            .ok_or(LedgerError::NoAccount(id))
+        self.account(&id).await?.ok_or(LedgerError::NoAccount(id))
     }
 
     /// An account by id or name.
@@ -457,10 +456,8 @@ impl Ledger {
             total: one("SELECT CAST(SUM(balance) AS BIGINT) FROM accounts").await?,
             issued: -one("SELECT balance FROM accounts WHERE id = 'system:issuance'").await?,
             open_holds: one("SELECT COUNT(*) FROM holds WHERE state = 'open'").await?,
-            open_held: one(
-                "SELECT CAST(SUM(amount) AS BIGINT) FROM holds WHERE state = 'open'",
-            )
-            .await?,
+            open_held: one("SELECT CAST(SUM(amount) AS BIGINT) FROM holds WHERE state = 'open'")
+                .await?,
             escrow: one("SELECT balance FROM accounts WHERE id = 'system:escrow'").await?,
         })
     }

@@ -12,8 +12,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    new_id, now_ms, Charge, Hold, LedgerError, Limits, Result, Settlement, ESCROW, FEES,
-    ISSUANCE,
+    new_id, now_ms, Charge, Hold, LedgerError, Limits, Result, Settlement, ESCROW, FEES, ISSUANCE,
 };
 
 const MAX_BATCH: usize = 512;
@@ -197,10 +196,8 @@ pub(crate) async fn run(pool: AnyPool, mut rx: mpsc::Receiver<Pending>) {
                             }
                             Err(e) => {
                                 last = Some(Err(LedgerError::Db(e)));
-                                tokio::time::sleep(std::time::Duration::from_millis(
-                                    5 << attempt,
-                                ))
-                                .await;
+                                tokio::time::sleep(std::time::Duration::from_millis(5 << attempt))
+                                    .await;
                             }
                         }
                     }
@@ -282,7 +279,12 @@ async fn apply(tx: &mut Tx, work: &Work) -> Result<Outcome> {
     }
 }
 
-async fn entry(tx: &mut Tx, kind: &str, hold: Option<&str>, postings: &[(&str, i64)]) -> Result<String> {
+async fn entry(
+    tx: &mut Tx,
+    kind: &str,
+    hold: Option<&str>,
+    postings: &[(&str, i64)],
+) -> Result<String> {
     debug_assert_eq!(postings.iter().map(|p| p.1).sum::<i64>(), 0);
     let id = new_id("ent");
     sqlx::query("INSERT INTO entries (id, kind, hold_id, created_ms) VALUES ($1, $2, $3, $4)")
@@ -317,16 +319,23 @@ async fn topup(tx: &mut Tx, account: &str, credits: u64) -> Result<()> {
     if credits <= 0 {
         return Err(LedgerError::Amount("a top-up must be positive".into()));
     }
-    let done = sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2 AND kind = 'client'")
-        .bind(credits)
-        .bind(account.to_string())
-        .execute(&mut **tx)
-        .await?;
+    let done =
+        sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2 AND kind = 'client'")
+            .bind(credits)
+            .bind(account.to_string())
+            .execute(&mut **tx)
+            .await?;
     if done.rows_affected() == 0 {
         return Err(LedgerError::NoAccount(account.to_string()));
     }
     add(tx, ISSUANCE, -credits).await?;
-    entry(tx, "topup", None, &[(ISSUANCE, -credits), (account, credits)]).await?;
+    entry(
+        tx,
+        "topup",
+        None,
+        &[(ISSUANCE, -credits), (account, credits)],
+    )
+    .await?;
     Ok(())
 }
 
@@ -347,11 +356,21 @@ async fn hold(
         .await?;
         if let Some(row) = prior {
             let state: String = row.try_get("state")?;
-            let cost: Option<i64> = row.try_get("cost")?;
-            return Ok(Outcome::Hold(Hold::Duplicate {
-                hold: row.try_get("id")?,
-                cost: (state != "open").then_some(cost.unwrap_or(0).max(0) as u64),
-            }));
+            let id: String = row.try_get("id")?;
+            if state == "released" {
+                // That attempt was charged nothing (it failed or its gateway
+                // crashed): the key is free for the retry.
+                sqlx::query("UPDATE holds SET idempotency_key = NULL WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+            } else {
+                let cost: Option<i64> = row.try_get("cost")?;
+                return Ok(Outcome::Hold(Hold::Duplicate {
+                    hold: id,
+                    cost: (state == "settled").then_some(cost.unwrap_or(0).max(0) as u64),
+                }));
+            }
         }
     }
     let held = amount(held)?;
@@ -365,11 +384,12 @@ async fn hold(
     .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 0 {
-        let row = sqlx::query("SELECT balance, held, spent, spend_limit FROM accounts WHERE id = $1")
-            .bind(account.to_string())
-            .fetch_optional(&mut **tx)
-            .await?
-            .ok_or_else(|| LedgerError::NoAccount(account.to_string()))?;
+        let row =
+            sqlx::query("SELECT balance, held, spent, spend_limit FROM accounts WHERE id = $1")
+                .bind(account.to_string())
+                .fetch_optional(&mut **tx)
+                .await?
+                .ok_or_else(|| LedgerError::NoAccount(account.to_string()))?;
         let balance: i64 = row.try_get("balance")?;
         if balance < held {
             return Err(LedgerError::Insufficient {
@@ -433,7 +453,11 @@ async fn settle(
     let claimed = sqlx::query(
         "UPDATE holds SET state = $1, cost = $2, closed_ms = $3 WHERE id = $4 AND state = 'open'",
     )
-    .bind(if charges.is_empty() { "released" } else { "settled" })
+    .bind(if charges.is_empty() {
+        "released"
+    } else {
+        "settled"
+    })
     .bind(total)
     .bind(now)
     .bind(hold.to_string())
@@ -508,7 +532,11 @@ async fn settle(
         add(tx, FEES, fees).await?;
         postings.push((FEES, fees));
     }
-    let kind = if charges.is_empty() { "release" } else { "settle" };
+    let kind = if charges.is_empty() {
+        "release"
+    } else {
+        "settle"
+    };
     let receipt = entry(tx, kind, Some(hold), &postings).await?;
     Ok(Outcome::Settle(Settlement {
         receipt,

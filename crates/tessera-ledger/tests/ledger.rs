@@ -52,14 +52,23 @@ async fn charges_are_tokens_times_price_and_the_fee_is_split() {
             .await
             .unwrap();
         assert_eq!(acct.balance, 10 * MICRO as i64, "{url}");
-        assert_eq!(ledger.account_by_key(&key).await.unwrap().unwrap().id, acct.id);
+        assert_eq!(
+            ledger.account_by_key(&key).await.unwrap().unwrap().id,
+            acct.id
+        );
         assert!(ledger.account_by_key("tsk_wrong").await.unwrap().is_none());
 
         let hold = new_hold(ledger.hold(&acct.id, 50_000, "gw1", None).await.unwrap());
         let during = ledger.account(&acct.id).await.unwrap().unwrap();
-        assert_eq!((during.balance, during.held), (10 * MICRO as i64 - 50_000, 50_000));
+        assert_eq!(
+            (during.balance, during.held),
+            (10 * MICRO as i64 - 50_000, 50_000)
+        );
         // Two parts (an answer continued on a second provider).
-        let parts = vec![charge("p1", 120, 30, 100, 300), charge("p2", 0, 40, 100, 250)];
+        let parts = vec![
+            charge("p1", 120, 30, 100, 300),
+            charge("p2", 0, 40, 100, 250),
+        ];
         let s = ledger.settle(&hold, "job-1", parts, 500).await.unwrap();
         let p1_cost = 120 * 100 + 30 * 300;
         let p2_cost = 40 * 250;
@@ -69,7 +78,10 @@ async fn charges_are_tokens_times_price_and_the_fee_is_split() {
         let after = ledger.account(&acct.id).await.unwrap().unwrap();
         assert_eq!(after.balance, 10 * MICRO as i64 - s.cost as i64);
         assert_eq!((after.held, after.spent), (0, s.cost as i64));
-        assert_eq!((after.prompt_tokens, after.completion_tokens, after.requests), (120, 70, 1));
+        assert_eq!(
+            (after.prompt_tokens, after.completion_tokens, after.requests),
+            (120, 70, 1)
+        );
         let p1 = ledger.account("provider:p1").await.unwrap().unwrap();
         assert_eq!(p1.balance, (p1_cost - p1_cost * 5 / 100) as i64);
         let fees = ledger.account(tessera_ledger::FEES).await.unwrap().unwrap();
@@ -85,7 +97,9 @@ async fn charges_are_tokens_times_price_and_the_fee_is_split() {
         ));
         let h2 = new_hold(ledger.hold(&acct.id, 1_000, "gw1", None).await.unwrap());
         assert!(matches!(
-            ledger.settle(&h2, "job-2", vec![charge("p1", 10, 10, 100, 100)], 0).await,
+            ledger
+                .settle(&h2, "job-2", vec![charge("p1", 10, 10, 100, 100)], 0)
+                .await,
             Err(LedgerError::OverHold { .. })
         ));
         // A release returns everything.
@@ -100,7 +114,10 @@ async fn charges_are_tokens_times_price_and_the_fee_is_split() {
 #[tokio::test(flavor = "multi_thread")]
 async fn short_balances_and_spend_limits_refuse_the_hold_and_write_nothing() {
     for (ledger, url, _store) in ledgers().await {
-        let (poor, _) = ledger.create_account("poor", 1_000, Limits::default()).await.unwrap();
+        let (poor, _) = ledger
+            .create_account("poor", 1_000, Limits::default())
+            .await
+            .unwrap();
         let before = ledger.check().await.unwrap();
         match ledger.hold(&poor.id, 1_001, "gw", None).await {
             Err(LedgerError::Insufficient { needed, available }) => {
@@ -108,7 +125,11 @@ async fn short_balances_and_spend_limits_refuse_the_hold_and_write_nothing() {
             }
             other => panic!("{url}: {other:?}"),
         }
-        assert_eq!(ledger.check().await.unwrap(), before, "{url}: a refused hold wrote");
+        assert_eq!(
+            ledger.check().await.unwrap(),
+            before,
+            "{url}: a refused hold wrote"
+        );
         let limits = Limits {
             spend_limit: Some(5_000),
             rate_limit: None,
@@ -117,7 +138,10 @@ async fn short_balances_and_spend_limits_refuse_the_hold_and_write_nothing() {
         let h = new_hold(ledger.hold(&agent.id, 4_000, "gw", None).await.unwrap());
         assert!(matches!(
             ledger.hold(&agent.id, 1_001, "gw", None).await,
-            Err(LedgerError::SpendLimit { limit: 5_000, used: 4_000 })
+            Err(LedgerError::SpendLimit {
+                limit: 5_000,
+                used: 4_000
+            })
         ));
         ledger
             .settle(&h, "j", vec![charge("p", 10, 10, 100, 100)], 0)
@@ -141,10 +165,21 @@ async fn short_balances_and_spend_limits_refuse_the_hold_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idempotency_key_never_charges_twice_and_crashed_holds_are_released() {
     for (ledger, url, _store) in ledgers().await {
-        let (a, _) = ledger.create_account("a", MICRO, Limits::default()).await.unwrap();
-        let h = new_hold(ledger.hold(&a.id, 10_000, "gw", Some("req-1")).await.unwrap());
+        let (a, _) = ledger
+            .create_account("a", MICRO, Limits::default())
+            .await
+            .unwrap();
+        let h = new_hold(
+            ledger
+                .hold(&a.id, 10_000, "gw", Some("req-1"))
+                .await
+                .unwrap(),
+        );
         assert_eq!(
-            ledger.hold(&a.id, 10_000, "gw", Some("req-1")).await.unwrap(),
+            ledger
+                .hold(&a.id, 10_000, "gw", Some("req-1"))
+                .await
+                .unwrap(),
             Hold::Duplicate {
                 hold: h.clone(),
                 cost: None
@@ -155,13 +190,32 @@ async fn an_idempotency_key_never_charges_twice_and_crashed_holds_are_released()
             .await
             .unwrap();
         assert_eq!(
-            ledger.hold(&a.id, 10_000, "gw", Some("req-1")).await.unwrap(),
+            ledger
+                .hold(&a.id, 10_000, "gw", Some("req-1"))
+                .await
+                .unwrap(),
             Hold::Duplicate {
                 hold: h,
                 cost: Some(s.cost)
             }
         );
         assert_eq!(ledger.account(&a.id).await.unwrap().unwrap().spent, 1_000);
+        // A released attempt (nothing charged) frees its key for a retry.
+        let failed = new_hold(
+            ledger
+                .hold(&a.id, 2_000, "gw", Some("req-2"))
+                .await
+                .unwrap(),
+        );
+        ledger.settle(&failed, "j", vec![], 0).await.unwrap();
+        let retry = new_hold(
+            ledger
+                .hold(&a.id, 2_000, "gw", Some("req-2"))
+                .await
+                .unwrap(),
+        );
+        assert_ne!(retry, failed);
+        ledger.settle(&retry, "j", vec![], 0).await.unwrap();
 
         // Holds of a gateway that crashed are released when it restarts;
         // another gateway's are left alone.
@@ -197,7 +251,11 @@ async fn two_gateways_settling_at_once_lose_no_update() {
         }
         let mut tasks = tokio::task::JoinSet::new();
         for n in 0..400u64 {
-            let ledger = if n % 2 == 0 { first.clone() } else { second.clone() };
+            let ledger = if n % 2 == 0 {
+                first.clone()
+            } else {
+                second.clone()
+            };
             let account = accounts[n as usize % 4].clone();
             tasks.spawn(async move {
                 let gw = if n % 2 == 0 { "gw-a" } else { "gw-b" };
@@ -230,7 +288,12 @@ async fn two_gateways_settling_at_once_lose_no_update() {
                 .unwrap()
                 .balance;
         }
-        let fees = first.account(tessera_ledger::FEES).await.unwrap().unwrap().balance;
+        let fees = first
+            .account(tessera_ledger::FEES)
+            .await
+            .unwrap()
+            .unwrap()
+            .balance;
         assert_eq!(earned + fees, total as i64, "{url}");
     }
 }

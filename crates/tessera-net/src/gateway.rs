@@ -18,7 +18,7 @@ use iroh::endpoint::{Connection, SendStream};
 use iroh::Endpoint;
 use serde_json::{json, Value};
 use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, RoutePrefs, ServedModel, Sort};
-use tessera_engine::GenerationRequest;
+use tessera_engine::{GenerationRequest, Price};
 use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
 
 use crate::discovery::{Discovery, GOSSIP_ALPN};
@@ -52,6 +52,15 @@ pub(crate) struct Provider {
 }
 
 impl Provider {
+    /// Its price for the model `sha256`.
+    pub(crate) fn price(&self, sha256: &str) -> Price {
+        self.offers
+            .iter()
+            .find(|o| o.sha256 == sha256)
+            .map(|o| o.price)
+            .unwrap_or_default()
+    }
+
     fn healthy(&self) -> bool {
         self.last_heartbeat
             .lock()
@@ -109,9 +118,9 @@ impl Directory {
             .into_iter()
             .filter(|p| !tried.contains(&p.session) && p.healthy() && allowed(&p.node, route))
             .filter(|p| {
-                p.offers
-                    .iter()
-                    .any(|o| o.sha256 == sha256 && o.context_length > tokens)
+                p.offers.iter().any(|o| {
+                    o.sha256 == sha256 && o.context_length > tokens && within(o.price, route)
+                })
             })
             .collect();
         list.sort_by(|a, b| a.node.cmp(&b.node));
@@ -139,6 +148,7 @@ impl Directory {
                 load: p.inflight.load(Ordering::Relaxed) as f64 / p.slots.max(1) as f64,
                 tok_s: p.tok_s.lock().map_or(0.0, |t| *t),
                 latency_ms: p.latency_ms.lock().map_or(0.0, |t| *t),
+                price: p.price(sha256),
             })
             .collect();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
@@ -156,17 +166,36 @@ impl Directory {
         !self.eligible(sha256, tokens, tried, route).is_empty()
     }
 
-    /// Providers serving `sha256` now, and the largest context among them.
-    fn serving(&self, sha256: &str) -> (usize, usize) {
+    /// Providers serving `sha256` now, the largest context among them, and
+    /// their lowest and highest prices.
+    fn serving(&self, sha256: &str) -> (usize, usize, Option<(Price, Price)>) {
         let mut count = 0;
         let mut context = 0;
+        let mut prices: Option<(Price, Price)> = None;
         for p in self.snapshot().iter().filter(|p| p.healthy()) {
             if let Some(o) = p.offers.iter().find(|o| o.sha256 == sha256) {
                 count += 1;
                 context = context.max(o.context_length);
+                let (lo, hi) = prices.get_or_insert((o.price, o.price));
+                lo.input = lo.input.min(o.price.input);
+                lo.output = lo.output.min(o.price.output);
+                hi.input = hi.input.max(o.price.input);
+                hi.output = hi.output.max(o.price.output);
             }
         }
-        (count, context)
+        (count, context, prices)
+    }
+
+    /// The highest price (per side) among providers that may serve
+    /// `sha256` under `route`, slots aside.
+    fn quote(&self, sha256: &str, route: &RoutePrefs) -> Option<Price> {
+        self.eligible(sha256, 0, &[], route)
+            .iter()
+            .map(|p| p.price(sha256))
+            .reduce(|a, b| Price {
+                input: a.input.max(b.input),
+                output: a.output.max(b.output),
+            })
     }
 
     /// The directory as JSON, for `/health` and operators.
@@ -182,6 +211,7 @@ impl Directory {
                     "inflight": p.inflight.load(Ordering::Relaxed),
                     "healthy": p.healthy(),
                     "tok_s": p.tok_s.lock().map_or(0.0, |t| *t),
+                    "prices": p.offers.iter().map(|o| json!({"model": o.alias, "input": o.price.input, "output": o.price.output})).collect::<Vec<_>>(),
                     "hardware": p.hardware,
                 })
             })
@@ -189,6 +219,13 @@ impl Directory {
         list.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
         Value::Array(list)
     }
+}
+
+/// Whether `price` is within the request's `max_price`.
+fn within(price: Price, route: &RoutePrefs) -> bool {
+    route
+        .max_price
+        .is_none_or(|cap| price.input <= cap.input && price.output <= cap.output)
 }
 
 /// Whether `route` lets the router use provider `node` at all.
@@ -208,11 +245,14 @@ pub struct Candidate<'a> {
     pub tok_s: f64,
     /// Moving average of its time to first token (0: not measured yet).
     pub latency_ms: f64,
+    /// Its price for the requested model.
+    pub price: Price,
 }
 
 /// Choose among allowed providers with a free slot: the first match of
-/// `route.order`, else by `route.sort`, else the least loaded; `turn`
-/// rotates ties so equal providers share the work.
+/// `route.order`, else by `route.sort`, else by load weighed with price
+/// (load ÷ slots, plus a quarter for the dearest output price, in
+/// proportion); `turn` rotates ties so equal providers share the work.
 pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> Option<usize> {
     for pattern in &route.order {
         if let Some(i) = candidates
@@ -231,11 +271,22 @@ pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> 
     }
     // Lower is better; one pass, starting at `turn` so the first of equals
     // changes from call to call.
+    let dearest = if route.sort.is_none() {
+        candidates
+            .iter()
+            .map(|c| c.price.output)
+            .max()
+            .unwrap_or(0)
+            .max(1) as f64
+    } else {
+        1.0
+    };
     let key = |c: &Candidate<'_>| match route.sort {
         Some(Sort::Throughput) => -c.tok_s,
         Some(Sort::Latency) if c.latency_ms > 0.0 => c.latency_ms,
         Some(Sort::Latency) => f64::MAX,
-        Some(Sort::Price) | None => c.load,
+        Some(Sort::Price) => c.price.output as f64 * 1e6 + c.price.input as f64 + c.load,
+        None => c.load + 0.25 * c.price.output as f64 / dearest,
     };
     let start = turn % n;
     let mut best = (start, key(&candidates[start]));
@@ -434,9 +485,10 @@ impl Backend for NetworkBackend {
             .models
             .iter()
             .map(|m| {
-                let (providers, context) = self.gateway.directory.serving(&m.sha256);
+                let (providers, context, prices) = self.gateway.directory.serving(&m.sha256);
                 let mut m = m.clone();
                 m.providers = providers;
+                m.prices = prices;
                 if context > 0 {
                     m.context_length = context;
                 }
@@ -460,6 +512,19 @@ impl Backend for NetworkBackend {
         Box::pin(job.dispatch())
     }
 
+    fn quote(&self, model: &ServedModel, route: &RoutePrefs) -> Result<Price, ApiError> {
+        self.gateway
+            .directory
+            .quote(&model.sha256, route)
+            .ok_or_else(|| {
+                ApiError::unavailable(if route.max_price.is_some() {
+                    "No provider of this model is available within the request's provider.max_price."
+                } else {
+                    "No provider serving this model is available right now; retry shortly."
+                })
+            })
+    }
+
     fn health(&self) -> Value {
         let mut health =
             json!({ "kind": "gateway", "providers": self.gateway.directory.describe() });
@@ -480,6 +545,7 @@ mod tests {
             load,
             tok_s,
             latency_ms,
+            price: Price::default(),
         }
     }
 

@@ -22,7 +22,7 @@ use iroh::endpoint::{RecvStream, SendStream};
 use tessera_api::{ApiError, Dispatch, RoutePrefs, ServedModel};
 use tessera_engine::text::TextStream;
 use tessera_engine::{
-    EngineError, Event, FinishReason, GenerationRequest, Token, TokenEvent, Usage,
+    EngineError, Event, FinishReason, GenerationRequest, Price, Token, TokenEvent, Usage,
 };
 use tessera_protocol::{read_frame, write_frame, Frame, JobRequest};
 use tokio::sync::mpsc;
@@ -55,6 +55,8 @@ struct Part {
     first: Option<Frame>,
     /// Tokens this part has streamed.
     streamed: usize,
+    /// The provider's price for this model.
+    price: Price,
     _slot: Slot,
 }
 
@@ -105,10 +107,12 @@ impl RoutedJob {
         let part = self.start_part().await?;
         let provider = part.node.clone();
         let (tx, rx) = mpsc::unbounded_channel();
+        let price = part.price;
         tokio::spawn(self.run(part, tx));
         Ok(Dispatch {
             events: rx,
             provider,
+            price,
         })
     }
 
@@ -253,7 +257,10 @@ impl RoutedJob {
             match self.start_part().await {
                 Ok(next) => {
                     tracing::info!(provider = %&next.node[..12], tokens = self.generated.len(), "answer continues on another provider");
-                    let _ = events.send(Event::Provider(next.node.clone()));
+                    let _ = events.send(Event::Provider {
+                        node: next.node.clone(),
+                        price: next.price,
+                    });
                     part = next;
                 }
                 Err(e) => {
@@ -322,6 +329,7 @@ async fn start(
         session: provider.session.clone(),
         first: Some(first),
         streamed: 0,
+        price: provider.price(sha256),
         _slot: slot,
     })
 }

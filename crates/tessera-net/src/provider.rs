@@ -299,7 +299,7 @@ async fn serve_job(
                 usage,
                 text,
             }),
-            Event::Provider(_) => continue,
+            Event::Provider { .. } => continue,
             Event::Error(e) => Frame::JobError(JobError {
                 message: e.to_string(),
                 retryable: false,

@@ -41,6 +41,7 @@ async fn gateway() -> (Gateway, Ticket) {
         tokenizer: Arc::new(EchoModel(info)),
         context_length: 2048,
         providers: 0,
+        prices: None,
     };
     let gw = Gateway::new(endpoint, vec![model]);
     tokio::spawn(gw.clone().accept());
@@ -61,6 +62,7 @@ fn hello(version: u8, sha: &str) -> Frame {
             sha256: sha.into(),
             alias: "m".into(),
             context_length: 2048,
+            price: Default::default(),
         }],
         slots: 2,
         hardware: "test".into(),
@@ -221,6 +223,7 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
             sha256: SHA.into(),
             alias: "echo".into(),
             context_length: 64,
+            price: Default::default(),
         }],
         hardware: "test".into(),
         max_gateways: 1,

@@ -16,7 +16,7 @@
 //! drops the peer, nothing panics.
 
 use serde::{Deserialize, Serialize};
-use tessera_engine::{FinishReason, GenerationRequest, TokenEvent, Usage};
+use tessera_engine::{FinishReason, GenerationRequest, Price, TokenEvent, Usage};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The ALPN of the provider protocol.
@@ -36,6 +36,9 @@ pub struct ModelOffer {
     pub alias: String,
     /// Positions (prompt + output) one job may use.
     pub context_length: usize,
+    /// What the provider charges for this model (micro-credits per token).
+    #[serde(default)]
+    pub price: Price,
 }
 
 /// The provider's introduction on the control stream.

@@ -25,6 +25,8 @@ pub enum BenchCommand {
     Engine(EngineBench),
     /// What the network hop costs: `serve` vs a devnet, and router timing.
     Network(crate::netbench::NetworkBench),
+    /// Settled requests per second on SQLite and PostgreSQL, fully durable.
+    Ledger(crate::ledgerbench::LedgerBench),
     /// Concurrent streams one gateway holds (SYNTHETIC-engine providers).
     Gateway(crate::loadbench::GatewayBench),
     /// Cost of Tessera's sampling rule per token, on real logits.
@@ -122,6 +124,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Direct(b) => direct(b),
         BenchCommand::Network(b) => crate::netbench::run(home, b),
         BenchCommand::Gateway(b) => crate::loadbench::run(home, b),
+        BenchCommand::Ledger(b) => crate::ledgerbench::run(b),
         BenchCommand::Sampling { engine } => sampling(home, &engine),
     }
 }
@@ -188,7 +191,7 @@ async fn generate(
             }
             Some(Event::Done { .. }) => break,
             Some(Event::Error(e)) => return Err(e.into()),
-            Some(Event::Provider(_)) => {}
+            Some(Event::Provider { .. }) => {}
             None => bail!("engine stopped"),
         }
     }
@@ -428,7 +431,10 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
     }
 
     // 4. Time to first token: inside the engine vs through HTTP on loopback.
-    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&eng));
+    // Through the whole API, keys and escrow included (a ledger in a
+    // temporary folder, SQLite with full sync, as `serve` runs it).
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&eng, Default::default()));
+    let ledger_dir = tempfile::tempdir()?;
     let messages = vec![ChatMessage {
         role: "user".into(),
         content: "Say hello.".into(),
@@ -437,7 +443,12 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
     let (engine_ttft, http_ttft) = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let app = tessera_api::router(backend, ApiConfig::default());
+        let ledger =
+            tessera_ledger::Ledger::open_file(&ledger_dir.path().join("ledger.db")).await?;
+        let key = crate::accounts::demo_key(ledger_dir.path(), &ledger).await?;
+        let accounts =
+            Arc::new(crate::accounts::LedgerAccounts::start(ledger, "bench".into(), 0).await?);
+        let app = tessera_api::router(backend, accounts, ApiConfig::default());
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let client = reqwest::Client::new();
         let api = format!("http://{addr}/v1");
@@ -450,7 +461,7 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
         let mut h_ttft = Vec::new();
         for i in 0..b.ttft_samples + 2 {
             let r = generate(&handle, chat_prompt.clone(), 1).await?;
-            let (http_ms, _) = crate::netbench::stream(&client, &api, &body).await?;
+            let (http_ms, _) = crate::netbench::stream(&client, &api, &key, &body).await?;
             if i >= 2 {
                 e_ttft.push(r.ttft.as_secs_f64() * 1e3);
                 h_ttft.push(http_ms);

@@ -102,6 +102,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
             "127.0.0.1:0",
             "--listen",
             &args.listen.to_string(),
+            "--demo-account",
             "--model",
         ])
         .arg(&model.path)
@@ -120,6 +121,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         .context("no ticket in the gateway's endpoint.json")?
         .to_string();
     let api_base = gw["api_base"].as_str().unwrap_or_default().to_string();
+    let key = gw["api_key"].as_str().unwrap_or_default().to_string();
 
     let mut providers = Vec::new();
     for i in 0..args.providers {
@@ -178,7 +180,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     let path = home.join("endpoint.json");
     let endpoint = json!({
         "api_base": api_base,
-        "api_key": null,
+        "api_key": key,
         "ticket": ticket,
         "gateway": { "pid": gw["pid"], "node": gw["node"], "home": gw_home },
         "providers": providers,
@@ -190,7 +192,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         args.providers, model.alias
     );
     println!("  API:       {api_base}");
-    println!("  API key:   none needed yet");
+    println!("  API key:   {key}  (demo account, 1000 credits)");
     println!("  ticket:    {ticket}");
     for (i, p) in providers.iter().enumerate() {
         println!(
@@ -200,7 +202,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         );
     }
     println!("  details:   {}", path.display());
-    println!("Try:\n  curl {api_base}/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hello\"}}]}}'", model.alias);
+    println!("Try:\n  curl {api_base}/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer {key}' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hello\"}}]}}'", model.alias);
     println!("Ctrl-C stops the devnet.");
 
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -97,7 +97,7 @@ pub fn run(home: &Path, b: GatewayBench) -> anyhow::Result<()> {
                 .context("cannot start a synthetic provider")?,
         );
     }
-    let health = format!("{}/health", api.trim_end_matches("/v1"));
+    let health = format!("{}/health", api.base.trim_end_matches("/v1"));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let listed = reqwest::blocking::get(&health)
@@ -156,11 +156,16 @@ pub fn run(home: &Path, b: GatewayBench) -> anyhow::Result<()> {
         };
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..b.streams {
-            let (client, api, body, in_flight) =
-                (client.clone(), api.clone(), body.clone(), in_flight.clone());
+            let (client, base, key, body, in_flight) = (
+                client.clone(),
+                api.base.clone(),
+                api.key.clone(),
+                body.clone(),
+                in_flight.clone(),
+            );
             tasks.spawn(async move {
                 in_flight.fetch_add(1, Ordering::Relaxed);
-                let r = stream(&client, &api, &body).await;
+                let r = stream(&client, &base, &key, &body).await;
                 in_flight.fetch_sub(1, Ordering::Relaxed);
                 r.map_err(|e| e.to_string())
             });

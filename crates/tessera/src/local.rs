@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, RoutePrefs, ServedModel};
-use tessera_engine::{GenerationRequest, Model, Scheduler, SchedulerConfig, SchedulerHandle};
+use tessera_engine::{
+    GenerationRequest, Model, Price, Scheduler, SchedulerConfig, SchedulerHandle,
+};
 use tessera_llama::{EngineConfig, LlamaEngine, LlamaModelFile};
 use tessera_models::ResolvedModel;
 
@@ -52,21 +54,24 @@ pub struct LocalBackend {
     served: ServedModel,
     /// Shown to clients as `tessera.provider`.
     provider: String,
+    price: Price,
 }
 
 impl LocalBackend {
-    pub fn new(engine: &LocalEngine) -> Self {
+    pub fn new(engine: &LocalEngine, price: Price) -> Self {
         let served = ServedModel {
             id: engine.model.alias.clone(),
             sha256: engine.model.sha256.clone(),
             tokenizer: engine.file.clone() as Arc<dyn Model>,
             context_length: engine.handle.context_per_sequence(),
             providers: 1,
+            prices: Some((price, price)),
         };
         Self {
             handle: engine.handle.clone(),
             served,
             provider: "local".into(),
+            price,
         }
     }
 }
@@ -89,9 +94,23 @@ impl Backend for LocalBackend {
             .map(|events| Dispatch {
                 events,
                 provider: self.provider.clone(),
+                price: self.price,
             })
             .map_err(ApiError::from);
         Box::pin(std::future::ready(result))
+    }
+
+    fn quote(&self, _model: &ServedModel, route: &RoutePrefs) -> Result<Price, ApiError> {
+        match route.max_price {
+            Some(cap) if self.price.input > cap.input || self.price.output > cap.output => {
+                Err(ApiError::unavailable(format!(
+                    "This server charges {} per prompt and {} per completion token \
+                     (micro-credits), above the request's provider.max_price.",
+                    self.price.input, self.price.output
+                )))
+            }
+            _ => Ok(self.price),
+        }
     }
 
     fn health(&self) -> Value {

@@ -4,8 +4,10 @@
 //! weights, `tessera-llama` loads them into a `tessera-engine` scheduler, and
 //! `tessera-api` serves it over HTTP. Each subcommand lives in its own module.
 
+mod accounts;
 mod bench;
 mod devnet;
+mod ledgerbench;
 mod loadbench;
 mod local;
 mod models;
@@ -38,6 +40,11 @@ enum Command {
     Provider(network::ProviderArgs),
     /// A gateway and N providers as separate processes on loopback.
     Devnet(devnet::DevnetArgs),
+    /// Accounts and API keys in the ledger: create, top up, show, check.
+    Account {
+        #[command(subcommand)]
+        command: accounts::AccountCommand,
+    },
     /// Manage the local model store (GGUF files keyed by sha256).
     Models {
         #[command(subcommand)]
@@ -68,6 +75,27 @@ pub struct EngineArgs {
     pub context: usize,
 }
 
+/// What a provider charges. One credit per million tokens is one
+/// micro-credit per token, so prices are whole micro-credits per token.
+#[derive(Args, Clone, Debug)]
+pub struct PriceArgs {
+    /// Price of prompt tokens, in credits per million tokens.
+    #[arg(long, env = "TESSERA_INPUT_PRICE", default_value_t = 20)]
+    pub input_price: u64,
+    /// Price of generated tokens, in credits per million tokens.
+    #[arg(long, env = "TESSERA_OUTPUT_PRICE", default_value_t = 80)]
+    pub output_price: u64,
+}
+
+impl PriceArgs {
+    pub fn price(&self) -> tessera_engine::Price {
+        tessera_engine::Price {
+            input: self.input_price,
+            output: self.output_price,
+        }
+    }
+}
+
 fn default_home() -> PathBuf {
     std::env::var_os("HOME").map_or_else(
         || PathBuf::from(".tessera"),
@@ -92,6 +120,7 @@ fn main() -> anyhow::Result<()> {
         Command::Gateway(args) => network::gateway(&cli.home, args),
         Command::Provider(args) => network::provider(&cli.home, args),
         Command::Devnet(args) => devnet::run(&cli.home, args),
+        Command::Account { command } => accounts::run(&cli.home, command),
         Command::Models { command } => models::run(&cli.home, command),
         Command::Bench { command } => bench::run(&cli.home, command),
     }

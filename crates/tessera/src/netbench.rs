@@ -45,9 +45,15 @@ pub(crate) struct Proc {
     _home: tempfile::TempDir,
 }
 
+/// An API to call: its base URL and a key.
+pub(crate) struct Api {
+    pub(crate) base: String,
+    pub(crate) key: String,
+}
+
 /// Start `tessera ARGS…` in a fresh home and wait for its endpoint.json;
 /// returns the process and that file's `api_base` and contents.
-pub(crate) fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String, Value)> {
+pub(crate) fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, Api, Value)> {
     let home = tempfile::tempdir()?;
     let child = Command::new(std::env::current_exe()?)
         .args(args)
@@ -69,8 +75,12 @@ pub(crate) fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         {
-            if let Some(api) = v["api_base"].as_str() {
-                return Ok((proc, api.to_string(), v));
+            if let (Some(base), Some(key)) = (v["api_base"].as_str(), v["api_key"].as_str()) {
+                let api = Api {
+                    base: base.to_string(),
+                    key: key.to_string(),
+                };
+                return Ok((proc, api, v));
             }
         }
         if let Ok(Some(status)) = proc.child.0[0].try_wait() {
@@ -88,11 +98,13 @@ pub(crate) fn start(args: &[&str], model: &Path) -> anyhow::Result<(Proc, String
 pub(crate) async fn stream(
     client: &reqwest::Client,
     api: &str,
+    key: &str,
     body: &Value,
 ) -> anyhow::Result<(f64, f64)> {
     let start = Instant::now();
     let resp = client
         .post(format!("{api}/chat/completions"))
+        .bearer_auth(key)
         .json(body)
         .send()
         .await?
@@ -159,16 +171,17 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
         // Warm both paths (connections, caches) before measuring.
         for api in [&serve_api, &devnet_api] {
             for _ in 0..2 {
-                stream(&client, api, &ttft_body).await?;
+                stream(&client, &api.base, &api.key, &ttft_body).await?;
             }
         }
+        let (s, d) = (&serve_api, &devnet_api);
         for _ in 0..b.samples {
-            s_ttft.push(stream(&client, &serve_api, &ttft_body).await?.0);
-            d_ttft.push(stream(&client, &devnet_api, &ttft_body).await?.0);
+            s_ttft.push(stream(&client, &s.base, &s.key, &ttft_body).await?.0);
+            d_ttft.push(stream(&client, &d.base, &d.key, &ttft_body).await?.0);
         }
         for _ in 0..b.streams {
-            s_rate.push(stream(&client, &serve_api, &long_body).await?.1);
-            d_rate.push(stream(&client, &devnet_api, &long_body).await?.1);
+            s_rate.push(stream(&client, &s.base, &s.key, &long_body).await?.1);
+            d_rate.push(stream(&client, &d.base, &d.key, &long_body).await?.1);
         }
         anyhow::Ok(())
     })?;
@@ -211,6 +224,10 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
             load: (i * 7919 % 100) as f64 / 100.0,
             tok_s: (i * 104_729 % 1000) as f64,
             latency_ms: (i * 31 % 500) as f64,
+            price: tessera_engine::Price {
+                input: (i * 13 % 50) as u64,
+                output: (i * 17 % 100) as u64,
+            },
         })
         .collect();
     let route = tessera_api::RoutePrefs {

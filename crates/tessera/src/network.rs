@@ -16,8 +16,9 @@ use tessera_net::synthetic::SyntheticRunner;
 use tessera_net::{Discovery, DiscoveryConfig, Gateway, NetworkBackend, ProviderConfig, Role};
 use tessera_protocol::{ModelOffer, ALPN};
 
+use crate::accounts::{demo_key, DatabaseArgs, LedgerAccounts};
 use crate::serve::{shutdown_signal, write_json, EndpointFile};
-use crate::EngineArgs;
+use crate::{EngineArgs, PriceArgs};
 
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
@@ -43,6 +44,15 @@ pub struct GatewayArgs {
     pub join: Vec<Ticket>,
     #[command(flatten)]
     pub network: NetworkArgs,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The gateway's fee, in basis points of each charge (500 = 5%).
+    #[arg(long, env = "TESSERA_FEE_BPS", default_value_t = 500)]
+    pub fee_bps: u64,
+    /// Create (or reuse) a demo account and put its key in endpoint.json
+    /// (`tessera devnet` does this).
+    #[arg(long)]
+    pub demo_account: bool,
 }
 
 /// Discovery settings shared by gateways and providers.
@@ -81,6 +91,8 @@ pub struct ProviderArgs {
     pub network: NetworkArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub price: PriceArgs,
 }
 
 pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
@@ -96,6 +108,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             tokenizer: file as Arc<dyn Model>,
             context_length,
             providers: 0,
+            prices: None,
         });
     }
     let key = node::load_or_create_key(home)?;
@@ -126,13 +139,20 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
         let gateway = Gateway::new(endpoint.clone(), models).with_discovery(discovery);
+        let ledger = args.db.open(home).await?;
+        let key = match args.demo_account {
+            true => Some(demo_key(home, &ledger).await?),
+            false => None,
+        };
+        let gateway_id = node::node_id(&endpoint.id());
+        let accounts = Arc::new(LedgerAccounts::start(ledger, gateway_id, args.fee_bps).await?);
         tokio::spawn(gateway.clone().accept());
         let path = home.join("endpoint.json");
         write_json(
             &path,
             &json!({
                 "api_base": format!("http://{addr}/v1"),
-                "api_key": null,
+                "api_key": key,
                 "ticket": ticket.to_string(),
                 "node": node::node_id(&endpoint.id()),
                 "network": args.network.name,
@@ -146,6 +166,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         let backend: Arc<dyn Backend> = Arc::new(NetworkBackend::new(gateway));
         let app = tessera_api::router(
             backend,
+            accounts,
             ApiConfig {
                 body_limit: args.body_limit,
             },
@@ -189,6 +210,7 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
         sha256: model.sha256.clone(),
         alias: model.alias.clone(),
         context_length: context,
+        price: args.price.price(),
     }];
     let models = offers.iter().map(|o| o.sha256.clone()).collect();
     let config = ProviderConfig {

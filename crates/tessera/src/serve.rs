@@ -10,8 +10,9 @@ use clap::Args;
 use serde_json::json;
 use tessera_api::{ApiConfig, Backend};
 
+use crate::accounts::{demo_key, DatabaseArgs, LedgerAccounts};
 use crate::local::{self, LocalBackend};
-use crate::EngineArgs;
+use crate::{EngineArgs, PriceArgs};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -23,6 +24,10 @@ pub struct ServeArgs {
     pub body_limit: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub price: PriceArgs,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -54,12 +59,17 @@ impl Drop for EndpointFile {
     }
 }
 
-fn write_endpoint(home: &Path, addr: SocketAddr, model: &str) -> anyhow::Result<EndpointFile> {
+fn write_endpoint(
+    home: &Path,
+    addr: SocketAddr,
+    model: &str,
+    key: &str,
+) -> anyhow::Result<EndpointFile> {
     std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
     let path = home.join("endpoint.json");
     let body = json!({
         "api_base": format!("http://{addr}/v1"),
-        "api_key": null,
+        "api_key": key,
         "model": model,
         "pid": std::process::id(),
     });
@@ -69,16 +79,27 @@ fn write_endpoint(home: &Path, addr: SocketAddr, model: &str) -> anyhow::Result<
 
 /// Write JSON atomically (temporary file, then rename), so a reader polling
 /// for the file never sees half of it.
+/// It may hold an API key, so only its owner may read it.
 pub fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+    write_private(path, &String::from_utf8(serde_json::to_vec_pretty(value)?)?)
+}
+
+/// Write a file only its owner can read, atomically.
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    }
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
 pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let engine = local::start(home, &args.engine)?;
-    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&engine));
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&engine, args.price.price()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -87,7 +108,11 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        let _endpoint = write_endpoint(home, addr, &engine.model.alias)?;
+        let ledger = args.db.open(home).await?;
+        let key = demo_key(home, &ledger).await?;
+        // `serve` charges like a provider without a gateway: no fee.
+        let accounts = Arc::new(LedgerAccounts::start(ledger, "local".into(), 0).await?);
+        let _endpoint = write_endpoint(home, addr, &engine.model.alias, &key)?;
         tracing::info!(
             %addr,
             model = %engine.model.alias,
@@ -98,11 +123,18 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             "serving"
         );
         println!("Tessera is serving {} on http://{addr}/v1", engine.model.alias);
+        println!("  API key (demo account): {key}");
         println!(
-            "  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hello\"}}]}}'",
+            "  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer {key}' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hello\"}}]}}'",
             engine.model.alias
         );
-        let app = tessera_api::router(backend, ApiConfig { body_limit: args.body_limit });
+        let app = tessera_api::router(
+            backend,
+            accounts,
+            ApiConfig {
+                body_limit: args.body_limit,
+            },
+        );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown_signal().await;

@@ -102,7 +102,7 @@ fn every_request_completes_while_providers_are_killed_and_restarted() {
                         "stream": true, "stream_options": {"include_usage": true}
                     }));
                     let outcome = std::panic::catch_unwind(|| {
-                        let resp = util::client().post(net.url("/v1/chat/completions")).json(&body).send().unwrap();
+                        let resp = net.client().post(net.url("/v1/chat/completions")).json(&body).send().unwrap();
                         let status = resp.status().as_u16();
                         let text = resp.text().unwrap();
                         assert_eq!(status, 200, "request {i} failed: {text}");

@@ -18,7 +18,7 @@ fn the_official_openai_python_package_works_stream_and_non_stream() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/openai_check.py");
     let out = Command::new(&python)
         .arg(script)
-        .args([&server.api_base, MODEL])
+        .args([&server.api_base, MODEL, &server.key])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -30,9 +30,10 @@ fn the_official_openai_python_package_works_stream_and_non_stream() {
     assert!(stdout.contains("openai client checks passed"));
 }
 
-fn curl(args: &[&str]) -> (String, String) {
+fn curl(key: &str, args: &[&str]) -> (String, String) {
+    let auth = format!("Authorization: Bearer {key}");
     let out = Command::new("curl")
-        .args(["-sS", "-N"])
+        .args(["-sS", "-N", "-H", &auth])
         .args(args)
         .output()
         .expect("curl is installed");
@@ -49,7 +50,10 @@ fn curl_non_stream_stream_and_errors() {
     let body = format!(
         r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"Say hello."}}],"max_tokens":16,"temperature":0}}"#
     );
-    let (out, err) = curl(&[&url, "-H", "Content-Type: application/json", "-d", &body]);
+    let (out, err) = curl(
+        &server.key,
+        &[&url, "-H", "Content-Type: application/json", "-d", &body],
+    );
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("not JSON: {out} {err}"));
     assert!(
         v["choices"][0]["message"]["content"]
@@ -60,7 +64,7 @@ fn curl_non_stream_stream_and_errors() {
 
     // curl -d without a JSON content type still works.
     let stream_body = body.replacen("\"temperature\":0", "\"temperature\":0,\"stream\":true", 1);
-    let (out, _) = curl(&[&url, "-d", &stream_body]);
+    let (out, _) = curl(&server.key, &[&url, "-d", &stream_body]);
     let events = util::sse_data(&out);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{out}");
     let text: String = events[..events.len() - 1]
@@ -78,22 +82,33 @@ fn curl_non_stream_stream_and_errors() {
     );
 
     // Status codes as curl sees them.
-    let (code, _) = curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &url,
-        "-d",
-        "{not json",
-    ]);
+    let (code, _) = curl(
+        &server.key,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+            "-d",
+            "{not json",
+        ],
+    );
     assert_eq!(code, "400");
-    let (code, _) = curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &format!("{}/models", server.api_base),
-    ]);
+    let (code, _) = curl(
+        &server.key,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("{}/models", server.api_base),
+        ],
+    );
     assert_eq!(code, "200");
+    let (code, _) = curl(
+        "tsk_wrong",
+        &["-o", "/dev/null", "-w", "%{http_code}", &url, "-d", &body],
+    );
+    assert_eq!(code, "401");
 }

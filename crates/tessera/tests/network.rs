@@ -37,7 +37,8 @@ fn requests_spread_over_providers_and_a_killed_provider_stops_receiving_work() {
     assert_eq!(served, nodes, "work should reach every provider");
 
     // Streams carry the serving provider on their first chunk.
-    let resp = util::client()
+    let resp = net
+        .client()
         .post(net.url("/v1/chat/completions"))
         .json(&chat("Say hi.", json!({"max_tokens": 6, "stream": true})))
         .send()
@@ -103,7 +104,8 @@ fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
             "stream_options": {"include_usage": true}
         }),
     );
-    let resp = util::client()
+    let resp = net
+        .client()
         .post(net.url("/v1/chat/completions"))
         .json(&body)
         .send()
@@ -230,7 +232,12 @@ fn providers_discover_a_second_gateway_and_survive_losing_the_first() {
     let mut first = Gateway::start(&[]);
     // The second gateway knows only the first; the providers know only the
     // first too. Everything else they learn through gossip.
-    let second = Gateway::start(&["--join", &first.ticket]);
+    let second = Gateway::start(&[
+        "--join",
+        &first.ticket,
+        "--database-url",
+        &first.database_url(),
+    ]);
     let homes = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let _providers = KillOnDrop(
         homes
@@ -266,7 +273,8 @@ fn providers_discover_a_second_gateway_and_survive_losing_the_first() {
     util::signal(first.child.id(), "-KILL");
     let _ = first.child.wait();
     let ask = |i: usize| {
-        let resp = util::client()
+        let resp = second
+            .client()
             .post(second.url("/v1/chat/completions"))
             .json(&chat(
                 &format!("Say {i}."),

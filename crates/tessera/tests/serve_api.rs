@@ -216,6 +216,7 @@ fn sixteen_concurrent_requests_all_complete() {
     let handles: Vec<_> = (0..16)
         .map(|i| {
             let url = format!("{root}/v1/chat/completions");
+            let client = server.client();
             std::thread::spawn(move || {
                 let stream = i % 2 == 0;
                 let body = chat(
@@ -225,11 +226,7 @@ fn sixteen_concurrent_requests_all_complete() {
                         "stream_options": {"include_usage": true}
                     }),
                 );
-                let resp = util::client()
-                    .post(url)
-                    .json(&body)
-                    .send()
-                    .expect("request");
+                let resp = client.post(url).json(&body).send().expect("request");
                 assert_eq!(resp.status().as_u16(), 200);
                 let text = resp.text().unwrap();
                 if stream {
@@ -281,7 +278,8 @@ fn client_that_disconnects_frees_its_slot() {
             "temperature": 0, "max_tokens": 1500, "ignore_eos": true, "stream": true
         }),
     );
-    let mut resp = util::client()
+    let mut resp = server
+        .client()
         .post(server.url("/v1/chat/completions"))
         .json(&body)
         .send()

@@ -1,6 +1,6 @@
 """Drive a running Tessera with the official `openai` Python package.
 
-Usage: openai_check.py API_BASE MODEL
+Usage: openai_check.py API_BASE MODEL API_KEY
 Exits non-zero (with a traceback) if any check fails.
 """
 import sys
@@ -8,8 +8,8 @@ import sys
 import openai
 from openai import OpenAI
 
-base, model = sys.argv[1], sys.argv[2]
-client = OpenAI(base_url=base, api_key="unused-until-accounts-exist")
+base, model, key = sys.argv[1], sys.argv[2], sys.argv[3]
+client = OpenAI(base_url=base, api_key=key)
 
 # Non-stream chat.
 r = client.chat.completions.create(
@@ -71,5 +71,17 @@ try:
     raise AssertionError("empty messages accepted")
 except openai.BadRequestError as e:
     assert e.status_code == 400
+
+# A wrong key is the SDK's AuthenticationError; the usage is billed.
+try:
+    OpenAI(base_url=base, api_key="tsk_wrong").models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401
+raw = client.chat.completions.with_raw_response.create(
+    model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+)
+body = raw.http_response.json()
+assert body["tessera"]["cost"] > 0 and body["tessera"]["receipt"], body
 
 print("openai client checks passed")

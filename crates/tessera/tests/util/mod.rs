@@ -46,6 +46,8 @@ pub struct Server {
     pub api_base: String,
     /// e.g. `http://127.0.0.1:43123`
     pub root: String,
+    /// The demo account's API key from endpoint.json.
+    pub key: String,
 }
 
 impl Server {
@@ -67,6 +69,7 @@ impl Server {
             home,
             api_base: String::new(),
             root: String::new(),
+            key: String::new(),
         };
         let endpoint = server.home.path().join("endpoint.json");
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -74,6 +77,7 @@ impl Server {
             if let Ok(bytes) = std::fs::read(&endpoint) {
                 if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
                     server.api_base = v["api_base"].as_str().expect("api_base").to_string();
+                    server.key = v["api_key"].as_str().expect("api_key").to_string();
                     server.root = server.api_base.trim_end_matches("/v1").to_string();
                     return server;
                 }
@@ -93,13 +97,19 @@ impl Server {
         format!("{}{path}", self.root)
     }
 
+    /// A client that sends the demo account's key.
+    pub fn client(&self) -> reqwest::blocking::Client {
+        client_for(&self.key)
+    }
+
     /// POST a JSON body; returns (status, parsed body).
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post_raw(path, body.to_string().into_bytes())
     }
 
     pub fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let resp = client()
+        let resp = self
+            .client()
             .post(self.url(path))
             .header("content-type", "application/json")
             .body(body)
@@ -113,14 +123,15 @@ impl Server {
     }
 
     pub fn get(&self, path: &str) -> (u16, Value) {
-        let resp = client().get(self.url(path)).send().expect("request");
+        let resp = self.client().get(self.url(path)).send().expect("request");
         let status = resp.status().as_u16();
         (status, resp.json().expect("JSON body"))
     }
 
     /// POST with `"stream": true` and return every `data:` payload in order.
     pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
-        let mut resp = client()
+        let mut resp = self
+            .client()
             .post(self.url(path))
             .json(body)
             .send()
@@ -179,9 +190,24 @@ impl Drop for Server {
     }
 }
 
+/// A client that sends no key (for `/health`, and to check refusals).
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+/// A client that sends `key` as its bearer token.
+pub fn client_for(key: &str) -> reqwest::blocking::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().expect("header"),
+    );
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .default_headers(headers)
         .build()
         .expect("client")
 }
@@ -228,6 +254,7 @@ pub struct Devnet {
     child: Child,
     pub home: tempfile::TempDir,
     pub api_base: String,
+    pub key: String,
     pub ticket: String,
     /// (pid, node id) of each provider the devnet started.
     pub providers: Vec<(u32, String)>,
@@ -261,6 +288,7 @@ impl Devnet {
             child,
             home,
             api_base: String::new(),
+            key: String::new(),
             ticket: String::new(),
             providers: vec![],
             provider_homes: vec![],
@@ -285,6 +313,7 @@ impl Devnet {
         };
         net.api_base = v["api_base"].as_str().unwrap().to_string();
         net.ticket = v["ticket"].as_str().unwrap().to_string();
+        net.key = v["api_key"].as_str().expect("api_key").to_string();
         net.provider_homes = v["providers"]
             .as_array()
             .unwrap()
@@ -309,8 +338,13 @@ impl Devnet {
         format!("{}{path}", self.api_base.trim_end_matches("/v1"))
     }
 
+    pub fn client(&self) -> reqwest::blocking::Client {
+        client_for(&self.key)
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = client()
+        let resp = self
+            .client()
             .post(self.url(path))
             .json(body)
             .send()
@@ -381,6 +415,16 @@ impl Drop for Devnet {
 /// Start a `tessera provider` for the gateway `ticket`, with its home at
 /// `home` (the same home means the same node key).
 pub fn spawn_provider(ticket: &str, home: &std::path::Path, slots: usize) -> Child {
+    spawn_provider_with(ticket, home, slots, &[])
+}
+
+/// `spawn_provider` with extra flags (prices, …).
+pub fn spawn_provider_with(
+    ticket: &str,
+    home: &std::path::Path,
+    slots: usize,
+    extra: &[&str],
+) -> Child {
     Command::new(binary())
         .args([
             "provider",
@@ -393,11 +437,38 @@ pub fn spawn_provider(ticket: &str, home: &std::path::Path, slots: usize) -> Chi
         ])
         .args(["--slots", &slots.to_string(), "--model"])
         .arg(model_path())
+        .args(extra)
         .env("TESSERA_HOME", home)
         .env("TESSERA_LOG", "error")
         .stdout(Stdio::null())
         .spawn()
         .expect("start tessera provider")
+}
+
+/// Run `tessera ARGS…` to completion with `home`; returns stdout, panics
+/// with its stderr when it fails.
+pub fn tessera(home: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(binary())
+        .args(args)
+        .env("TESSERA_HOME", home)
+        .env("TESSERA_LOG", "error")
+        .output()
+        .expect("run tessera");
+    assert!(
+        out.status.success(),
+        "tessera {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `tessera ARGS… --json`, parsed.
+pub fn tessera_json(home: &std::path::Path, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = tessera(home, &all);
+    serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"))
 }
 
 /// Send a signal to a process by pid.
@@ -408,60 +479,91 @@ pub fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-/// A running `tessera gateway` (no providers of its own).
+/// A running `tessera gateway` (no providers of its own) with a demo
+/// account.
 pub struct Gateway {
     pub child: Child,
     pub home: tempfile::TempDir,
     pub api_base: String,
     pub ticket: String,
+    pub key: String,
+    extra: Vec<String>,
 }
 
 impl Gateway {
     /// Start a gateway on loopback with extra flags (e.g. `--join TICKET`).
     pub fn start(extra: &[&str]) -> Gateway {
         let home = tempfile::tempdir().expect("temp home");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, v) = Self::spawn(home.path(), "127.0.0.1:0", &extra);
+        Gateway {
+            child,
+            home,
+            api_base: v["api_base"].as_str().unwrap().to_string(),
+            ticket: v["ticket"].as_str().unwrap().to_string(),
+            key: v["api_key"].as_str().expect("api_key").to_string(),
+            extra,
+        }
+    }
+
+    fn spawn(home: &std::path::Path, bind: &str, extra: &[String]) -> (Child, Value) {
+        let endpoint = home.join("endpoint.json");
+        let _ = std::fs::remove_file(&endpoint);
         let mut child = Command::new(binary())
-            .args([
-                "gateway",
-                "--listen",
-                "127.0.0.1:0",
-                "--bind",
-                "127.0.0.1:0",
-            ])
+            .args(["gateway", "--listen", "127.0.0.1:0", "--bind", bind])
+            .arg("--demo-account")
             .arg("--model")
             .arg(model_path())
             .args(extra)
-            .env("TESSERA_HOME", home.path())
+            .env("TESSERA_HOME", home)
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start tessera gateway");
-        let endpoint = home.path().join("endpoint.json");
         let deadline = Instant::now() + Duration::from_secs(60);
-        let v: Value = loop {
+        loop {
             if let Some(v) = std::fs::read(&endpoint)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
             {
-                break v;
+                return (child, v);
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("tessera gateway exited early: {status}");
             }
             assert!(Instant::now() < deadline, "the gateway did not start");
             std::thread::sleep(Duration::from_millis(50));
-        };
-        Gateway {
-            child,
-            home,
-            api_base: v["api_base"].as_str().unwrap().to_string(),
-            ticket: v["ticket"].as_str().unwrap().to_string(),
         }
+    }
+
+    /// Kill the gateway with SIGKILL and start it again in the same home
+    /// (same node key, same ledger) on the same UDP address, so providers
+    /// redialling its ticket find it.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (node, addrs) = self.ticket.split_once('@').expect("ticket");
+        let bind = addrs.split('+').next().expect("an address").to_string();
+        let (child, v) = Self::spawn(self.home.path(), &bind, &self.extra);
+        self.child = child;
+        self.api_base = v["api_base"].as_str().unwrap().to_string();
+        let ticket = v["ticket"].as_str().unwrap();
+        assert!(ticket.starts_with(&format!("{node}@{bind}")), "{ticket}");
+        assert_eq!(v["api_key"].as_str(), Some(self.key.as_str()));
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.api_base.trim_end_matches("/v1"))
+    }
+
+    pub fn client(&self) -> reqwest::blocking::Client {
+        client_for(&self.key)
+    }
+
+    /// Where this gateway keeps its ledger (another gateway may share it).
+    pub fn database_url(&self) -> String {
+        format!("sqlite://{}", self.home.path().join("ledger.db").display())
     }
 }
 

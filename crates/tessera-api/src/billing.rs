@@ -1,0 +1,195 @@
+//! Paying for a request: the [`Accounts`] seam and one request's [`Bill`].
+//!
+//! The API does not know how credits are stored; [`Accounts`] (the ledger,
+//! in the `tessera` binary) authenticates keys, holds credits in escrow and
+//! settles them. A [`Bill`] follows one answer: a part per provider (a
+//! continued answer has several), each with its price and the tokens it
+//! produced. The first part pays for the prompt; a continuation's re-read of
+//! the prompt is the network's cost, not the client's. When the answer ends
+//! the bill settles at the real cost; if it failed, the hold is released
+//! (nothing charged); if the client went away mid-answer, the tokens already
+//! generated are charged.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tessera_engine::{Price, Usage};
+
+use crate::ApiError;
+
+/// Who is calling: the account behind the request's API key.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub account: String,
+    pub name: String,
+}
+
+/// One provider's stretch of an answer, as billed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub provider: String,
+    pub price: Price,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// What settling a request charged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    /// Micro-credits charged.
+    pub cost: u64,
+    /// The receipt id (the settlement's ledger entry).
+    pub receipt: String,
+}
+
+/// Outcome of asking for a hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    New(String),
+    /// The idempotency key was used before (settled for `cost` if `Some`).
+    Duplicate {
+        cost: Option<u64>,
+    },
+}
+
+/// Accounts, keys and escrow, as the API needs them.
+pub trait Accounts: Send + Sync + 'static {
+    /// The account of an API key: 401 if none, 429 over its rate limit.
+    fn authenticate(&self, key: &str) -> BoxFuture<'static, Result<Caller, ApiError>>;
+    /// Hold `amount` micro-credits: 402 when credits or the spending limit
+    /// do not cover it.
+    fn hold(
+        &self,
+        caller: &Caller,
+        amount: u64,
+        idempotency_key: Option<String>,
+    ) -> BoxFuture<'static, Result<Held, ApiError>>;
+    /// Charge `parts` against the hold and return the rest (no parts:
+    /// release it all).
+    fn settle(
+        &self,
+        hold: String,
+        job_id: String,
+        model_sha256: String,
+        parts: Vec<Part>,
+    ) -> BoxFuture<'static, Result<Settled, ApiError>>;
+    /// The caller's account as `GET /v1/account` shows it.
+    fn account(&self, caller: &Caller) -> BoxFuture<'static, Result<Value, ApiError>>;
+}
+
+/// One request's escrow and usage so far; settles exactly once.
+pub struct Bill {
+    accounts: Arc<dyn Accounts>,
+    /// `None` once settled or released.
+    hold: Option<String>,
+    job_id: String,
+    model_sha256: String,
+    prompt_tokens: u64,
+    parts: Vec<Part>,
+    pub settled: Option<Settled>,
+}
+
+impl Bill {
+    pub(crate) fn new(
+        accounts: Arc<dyn Accounts>,
+        hold: String,
+        job_id: String,
+        model_sha256: String,
+        prompt_tokens: u64,
+    ) -> Bill {
+        Bill {
+            accounts,
+            hold: Some(hold),
+            job_id,
+            model_sha256,
+            prompt_tokens,
+            parts: vec![],
+            settled: None,
+        }
+    }
+
+    /// A provider starts (or takes over) the answer at `price`.
+    pub(crate) fn part(&mut self, provider: String, price: Price) {
+        let prompt_tokens = if self.parts.is_empty() {
+            self.prompt_tokens
+        } else {
+            0
+        };
+        self.parts.push(Part {
+            provider,
+            price,
+            prompt_tokens,
+            completion_tokens: 0,
+        });
+    }
+
+    /// One more token from the current provider.
+    pub(crate) fn token(&mut self) {
+        if let Some(p) = self.parts.last_mut() {
+            p.completion_tokens += 1;
+        }
+    }
+
+    /// The answer ended: charge what `usage` reports (tokens not seen as
+    /// events, such as a final end-of-generation token, go to the last part).
+    pub(crate) async fn settle(&mut self, usage: &Usage) {
+        let counted: u64 = self.parts.iter().map(|p| p.completion_tokens).sum();
+        if let Some(last) = self.parts.last_mut() {
+            last.completion_tokens += u64::from(usage.completion_tokens).saturating_sub(counted);
+        }
+        let Some(hold) = self.hold.take() else { return };
+        let parts = std::mem::take(&mut self.parts);
+        match self
+            .accounts
+            .settle(hold, self.job_id.clone(), self.model_sha256.clone(), parts)
+            .await
+        {
+            Ok(s) => self.settled = Some(s),
+            Err(e) => {
+                tracing::error!(job = %self.job_id, message = %e.message, "settlement failed; the hold stays open until the gateway restarts")
+            }
+        }
+    }
+
+    /// The request failed: charge nothing.
+    pub(crate) async fn release(&mut self) {
+        self.parts.clear();
+        if let Some(hold) = self.hold.take() {
+            let settle =
+                self.accounts
+                    .settle(hold, self.job_id.clone(), self.model_sha256.clone(), vec![]);
+            if let Err(e) = settle.await {
+                tracing::error!(job = %self.job_id, message = %e.message, "release failed");
+            }
+        }
+    }
+}
+
+impl Drop for Bill {
+    /// The response went away before the end (the client disconnected):
+    /// charge the tokens generated so far, in the background.
+    fn drop(&mut self) {
+        let Some(hold) = self.hold.take() else { return };
+        let parts: Vec<Part> = std::mem::take(&mut self.parts)
+            .into_iter()
+            .filter(|p| p.completion_tokens > 0 || p.prompt_tokens > 0)
+            .collect();
+        let settle =
+            self.accounts
+                .settle(hold, self.job_id.clone(), self.model_sha256.clone(), parts);
+        let job = self.job_id.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = settle.await {
+                        tracing::error!(%job, message = %e.message, "settling an abandoned request failed");
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::error!(%job, "no runtime to settle an abandoned request; its hold is released at restart")
+            }
+        }
+    }
+}
