@@ -98,9 +98,12 @@ pub struct Price {
 }
 
 impl Price {
-    /// The cost of these tokens at this price, exactly.
+    /// The cost of these tokens at this price, exactly (saturating, so an
+    /// absurd price costs more than any balance rather than wrapping).
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
-        prompt_tokens * self.input + completion_tokens * self.output
+        prompt_tokens
+            .saturating_mul(self.input)
+            .saturating_add(completion_tokens.saturating_mul(self.output))
     }
 }
 

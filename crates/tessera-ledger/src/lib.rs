@@ -115,9 +115,12 @@ pub struct Charge {
 }
 
 impl Charge {
-    /// tokens × price, exactly.
+    /// tokens × price, exactly (saturating: an absurd price is refused
+    /// as an invalid amount, never wrapped).
     pub fn cost(&self) -> u64 {
-        self.prompt_tokens * self.input_price + self.completion_tokens * self.output_price
+        self.prompt_tokens
+            .saturating_mul(self.input_price)
+            .saturating_add(self.completion_tokens.saturating_mul(self.output_price))
     }
 }
 
@@ -246,7 +249,7 @@ impl Ledger {
             .await?;
         schema::migrate(&pool, postgres).await?;
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(writer::run(pool.clone(), rx));
+        tokio::spawn(writer::run(pool.clone(), postgres, rx));
         Ok(Ledger {
             pool,
             writer: tx,

@@ -1,5 +1,11 @@
 //! The writer: every change to the books, committed in groups.
 //!
+//! Within a batch, what only needs adding up (system and provider balances,
+//! new rows of holds, entries, postings and receipts) is gathered in a
+//! [`Batch`] and written at the end with one statement per table or
+//! account; only a client's balance, which a hold must check, is updated as
+//! each operation runs.
+//!
 //! Operations queue on a channel; the writer takes all that are waiting (up
 //! to [`MAX_BATCH`]), applies them in one transaction and commits once, then
 //! answers each caller. An operation refused for a business reason (too few
@@ -7,6 +13,8 @@
 //! the database itself fails the batch (a deadlock between two gateways on
 //! PostgreSQL, a unique key raced by another process), the batch is rolled
 //! back and its operations are retried one by one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
@@ -168,7 +176,7 @@ impl Reply {
     }
 }
 
-pub(crate) async fn run(pool: AnyPool, mut rx: mpsc::Receiver<Pending>) {
+pub(crate) async fn run(pool: AnyPool, postgres: bool, mut rx: mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first.op.split()];
         while batch.len() < MAX_BATCH {
@@ -178,7 +186,7 @@ pub(crate) async fn run(pool: AnyPool, mut rx: mpsc::Receiver<Pending>) {
             }
         }
         let (works, replies): (Vec<Work>, Vec<Reply>) = batch.into_iter().unzip();
-        match apply_batch(&pool, &works).await {
+        match apply_batch(&pool, postgres, &works).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     reply.send(outcome);
@@ -189,7 +197,7 @@ pub(crate) async fn run(pool: AnyPool, mut rx: mpsc::Receiver<Pending>) {
                 for (work, reply) in works.into_iter().zip(replies) {
                     let mut last = None;
                     for attempt in 0..RETRIES {
-                        match apply_batch(&pool, std::slice::from_ref(&work)).await {
+                        match apply_batch(&pool, postgres, std::slice::from_ref(&work)).await {
                             Ok(mut out) => {
                                 last = out.pop();
                                 break;
@@ -208,26 +216,355 @@ pub(crate) async fn run(pool: AnyPool, mut rx: mpsc::Receiver<Pending>) {
     }
 }
 
-async fn apply_batch(pool: &AnyPool, works: &[Work]) -> Result<Vec<Result<Outcome>>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mut out = Vec::with_capacity(works.len());
-    for work in works {
-        match apply(&mut tx, work).await {
-            Err(LedgerError::Db(e)) => return Err(e),
-            other => out.push(other),
+/// Apply a batch in one transaction. Operations are concurrent requests, so
+/// any order is a valid one: account changes first, then settlements (which
+/// return credits), then holds, so a hold sees every credit settled with it.
+async fn apply_batch(
+    pool: &AnyPool,
+    postgres: bool,
+    works: &[Work],
+) -> Result<Vec<Result<Outcome>>, sqlx::Error> {
+    let mut tx = begin(pool, postgres).await?;
+    let mut batch = Batch {
+        postgres,
+        ..Batch::default()
+    };
+    let mut out: Vec<Option<Result<Outcome>>> = (0..works.len()).map(|_| None).collect();
+    let rank = |w: &Work| match w {
+        Work::CreateAccount { .. } | Work::Topup { .. } => 0,
+        Work::Settle { .. } => 1,
+        Work::Hold { .. } => 2,
+    };
+    for pass in 0..3 {
+        if pass == 2 {
+            batch.flush_clients(&mut tx).await?;
+            holds(&mut tx, &mut batch, works, &mut out).await?;
+            continue;
+        }
+        for (i, work) in works.iter().enumerate().filter(|(_, w)| rank(w) == pass) {
+            match apply(&mut tx, &mut batch, work).await {
+                Err(LedgerError::Db(e)) => return Err(e),
+                other => out[i] = Some(other),
+            }
         }
     }
+    batch.flush(&mut tx).await?;
     tx.commit().await?;
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|o| o.unwrap_or(Err(LedgerError::Closed)))
+        .collect())
+}
+
+/// The batch's holds, grouped by account: one conditional update covers
+/// all of an account's holds when its balance and limit allow them all
+/// (the usual case); otherwise, and for holds with idempotency keys, each
+/// is tried on its own.
+async fn holds(
+    tx: &mut Tx,
+    batch: &mut Batch,
+    works: &[Work],
+    out: &mut [Option<Result<Outcome>>],
+) -> Result<(), sqlx::Error> {
+    let mut by_account: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, w) in works.iter().enumerate() {
+        if let Work::Hold { account, .. } = w {
+            by_account.entry(account.as_str()).or_default().push(i);
+        }
+    }
+    for (account, ids) in by_account {
+        let plain: Vec<usize> = ids
+            .iter()
+            .copied()
+            .filter(|&i| {
+                matches!(
+                    &works[i],
+                    Work::Hold {
+                        idempotency_key: None,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        let mut together = false;
+        if plain.len() > 1 {
+            let sum: Option<i64> = plain.iter().try_fold(0i64, |acc, &i| match &works[i] {
+                Work::Hold { amount: a, .. } => {
+                    i64::try_from(*a).ok().and_then(|a| acc.checked_add(a))
+                }
+                _ => Some(acc),
+            });
+            if let Some(sum) = sum {
+                together = take(tx, account, sum).await?;
+            }
+        }
+        for i in ids {
+            let Work::Hold {
+                account,
+                amount: held,
+                gateway,
+                idempotency_key,
+            } = &works[i]
+            else {
+                continue;
+            };
+            let result = if together && idempotency_key.is_none() {
+                Ok(record_hold(batch, account, *held as i64, gateway, None))
+            } else {
+                hold(
+                    tx,
+                    batch,
+                    account,
+                    *held,
+                    gateway,
+                    idempotency_key.as_deref(),
+                )
+                .await
+            };
+            match result {
+                Err(LedgerError::Db(e)) => return Err(e),
+                other => out[i] = Some(other),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Take `held` from a client's balance into its holds if its balance and
+/// spending limit allow; false (and nothing written) if not.
+async fn take(tx: &mut Tx, account: &str, held: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE accounts SET balance = balance - $1, held = held + $1 \
+         WHERE id = $2 AND kind = 'client' AND balance >= $1 \
+         AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit)",
+    )
+    .bind(held)
+    .bind(account.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 type Tx = Transaction<'static, Any>;
+
+/// Begin a write transaction. On SQLite it takes the write lock at once
+/// (`BEGIN IMMEDIATE`), so another process writing the same file makes it
+/// wait (busy timeout) instead of failing when a read would turn into a write.
+pub(crate) async fn begin(pool: &AnyPool, postgres: bool) -> Result<Tx, sqlx::Error> {
+    if postgres {
+        pool.begin().await
+    } else {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+}
 
 fn amount(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| LedgerError::Amount(format!("{v} is too large")))
 }
 
-async fn apply(tx: &mut Tx, work: &Work) -> Result<Outcome> {
+/// Rows and balance changes gathered over a batch and written at its end:
+/// one multi-row INSERT per table, one UPDATE per account touched. Only a
+/// client's own balance (which a hold must check) is updated at once.
+#[derive(Default)]
+struct Batch {
+    /// Balance changes of system and provider accounts.
+    deltas: BTreeMap<String, i64>,
+    providers: BTreeSet<String>,
+    holds: Vec<[Value; 7]>,
+    entries: Vec<[Value; 4]>,
+    postings: Vec<[Value; 3]>,
+    receipts: Vec<[Value; 13]>,
+    /// Idempotency keys taken in this batch: (account, key) → hold.
+    keys: HashMap<(String, String), String>,
+    /// Settlements' changes to client accounts, applied before the holds.
+    clients: BTreeMap<String, ClientDelta>,
+    /// PostgreSQL numbers its placeholders; SQLite gets anonymous `?`, which
+    /// it binds without a name lookup per parameter.
+    postgres: bool,
+}
+
+#[derive(Default)]
+struct ClientDelta {
+    balance: i64,
+    held: i64,
+    spent: i64,
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+}
+
+/// A bound value of a multi-row INSERT.
+#[derive(Clone)]
+enum Value {
+    Int(i64),
+    Text(String),
+    OptText(Option<String>),
+}
+
+/// Rows per INSERT statement (well under both databases' bind limits).
+const ROWS_PER_INSERT: usize = 400;
+
+impl Batch {
+    fn entry(&mut self, kind: &str, hold: Option<&str>, postings: &[(&str, i64)]) -> String {
+        debug_assert_eq!(postings.iter().map(|p| p.1).sum::<i64>(), 0);
+        let id = new_id("ent");
+        self.entries.push([
+            Value::Text(id.clone()),
+            Value::Text(kind.to_string()),
+            Value::OptText(hold.map(str::to_string)),
+            Value::Int(now_ms()),
+        ]);
+        for (account, amount) in postings.iter().filter(|p| p.1 != 0) {
+            self.postings.push([
+                Value::Text(id.clone()),
+                Value::Text(account.to_string()),
+                Value::Int(*amount),
+            ]);
+        }
+        id
+    }
+
+    fn add(&mut self, account: &str, delta: i64) {
+        *self.deltas.entry(account.to_string()).or_default() += delta;
+    }
+
+    /// Apply the settlements' client changes, one update per account.
+    async fn flush_clients(&mut self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        for (account, d) in std::mem::take(&mut self.clients) {
+            sqlx::query(
+                "UPDATE accounts SET balance = balance + $1, held = held + $2, \
+                 spent = spent + $3, requests = requests + $4, \
+                 prompt_tokens = prompt_tokens + $5, completion_tokens = completion_tokens + $6 \
+                 WHERE id = $7",
+            )
+            .bind(d.balance)
+            .bind(d.held)
+            .bind(d.spent)
+            .bind(d.requests)
+            .bind(d.prompt_tokens)
+            .bind(d.completion_tokens)
+            .bind(account)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let providers: Vec<[Value; 4]> = self
+            .providers
+            .iter()
+            .map(|p| {
+                [
+                    Value::Text(p.clone()),
+                    Value::Text(p.clone()),
+                    Value::Text("provider".into()),
+                    Value::Int(now),
+                ]
+            })
+            .collect();
+        let pg = self.postgres;
+        insert(
+            tx,
+            pg,
+            "accounts (id, name, kind, created_ms)",
+            &providers,
+            " ON CONFLICT (id) DO NOTHING",
+        )
+        .await?;
+        // Sorted by account id: concurrent writers lock rows in one order.
+        for (account, delta) in self.deltas.iter().filter(|d| *d.1 != 0) {
+            sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
+                .bind(*delta)
+                .bind(account.clone())
+                .execute(&mut **tx)
+                .await?;
+        }
+        insert(
+            tx,
+            pg,
+            "holds (id, account_id, amount, state, gateway, idempotency_key, created_ms)",
+            &self.holds,
+            "",
+        )
+        .await?;
+        insert(
+            tx,
+            pg,
+            "entries (id, kind, hold_id, created_ms)",
+            &self.entries,
+            "",
+        )
+        .await?;
+        insert(
+            tx,
+            pg,
+            "postings (entry_id, account_id, amount)",
+            &self.postings,
+            "",
+        )
+        .await?;
+        insert(
+            tx,
+            pg,
+            "receipts (id, hold_id, job_id, part, provider, model_sha256, prompt_tokens, \
+             completion_tokens, input_price, output_price, cost, fee, created_ms)",
+            &self.receipts,
+            "",
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// `INSERT INTO table (cols) VALUES (…), (…) suffix`, in chunks.
+async fn insert<const N: usize>(
+    tx: &mut Tx,
+    postgres: bool,
+    table: &str,
+    rows: &[[Value; N]],
+    suffix: &str,
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut sql = format!("INSERT INTO {table} VALUES ");
+        let mut n = 0;
+        for (r, _) in chunk.iter().enumerate() {
+            if r > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for c in 0..N {
+                if c > 0 {
+                    sql.push(',');
+                }
+                n += 1;
+                if postgres {
+                    sql.push_str(&format!("${n}"));
+                } else {
+                    sql.push('?');
+                }
+            }
+            sql.push(')');
+        }
+        sql.push_str(suffix);
+        // Only table names and placeholders are in the text; values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for row in chunk {
+            for v in row {
+                q = match v {
+                    Value::Int(i) => q.bind(*i),
+                    Value::Text(t) => q.bind(t.clone()),
+                    Value::OptText(t) => q.bind(t.clone()),
+                };
+            }
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+async fn apply(tx: &mut Tx, batch: &mut Batch, work: &Work) -> Result<Outcome> {
     match work {
         Work::CreateAccount {
             name,
@@ -256,12 +593,12 @@ async fn apply(tx: &mut Tx, work: &Work) -> Result<Outcome> {
             .execute(&mut **tx)
             .await?;
             if *credits > 0 {
-                topup(tx, &id, *credits).await?;
+                topup(tx, batch, &id, *credits).await?;
             }
             Ok(Outcome::Id(id))
         }
         Work::Topup { account, credits } => {
-            topup(tx, account, *credits).await?;
+            topup(tx, batch, account, *credits).await?;
             Ok(Outcome::Unit)
         }
         Work::Hold {
@@ -269,52 +606,27 @@ async fn apply(tx: &mut Tx, work: &Work) -> Result<Outcome> {
             amount: held,
             gateway,
             idempotency_key,
-        } => hold(tx, account, *held, gateway, idempotency_key.as_deref()).await,
+        } => {
+            hold(
+                tx,
+                batch,
+                account,
+                *held,
+                gateway,
+                idempotency_key.as_deref(),
+            )
+            .await
+        }
         Work::Settle {
             hold,
             job_id,
             charges,
             fee_bps,
-        } => settle(tx, hold, job_id, charges, *fee_bps).await,
+        } => settle(tx, batch, hold, job_id, charges, *fee_bps).await,
     }
 }
 
-async fn entry(
-    tx: &mut Tx,
-    kind: &str,
-    hold: Option<&str>,
-    postings: &[(&str, i64)],
-) -> Result<String> {
-    debug_assert_eq!(postings.iter().map(|p| p.1).sum::<i64>(), 0);
-    let id = new_id("ent");
-    sqlx::query("INSERT INTO entries (id, kind, hold_id, created_ms) VALUES ($1, $2, $3, $4)")
-        .bind(id.clone())
-        .bind(kind.to_string())
-        .bind(hold.map(str::to_string))
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?;
-    for (account, amount) in postings.iter().filter(|p| p.1 != 0) {
-        sqlx::query("INSERT INTO postings (entry_id, account_id, amount) VALUES ($1, $2, $3)")
-            .bind(id.clone())
-            .bind(account.to_string())
-            .bind(*amount)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(id)
-}
-
-async fn add(tx: &mut Tx, account: &str, delta: i64) -> Result<()> {
-    sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
-        .bind(delta)
-        .bind(account.to_string())
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-async fn topup(tx: &mut Tx, account: &str, credits: u64) -> Result<()> {
+async fn topup(tx: &mut Tx, batch: &mut Batch, account: &str, credits: u64) -> Result<()> {
     let credits = amount(credits)?;
     if credits <= 0 {
         return Err(LedgerError::Amount("a top-up must be positive".into()));
@@ -328,25 +640,26 @@ async fn topup(tx: &mut Tx, account: &str, credits: u64) -> Result<()> {
     if done.rows_affected() == 0 {
         return Err(LedgerError::NoAccount(account.to_string()));
     }
-    add(tx, ISSUANCE, -credits).await?;
-    entry(
-        tx,
-        "topup",
-        None,
-        &[(ISSUANCE, -credits), (account, credits)],
-    )
-    .await?;
+    batch.add(ISSUANCE, -credits);
+    batch.entry("topup", None, &[(ISSUANCE, -credits), (account, credits)]);
     Ok(())
 }
 
 async fn hold(
     tx: &mut Tx,
+    batch: &mut Batch,
     account: &str,
     held: u64,
     gateway: &str,
     key: Option<&str>,
 ) -> Result<Outcome> {
     if let Some(key) = key {
+        if let Some(id) = batch.keys.get(&(account.to_string(), key.to_string())) {
+            return Ok(Outcome::Hold(Hold::Duplicate {
+                hold: id.clone(),
+                cost: None,
+            }));
+        }
         let prior = sqlx::query(
             "SELECT id, state, cost FROM holds WHERE account_id = $1 AND idempotency_key = $2",
         )
@@ -373,17 +686,9 @@ async fn hold(
             }
         }
     }
-    let held = amount(held)?;
-    let done = sqlx::query(
-        "UPDATE accounts SET balance = balance - $1, held = held + $1 \
-         WHERE id = $2 AND kind = 'client' AND balance >= $1 \
-         AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit)",
-    )
-    .bind(held)
-    .bind(account.to_string())
-    .execute(&mut **tx)
-    .await?;
-    if done.rows_affected() == 0 {
+    // More than any balance can hold is simply more than this one has.
+    let held = i64::try_from(held).unwrap_or(i64::MAX);
+    if !take(tx, account, held).await? {
         let row =
             sqlx::query("SELECT balance, held, spent, spend_limit FROM accounts WHERE id = $1")
                 .bind(account.to_string())
@@ -404,54 +709,58 @@ async fn hold(
             used: used.max(0) as u64,
         });
     }
-    add(tx, ESCROW, held).await?;
+    Ok(record_hold(batch, account, held, gateway, key))
+}
+
+/// The rows of a hold whose credits were taken.
+fn record_hold(
+    batch: &mut Batch,
+    account: &str,
+    held: i64,
+    gateway: &str,
+    key: Option<&str>,
+) -> Outcome {
+    batch.add(ESCROW, held);
     let id = new_id("hold");
-    sqlx::query(
-        "INSERT INTO holds (id, account_id, amount, state, gateway, idempotency_key, created_ms) \
-         VALUES ($1, $2, $3, 'open', $4, $5, $6)",
-    )
-    .bind(id.clone())
-    .bind(account.to_string())
-    .bind(held)
-    .bind(gateway.to_string())
-    .bind(key.map(str::to_string))
-    .bind(now_ms())
-    .execute(&mut **tx)
-    .await?;
-    entry(tx, "hold", Some(&id), &[(account, -held), (ESCROW, held)]).await?;
-    Ok(Outcome::Hold(Hold::New(id)))
+    if let Some(key) = key {
+        batch
+            .keys
+            .insert((account.to_string(), key.to_string()), id.clone());
+    }
+    batch.holds.push([
+        Value::Text(id.clone()),
+        Value::Text(account.to_string()),
+        Value::Int(held),
+        Value::Text("open".into()),
+        Value::Text(gateway.to_string()),
+        Value::OptText(key.map(str::to_string)),
+        Value::Int(now_ms()),
+    ]);
+    batch.entry("hold", Some(&id), &[(account, -held), (ESCROW, held)]);
+    Outcome::Hold(Hold::New(id))
 }
 
 async fn settle(
     tx: &mut Tx,
+    batch: &mut Batch,
     hold: &str,
     job_id: &str,
     charges: &[Charge],
     fee_bps: u64,
 ) -> Result<Outcome> {
-    let row = sqlx::query("SELECT account_id, amount, state FROM holds WHERE id = $1")
-        .bind(hold.to_string())
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or_else(|| LedgerError::HoldClosed(hold.to_string()))?;
-    let account: String = row.try_get("account_id")?;
-    let held: i64 = row.try_get("amount")?;
-    if row.try_get::<String, _>("state")? != "open" {
-        return Err(LedgerError::HoldClosed(hold.to_string()));
-    }
+    // Check every number before writing anything.
     let costs: Vec<u64> = charges.iter().map(Charge::cost).collect();
-    let total: u64 = costs.iter().sum();
-    if total > held as u64 {
-        return Err(LedgerError::OverHold {
-            charged: total,
-            held: held as u64,
-        });
+    let total = amount(costs.iter().fold(0u64, |a, c| a.saturating_add(*c)))?;
+    for c in charges {
+        amount(c.input_price)?;
+        amount(c.output_price)?;
     }
-    let total = amount(total)?;
     let now = now_ms();
-    // Claim the hold; a concurrent settlement of the same hold finds it gone.
+    // Claim the hold (still open, and holding enough); a second settlement
+    // of the same hold finds it gone.
     let claimed = sqlx::query(
-        "UPDATE holds SET state = $1, cost = $2, closed_ms = $3 WHERE id = $4 AND state = 'open'",
+        "UPDATE holds SET state = $1, cost = $2, closed_ms = $3 \
+         WHERE id = $4 AND state = 'open' AND amount >= $5 RETURNING account_id, amount",
     )
     .bind(if charges.is_empty() {
         "released"
@@ -461,28 +770,35 @@ async fn settle(
     .bind(total)
     .bind(now)
     .bind(hold.to_string())
-    .execute(&mut **tx)
-    .await?;
-    if claimed.rows_affected() == 0 {
-        return Err(LedgerError::HoldClosed(hold.to_string()));
-    }
-    let prompt: i64 = charges.iter().map(|c| c.prompt_tokens as i64).sum();
-    let completion: i64 = charges.iter().map(|c| c.completion_tokens as i64).sum();
-    sqlx::query(
-        "UPDATE accounts SET balance = balance + $1, held = held - $2, spent = spent + $3, \
-         requests = requests + $4, prompt_tokens = prompt_tokens + $5, \
-         completion_tokens = completion_tokens + $6 WHERE id = $7",
-    )
-    .bind(held - total)
-    .bind(held)
     .bind(total)
-    .bind(i64::from(!charges.is_empty()))
-    .bind(prompt)
-    .bind(completion)
-    .bind(account.clone())
-    .execute(&mut **tx)
+    .fetch_optional(&mut **tx)
     .await?;
-    add(tx, ESCROW, -held).await?;
+    let Some(row) = claimed else {
+        let row = sqlx::query("SELECT amount, state FROM holds WHERE id = $1")
+            .bind(hold.to_string())
+            .fetch_optional(&mut **tx)
+            .await?;
+        return Err(match row {
+            Some(r) if r.try_get::<String, _>("state")? == "open" => LedgerError::OverHold {
+                charged: total as u64,
+                held: r.try_get::<i64, _>("amount")?.max(0) as u64,
+            },
+            _ => LedgerError::HoldClosed(hold.to_string()),
+        });
+    };
+    let account: String = row.try_get("account_id")?;
+    let held: i64 = row.try_get("amount")?;
+    let c = batch.clients.entry(account.clone()).or_default();
+    c.balance += held - total;
+    c.held -= held;
+    c.spent += total;
+    c.requests += i64::from(!charges.is_empty());
+    c.prompt_tokens += charges.iter().map(|c| c.prompt_tokens as i64).sum::<i64>();
+    c.completion_tokens += charges
+        .iter()
+        .map(|c| c.completion_tokens as i64)
+        .sum::<i64>();
+    batch.add(ESCROW, -held);
     let providers: Vec<String> = charges
         .iter()
         .map(|c| format!("provider:{}", c.provider))
@@ -494,42 +810,29 @@ async fn settle(
         let cost = *cost as i64;
         let fee = (cost as i128 * fee_bps as i128 / 10_000) as i64;
         fees += fee;
-        sqlx::query(
-            "INSERT INTO accounts (id, name, kind, created_ms) VALUES ($1, $2, 'provider', $3) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(providers[i].clone())
-        .bind(providers[i].clone())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-        add(tx, &providers[i], cost - fee).await?;
+        batch.providers.insert(providers[i].clone());
+        batch.add(&providers[i], cost - fee);
         postings.push((&providers[i], cost - fee));
         let receipt = new_id("rcpt");
-        sqlx::query(
-            "INSERT INTO receipts (id, hold_id, job_id, part, provider, model_sha256, \
-             prompt_tokens, completion_tokens, input_price, output_price, cost, fee, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(receipt.clone())
-        .bind(hold.to_string())
-        .bind(job_id.to_string())
-        .bind(i as i64)
-        .bind(c.provider.clone())
-        .bind(c.model_sha256.clone())
-        .bind(c.prompt_tokens as i64)
-        .bind(c.completion_tokens as i64)
-        .bind(amount(c.input_price)?)
-        .bind(amount(c.output_price)?)
-        .bind(cost)
-        .bind(fee)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
+        batch.receipts.push([
+            Value::Text(receipt.clone()),
+            Value::Text(hold.to_string()),
+            Value::Text(job_id.to_string()),
+            Value::Int(i as i64),
+            Value::Text(c.provider.clone()),
+            Value::Text(c.model_sha256.clone()),
+            Value::Int(c.prompt_tokens as i64),
+            Value::Int(c.completion_tokens as i64),
+            Value::Int(c.input_price as i64),
+            Value::Int(c.output_price as i64),
+            Value::Int(cost),
+            Value::Int(fee),
+            Value::Int(now),
+        ]);
         parts.push(receipt);
     }
     if fees != 0 {
-        add(tx, FEES, fees).await?;
+        batch.add(FEES, fees);
         postings.push((FEES, fees));
     }
     let kind = if charges.is_empty() {
@@ -537,7 +840,7 @@ async fn settle(
     } else {
         "settle"
     };
-    let receipt = entry(tx, kind, Some(hold), &postings).await?;
+    let receipt = batch.entry(kind, Some(hold), &postings);
     Ok(Outcome::Settle(Settlement {
         receipt,
         cost: total as u64,
