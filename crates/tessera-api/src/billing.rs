@@ -32,6 +32,9 @@ pub struct Part {
     pub price: Price,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// The provider's receipt for this part, countersigned by the gateway
+    /// (JSON), when it sent one.
+    pub receipt: Option<String>,
 }
 
 /// What settling a request charged.
@@ -121,7 +124,15 @@ impl Bill {
             price,
             prompt_tokens,
             completion_tokens: 0,
+            receipt: None,
         });
+    }
+
+    /// The current provider's countersigned receipt for its part.
+    pub(crate) fn receipt(&mut self, receipt: String) {
+        if let Some(p) = self.parts.last_mut() {
+            p.receipt = Some(receipt);
+        }
     }
 
     /// One more token from the current provider.

@@ -167,6 +167,7 @@ pub(crate) async fn collect(
                 job.bill.part(node.clone(), price);
                 job.providers.push(node);
             }
+            Some(Event::Receipt(r)) => job.bill.receipt(r),
             None => {
                 job.bill.release().await;
                 return Err(ApiError::internal(
@@ -254,6 +255,7 @@ impl StreamState {
                 self.job.providers.push(node);
                 self.handoff = true;
             }
+            Some(Event::Receipt(r)) => self.job.bill.receipt(r),
             Some(Event::Done {
                 finish_reason,
                 usage,

@@ -85,6 +85,10 @@ pub enum Event {
         node: String,
         price: Price,
     },
+    /// The countersigned receipt (JSON) of the provider's part that just
+    /// ended. Never sent by the scheduler; a network backend sends it
+    /// before the `Done` that follows that part.
+    Receipt(String),
 }
 
 /// What a provider charges, in micro-credits per token (which is the same
@@ -641,7 +645,7 @@ mod tests {
                     return (text, done);
                 }
                 e @ Event::Error(_) => return (text, e),
-                Event::Provider { .. } => {}
+                Event::Provider { .. } | Event::Receipt(_) => {}
             }
         }
     }

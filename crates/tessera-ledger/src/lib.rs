@@ -112,6 +112,8 @@ pub struct Charge {
     /// Micro-credits per input / output token (= credits per million).
     pub input_price: u64,
     pub output_price: u64,
+    /// The provider's receipt for this part, countersigned (JSON), if any.
+    pub receipt: Option<String>,
 }
 
 impl Charge {
@@ -411,7 +413,7 @@ impl Ledger {
     pub async fn provider_receipts(&self, provider: &str) -> Result<Vec<serde_json::Value>> {
         let rows = sqlx::query(
             "SELECT id, hold_id, job_id, model_sha256, prompt_tokens, completion_tokens, \
-             input_price, output_price, cost, fee, created_ms FROM receipts \
+             input_price, output_price, cost, fee, created_ms, signed FROM receipts \
              WHERE provider = $1 ORDER BY created_ms DESC",
         )
         .bind(provider.to_string())
@@ -432,6 +434,9 @@ impl Ledger {
                     "fee": r.try_get::<i64, _>("fee")?,
                     "earned": r.try_get::<i64, _>("cost")? - r.try_get::<i64, _>("fee")?,
                     "created_ms": r.try_get::<i64, _>("created_ms")?,
+                    "signed": r
+                        .try_get::<Option<String>, _>("signed")?
+                        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()),
                 }))
             })
             .collect()

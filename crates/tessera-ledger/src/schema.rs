@@ -65,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
         created_ms BIGINT NOT NULL
     )",
     "CREATE INDEX receipts_provider ON receipts (provider)",
+    // The provider's signed receipt, countersigned by the gateway (JSON).
+    "ALTER TABLE receipts ADD COLUMN signed TEXT",
 ];
 
 /// Apply every migration not yet applied, and create the system accounts.

@@ -373,7 +373,7 @@ struct Batch {
     holds: Vec<[Value; 7]>,
     entries: Vec<[Value; 4]>,
     postings: Vec<[Value; 3]>,
-    receipts: Vec<[Value; 13]>,
+    receipts: Vec<[Value; 14]>,
     /// Idempotency keys taken in this batch: (account, key) → hold.
     keys: HashMap<(String, String), String>,
     /// Settlements' changes to client accounts, applied before the holds.
@@ -509,7 +509,7 @@ impl Batch {
             tx,
             pg,
             "receipts (id, hold_id, job_id, part, provider, model_sha256, prompt_tokens, \
-             completion_tokens, input_price, output_price, cost, fee, created_ms)",
+             completion_tokens, input_price, output_price, cost, fee, created_ms, signed)",
             &self.receipts,
             "",
         )
@@ -828,6 +828,7 @@ async fn settle(
             Value::Int(cost),
             Value::Int(fee),
             Value::Int(now),
+            Value::OptText(c.receipt.clone()),
         ]);
         parts.push(receipt);
     }

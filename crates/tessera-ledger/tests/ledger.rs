@@ -34,6 +34,7 @@ fn charge(provider: &str, prompt: u64, completion: u64, input: u64, output: u64)
         completion_tokens: completion,
         input_price: input,
         output_price: output,
+        receipt: None,
     }
 }
 

@@ -74,7 +74,7 @@ fn generate(
             Event::Token(t) => out.push(t.token),
             Event::Done { .. } => break,
             Event::Error(e) => panic!("{e}"),
-            Event::Provider { .. } => {}
+            Event::Provider { .. } | Event::Receipt(_) => {}
         }
     }
     drop(handle);

@@ -269,24 +269,20 @@ pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> 
     if n == 0 {
         return None;
     }
-    // Lower is better; one pass, starting at `turn` so the first of equals
-    // changes from call to call.
-    let dearest = if route.sort.is_none() {
-        candidates
-            .iter()
-            .map(|c| c.price.output)
-            .max()
-            .unwrap_or(0)
-            .max(1) as f64
+    // Lower is better; one pass (after finding the dearest price), starting
+    // at `turn` so the first of equals changes from call to call.
+    let per_price = if route.sort.is_none() {
+        let dearest = candidates.iter().map(|c| c.price.output).max().unwrap_or(0);
+        0.25 / dearest.max(1) as f64
     } else {
-        1.0
+        0.0
     };
     let key = |c: &Candidate<'_>| match route.sort {
         Some(Sort::Throughput) => -c.tok_s,
         Some(Sort::Latency) if c.latency_ms > 0.0 => c.latency_ms,
         Some(Sort::Latency) => f64::MAX,
         Some(Sort::Price) => c.price.output as f64 * 1e6 + c.price.input as f64 + c.load,
-        None => c.load + 0.25 * c.price.output as f64 / dearest,
+        None => c.load + per_price * c.price.output as f64,
     };
     let start = turn % n;
     let mut best = (start, key(&candidates[start]));
@@ -508,6 +504,7 @@ impl Backend for NetworkBackend {
             model.clone(),
             request,
             route.clone(),
+            self.gateway.endpoint.secret_key().clone(),
         );
         Box::pin(job.dispatch())
     }
@@ -623,6 +620,73 @@ mod tests {
                 allow_fallbacks: false,
                 ..prefs()
             }
+        ));
+    }
+
+    #[test]
+    fn price_is_weighed_by_default_and_sorts_when_asked() {
+        let priced = |node, load, input, output| Candidate {
+            price: Price { input, output },
+            ..c(node, load, 0.0, 0.0)
+        };
+        let list = [
+            priced("dear", 0.0, 20, 80),
+            priced("cheap", 0.0, 5, 10),
+            priced("mid", 0.1, 10, 40),
+        ];
+        for turn in 0..3 {
+            assert_eq!(
+                choose(&list, &prefs(), turn),
+                Some(1),
+                "equal load: cheaper wins"
+            );
+        }
+        // Load still matters more than a small price gap.
+        let busy_cheap = [priced("dear", 0.0, 20, 80), priced("cheap", 0.9, 5, 10)];
+        assert_eq!(choose(&busy_cheap, &prefs(), 0), Some(0));
+        let by_price = RoutePrefs {
+            sort: Some(Sort::Price),
+            ..prefs()
+        };
+        assert_eq!(
+            choose(&busy_cheap, &by_price, 0),
+            Some(1),
+            "sort=price ignores load"
+        );
+        let capped = RoutePrefs {
+            max_price: Some(Price {
+                input: 10,
+                output: 20,
+            }),
+            ..prefs()
+        };
+        assert!(within(
+            Price {
+                input: 5,
+                output: 10
+            },
+            &capped
+        ));
+        assert!(!within(
+            Price {
+                input: 20,
+                output: 80
+            },
+            &capped
+        ));
+        assert!(!within(
+            Price {
+                input: 11,
+                output: 10
+            },
+            &capped
+        ));
+        assert!(within(
+            Price {
+                input: 999,
+                output: 999
+            },
+            &prefs()
         ));
     }
 

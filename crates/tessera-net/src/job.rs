@@ -19,15 +19,18 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use iroh::endpoint::{RecvStream, SendStream};
+use iroh::SecretKey;
 use tessera_api::{ApiError, Dispatch, RoutePrefs, ServedModel};
 use tessera_engine::text::TextStream;
 use tessera_engine::{
     EngineError, Event, FinishReason, GenerationRequest, Price, Token, TokenEvent, Usage,
 };
-use tessera_protocol::{read_frame, write_frame, Frame, JobRequest};
+use tessera_protocol::{read_frame, write_frame, Frame, JobDone, JobRequest, Receipt};
 use tokio::sync::mpsc;
 
 use crate::gateway::{Directory, Provider, MAX_TRIES};
+use crate::node::node_id;
+use crate::receipt;
 
 /// Longest wait for a provider's first answer to a job.
 const FIRST_FRAME: Duration = Duration::from_secs(120);
@@ -57,6 +60,13 @@ struct Part {
     streamed: usize,
     /// The provider's price for this model.
     price: Price,
+    /// This part's job id (the answer's id and the part's number).
+    job_id: String,
+    /// sha256 of the prompt this part was given, and its length.
+    prompt_sha256: String,
+    prompt_tokens: u64,
+    /// Tokens this part produced.
+    tokens: Vec<Token>,
     _slot: Slot,
 }
 
@@ -80,6 +90,8 @@ pub struct RoutedJob {
     failed: Vec<String>,
     parts: usize,
     route: RoutePrefs,
+    /// The gateway's key, to countersign providers' receipts.
+    key: SecretKey,
 }
 
 impl RoutedJob {
@@ -88,8 +100,10 @@ impl RoutedJob {
         model: ServedModel,
         request: GenerationRequest,
         route: RoutePrefs,
+        key: SecretKey,
     ) -> Self {
         RoutedJob {
+            key,
             directory,
             job_id: format!("{:016x}", getrandom::u64().unwrap_or_default()),
             text: TextStream::new(request.stop.clone()),
@@ -158,7 +172,8 @@ impl RoutedJob {
             tried.push(provider.session.clone());
             let node = provider.node.clone();
             let session = provider.session.clone();
-            match start(provider, &self.job_id, &self.model.sha256, request.clone()).await {
+            let job_id = format!("{}.{}", self.job_id, self.parts);
+            match start(provider, &job_id, &self.model.sha256, request.clone()).await {
                 Ok(part) => {
                     self.parts += 1;
                     return Ok(part);
@@ -204,8 +219,30 @@ impl RoutedJob {
                 Ok(Some(Frame::Tokens { tokens })) => {
                     for t in tokens {
                         part.streamed += 1;
+                        part.tokens.push(t.token);
                         if self.on_token(t, &events) {
+                            // A stop sequence: the provider stops at the same
+                            // token; take its receipt if it comes promptly.
+                            let receipt = tokio::time::timeout(Duration::from_secs(2), async {
+                                loop {
+                                    match read_frame(&mut part.recv).await {
+                                        Ok(Some(Frame::JobDone(done))) => break Some(done),
+                                        Ok(Some(Frame::Tokens { .. })) => continue,
+                                        _ => break None,
+                                    }
+                                }
+                            })
+                            .await;
+                            if let Ok(Some(done)) = receipt {
+                                self.countersign(&part, &done, &events);
+                            }
                             part.cancel();
+                            let usage = self.usage(0);
+                            let _ = events.send(Event::Done {
+                                finish_reason: FinishReason::Stop,
+                                usage,
+                                text: String::new(),
+                            });
                             return;
                         }
                     }
@@ -216,6 +253,7 @@ impl RoutedJob {
                     // end-of-generation token) still count.
                     let extra =
                         (done.usage.completion_tokens as usize).saturating_sub(part.streamed);
+                    self.countersign(&part, &done, &events);
                     let usage = self.usage(extra);
                     let text = self.text.finish();
                     let _ = events.send(Event::Done {
@@ -278,15 +316,46 @@ impl RoutedJob {
         let pushed = self.text.push(&self.model.tokenizer.token_bytes(t.token));
         t.text = pushed.text;
         let _ = events.send(Event::Token(t));
-        if pushed.stopped {
-            let usage = self.usage(0);
-            let _ = events.send(Event::Done {
-                finish_reason: FinishReason::Stop,
-                usage,
-                text: String::new(),
-            });
-        }
         pushed.stopped
+    }
+
+    /// Check the provider's receipt for `part` against what this gateway
+    /// saw and, if it matches, countersign it and pass it on for the bill.
+    fn countersign(&self, part: &Part, done: &JobDone, events: &mpsc::UnboundedSender<Event>) {
+        let Some(signed) = &done.receipt else {
+            tracing::warn!(provider = %&part.node[..12], "job ended without a receipt");
+            return;
+        };
+        // Usage may count one token more than was streamed (the final
+        // end-of-generation token), never fewer, never more.
+        let claimed = u64::from(done.usage.completion_tokens);
+        let streamed = part.tokens.len() as u64;
+        if claimed < streamed || claimed > streamed + 1 {
+            tracing::warn!(provider = %&part.node[..12], claimed, streamed, "rejected a receipt: usage does not match the tokens streamed");
+            return;
+        }
+        let expected = Receipt {
+            job_id: part.job_id.clone(),
+            gateway: node_id(&self.key.public()),
+            provider: part.node.clone(),
+            model_sha256: self.model.sha256.clone(),
+            prompt_sha256: part.prompt_sha256.clone(),
+            output_sha256: receipt::tokens_sha256(&part.tokens),
+            prompt_tokens: part.prompt_tokens,
+            completion_tokens: claimed,
+            price: part.price,
+            issued_ms: 0,
+        };
+        match receipt::accept(signed, &expected, &self.key) {
+            Ok(countersigned) => {
+                if let Ok(json) = serde_json::to_string(&countersigned) {
+                    let _ = events.send(Event::Receipt(json));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(provider = %&part.node[..12], error = %e, "rejected a receipt")
+            }
+        }
     }
 }
 
@@ -299,6 +368,8 @@ async fn start(
 ) -> anyhow::Result<Part> {
     provider.inflight.fetch_add(1, Ordering::Relaxed);
     let slot = Slot(provider.clone());
+    let prompt_sha256 = receipt::tokens_sha256(&generation.prompt);
+    let prompt_tokens = generation.prompt.len() as u64;
     let (mut send, mut recv) = provider
         .conn
         .open_bi()
@@ -330,6 +401,10 @@ async fn start(
         first: Some(first),
         streamed: 0,
         price: provider.price(sha256),
+        job_id: job_id.to_string(),
+        prompt_sha256,
+        prompt_tokens,
+        tokens: Vec::new(),
         _slot: slot,
     })
 }

@@ -19,6 +19,7 @@ pub mod gateway;
 mod job;
 pub mod node;
 pub mod provider;
+pub mod receipt;
 pub mod synthetic;
 
 pub use discovery::{Discovery, DiscoveryConfig, Role};

@@ -14,15 +14,16 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::{Endpoint, EndpointId};
-use tessera_engine::{Event, GenerationRequest, SchedulerHandle, SubmitError};
+use tessera_engine::{Event, GenerationRequest, SchedulerHandle, SubmitError, Token};
 use tessera_protocol::{
-    read_frame, write_frame, Frame, Heartbeat, Hello, JobDone, JobError, ModelOffer, ALPN,
+    read_frame, write_frame, Frame, Heartbeat, Hello, JobDone, JobError, ModelOffer, Receipt, ALPN,
     PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::discovery::Discovery;
-use crate::node::Ticket;
+use crate::node::{node_id, Ticket};
+use crate::receipt;
 
 /// Where a provider's jobs run: the engine's scheduler, or for the gateway
 /// load benchmark a [`crate::synthetic::SyntheticRunner`].
@@ -46,6 +47,12 @@ impl JobRunner for SchedulerHandle {
     fn max_sequences(&self) -> usize {
         SchedulerHandle::max_sequences(self)
     }
+}
+
+/// Who signs this session's receipts, and for which gateway.
+struct Signer {
+    key: iroh::SecretKey,
+    gateway: String,
 }
 
 /// What a provider offers and to whom.
@@ -210,7 +217,11 @@ async fn session(shared: &Shared, ticket: &Ticket) -> anyhow::Result<()> {
             }
         })
     };
-    let result = serve_jobs(&conn, handle, config, generated).await;
+    let signer = Signer {
+        key: endpoint.secret_key().clone(),
+        gateway: node_id(&conn.remote_id()),
+    };
+    let result = serve_jobs(&conn, handle, config, generated, signer).await;
     beats.abort();
     result
 }
@@ -220,16 +231,22 @@ async fn serve_jobs(
     handle: &Arc<dyn JobRunner>,
     config: &ProviderConfig,
     generated: &Arc<AtomicU64>,
+    signer: Signer,
 ) -> anyhow::Result<()> {
+    let signer = Arc::new(signer);
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => return Err(anyhow!("connection closed: {e}")),
         };
-        let (handle, offers, generated) =
-            (handle.clone(), config.offers.clone(), generated.clone());
+        let (handle, offers, generated, signer) = (
+            handle.clone(),
+            config.offers.clone(),
+            generated.clone(),
+            signer.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = serve_job(send, recv, &handle, &offers, &generated).await {
+            if let Err(e) = serve_job(send, recv, &handle, &offers, &generated, &signer).await {
                 tracing::debug!(error = %e, "job stream ended early");
             }
         });
@@ -244,6 +261,7 @@ async fn serve_job(
     handle: &Arc<dyn JobRunner>,
     offers: &[ModelOffer],
     generated: &AtomicU64,
+    signer: &Signer,
 ) -> anyhow::Result<()> {
     let job = match read_frame(&mut recv).await {
         Ok(Some(Frame::JobRequest(job))) => job,
@@ -261,14 +279,17 @@ async fn serve_job(
             return Ok(());
         }
     };
-    if !offers.iter().any(|o| o.sha256 == job.model_sha256) {
+    let Some(offer) = offers.iter().find(|o| o.sha256 == job.model_sha256) else {
         let e = JobError {
             message: format!("this provider does not serve model {}", job.model_sha256),
             retryable: true,
         };
         write_frame(&mut send, &Frame::JobError(e)).await?;
         return Ok(());
-    }
+    };
+    let prompt_sha256 = receipt::tokens_sha256(&job.generation.prompt);
+    let prompt_tokens = job.generation.prompt.len() as u64;
+    let mut output: Vec<Token> = Vec::new();
     let mut events = match handle.submit(job.generation) {
         Ok(rx) => rx,
         Err(e) => {
@@ -288,18 +309,34 @@ async fn serve_job(
         let frame = match event {
             Event::Token(t) => {
                 generated.fetch_add(1, Ordering::Relaxed);
+                output.push(t.token);
                 Frame::Tokens { tokens: vec![t] }
             }
             Event::Done {
                 finish_reason,
                 usage,
                 text,
-            } => Frame::JobDone(JobDone {
-                finish_reason,
-                usage,
-                text,
-            }),
-            Event::Provider { .. } => continue,
+            } => {
+                let r = Receipt {
+                    job_id: job.job_id.clone(),
+                    gateway: signer.gateway.clone(),
+                    provider: node_id(&signer.key.public()),
+                    model_sha256: job.model_sha256.clone(),
+                    prompt_sha256: prompt_sha256.clone(),
+                    output_sha256: receipt::tokens_sha256(&output),
+                    prompt_tokens,
+                    completion_tokens: u64::from(usage.completion_tokens),
+                    price: offer.price,
+                    issued_ms: receipt::now_ms(),
+                };
+                Frame::JobDone(JobDone {
+                    finish_reason,
+                    usage,
+                    text,
+                    receipt: Some(receipt::sign(&r, &signer.key)),
+                })
+            }
+            Event::Provider { .. } | Event::Receipt(_) => continue,
             Event::Error(e) => Frame::JobError(JobError {
                 message: e.to_string(),
                 retryable: false,

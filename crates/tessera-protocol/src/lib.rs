@@ -78,6 +78,40 @@ pub struct JobDone {
     pub usage: Usage,
     /// Text held back until the end (see `tessera_engine::text`).
     pub text: String,
+    /// The provider's signed account of the job.
+    #[serde(default)]
+    pub receipt: Option<Signed>,
+}
+
+/// What a provider did for one job (one part of an answer), as it signs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The job id of the `JobRequest` (unique per part of an answer).
+    pub job_id: String,
+    /// Node ids (hex) of the gateway that asked and the provider that served.
+    pub gateway: String,
+    pub provider: String,
+    pub model_sha256: String,
+    /// sha256 of the prompt tokens and of the generated tokens (each token
+    /// as 4 little-endian bytes).
+    pub prompt_sha256: String,
+    pub output_sha256: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub price: Price,
+    /// Milliseconds since the Unix epoch.
+    pub issued_ms: u64,
+}
+
+/// Signed bytes: `body` (JSON) and ed25519 signatures over exactly them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    pub body: String,
+    /// The provider's signature (hex).
+    pub signature: String,
+    /// The gateway's countersignature (hex), once it accepted the receipt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub countersignature: Option<String>,
 }
 
 /// Why a job failed on the provider.
@@ -210,6 +244,7 @@ mod tests {
             job(),
             Frame::Tokens { tokens: vec![] },
             Frame::JobDone(JobDone {
+                receipt: None,
                 finish_reason: FinishReason::Stop,
                 usage: Usage::default(),
                 text: "x".into(),

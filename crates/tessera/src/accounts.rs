@@ -245,6 +245,7 @@ impl Accounts for LedgerAccounts {
                     completion_tokens: p.completion_tokens,
                     input_price: p.price.input,
                     output_price: p.price.output,
+                    receipt: p.receipt,
                 })
                 .collect();
             let s = ledger

@@ -191,7 +191,7 @@ async fn generate(
             }
             Some(Event::Done { .. }) => break,
             Some(Event::Error(e)) => return Err(e.into()),
-            Some(Event::Provider { .. }) => {}
+            Some(Event::Provider { .. } | Event::Receipt(_)) => {}
             None => bail!("engine stopped"),
         }
     }

@@ -64,6 +64,7 @@ async fn measure(ledger: &Ledger, b: &LedgerBench) -> anyhow::Result<(f64, Vec<f
                     completion_tokens: 200 + (i % 100) as u64,
                     input_price: 20,
                     output_price: 80,
+                    receipt: None,
                 };
                 ledger.settle(&hold, "bench", vec![charge], 500).await?;
                 latencies.push(t.elapsed().as_secs_f64() * 1e3);

@@ -7,6 +7,7 @@
 mod accounts;
 mod bench;
 mod devnet;
+mod earnings;
 mod ledgerbench;
 mod loadbench;
 mod local;
@@ -36,8 +37,15 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a gateway: the HTTP API in front of providers that dial in.
     Gateway(network::GatewayArgs),
-    /// Contribute this machine: serve jobs for one or more gateways.
-    Provider(network::ProviderArgs),
+    /// Contribute this machine: serve jobs for one or more gateways
+    /// (`tessera provider earnings` lists what it earned).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Provider {
+        #[command(subcommand)]
+        command: Option<ProviderCommand>,
+        #[command(flatten)]
+        args: network::ProviderArgs,
+    },
     /// A gateway and N providers as separate processes on loopback.
     Devnet(devnet::DevnetArgs),
     /// Accounts and API keys in the ledger: create, top up, show, check.
@@ -55,6 +63,13 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ProviderCommand {
+    /// This provider's receipts and earnings at a gateway, every signature
+    /// checked.
+    Earnings(earnings::EarningsArgs),
 }
 
 /// How the engine is sized; shared by `serve` and `bench`.
@@ -118,7 +133,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(&cli.home, args),
         Command::Gateway(args) => network::gateway(&cli.home, args),
-        Command::Provider(args) => network::provider(&cli.home, args),
+        Command::Provider {
+            command: Some(ProviderCommand::Earnings(args)),
+            ..
+        } => earnings::run(&cli.home, args),
+        Command::Provider {
+            command: None,
+            args,
+        } => network::provider(&cli.home, args),
         Command::Devnet(args) => devnet::run(&cli.home, args),
         Command::Account { command } => accounts::run(&cli.home, command),
         Command::Models { command } => models::run(&cli.home, command),

@@ -145,6 +145,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             false => None,
         };
         let gateway_id = node::node_id(&endpoint.id());
+        let receipts = crate::earnings::route(ledger.clone());
         let accounts = Arc::new(LedgerAccounts::start(ledger, gateway_id, args.fee_bps).await?);
         tokio::spawn(gateway.clone().accept());
         let path = home.join("endpoint.json");
@@ -170,7 +171,8 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             ApiConfig {
                 body_limit: args.body_limit,
             },
-        );
+        )
+        .merge(receipts);
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;

@@ -340,6 +340,33 @@ fn providers_set_prices_the_router_honours_caps_and_the_gateway_takes_its_fee() 
         "{check}"
     );
     assert_eq!(check["unbalanced_entries"], 0);
+
+    // The provider's own view: every receipt signed by it and countersigned
+    // by the gateway, totals equal to what the ledger paid it.
+    let mine = tessera_json(
+        home.path(),
+        &["provider", "earnings", "--api", &net.api_base],
+    );
+    assert_eq!(mine["provider"], cheap_node.as_str());
+    assert_eq!(mine["totals"]["receipts"], 4, "{mine}");
+    assert_eq!(
+        mine["verified"], 4,
+        "unverified receipts: {}",
+        mine["unverified"]
+    );
+    assert_eq!(mine["verified_earned"].as_u64(), Some(earned));
+    assert_eq!(mine["totals"]["earned"].as_u64(), Some(earned));
+    let receipt = &mine["receipts"][0]["signed"];
+    assert!(receipt["signature"].is_string() && receipt["countersignature"].is_string());
+    // Nobody else may read them: unsigned, or signed by another key.
+    let resp = util::client()
+        .get(net.url("/v1/provider/receipts"))
+        .header("x-tessera-node", &cheap_node)
+        .header("x-tessera-time", "1")
+        .header("x-tessera-signature", "00")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
     let _ = cheap.kill();
     let _ = cheap.wait();
 }

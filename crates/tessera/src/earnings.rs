@@ -1,0 +1,176 @@
+//! A provider's earnings: the gateway endpoint and `tessera provider earnings`.
+//!
+//! `GET /v1/provider/receipts` on a gateway lists one provider's receipts
+//! from the ledger, with their totals. It is authenticated by the provider's
+//! node key, not an API key: the request carries the node id, the time and
+//! an ed25519 signature of both (`X-Tessera-Node`, `X-Tessera-Time`,
+//! `X-Tessera-Signature`). The command fetches them and checks every
+//! receipt's provider signature and gateway countersignature itself, so a
+//! provider need not trust the gateway's totals.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use clap::Args;
+use serde_json::{json, Value};
+use tessera_api::ApiError;
+use tessera_ledger::Ledger;
+use tessera_net::node;
+use tessera_net::receipt;
+use tessera_protocol::Signed;
+
+/// The gateway's receipts endpoint, to merge into its API.
+pub fn route(ledger: Ledger) -> Router {
+    Router::new()
+        .route("/v1/provider/receipts", get(receipts))
+        .with_state(ledger)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::unauthorized(format!(
+                "Missing {name}: sign this request with the provider's node key \
+                 (`tessera provider earnings` does)."
+            ))
+        })
+}
+
+async fn receipts(
+    State(ledger): State<Ledger>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let node = header(&headers, "x-tessera-node")?;
+    let time: u64 = header(&headers, "x-tessera-time")?.parse().map_err(|_| {
+        ApiError::invalid("X-Tessera-Time must be milliseconds since the epoch.", None)
+    })?;
+    let signature = header(&headers, "x-tessera-signature")?;
+    receipt::verify_receipts_request(node, time, signature)
+        .map_err(|e| ApiError::unauthorized(format!("Not signed by provider {node}: {e}.")))?;
+    let list = ledger
+        .provider_receipts(node)
+        .await
+        .map_err(|e| ApiError::internal(format!("ledger: {e}")))?;
+    let sum = |k: &str| list.iter().filter_map(|r| r[k].as_i64()).sum::<i64>();
+    Ok(Json(json!({
+        "provider": node,
+        "unit": "micro-credits",
+        "totals": {
+            "receipts": list.len(),
+            "cost": sum("cost"),
+            "fee": sum("fee"),
+            "earned": sum("earned"),
+            "prompt_tokens": sum("prompt_tokens"),
+            "completion_tokens": sum("completion_tokens"),
+        },
+        "receipts": list,
+    })))
+}
+
+#[derive(Args, Debug)]
+pub struct EarningsArgs {
+    /// The gateway's API, e.g. http://127.0.0.1:8080/v1.
+    #[arg(long, env = "TESSERA_API")]
+    pub api: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What checking one receipt found.
+fn check(row: &Value, me: &str) -> Result<(), String> {
+    let signed: Signed = serde_json::from_value(row["signed"].clone())
+        .map_err(|_| "no signed receipt (the part ended without one)".to_string())?;
+    let r = receipt::verify(&signed).map_err(|e| e.to_string())?;
+    // (The ledger files it under the API's response id; the receipt names
+    // the network job of this part.)
+    let same = r.provider == me
+        && row["completion_tokens"].as_u64() == Some(r.completion_tokens)
+        && row["prompt_tokens"].as_u64() == Some(r.prompt_tokens)
+        && row["input_price"].as_u64() == Some(r.price.input)
+        && row["output_price"].as_u64() == Some(r.price.output);
+    if same {
+        Ok(())
+    } else {
+        Err("the ledger's record differs from the signed receipt".into())
+    }
+}
+
+pub fn run(home: &Path, args: EarningsArgs) -> anyhow::Result<()> {
+    let key = node::load_or_create_key(home)?;
+    let me = node::node_id(&key.public());
+    let time = receipt::now_ms();
+    let url = format!("{}/provider/receipts", args.api.trim_end_matches('/'));
+    let resp = reqwest::blocking::Client::new()
+        .get(&url)
+        .header("x-tessera-node", &me)
+        .header("x-tessera-time", time.to_string())
+        .header(
+            "x-tessera-signature",
+            receipt::sign_receipts_request(&key, time),
+        )
+        .send()
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let body: Value = resp
+        .json()
+        .context("the gateway did not answer with JSON")?;
+    if !status.is_success() {
+        bail!("the gateway refused: {status} {}", body["error"]["message"]);
+    }
+    let rows = body["receipts"].as_array().cloned().unwrap_or_default();
+    let mut verified = 0;
+    let mut verified_earned = 0i64;
+    let mut problems = Vec::new();
+    for row in &rows {
+        match check(row, &me) {
+            Ok(()) => {
+                verified += 1;
+                verified_earned += row["earned"].as_i64().unwrap_or(0);
+            }
+            Err(e) => problems.push(json!({"receipt": row["id"], "problem": e})),
+        }
+    }
+    let totals = &body["totals"];
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "provider": me,
+                "unit": "micro-credits",
+                "totals": totals,
+                "verified": verified,
+                "verified_earned": verified_earned,
+                "unverified": problems,
+                "receipts": rows,
+            })
+        );
+    } else {
+        println!("provider {me}");
+        println!(
+            "  {} receipts, {} prompt + {} completion tokens",
+            rows.len(),
+            totals["prompt_tokens"],
+            totals["completion_tokens"]
+        );
+        println!(
+            "  charged {} credits, fee {} credits, earned {} credits",
+            crate::accounts::credits(totals["cost"].as_i64().unwrap_or(0)),
+            crate::accounts::credits(totals["fee"].as_i64().unwrap_or(0)),
+            crate::accounts::credits(totals["earned"].as_i64().unwrap_or(0)),
+        );
+        println!(
+            "  {verified} receipts carry valid provider and gateway signatures ({} credits)",
+            crate::accounts::credits(verified_earned)
+        );
+        for p in &problems {
+            println!("  NOT VERIFIED {}: {}", p["receipt"], p["problem"]);
+        }
+    }
+    Ok(())
+}
