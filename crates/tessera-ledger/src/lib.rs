@@ -10,7 +10,9 @@
 //! A paid request goes through **escrow**: before dispatch its largest
 //! possible cost is *held* (client → `system:escrow`); when it ends the hold
 //! is *settled*: each provider part is paid its cost less the gateway's fee
-//! (fee → `system:fees`) and the rest goes back to the client. A hold left
+//! (fee → `system:fees`) and the rest goes back to the client. A settled
+//! request may later be *refunded* (a failed audit, an operator's decision):
+//! one more entry returning every credit of it. A hold left
 //! open by a crash is released when its gateway starts again. A hold may
 //! carry an idempotency key: while a hold with that key on that account is
 //! open or settled, the key holds (and charges) nothing more; once a hold
@@ -60,6 +62,8 @@ pub enum LedgerError {
     NameTaken(String),
     #[error("hold {0} is unknown or already closed")]
     HoldClosed(String),
+    #[error("'{0}' is not a settled request that can be refunded (unknown, released or already refunded)")]
+    NotRefundable(String),
     #[error("charges of {charged} exceed the hold of {held} micro-credits")]
     OverHold { charged: u64, held: u64 },
     #[error("invalid amount: {0}")]
@@ -137,6 +141,15 @@ pub struct Settlement {
     pub fee: u64,
     /// Receipt ids of the parts, in order.
     pub parts: Vec<String>,
+}
+
+/// Outcome of a refund.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Refund {
+    /// The refund's ledger entry.
+    pub entry: String,
+    /// Micro-credits returned to the client.
+    pub amount: u64,
 }
 
 /// Outcome of asking for a hold.
@@ -389,6 +402,14 @@ impl Ledger {
             reply,
         })
         .await
+    }
+
+    /// Refund a settled request, by its receipt (the settlement entry id in
+    /// `tessera.receipt`) or its hold id: the client gets the whole cost
+    /// back; providers and the gateway give back what they got. Once only.
+    pub async fn refund(&self, receipt: &str) -> Result<Refund> {
+        let receipt = receipt.to_string();
+        self.write(|reply| Op::Refund { receipt, reply }).await
     }
 
     /// Release every hold `gateway` left open (after a crash); returns how many.

@@ -20,7 +20,8 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    new_id, now_ms, Charge, Hold, LedgerError, Limits, Result, Settlement, ESCROW, FEES, ISSUANCE,
+    new_id, now_ms, Charge, Hold, LedgerError, Limits, Refund, Result, Settlement, ESCROW, FEES,
+    ISSUANCE,
 };
 
 const MAX_BATCH: usize = 512;
@@ -58,6 +59,10 @@ pub(crate) enum Op {
         fee_bps: u64,
         reply: oneshot::Sender<Result<Settlement>>,
     },
+    Refund {
+        receipt: String,
+        reply: oneshot::Sender<Result<Refund>>,
+    },
 }
 
 /// An operation's data, replayable if its batch must be retried.
@@ -85,6 +90,9 @@ enum Work {
         charges: Vec<Charge>,
         fee_bps: u64,
     },
+    Refund {
+        receipt: String,
+    },
 }
 
 enum Outcome {
@@ -92,6 +100,7 @@ enum Outcome {
     Unit,
     Hold(Hold),
     Settle(Settlement),
+    Refund(Refund),
 }
 
 enum Reply {
@@ -99,6 +108,7 @@ enum Reply {
     Unit(oneshot::Sender<Result<()>>),
     Hold(oneshot::Sender<Result<Hold>>),
     Settle(oneshot::Sender<Result<Settlement>>),
+    Refund(oneshot::Sender<Result<Refund>>),
 }
 
 impl Op {
@@ -154,6 +164,7 @@ impl Op {
                 },
                 Reply::Settle(reply),
             ),
+            Op::Refund { receipt, reply } => (Work::Refund { receipt }, Reply::Refund(reply)),
         }
     }
 }
@@ -167,6 +178,8 @@ impl Reply {
             (Reply::Unit(tx), Ok(Outcome::Unit)) => drop(tx.send(Ok(()))),
             (Reply::Hold(tx), Ok(Outcome::Hold(h))) => drop(tx.send(Ok(h))),
             (Reply::Settle(tx), Ok(Outcome::Settle(s))) => drop(tx.send(Ok(s))),
+            (Reply::Refund(tx), Ok(Outcome::Refund(r))) => drop(tx.send(Ok(r))),
+            (Reply::Refund(tx), Err(e)) => drop(tx.send(Err(e))),
             (Reply::Id(tx), Err(e)) => drop(tx.send(Err(e))),
             (Reply::Unit(tx), Err(e)) => drop(tx.send(Err(e))),
             (Reply::Hold(tx), Err(e)) => drop(tx.send(Err(e))),
@@ -232,7 +245,7 @@ async fn apply_batch(
     let mut out: Vec<Option<Result<Outcome>>> = (0..works.len()).map(|_| None).collect();
     let rank = |w: &Work| match w {
         Work::CreateAccount { .. } | Work::Topup { .. } => 0,
-        Work::Settle { .. } => 1,
+        Work::Settle { .. } | Work::Refund { .. } => 1,
         Work::Hold { .. } => 2,
     };
     for pass in 0..3 {
@@ -623,7 +636,64 @@ async fn apply(tx: &mut Tx, batch: &mut Batch, work: &Work) -> Result<Outcome> {
             charges,
             fee_bps,
         } => settle(tx, batch, hold, job_id, charges, *fee_bps).await,
+        Work::Refund { receipt } => refund(tx, batch, receipt).await,
     }
+}
+
+/// Undo a settlement: the client gets its cost back, each provider gives
+/// back what it earned and the gateway its fee, in one entry.
+async fn refund(tx: &mut Tx, batch: &mut Batch, receipt: &str) -> Result<Outcome> {
+    let hold: String = if receipt.starts_with("hold_") {
+        receipt.to_string()
+    } else {
+        sqlx::query("SELECT hold_id FROM entries WHERE id = $1 AND kind = 'settle'")
+            .bind(receipt.to_string())
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| r.try_get::<Option<String>, _>("hold_id"))
+            .transpose()?
+            .flatten()
+            .ok_or_else(|| LedgerError::NotRefundable(receipt.to_string()))?
+    };
+    let claimed = sqlx::query(
+        "UPDATE holds SET state = 'refunded' WHERE id = $1 AND state = 'settled' \
+         RETURNING account_id, cost",
+    )
+    .bind(hold.clone())
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| LedgerError::NotRefundable(receipt.to_string()))?;
+    let account: String = claimed.try_get("account_id")?;
+    let cost: i64 = claimed.try_get::<Option<i64>, _>("cost")?.unwrap_or(0);
+    let parts = sqlx::query("SELECT provider, cost, fee FROM receipts WHERE hold_id = $1")
+        .bind(hold.clone())
+        .fetch_all(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE accounts SET balance = balance + $1, spent = spent - $2 WHERE id = $3")
+        .bind(cost)
+        .bind(cost)
+        .bind(account.clone())
+        .execute(&mut **tx)
+        .await?;
+    let mut postings: Vec<(String, i64)> = vec![(account, cost)];
+    let mut fees = 0;
+    for p in &parts {
+        let provider = format!("provider:{}", p.try_get::<String, _>("provider")?);
+        let (c, f): (i64, i64) = (p.try_get("cost")?, p.try_get("fee")?);
+        batch.add(&provider, -(c - f));
+        postings.push((provider, -(c - f)));
+        fees += f;
+    }
+    if fees != 0 {
+        batch.add(FEES, -fees);
+        postings.push((FEES.to_string(), -fees));
+    }
+    let refs: Vec<(&str, i64)> = postings.iter().map(|(a, v)| (a.as_str(), *v)).collect();
+    let entry = batch.entry("refund", Some(&hold), &refs);
+    Ok(Outcome::Refund(Refund {
+        entry,
+        amount: cost.max(0) as u64,
+    }))
 }
 
 async fn topup(tx: &mut Tx, batch: &mut Batch, account: &str, credits: u64) -> Result<()> {

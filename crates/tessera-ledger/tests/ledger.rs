@@ -106,6 +106,30 @@ async fn charges_are_tokens_times_price_and_the_fee_is_split() {
         // A release returns everything.
         let r = ledger.settle(&h2, "job-2", vec![], 0).await.unwrap();
         assert_eq!(r.cost, 0);
+        assert!(
+            matches!(
+                ledger.refund(&r.receipt).await,
+                Err(LedgerError::NotRefundable(_))
+            ),
+            "a release is not refundable"
+        );
+
+        // A refund returns the whole cost and takes back earnings and fee.
+        let back = ledger.refund(&s.receipt).await.unwrap();
+        assert_eq!(back.amount, s.cost, "{url}");
+        let refunded = ledger.account(&acct.id).await.unwrap().unwrap();
+        assert_eq!((refunded.balance, refunded.spent), (10 * MICRO as i64, 0));
+        let p1 = ledger.account("provider:p1").await.unwrap().unwrap();
+        assert_eq!(p1.balance, 0);
+        let fees = ledger.account(tessera_ledger::FEES).await.unwrap().unwrap();
+        assert_eq!(fees.balance, 0);
+        assert!(
+            matches!(
+                ledger.refund(&s.receipt).await,
+                Err(LedgerError::NotRefundable(_))
+            ),
+            "refunded twice"
+        );
         let check = ledger.check().await.unwrap();
         assert!(check.ok(), "{url}: {check:?}");
         assert_eq!(check.issued, 10 * MICRO as i64);

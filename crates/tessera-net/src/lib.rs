@@ -12,7 +12,8 @@
 //!
 //! Nodes find each other through signed announcements on a gossip topic
 //! ([`discovery`]): a provider given one gateway's ticket learns the others
-//! and serves several.
+//! and serves several. Every job ends with a receipt the provider signs and
+//! the gateway countersigns after checking it ([`receipt`]).
 
 pub mod discovery;
 pub mod gateway;

@@ -334,6 +334,16 @@ pub enum AccountCommand {
         #[command(flatten)]
         db: DatabaseArgs,
     },
+    /// Refund a settled request by its receipt (`tessera.receipt` of the
+    /// response): the client gets the whole cost back, the providers and
+    /// the gateway give back what they got.
+    Refund {
+        receipt: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
     /// Verify the books: every entry sums to zero, every balance equals its
     /// postings, all balances sum to zero, escrow equals the open holds.
     Check {
@@ -413,6 +423,19 @@ pub fn run(home: &Path, command: AccountCommand) -> anyhow::Result<()> {
                     .await?
                     .ok_or_else(|| anyhow!("no account '{name}'"))?;
                 print_account(&a, json);
+            }
+            AccountCommand::Refund { receipt, json, db } => {
+                let ledger = db.open(home).await?;
+                let r = ledger.refund(&receipt).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "refunded {} credits (entry {})",
+                        credits(r.amount as i64),
+                        r.entry
+                    );
+                }
             }
             AccountCommand::Check { json, db } => {
                 let ledger = db.open(home).await?;

@@ -1,8 +1,10 @@
 //! `tessera`: one binary for every role in the network.
 //!
 //! This crate only wires the libraries together: `tessera-models` finds the
-//! weights, `tessera-llama` loads them into a `tessera-engine` scheduler, and
-//! `tessera-api` serves it over HTTP. Each subcommand lives in its own module.
+//! weights, `tessera-llama` loads them into a `tessera-engine` scheduler,
+//! `tessera-net` joins gateways and providers, `tessera-ledger` keeps the
+//! accounts, and `tessera-api` serves it all over HTTP. Each subcommand
+//! lives in its own module.
 
 mod accounts;
 mod bench;

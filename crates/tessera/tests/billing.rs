@@ -89,9 +89,31 @@ fn charges_are_usage_times_price_and_the_books_balance() {
 }
 
 #[test]
-fn keys_credits_limits_and_retries_are_enforced_with_clear_errors() {
-    let server = Server::start(&["--input-price", "7", "--output-price", "11"]);
+fn keys_credits_limits_and_retries_are_enforced_on_sqlite() {
+    keys_credits_limits_and_retries(None);
+}
+
+#[test]
+fn keys_credits_limits_and_retries_are_enforced_on_postgres() {
+    let pg = tessera_ledger::pg::TempPostgres::start().unwrap_or_else(|e| panic!("{e}"));
+    keys_credits_limits_and_retries(Some(&pg.url()));
+}
+
+/// The ledger's rules as clients meet them, with the ledger in `database`
+/// (default: the server's SQLite file).
+fn keys_credits_limits_and_retries(database: Option<&str>) {
+    let db: Vec<&str> = database
+        .map(|url| vec!["--database-url", url])
+        .unwrap_or_default();
+    let mut flags = vec!["--input-price", "7", "--output-price", "11"];
+    flags.extend(&db);
+    let server = Server::start(&flags);
     let home = server.home.path();
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(&db);
+        tessera_json(home, &all)
+    };
     let root = server.url("");
     let body = chat("Say hi.", json!({"max_tokens": 20}));
 
@@ -118,7 +140,7 @@ fn keys_credits_limits_and_retries_are_enforced_with_clear_errors() {
     }
 
     // Credits that do not cover the largest possible cost: 402, nothing held.
-    let tiny = tessera_json(home, &["account", "create", "tiny", "--credits", "0.0001"]);
+    let tiny = cli(&["account", "create", "tiny", "--credits", "0.0001"]);
     let tiny_key = tiny["api_key"].as_str().unwrap();
     let (s, v) = ask(&root, tiny_key, &body, &[]);
     assert_eq!(s, 402, "{v}");
@@ -126,7 +148,7 @@ fn keys_credits_limits_and_retries_are_enforced_with_clear_errors() {
         util::assert_openai_error(&v)["code"],
         "insufficient_credits"
     );
-    let after = tessera_json(home, &["account", "show", "tiny"]);
+    let after = cli(&["account", "show", "tiny"]);
     assert_eq!(
         (after["balance"].as_u64(), after["held"].as_u64()),
         (Some(100), Some(0))
@@ -134,18 +156,15 @@ fn keys_credits_limits_and_retries_are_enforced_with_clear_errors() {
 
     // A spending limit (an agent's budget): requests run until the next
     // could exceed it, then 402 with its own code; never spent past it.
-    let agent = tessera_json(
-        home,
-        &[
-            "account",
-            "create",
-            "agent",
-            "--credits",
-            "10",
-            "--spend-limit",
-            "0.002",
-        ],
-    );
+    let agent = cli(&[
+        "account",
+        "create",
+        "agent",
+        "--credits",
+        "10",
+        "--spend-limit",
+        "0.002",
+    ]);
     let agent_key = agent["api_key"].as_str().unwrap();
     let mut refused = None;
     for _ in 0..20 {
@@ -161,24 +180,21 @@ fn keys_credits_limits_and_retries_are_enforced_with_clear_errors() {
         util::assert_openai_error(&v)["code"],
         "spend_limit_exceeded"
     );
-    let spent = tessera_json(home, &["account", "show", "agent"])["spent"]
+    let spent = cli(&["account", "show", "agent"])["spent"]
         .as_u64()
         .unwrap();
     assert!(spent > 0 && spent <= 2_000, "spent {spent}");
 
     // A rate limit: the third request in a minute is 429.
-    let slow = tessera_json(
-        home,
-        &[
-            "account",
-            "create",
-            "slow",
-            "--credits",
-            "1",
-            "--rate-limit",
-            "2",
-        ],
-    );
+    let slow = cli(&[
+        "account",
+        "create",
+        "slow",
+        "--credits",
+        "1",
+        "--rate-limit",
+        "2",
+    ]);
     let slow_key = slow["api_key"].as_str().unwrap();
     let codes: Vec<u16> = (0..3).map(|_| ask(&root, slow_key, &body, &[]).0).collect();
     assert_eq!(codes, [200, 200, 429]);
@@ -254,7 +270,7 @@ fn keys_credits_limits_and_retries_are_enforced_with_clear_errors() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let check = tessera_json(home, &["account", "check"]);
+    let check = cli(&["account", "check"]);
     assert_eq!(
         (check["total"].as_i64(), check["open_holds"].as_i64()),
         (Some(0), Some(0)),
