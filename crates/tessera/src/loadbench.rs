@@ -70,6 +70,7 @@ pub fn run(home: &Path, b: GatewayBench) -> anyhow::Result<()> {
             "127.0.0.1:0",
             "--bind",
             "127.0.0.1:0",
+            "--demo-account",
         ],
         &model.path,
     )?;
