@@ -283,12 +283,13 @@ fn providers_set_prices_the_router_honours_caps_and_the_gateway_takes_its_fee() 
     let net = Devnet::start(1);
     let dear = net.providers[0].1.clone();
     let home = tempfile::tempdir().unwrap();
-    let mut cheap = util::spawn_provider_with(
+    // Killed however the test ends.
+    let _cheap = util::KillOnDrop(vec![util::spawn_provider_with(
         &net.ticket,
         home.path(),
         2,
         &["--input-price", "5", "--output-price", "10"],
-    );
+    )]);
     assert!(net.wait_listed(2, Duration::from_secs(60)));
     let cheap_node = net.listed().into_iter().find(|n| *n != dear).unwrap();
 
@@ -383,6 +384,4 @@ fn providers_set_prices_the_router_honours_caps_and_the_gateway_takes_its_fee() 
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
-    let _ = cheap.kill();
-    let _ = cheap.wait();
 }
