@@ -149,13 +149,11 @@ impl Bill {
         if let Some(last) = self.parts.last_mut() {
             last.completion_tokens += u64::from(usage.completion_tokens).saturating_sub(counted);
         }
-        let Some(hold) = self.hold.take() else { return };
         let parts = std::mem::take(&mut self.parts);
-        match self
-            .accounts
-            .settle(hold, self.job_id.clone(), self.model_sha256.clone(), parts)
-            .await
-        {
+        let Some(settle) = self.close(parts) else {
+            return;
+        };
+        match settle.await {
             Ok(s) => self.settled = Some(s),
             Err(e) => {
                 tracing::error!(job = %self.job_id, message = %e.message, "settlement failed; the hold stays open until the gateway restarts")
@@ -166,14 +164,20 @@ impl Bill {
     /// The request failed: charge nothing.
     pub(crate) async fn release(&mut self) {
         self.parts.clear();
-        if let Some(hold) = self.hold.take() {
-            let settle =
-                self.accounts
-                    .settle(hold, self.job_id.clone(), self.model_sha256.clone(), vec![]);
+        if let Some(settle) = self.close(vec![]) {
             if let Err(e) = settle.await {
                 tracing::error!(job = %self.job_id, message = %e.message, "release failed");
             }
         }
+    }
+
+    /// Settle the hold with `parts`, once: `None` if it was already closed.
+    fn close(&mut self, parts: Vec<Part>) -> Option<BoxFuture<'static, Result<Settled, ApiError>>> {
+        let hold = self.hold.take()?;
+        Some(
+            self.accounts
+                .settle(hold, self.job_id.clone(), self.model_sha256.clone(), parts),
+        )
     }
 }
 
@@ -181,14 +185,13 @@ impl Drop for Bill {
     /// The response went away before the end (the client disconnected):
     /// charge the tokens generated so far, in the background.
     fn drop(&mut self) {
-        let Some(hold) = self.hold.take() else { return };
         let parts: Vec<Part> = std::mem::take(&mut self.parts)
             .into_iter()
             .filter(|p| p.completion_tokens > 0 || p.prompt_tokens > 0)
             .collect();
-        let settle =
-            self.accounts
-                .settle(hold, self.job_id.clone(), self.model_sha256.clone(), parts);
+        let Some(settle) = self.close(parts) else {
+            return;
+        };
         let job = self.job_id.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {

@@ -211,7 +211,6 @@ pub fn hash_key(key: &str) -> String {
 pub struct Ledger {
     pool: AnyPool,
     writer: mpsc::Sender<Pending>,
-    postgres: bool,
 }
 
 const ACCOUNT_COLUMNS: &str = "id, name, kind, balance, held, spent, spend_limit, rate_limit, \
@@ -265,20 +264,12 @@ impl Ledger {
         schema::migrate(&pool, postgres).await?;
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(writer::run(pool.clone(), postgres, rx));
-        Ok(Ledger {
-            pool,
-            writer: tx,
-            postgres,
-        })
+        Ok(Ledger { pool, writer: tx })
     }
 
     /// Open a SQLite ledger file.
     pub async fn open_file(path: &std::path::Path) -> Result<Ledger> {
         Ledger::open(&format!("sqlite://{}", path.display())).await
-    }
-
-    pub fn is_postgres(&self) -> bool {
-        self.postgres
     }
 
     async fn write<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
@@ -489,17 +480,5 @@ impl Ledger {
                 .await?,
             escrow: one("SELECT balance FROM accounts WHERE id = 'system:escrow'").await?,
         })
-    }
-
-    /// Settled requests whose idempotency key was `key` on `account`.
-    pub async fn holds_with_key(&self, account: &str, key: &str) -> Result<i64> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) FROM holds WHERE account_id = $1 AND idempotency_key = $2",
-        )
-        .bind(account.to_string())
-        .bind(key.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get(0)?)
     }
 }

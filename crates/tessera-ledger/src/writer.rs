@@ -312,27 +312,14 @@ async fn holds(
             }
         }
         for i in ids {
-            let Work::Hold {
-                account,
-                amount: held,
-                gateway,
-                idempotency_key,
-            } = &works[i]
-            else {
-                continue;
-            };
-            let result = if together && idempotency_key.is_none() {
-                Ok(record_hold(batch, account, *held as i64, gateway, None))
-            } else {
-                hold(
-                    tx,
-                    batch,
+            let result = match &works[i] {
+                Work::Hold {
                     account,
-                    *held,
+                    amount: held,
                     gateway,
-                    idempotency_key.as_deref(),
-                )
-                .await
+                    idempotency_key: None,
+                } if together => Ok(record_hold(batch, account, *held as i64, gateway, None)),
+                work => apply(tx, batch, work).await,
             };
             match result {
                 Err(LedgerError::Db(e)) => return Err(e),
