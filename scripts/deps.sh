@@ -22,6 +22,8 @@ need "python3 -m pip --version" python3-pip
 need "ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | grep -q . || command -v initdb" postgresql
 # PostgreSQL refuses to run as root; as root the tests run it as `postgres`.
 need "command -v runuser" util-linux
+# The dashboard test renders the page in headless Chromium.
+need "command -v chromium || command -v chromium-browser" chromium
 # bindgen (llama-cpp-sys-2) needs libclang.
 need "ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* 2>/dev/null | grep -q ." libclang-dev
 
@@ -44,5 +46,5 @@ fi
 
 echo "Tessera needs these system packages: ${missing_pkgs[*]}" >&2
 echo "On Debian or Ubuntu: sudo apt-get install -y ${missing_pkgs[*]}" >&2
-echo "Elsewhere, install the equivalents (cmake, a C/C++ compiler, libclang, curl, python3 with venv and pip, PostgreSQL)." >&2
+echo "Elsewhere, install the equivalents (cmake, a C/C++ compiler, libclang, curl, python3 with venv and pip, PostgreSQL, Chromium)." >&2
 exit 1

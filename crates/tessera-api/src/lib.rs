@@ -23,10 +23,10 @@ mod response;
 pub mod validation;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +36,8 @@ use bytes::Bytes;
 pub use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use tessera_engine::{Event, GenerationRequest, Model, Price, Token};
+pub use tessera_metrics::Metrics;
+use tessera_metrics::{Generation, Outcome, Verdict};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use billing::{Accounts, Caller, Held, Part, Settled};
@@ -95,12 +97,16 @@ pub trait Backend: Send + Sync + 'static {
 pub struct ApiConfig {
     /// Largest request body accepted (413 beyond).
     pub body_limit: usize,
+    /// Where requests and generations are counted (`/metrics` is served by
+    /// whoever assembles the process).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             body_limit: 4 * 1024 * 1024,
+            metrics: Metrics::new(),
         }
     }
 }
@@ -138,7 +144,22 @@ pub fn router(backend: Arc<dyn Backend>, accounts: Arc<dyn Accounts>, config: Ap
             e
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
+}
+
+/// Count every answered request by route pattern and status.
+async fn count(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let response = next.run(req).await;
+    api.config
+        .metrics
+        .request(&route, response.status().as_u16());
+    response
 }
 
 /// Every `/v1` route: find the account behind the bearer key, or 401.
@@ -209,6 +230,17 @@ pub(crate) struct Job {
     pub providers: Vec<String>,
     /// The request's escrow and what it has used so far.
     pub bill: billing::Bill,
+    /// Counts the generation for `/metrics` and the dashboard.
+    pub track: Generation,
+}
+
+impl Job {
+    /// The answer was delivered: count it (it is not audited yet).
+    pub(crate) fn completed(&mut self, completion_tokens: u32) {
+        self.track
+            .finish(Outcome::Completed, Some(u64::from(completion_tokens)));
+        self.track.metrics().audit(Verdict::NotAudited, None);
+    }
 }
 
 /// Tokenize off the async threads: a multi-megabyte prompt takes a while.
@@ -254,6 +286,7 @@ async fn run(
     caller: Caller,
     idempotency: Option<String>,
 ) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
     let prompt = tokenize(&model, render).await?;
     let limit = model.context_length;
     if prompt.len() >= limit {
@@ -304,6 +337,7 @@ async fn run(
         model.sha256.clone(),
         prompt.len() as u64,
     );
+    let prompt_tokens = prompt.len() as u64;
     let request = GenerationRequest {
         prompt,
         sampling: checked.sampling.clone(),
@@ -328,6 +362,7 @@ async fn run(
         checked,
         providers: vec![dispatch.provider],
         bill,
+        track: api.config.metrics.generation(arrived, prompt_tokens),
     };
     if job.checked.stream {
         Ok(response::stream(job, dispatch.events).into_response())

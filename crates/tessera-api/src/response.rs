@@ -15,6 +15,8 @@ use tessera_engine::{Event, FinishReason, TokenEvent, Usage};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
+use tessera_metrics::Outcome;
+
 use crate::{Job, Kind};
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -147,6 +149,7 @@ pub(crate) async fn collect(
         match events.recv().await {
             Some(Event::Token(t)) => {
                 job.bill.token();
+                job.track.token();
                 text.push_str(&t.text);
                 tokens.push(t);
             }
@@ -157,10 +160,12 @@ pub(crate) async fn collect(
             }) => {
                 text.push_str(&tail);
                 job.bill.settle(&usage).await;
+                job.completed(usage.completion_tokens);
                 break (finish_reason, usage);
             }
             Some(Event::Error(e)) => {
                 job.bill.release().await;
+                job.track.finish(Outcome::Failed, None);
                 return Err(e.into());
             }
             Some(Event::Provider { node, price }) => {
@@ -170,6 +175,7 @@ pub(crate) async fn collect(
             Some(Event::Receipt(r)) => job.bill.receipt(r),
             None => {
                 job.bill.release().await;
+                job.track.finish(Outcome::Failed, None);
                 return Err(ApiError::internal(
                     "the engine stopped before the answer was complete",
                 ));
@@ -244,6 +250,7 @@ impl StreamState {
         match event {
             Some(Event::Token(t)) => {
                 self.job.bill.token();
+                self.job.track.token();
                 if let Some(chunk) = self.job.token_chunk(&t, self.sent, first_text) {
                     self.out.push_back(data(&chunk));
                     self.handoff = false;
@@ -261,6 +268,7 @@ impl StreamState {
                 usage,
                 text,
             }) => {
+                self.job.completed(usage.completion_tokens);
                 let delta = if text.is_empty() {
                     json!({})
                 } else {
@@ -291,6 +299,7 @@ impl StreamState {
                 self.finished = true;
             }
             Some(Event::Error(e)) => {
+                self.job.track.finish(Outcome::Failed, None);
                 let e = ApiError::from(e);
                 tracing::warn!(message = %e.message, "generation failed mid-stream");
                 self.out
@@ -298,6 +307,7 @@ impl StreamState {
                 self.finished = true;
             }
             None => {
+                self.job.track.finish(Outcome::Failed, None);
                 let e = ApiError::internal("the engine stopped before the answer was complete");
                 self.out
                     .push_back(data(&serde_json::to_value(e.body()).unwrap_or(Value::Null)));

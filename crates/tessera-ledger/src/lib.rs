@@ -180,6 +180,23 @@ pub struct Check {
     pub escrow: i64,
 }
 
+/// Result of [`Ledger::totals`], in micro-credits (counts of requests).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Credits ever issued (top-ups).
+    pub issued: i64,
+    /// Held now for requests in flight.
+    pub escrow: i64,
+    /// Paid by clients for settled requests, net of refunds
+    /// (`provider_earnings + fees`).
+    pub revenue: i64,
+    pub provider_earnings: i64,
+    pub fees: i64,
+    /// Requests settled, and settled requests later refunded.
+    pub settled: i64,
+    pub refunded: i64,
+}
+
 impl Check {
     pub fn ok(&self) -> bool {
         self.unbalanced_entries == 0
@@ -450,6 +467,41 @@ impl Ledger {
                         .try_get::<Option<String>, _>("signed")?
                         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()),
                 }))
+            })
+            .collect()
+    }
+
+    /// Totals for operators' dashboards and `/metrics` (see [`Totals`]).
+    pub async fn totals(&self) -> Result<Totals> {
+        let one = |sql: &'static str| async move {
+            let row = sqlx::query(sql).fetch_one(&self.pool).await?;
+            Ok::<i64, LedgerError>(row.try_get::<Option<i64>, _>(0)?.unwrap_or(0))
+        };
+        let fees = one("SELECT balance FROM accounts WHERE id = 'system:fees'").await?;
+        let provider_earnings =
+            one("SELECT CAST(SUM(balance) AS BIGINT) FROM accounts WHERE kind = 'provider'")
+                .await?;
+        Ok(Totals {
+            issued: -one("SELECT balance FROM accounts WHERE id = 'system:issuance'").await?,
+            escrow: one("SELECT balance FROM accounts WHERE id = 'system:escrow'").await?,
+            revenue: fees + provider_earnings,
+            provider_earnings,
+            fees,
+            settled: one("SELECT COUNT(*) FROM holds WHERE state = 'settled'").await?,
+            refunded: one("SELECT COUNT(*) FROM holds WHERE state = 'refunded'").await?,
+        })
+    }
+
+    /// Every provider's balance (what it earned, net of refunds), by node id.
+    pub async fn provider_earnings(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT id, balance FROM accounts WHERE kind = 'provider'")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("id")?;
+                let node = id.strip_prefix("provider:").unwrap_or(&id).to_string();
+                Ok((node, r.try_get::<i64, _>("balance")?))
             })
             .collect()
     }

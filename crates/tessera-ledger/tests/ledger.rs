@@ -90,6 +90,23 @@ async fn charges_are_tokens_times_price_and_the_fee_is_split() {
         let receipts = ledger.provider_receipts("p2").await.unwrap();
         assert_eq!(receipts.len(), 1);
         assert_eq!(receipts[0]["cost"], p2_cost);
+        // The dashboard's totals: revenue is what providers and fees got.
+        let t = ledger.totals().await.unwrap();
+        assert_eq!(
+            (t.revenue, t.fees, t.escrow, t.settled, t.refunded),
+            (s.cost as i64, s.fee as i64, 0, 1, 0),
+            "{url}"
+        );
+        assert_eq!(t.provider_earnings, (s.cost - s.fee) as i64);
+        let mut earned = ledger.provider_earnings().await.unwrap();
+        earned.sort();
+        assert_eq!(
+            earned,
+            vec![
+                ("p1".to_string(), (p1_cost - p1_cost * 5 / 100) as i64),
+                ("p2".to_string(), (p2_cost - p2_cost * 5 / 100) as i64)
+            ]
+        );
 
         // Settling again, or charging more than was held, is refused.
         assert!(matches!(
@@ -133,6 +150,8 @@ async fn charges_are_tokens_times_price_and_the_fee_is_split() {
         let check = ledger.check().await.unwrap();
         assert!(check.ok(), "{url}: {check:?}");
         assert_eq!(check.issued, 10 * MICRO as i64);
+        let t = ledger.totals().await.unwrap();
+        assert_eq!((t.revenue, t.settled, t.refunded), (0, 0, 1), "{url}");
     }
 }
 

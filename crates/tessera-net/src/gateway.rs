@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use iroh::endpoint::{Connection, SendStream};
 use iroh::Endpoint;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, RoutePrefs, ServedModel, Sort};
 use tessera_engine::{GenerationRequest, Price};
+use tessera_metrics::Metrics;
 use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
 
 use crate::discovery::{Discovery, GOSSIP_ALPN};
@@ -68,16 +70,90 @@ impl Provider {
     }
 }
 
-/// Every provider this gateway can reach right now.
+/// What this gateway has seen of one provider, kept across its sessions
+/// (and after it left) for operators and the dashboard.
+struct Record {
+    first_seen: Instant,
+    /// Time connected in earlier sessions, and since when it is connected
+    /// now (`None`: offline).
+    online: Duration,
+    connected_since: Option<Instant>,
+    /// Its last offers, slots and hardware line.
+    offers: Vec<ModelOffer>,
+    slots: usize,
+    hardware: String,
+    /// Job parts by outcome, and the tokens they generated.
+    done: u64,
+    failed: u64,
+    cancelled: u64,
+    tokens: u64,
+    /// Moving average of the delivered tokens/s per stream this gateway
+    /// measured on its parts (0: not measured yet).
+    tok_s: f64,
+}
+
+/// One provider as operators see it (`/api/status`, the dashboard).
+#[derive(Clone, Debug, Serialize)]
+pub struct ProviderReport {
+    pub node: String,
+    /// `online`, `busy` (every slot taken), `stale` (heartbeats late) or
+    /// `offline`.
+    pub state: &'static str,
+    pub models: Vec<String>,
+    /// Its price per model (credits per million tokens).
+    pub prices: Vec<Value>,
+    pub slots: usize,
+    pub inflight: usize,
+    pub hardware: String,
+    /// Delivered tokens/s per stream as this gateway measured it.
+    pub tok_s: f64,
+    /// What it reported itself in its last heartbeat.
+    pub reported_tok_s: f64,
+    /// Moving average of its time to first answer (ms).
+    pub latency_ms: f64,
+    /// Share of the time since this gateway first saw it that it was
+    /// connected (0–1).
+    pub uptime: f64,
+    pub known_s: f64,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+    pub jobs_cancelled: u64,
+    pub tokens: u64,
+}
+
+/// Every provider this gateway can reach right now, and what it has seen
+/// of every provider so far.
 #[derive(Default)]
 pub struct Directory {
     providers: Mutex<HashMap<String, Arc<Provider>>>,
+    records: Mutex<HashMap<String, Record>>,
     /// Breaks ties between equally loaded providers in turn.
     turn: AtomicUsize,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Directory {
     fn insert(&self, p: Arc<Provider>) {
+        if let Ok(mut records) = self.records.lock() {
+            let now = Instant::now();
+            let r = records.entry(p.node.clone()).or_insert_with(|| Record {
+                first_seen: now,
+                online: Duration::ZERO,
+                connected_since: None,
+                offers: vec![],
+                slots: 0,
+                hardware: String::new(),
+                done: 0,
+                failed: 0,
+                cancelled: 0,
+                tokens: 0,
+                tok_s: 0.0,
+            });
+            r.connected_since.get_or_insert(now);
+            r.offers = p.offers.clone();
+            r.slots = p.slots;
+            r.hardware = p.hardware.clone();
+        }
         if let Ok(mut map) = self.providers.lock() {
             if let Some(old) = map.insert(p.node.clone(), p) {
                 old.conn.close(0u32.into(), b"replaced by a newer session");
@@ -93,8 +169,104 @@ impl Directory {
                 .is_some_and(|p| p.conn.stable_id() == conn.stable_id())
             {
                 map.remove(node);
+                if let Some(r) = self
+                    .records
+                    .lock()
+                    .ok()
+                    .as_mut()
+                    .and_then(|r| r.get_mut(node))
+                {
+                    if let Some(since) = r.connected_since.take() {
+                        r.online += since.elapsed();
+                    }
+                }
             }
         }
+    }
+
+    /// One job part on `node` ended (`done`, `failed` or `cancelled`)
+    /// after generating `tokens`, at `tok_s` when it could be measured.
+    pub(crate) fn record_part(
+        &self,
+        node: &str,
+        outcome: &'static str,
+        tokens: u64,
+        tok_s: Option<f64>,
+    ) {
+        let mut average = None;
+        if let Some(r) = self
+            .records
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|r| r.get_mut(node))
+        {
+            match outcome {
+                "done" => r.done += 1,
+                "failed" => r.failed += 1,
+                _ => r.cancelled += 1,
+            }
+            r.tokens += tokens;
+            if let Some(t) = tok_s {
+                r.tok_s = if r.tok_s > 0.0 {
+                    0.7 * r.tok_s + 0.3 * t
+                } else {
+                    t
+                };
+                average = Some(r.tok_s);
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.provider_part(node, outcome, tokens, average);
+        }
+    }
+
+    /// Every provider seen so far, connected ones first, then by node id.
+    pub fn report(&self) -> Vec<ProviderReport> {
+        let live: HashMap<String, Arc<Provider>> =
+            self.providers.lock().map(|m| m.clone()).unwrap_or_default();
+        let Ok(records) = self.records.lock() else {
+            return vec![];
+        };
+        let mut list: Vec<ProviderReport> = records
+            .iter()
+            .map(|(node, r)| {
+                let p = live.get(node);
+                let inflight = p.map_or(0, |p| p.inflight.load(Ordering::Relaxed));
+                let state = match p {
+                    None => "offline",
+                    Some(p) if !p.healthy() => "stale",
+                    Some(p) if inflight >= p.slots => "busy",
+                    Some(_) => "online",
+                };
+                let known = r.first_seen.elapsed();
+                let online = r.online + r.connected_since.map_or(Duration::ZERO, |s| s.elapsed());
+                ProviderReport {
+                    node: node.clone(),
+                    state,
+                    models: r.offers.iter().map(|o| o.alias.clone()).collect(),
+                    prices: r
+                        .offers
+                        .iter()
+                        .map(|o| json!({"model": o.alias, "input": o.price.input, "output": o.price.output}))
+                        .collect(),
+                    slots: r.slots,
+                    inflight,
+                    hardware: r.hardware.clone(),
+                    tok_s: r.tok_s,
+                    reported_tok_s: p.and_then(|p| p.tok_s.lock().ok().map(|t| *t)).unwrap_or(0.0),
+                    latency_ms: p.and_then(|p| p.latency_ms.lock().ok().map(|t| *t)).unwrap_or(0.0),
+                    uptime: (online.as_secs_f64() / known.as_secs_f64().max(1e-9)).min(1.0),
+                    known_s: known.as_secs_f64(),
+                    jobs_done: r.done,
+                    jobs_failed: r.failed,
+                    jobs_cancelled: r.cancelled,
+                    tokens: r.tokens,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| (a.state == "offline", &a.node).cmp(&(b.state == "offline", &b.node)));
+        list
     }
 
     fn snapshot(&self) -> Vec<Arc<Provider>> {
@@ -321,8 +493,22 @@ impl Gateway {
         self
     }
 
+    /// Record provider jobs in `metrics` (call before [`Gateway::accept`]).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.directory = Arc::new(Directory {
+            metrics: Some(metrics),
+            ..Directory::default()
+        });
+        self
+    }
+
     pub fn directory(&self) -> &Arc<Directory> {
         &self.directory
+    }
+
+    /// This gateway's node id.
+    pub fn node(&self) -> String {
+        node_id(&self.endpoint.id())
     }
 
     /// Accept providers (and gossip peers) until the endpoint closes.

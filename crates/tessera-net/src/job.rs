@@ -15,7 +15,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use iroh::endpoint::{RecvStream, SendStream};
@@ -67,7 +67,26 @@ struct Part {
     prompt_tokens: u64,
     /// Tokens this part produced.
     tokens: Vec<Token>,
+    /// When its first and latest tokens arrived (for its delivered tok/s).
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    /// How it ended, recorded in the directory when it is dropped:
+    /// `cancelled` unless marked `done` or `failed`.
+    outcome: &'static str,
+    directory: Arc<Directory>,
     _slot: Slot,
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        let n = self.tokens.len();
+        let tok_s = match (self.first_token, self.last_token) {
+            (Some(a), Some(b)) if n >= 4 && b > a => Some((n - 1) as f64 / (b - a).as_secs_f64()),
+            _ => None,
+        };
+        self.directory
+            .record_part(&self.node, self.outcome, n as u64, tok_s);
+    }
 }
 
 impl Part {
@@ -173,13 +192,23 @@ impl RoutedJob {
             let node = provider.node.clone();
             let session = provider.session.clone();
             let job_id = format!("{}.{}", self.job_id, self.parts);
-            match start(provider, &job_id, &self.model.sha256, request.clone()).await {
+            let directory = self.directory.clone();
+            match start(
+                provider,
+                directory,
+                &job_id,
+                &self.model.sha256,
+                request.clone(),
+            )
+            .await
+            {
                 Ok(part) => {
                     self.parts += 1;
                     return Ok(part);
                 }
                 Err(e) => {
                     tracing::warn!(provider = %&node[..12], error = %e, "provider failed before answering; trying another");
+                    self.directory.record_part(&node, "failed", 0, None);
                     self.failed.push(session);
                     last_error = Some(e);
                 }
@@ -217,6 +246,9 @@ impl RoutedJob {
             };
             let failure = match frame {
                 Ok(Some(Frame::Tokens { tokens })) => {
+                    let now = Instant::now();
+                    part.first_token.get_or_insert(now);
+                    part.last_token = Some(now);
                     for t in tokens {
                         part.streamed += 1;
                         part.tokens.push(t.token);
@@ -236,6 +268,7 @@ impl RoutedJob {
                             if let Ok(Some(done)) = receipt {
                                 self.countersign(&part, &done, &events);
                             }
+                            part.outcome = "done";
                             part.cancel();
                             let usage = self.usage(0);
                             let _ = events.send(Event::Done {
@@ -254,6 +287,7 @@ impl RoutedJob {
                     let extra =
                         (done.usage.completion_tokens as usize).saturating_sub(part.streamed);
                     self.countersign(&part, &done, &events);
+                    part.outcome = "done";
                     let usage = self.usage(extra);
                     let text = self.text.finish();
                     let _ = events.send(Event::Done {
@@ -271,6 +305,7 @@ impl RoutedJob {
             // The provider failed mid-answer: continue on another one.
             tracing::warn!(provider = %&part.node[..12], error = %failure, tokens = self.generated.len(), "provider failed mid-answer");
             self.failed.push(part.session.clone());
+            part.outcome = "failed";
             part.cancel();
             if self
                 .request
@@ -362,6 +397,7 @@ impl RoutedJob {
 /// Open a job stream on `provider`, send the request, wait for the answer.
 async fn start(
     provider: Arc<Provider>,
+    directory: Arc<Directory>,
     job_id: &str,
     sha256: &str,
     generation: GenerationRequest,
@@ -405,6 +441,10 @@ async fn start(
         prompt_sha256,
         prompt_tokens,
         tokens: Vec::new(),
+        first_token: None,
+        last_token: None,
+        outcome: "cancelled",
+        directory,
         _slot: slot,
     })
 }

@@ -193,6 +193,10 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     );
     println!("  API:       {api_base}");
     println!("  API key:   {key}  (demo account, 1000 credits)");
+    println!(
+        "  dashboard: {}/dashboard  (`tessera status` prints the same)",
+        api_base.trim_end_matches("/v1")
+    );
     println!("  ticket:    {ticket}");
     for (i, p) in providers.iter().enumerate() {
         println!(

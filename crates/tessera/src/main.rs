@@ -16,6 +16,7 @@ mod local;
 mod models;
 mod netbench;
 mod network;
+mod observe;
 mod serve;
 
 use std::path::PathBuf;
@@ -40,7 +41,8 @@ enum Command {
     /// Run a gateway: the HTTP API in front of providers that dial in.
     Gateway(network::GatewayArgs),
     /// Contribute this machine: serve jobs for one or more gateways
-    /// (`tessera provider earnings` lists what it earned).
+    /// (`tessera provider status` and `tessera provider earnings` show how
+    /// it is doing and what it earned).
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Provider {
         #[command(subcommand)]
@@ -48,6 +50,9 @@ enum Command {
         #[command(flatten)]
         args: network::ProviderArgs,
     },
+    /// The network as a gateway sees it: providers, traffic, revenue,
+    /// audits (the terminal twin of the gateway's /dashboard).
+    Status(observe::StatusArgs),
     /// A gateway and N providers as separate processes on loopback.
     Devnet(devnet::DevnetArgs),
     /// Accounts and API keys in the ledger: create, top up, show, check.
@@ -72,6 +77,9 @@ enum ProviderCommand {
     /// This provider's receipts and earnings at a gateway, every signature
     /// checked.
     Earnings(earnings::EarningsArgs),
+    /// This provider as a gateway sees it: state, jobs, uptime, measured
+    /// tok/s, earnings.
+    Status(observe::StatusArgs),
 }
 
 /// How the engine is sized; shared by `serve` and `bench`.
@@ -139,6 +147,11 @@ fn main() -> anyhow::Result<()> {
             command: Some(ProviderCommand::Earnings(args)),
             ..
         } => earnings::run(&cli.home, args),
+        Command::Provider {
+            command: Some(ProviderCommand::Status(args)),
+            ..
+        } => observe::provider(&cli.home, args),
+        Command::Status(args) => observe::run(&cli.home, args),
         Command::Provider {
             command: None,
             args,

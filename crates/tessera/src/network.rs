@@ -138,7 +138,10 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        let gateway = Gateway::new(endpoint.clone(), models).with_discovery(discovery);
+        let metrics = tessera_api::Metrics::new();
+        let gateway = Gateway::new(endpoint.clone(), models)
+            .with_discovery(discovery)
+            .with_metrics(metrics.clone());
         let ledger = args.db.open(home).await?;
         let key = match args.demo_account {
             true => Some(demo_key(home, &ledger).await?),
@@ -146,7 +149,10 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         };
         let gateway_id = node::node_id(&endpoint.id());
         let receipts = crate::earnings::route(ledger.clone());
-        let accounts = Arc::new(LedgerAccounts::start(ledger, gateway_id, args.fee_bps).await?);
+        let directory = gateway.directory().clone();
+        let ledger_view = ledger.clone();
+        let accounts =
+            Arc::new(LedgerAccounts::start(ledger, gateway_id.clone(), args.fee_bps).await?);
         tokio::spawn(gateway.clone().accept());
         let path = home.join("endpoint.json");
         write_json(
@@ -165,14 +171,26 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         println!("Tessera gateway: API on http://{addr}/v1");
         println!("Providers join with:\n  tessera provider --gateway {ticket}");
         let backend: Arc<dyn Backend> = Arc::new(NetworkBackend::new(gateway));
+        let view = Arc::new(crate::observe::View {
+            metrics: metrics.clone(),
+            ledger: ledger_view,
+            backend: backend.clone(),
+            directory: Some(directory),
+            node: gateway_id.clone(),
+            network: args.network.name.clone(),
+            started: std::time::Instant::now(),
+        });
+        println!("Dashboard: http://{addr}/dashboard");
         let app = tessera_api::router(
             backend,
             accounts,
             ApiConfig {
                 body_limit: args.body_limit,
+                metrics,
             },
         )
-        .merge(receipts);
+        .merge(receipts)
+        .merge(crate::observe::routes(view));
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;

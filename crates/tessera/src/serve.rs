@@ -111,6 +111,15 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
         let ledger = args.db.open(home).await?;
         let key = demo_key(home, &ledger).await?;
         // `serve` charges like a provider without a gateway: no fee.
+        let view = Arc::new(crate::observe::View {
+            metrics: tessera_api::Metrics::new(),
+            ledger: ledger.clone(),
+            backend: backend.clone(),
+            directory: None,
+            node: "local".into(),
+            network: "local".into(),
+            started: std::time::Instant::now(),
+        });
         let accounts = Arc::new(LedgerAccounts::start(ledger, "local".into(), 0).await?);
         let _endpoint = write_endpoint(home, addr, &engine.model.alias, &key)?;
         tracing::info!(
@@ -133,8 +142,10 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             accounts,
             ApiConfig {
                 body_limit: args.body_limit,
+                metrics: view.metrics.clone(),
             },
-        );
+        )
+        .merge(crate::observe::metrics_route(view));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown_signal().await;
