@@ -71,6 +71,13 @@ pub struct Dispatch {
     pub price: Price,
 }
 
+/// Who a job is for: the API's response id and the paying account.
+#[derive(Clone, Debug)]
+pub struct JobTicket {
+    pub id: String,
+    pub account: String,
+}
+
 /// Where the API sends work.
 pub trait Backend: Send + Sync + 'static {
     /// Every model that can be requested now.
@@ -83,7 +90,22 @@ pub trait Backend: Send + Sync + 'static {
         model: &ServedModel,
         request: GenerationRequest,
         route: &RoutePrefs,
+        ticket: &JobTicket,
     ) -> BoxFuture<'static, Result<Dispatch, ApiError>>;
+    /// Whether this backend audits answers (then it counts their verdicts).
+    fn audits(&self) -> bool {
+        false
+    }
+    /// The audit status of a request now: `pending`, `passed`, `failed` or
+    /// `not_audited`.
+    fn audit_status(&self, _id: &str) -> &'static str {
+        "not_audited"
+    }
+    /// A request's verdict and evidence, for the account that paid for it
+    /// (`None`: unknown, or not this account's).
+    fn audit_report(&self, _id: &str, _account: &str) -> Option<Value> {
+        None
+    }
     /// The highest price among providers that may serve this request
     /// (within `route.max_price`): what the hold is sized by. An error when
     /// none may.
@@ -131,6 +153,7 @@ pub fn router(backend: Arc<dyn Backend>, accounts: Arc<dyn Accounts>, config: Ap
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/v1/account", get(account))
+        .route("/v1/jobs/{id}", get(job_report))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(paid)
@@ -232,14 +255,19 @@ pub(crate) struct Job {
     pub bill: billing::Bill,
     /// Counts the generation for `/metrics` and the dashboard.
     pub track: Generation,
+    /// Where the answer came from (asked for its audit status).
+    pub backend: Arc<dyn Backend>,
 }
 
 impl Job {
-    /// The answer was delivered: count it (it is not audited yet).
+    /// The answer was delivered: count it (a backend that audits counts
+    /// the verdicts itself).
     pub(crate) fn completed(&mut self, completion_tokens: u32) {
         self.track
             .finish(Outcome::Completed, Some(u64::from(completion_tokens)));
-        self.track.metrics().audit(Verdict::NotAudited, None);
+        if !self.backend.audits() {
+            self.track.metrics().audit(Verdict::NotAudited, None);
+        }
     }
 }
 
@@ -346,7 +374,15 @@ async fn run(
         top_logprobs: checked.logprobs.unwrap_or(0) as usize,
         ignore_eos: checked.ignore_eos,
     };
-    let dispatch = match api.backend.submit(&model, request, &checked.route).await {
+    let ticket = JobTicket {
+        id: id.clone(),
+        account: caller.account.clone(),
+    };
+    let dispatch = match api
+        .backend
+        .submit(&model, request, &checked.route, &ticket)
+        .await
+    {
         Ok(d) => d,
         Err(e) => {
             bill.release().await;
@@ -363,6 +399,7 @@ async fn run(
         providers: vec![dispatch.provider],
         bill,
         track: api.config.metrics.generation(arrived, prompt_tokens),
+        backend: api.backend.clone(),
     };
     if job.checked.stream {
         Ok(response::stream(job, dispatch.events).into_response())
@@ -465,6 +502,26 @@ async fn account(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
     api.accounts.account(&caller).await.map(Json)
+}
+
+/// A request's audit verdict and evidence, for the account that paid for it.
+async fn job_report(
+    State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    api.backend
+        .audit_report(&id, &caller.account)
+        .map(Json)
+        .ok_or_else(|| {
+            let mut e = ApiError::not_found(&format!("/v1/jobs/{id}"));
+            e.message = format!(
+                "No job '{id}' of this account is known here (answers of this gateway \
+                 since it started, by the response's id)."
+            );
+            e.code = Some("job_not_found");
+            e
+        })
 }
 
 async fn list_models(State(api): State<Arc<Api>>) -> Json<Value> {

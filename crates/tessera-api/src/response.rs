@@ -42,7 +42,7 @@ impl Job {
             "providers": self.providers,
             "model_sha256": self.model.sha256,
             "seed": self.checked.sampling.seed,
-            "audit": "not_audited",
+            "audit": self.backend.audit_status(&self.id),
         });
         if let Some(s) = &self.bill.settled {
             v["cost"] = json!(s.cost);
@@ -173,6 +173,7 @@ pub(crate) async fn collect(
                 job.providers.push(node);
             }
             Some(Event::Receipt(r)) => job.bill.receipt(r),
+            Some(Event::Proof { .. }) => {}
             None => {
                 job.bill.release().await;
                 job.track.finish(Outcome::Failed, None);
@@ -263,6 +264,7 @@ impl StreamState {
                 self.handoff = true;
             }
             Some(Event::Receipt(r)) => self.job.bill.receipt(r),
+            Some(Event::Proof { .. }) => {}
             Some(Event::Done {
                 finish_reason,
                 usage,

@@ -15,6 +15,8 @@
 //!   active sequence advances by one token per `decode` call, and prompts of
 //!   newly admitted requests ride along in the same batch.
 
+pub mod audit;
+pub mod commit;
 pub mod sampling;
 mod scheduler;
 pub mod text;
@@ -126,6 +128,11 @@ pub trait Engine {
     fn max_batch(&self) -> usize;
     /// Positions (prompt + output) one sequence may use.
     fn context_per_sequence(&self) -> usize;
+    /// Whether `decode` can return hidden states (then the scheduler builds
+    /// a [`commit::Proof`] of every generation).
+    fn hidden_states(&self) -> bool {
+        false
+    }
 }
 
 /// Receives `(position, logits, hidden state)` for each evaluated position.

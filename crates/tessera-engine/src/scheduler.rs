@@ -16,6 +16,7 @@ use std::thread;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::commit::{Proof, ProofBuilder};
 use crate::sampling::{self, SamplingParams};
 use crate::text::TextStream;
 use crate::{BatchEntry, BatchOutput, Engine, EngineError, Model, SeqId, Token};
@@ -89,6 +90,13 @@ pub enum Event {
     /// ended. Never sent by the scheduler; a network backend sends it
     /// before the `Done` that follows that part.
     Receipt(String),
+    /// Every generated token (a final end-of-generation one included) and
+    /// the proof an auditor checks them by; sent just before `Done` when
+    /// the engine has hidden states (providers), never otherwise.
+    Proof {
+        tokens: Vec<Token>,
+        proof: Proof,
+    },
 }
 
 /// What a provider charges, in micro-credits per token (which is the same
@@ -287,6 +295,9 @@ struct Active {
     /// Stop after this many tokens in all (prompt + output).
     end: usize,
     text: TextStream,
+    /// Commitments and logprobs of the generated tokens (engines with
+    /// hidden states only).
+    proof: Option<ProofBuilder>,
 }
 
 impl Active {
@@ -298,6 +309,22 @@ impl Active {
             prompt_tokens: self.n_prompt as u32,
             completion_tokens: self.generated(),
         }
+    }
+
+    /// Send the proof (if any) and then `Done`.
+    fn finish(&mut self, finish_reason: FinishReason, text: String) {
+        if let Some(b) = self.proof.take() {
+            let _ = self.job.events.send(Event::Proof {
+                tokens: self.tokens[self.n_prompt..].to_vec(),
+                proof: b.finish(),
+            });
+        }
+        let usage = self.usage();
+        let _ = self.job.events.send(Event::Done {
+            finish_reason,
+            usage,
+            text,
+        });
     }
 }
 
@@ -390,6 +417,7 @@ impl Loop {
             let max_new = job.request.max_tokens.map_or(usize::MAX, |m| m as usize);
             let end = n_prompt.saturating_add(max_new).min(limit);
             let text = TextStream::new(job.request.stop.clone());
+            let proof = self.engine.hidden_states().then(ProofBuilder::new);
             self.active.push(Active {
                 seq,
                 job,
@@ -398,6 +426,7 @@ impl Loop {
                 n_prompt,
                 end,
                 text,
+                proof,
             });
         }
     }
@@ -437,17 +466,27 @@ impl Loop {
         if batch.is_empty() {
             return;
         }
-        if let Err(e) = self.engine.decode(&batch, false, &mut self.out) {
+        let want_hidden = self.engine.hidden_states();
+        if let Err(e) = self.engine.decode(&batch, want_hidden, &mut self.out) {
             tracing::error!(error = %e, "decode failed; failing the sequences in the batch");
             self.fail_batch(&batch, e);
             return;
         }
         let n_vocab = self.model.info().n_vocab;
+        let n_embd = if want_hidden {
+            out_width(&self.out, rows.len())
+        } else {
+            0
+        };
         let mut finished: Vec<usize> = Vec::new();
         let out = std::mem::take(&mut self.out);
         for (row, &i) in rows.iter().enumerate() {
             let logits = &out.logits[row * n_vocab..(row + 1) * n_vocab];
-            if self.advance(i, logits) {
+            let hidden = out
+                .hidden
+                .get(row * n_embd..(row + 1) * n_embd)
+                .unwrap_or(&[]);
+            if self.advance(i, logits, hidden) {
                 finished.push(i);
             }
         }
@@ -461,7 +500,7 @@ impl Loop {
 
     /// Sample the next token of `active[i]` and stream it; true when the
     /// sequence has finished (or its client is gone).
-    fn advance(&mut self, i: usize, logits: &[f32]) -> bool {
+    fn advance(&mut self, i: usize, logits: &[f32], hidden: &[f32]) -> bool {
         let model = &self.model;
         let a = &mut self.active[i];
         let req = &a.job.request;
@@ -469,14 +508,12 @@ impl Loop {
         let token = sampling::sample(logits, &req.sampling, pos);
         let (logprob, top) = sampling::logprobs(logits, token, req.top_logprobs);
         a.tokens.push(token);
-        if model.is_eog(token) && !req.ignore_eos {
+        if let Some(b) = a.proof.as_mut() {
+            b.push(hidden, logprob);
+        }
+        if model.is_eog(token) && !a.job.request.ignore_eos {
             let text = a.text.finish();
-            let usage = a.usage();
-            let _ = a.job.events.send(Event::Done {
-                finish_reason: FinishReason::Stop,
-                usage,
-                text,
-            });
+            a.finish(FinishReason::Stop, text);
             return true;
         }
         let pushed = a.text.push(&model.token_bytes(token));
@@ -503,12 +540,7 @@ impl Loop {
                 } else {
                     a.text.finish()
                 };
-                let usage = a.usage();
-                let _ = a.job.events.send(Event::Done {
-                    finish_reason,
-                    usage,
-                    text,
-                });
+                a.finish(finish_reason, text);
                 true
             }
             None => false,
@@ -528,6 +560,11 @@ impl Loop {
             }
         }
     }
+}
+
+/// Width of the hidden-state rows in `out` (which holds `rows` of them).
+fn out_width(out: &BatchOutput, rows: usize) -> usize {
+    out.hidden.len().checked_div(rows).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -645,7 +682,7 @@ mod tests {
                     return (text, done);
                 }
                 e @ Event::Error(_) => return (text, e),
-                Event::Provider { .. } | Event::Receipt(_) => {}
+                Event::Provider { .. } | Event::Receipt(_) | Event::Proof { .. } => {}
             }
         }
     }

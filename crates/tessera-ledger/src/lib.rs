@@ -471,6 +471,16 @@ impl Ledger {
             .collect()
     }
 
+    /// The hold of a settled request, by the request's job id (the API's
+    /// response id), once it has been settled with at least one part.
+    pub async fn hold_of_job(&self, job_id: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT hold_id FROM receipts WHERE job_id = $1 LIMIT 1")
+            .bind(job_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get::<String, _>("hold_id")).transpose()?)
+    }
+
     /// Totals for operators' dashboards and `/metrics` (see [`Totals`]).
     pub async fn totals(&self) -> Result<Totals> {
         let one = |sql: &'static str| async move {

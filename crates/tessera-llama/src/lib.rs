@@ -302,4 +302,8 @@ impl Engine for LlamaEngine {
     fn context_per_sequence(&self) -> usize {
         self.config.context_per_slot
     }
+
+    fn hidden_states(&self) -> bool {
+        self.config.hidden_states
+    }
 }

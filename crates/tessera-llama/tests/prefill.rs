@@ -1,14 +1,16 @@
 //! The engine on the real default model: one prefill over prompt + output
-//! reproduces what the scheduler generated, which is what the auditor will
-//! rely on.
+//! reproduces what the scheduler generated, which is what the auditor relies
+//! on; and the auditor passes honest answers and fails tampered ones.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tessera_engine::audit::{audit, AuditJob, Thresholds};
+use tessera_engine::commit::Proof;
 use tessera_engine::sampling::{self, SamplingParams};
 use tessera_engine::{
-    prefill_all, ChatMessage, Engine, Event, GenerationRequest, Model, Scheduler, SchedulerConfig,
-    Token,
+    prefill_all, ChatMessage, Engine, Event, FinishReason, GenerationRequest, Model, Scheduler,
+    SchedulerConfig, Token, Usage,
 };
 use tessera_llama::{EngineConfig, LlamaEngine, LlamaModelFile};
 
@@ -74,7 +76,7 @@ fn generate(
             Event::Token(t) => out.push(t.token),
             Event::Done { .. } => break,
             Event::Error(e) => panic!("{e}"),
-            Event::Provider { .. } | Event::Receipt(_) => {}
+            Event::Provider { .. } | Event::Receipt(_) | Event::Proof { .. } => {}
         }
     }
     drop(handle);
@@ -157,4 +159,159 @@ fn seeded_sampling_replays_from_prefill_logits() {
         }
     }
     assert!(exact >= 30, "only {exact}/32 tokens replayed exactly");
+}
+
+/// What a provider's scheduler (hidden states on) hands over with an answer.
+struct Proved {
+    prompt: Vec<Token>,
+    tokens: Vec<Token>,
+    proof: Proof,
+    finish: FinishReason,
+    usage: Usage,
+}
+
+fn generate_proved(file: &Arc<LlamaModelFile>, sampling: SamplingParams, n: u32) -> Proved {
+    let f = file.clone();
+    let (scheduler, handle) =
+        Scheduler::spawn(file.clone(), SchedulerConfig::default(), move || {
+            Ok(Box::new(LlamaEngine::new(&f, audit_config())?) as Box<dyn Engine>)
+        })
+        .expect("scheduler");
+    let messages = [ChatMessage {
+        role: "user".into(),
+        content: "Write two sentences about a lighthouse keeper.".into(),
+    }];
+    let prompt = file
+        .tokenize(&file.apply_chat_template(&messages).unwrap(), true)
+        .unwrap();
+    let mut rx = handle
+        .submit(GenerationRequest {
+            prompt: prompt.clone(),
+            sampling,
+            max_tokens: Some(n),
+            stop: vec![],
+            top_logprobs: 0,
+            ignore_eos: false,
+        })
+        .unwrap();
+    let mut proved = None;
+    let (finish, usage) = loop {
+        match rx.blocking_recv().expect("event") {
+            Event::Proof { tokens, proof } => proved = Some((tokens, proof)),
+            Event::Done {
+                finish_reason,
+                usage,
+                ..
+            } => break (finish_reason, usage),
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    };
+    drop(handle);
+    scheduler.join();
+    let (tokens, proof) = proved.expect("a proof before Done");
+    Proved {
+        prompt,
+        tokens,
+        proof,
+        finish,
+        usage,
+    }
+}
+
+fn job_of(p: &Proved, sampling: &SamplingParams, max_tokens: u32) -> AuditJob {
+    AuditJob {
+        prompt: p.prompt.clone(),
+        output: p.tokens.clone(),
+        sampling: sampling.clone(),
+        proof: p.proof.clone(),
+        finish_reason: p.finish,
+        stopped_by_sequence: false,
+        max_tokens: Some(max_tokens),
+        context: 512,
+        ignore_eos: false,
+        claimed_completion_tokens: p.usage.completion_tokens,
+    }
+}
+
+#[test]
+fn honest_answers_pass_their_audit_and_each_kind_of_tampering_fails() {
+    let file = LlamaModelFile::load(&model_path()).unwrap();
+    let mut auditor = LlamaEngine::new(&file, audit_config()).unwrap();
+    let th = Thresholds::default();
+    let settings = [
+        SamplingParams::greedy(),
+        SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: 7,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 1.2,
+            top_k: 40,
+            seed: 99,
+            ..SamplingParams::default()
+        },
+    ];
+    let mut kept = None;
+    for params in &settings {
+        let p = generate_proved(&file, params.clone(), 80);
+        assert_eq!(p.tokens.len() as u32, p.usage.completion_tokens);
+        assert!(
+            p.proof.commitments.len() <= 10 * p.tokens.len(),
+            "{} commitment bytes for {} tokens",
+            p.proof.commitments.len(),
+            p.tokens.len()
+        );
+        let ev = audit(&mut auditor, file.as_ref(), 0, &job_of(&p, params, 80), &th).unwrap();
+        eprintln!("honest {params:?}: {ev:?}");
+        assert!(ev.passed(), "an honest answer failed: {:?}", ev.failures);
+        kept = Some((p, params.clone()));
+    }
+    let (p, params) = kept.unwrap();
+    let n = p.tokens.len();
+    assert!(n > 20, "the answer is long enough to tamper with");
+    let fails = |job: AuditJob, what: &str| {
+        let mut engine = LlamaEngine::new(&file, audit_config()).unwrap();
+        let ev = audit(&mut engine, file.as_ref(), 0, &job, &th).unwrap();
+        assert!(!ev.passed(), "{what} was not caught: {ev:?}");
+        eprintln!("{what}: {:?}", ev.failures);
+    };
+    // Garbage: other tokens in the middle.
+    let mut job = job_of(&p, &params, 80);
+    for t in &mut job.output[5..15] {
+        *t = (*t + 17) % 1000;
+    }
+    fails(job, "substituted tokens");
+    // Forged commitments.
+    let mut job = job_of(&p, &params, 80);
+    for (i, b) in job.proof.commitments.iter_mut().enumerate() {
+        *b = (i * 37 % 251) as u8;
+    }
+    fails(job, "forged commitments");
+    // Made-up logprobs.
+    let mut job = job_of(&p, &params, 80);
+    for lp in &mut job.proof.logprobs {
+        *lp -= 0.5;
+    }
+    fails(job, "forged logprobs");
+    // Inflated usage.
+    let mut job = job_of(&p, &params, 80);
+    job.claimed_completion_tokens += 3;
+    fails(job, "inflated usage");
+    // Early stop: a prefix of an answer passed off as complete.
+    let short = generate_proved(&file, params.clone(), 12);
+    let mut job = job_of(&short, &params, 80);
+    job.finish_reason = FinishReason::Stop;
+    fails(job, "early stop claimed as a stop");
+    let mut job = job_of(&short, &params, 80);
+    job.finish_reason = FinishReason::Length;
+    fails(job, "early stop claimed as the length limit");
+    // The same tokens under another seed are not what the rule picks.
+    let mut job = job_of(&p, &params, 80);
+    job.sampling.seed += 1;
+    if params.temperature > 0.0 {
+        fails(job, "a different seed");
+    }
 }

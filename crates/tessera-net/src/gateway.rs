@@ -18,11 +18,14 @@ use iroh::endpoint::{Connection, SendStream};
 use iroh::Endpoint;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tessera_api::{ApiError, Backend, BoxFuture, Dispatch, RoutePrefs, ServedModel, Sort};
+use tessera_api::{
+    ApiError, Backend, BoxFuture, Dispatch, JobTicket, RoutePrefs, ServedModel, Sort,
+};
 use tessera_engine::{GenerationRequest, Price};
 use tessera_metrics::Metrics;
 use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
 
+use crate::audit::Audits;
 use crate::discovery::{Discovery, GOSSIP_ALPN};
 use crate::job::RoutedJob;
 use crate::node::node_id;
@@ -54,6 +57,14 @@ pub(crate) struct Provider {
 }
 
 impl Provider {
+    /// Its context per request for the model `sha256`.
+    pub(crate) fn context(&self, sha256: &str) -> usize {
+        self.offers
+            .iter()
+            .find(|o| o.sha256 == sha256)
+            .map_or(0, |o| o.context_length)
+    }
+
     /// Its price for the model `sha256`.
     pub(crate) fn price(&self, sha256: &str) -> Price {
         self.offers
@@ -90,14 +101,20 @@ struct Record {
     /// Moving average of the delivered tokens/s per stream this gateway
     /// measured on its parts (0: not measured yet).
     tok_s: f64,
+    audits_passed: u32,
+    audits_failed: u32,
+    /// Moving average of its audit results (1 passed, 0 failed).
+    reputation: Option<f64>,
+    /// Failed a second audit: never routed to again by this gateway.
+    quarantined: bool,
 }
 
 /// One provider as operators see it (`/api/status`, the dashboard).
 #[derive(Clone, Debug, Serialize)]
 pub struct ProviderReport {
     pub node: String,
-    /// `online`, `busy` (every slot taken), `stale` (heartbeats late) or
-    /// `offline`.
+    /// `online`, `busy` (every slot taken), `stale` (heartbeats late),
+    /// `quarantined` (failed two audits) or `offline`.
     pub state: &'static str,
     pub models: Vec<String>,
     /// Its price per model (credits per million tokens).
@@ -119,6 +136,11 @@ pub struct ProviderReport {
     pub jobs_failed: u64,
     pub jobs_cancelled: u64,
     pub tokens: u64,
+    pub audits_passed: u32,
+    pub audits_failed: u32,
+    /// Moving average of its audit results (1 = every audit passed); `None`
+    /// before its first audit.
+    pub reputation: Option<f64>,
 }
 
 /// Every provider this gateway can reach right now, and what it has seen
@@ -148,6 +170,10 @@ impl Directory {
                 cancelled: 0,
                 tokens: 0,
                 tok_s: 0.0,
+                audits_passed: 0,
+                audits_failed: 0,
+                reputation: None,
+                quarantined: false,
             });
             r.connected_since.get_or_insert(now);
             r.offers = p.offers.clone();
@@ -221,6 +247,48 @@ impl Directory {
         }
     }
 
+    /// The chance that a part `node` served is audited under `policy`.
+    pub(crate) fn audit_odds(&self, node: &str, policy: &crate::audit::AuditPolicy) -> f64 {
+        let records = self.records.lock();
+        match records.ok().as_ref().and_then(|r| r.get(node)) {
+            Some(r) if r.audits_failed == 0 && r.audits_passed >= policy.probation => {
+                policy.base_rate
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// An audit of `node` passed or failed; true when this failure confirms
+    /// an earlier one and the provider is now quarantined.
+    pub(crate) fn record_audit(&self, node: &str, passed: bool) -> bool {
+        let Some(mut records) = self.records.lock().ok() else {
+            return false;
+        };
+        let Some(r) = records.get_mut(node) else {
+            return false;
+        };
+        let x = if passed { 1.0 } else { 0.0 };
+        r.reputation = Some(r.reputation.map_or(x, |old| 0.8 * old + 0.2 * x));
+        if passed {
+            r.audits_passed += 1;
+            return false;
+        }
+        r.audits_failed += 1;
+        if r.audits_failed >= 2 && !r.quarantined {
+            r.quarantined = true;
+            return true;
+        }
+        false
+    }
+
+    fn quarantined(&self, node: &str) -> bool {
+        self.records
+            .lock()
+            .ok()
+            .and_then(|r| r.get(node).map(|r| r.quarantined))
+            .unwrap_or(false)
+    }
+
     /// Every provider seen so far, connected ones first, then by node id.
     pub fn report(&self) -> Vec<ProviderReport> {
         let live: HashMap<String, Arc<Provider>> =
@@ -234,6 +302,7 @@ impl Directory {
                 let p = live.get(node);
                 let inflight = p.map_or(0, |p| p.inflight.load(Ordering::Relaxed));
                 let state = match p {
+                    _ if r.quarantined => "quarantined",
                     None => "offline",
                     Some(p) if !p.healthy() => "stale",
                     Some(p) if inflight >= p.slots => "busy",
@@ -262,6 +331,9 @@ impl Directory {
                     jobs_failed: r.failed,
                     jobs_cancelled: r.cancelled,
                     tokens: r.tokens,
+                    audits_passed: r.audits_passed,
+                    audits_failed: r.audits_failed,
+                    reputation: r.reputation,
                 }
             })
             .collect();
@@ -289,6 +361,7 @@ impl Directory {
             .snapshot()
             .into_iter()
             .filter(|p| !tried.contains(&p.session) && p.healthy() && allowed(&p.node, route))
+            .filter(|p| !self.quarantined(&p.node))
             .filter(|p| {
                 p.offers.iter().any(|o| {
                     o.sha256 == sha256 && o.context_length > tokens && within(o.price, route)
@@ -475,6 +548,8 @@ pub struct Gateway {
     models: Arc<Vec<ServedModel>>,
     directory: Arc<Directory>,
     discovery: Option<Discovery>,
+    /// The auditor of each model (by sha256) this gateway audits.
+    audits: Arc<HashMap<String, Arc<Audits>>>,
 }
 
 impl Gateway {
@@ -484,7 +559,14 @@ impl Gateway {
             models: Arc::new(models),
             directory: Arc::default(),
             discovery: None,
+            audits: Arc::default(),
         }
+    }
+
+    /// Audit answers of these models (sha256 → their auditor).
+    pub fn with_audits(mut self, audits: HashMap<String, Arc<Audits>>) -> Self {
+        self.audits = Arc::new(audits);
+        self
     }
 
     /// Take part in gossip discovery (the endpoint must accept its ALPN).
@@ -684,6 +766,7 @@ impl Backend for NetworkBackend {
         model: &ServedModel,
         request: GenerationRequest,
         route: &RoutePrefs,
+        ticket: &JobTicket,
     ) -> BoxFuture<'static, Result<Dispatch, ApiError>> {
         let job = RoutedJob::new(
             self.gateway.directory.clone(),
@@ -691,8 +774,31 @@ impl Backend for NetworkBackend {
             request,
             route.clone(),
             self.gateway.endpoint.secret_key().clone(),
+        )
+        .audited(
+            self.gateway.audits.get(&model.sha256).cloned(),
+            ticket.clone(),
         );
         Box::pin(job.dispatch())
+    }
+
+    fn audits(&self) -> bool {
+        !self.gateway.audits.is_empty()
+    }
+
+    fn audit_status(&self, id: &str) -> &'static str {
+        self.gateway
+            .audits
+            .values()
+            .find_map(|a| a.status(id))
+            .unwrap_or("not_audited")
+    }
+
+    fn audit_report(&self, id: &str, account: &str) -> Option<Value> {
+        self.gateway
+            .audits
+            .values()
+            .find_map(|a| a.report(id, account))
     }
 
     fn quote(&self, model: &ServedModel, route: &RoutePrefs) -> Result<Price, ApiError> {

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use iroh::endpoint::{RecvStream, SendStream};
 use iroh::SecretKey;
-use tessera_api::{ApiError, Dispatch, RoutePrefs, ServedModel};
+use tessera_api::{ApiError, Dispatch, JobTicket, RoutePrefs, ServedModel};
+use tessera_engine::audit::AuditJob;
 use tessera_engine::text::TextStream;
 use tessera_engine::{
     EngineError, Event, FinishReason, GenerationRequest, Price, Token, TokenEvent, Usage,
@@ -28,6 +29,7 @@ use tessera_engine::{
 use tessera_protocol::{read_frame, write_frame, Frame, JobDone, JobRequest, Receipt};
 use tokio::sync::mpsc;
 
+use crate::audit::Audits;
 use crate::gateway::{Directory, Provider, MAX_TRIES};
 use crate::node::node_id;
 use crate::receipt;
@@ -58,8 +60,9 @@ struct Part {
     first: Option<Frame>,
     /// Tokens this part has streamed.
     streamed: usize,
-    /// The provider's price for this model.
+    /// The provider's price for this model, and its context per request.
     price: Price,
+    context: usize,
     /// This part's job id (the answer's id and the part's number).
     job_id: String,
     /// sha256 of the prompt this part was given, and its length.
@@ -111,6 +114,10 @@ pub struct RoutedJob {
     route: RoutePrefs,
     /// The gateway's key, to countersign providers' receipts.
     key: SecretKey,
+    /// The model's auditor (if this gateway audits it) and whose request
+    /// this is.
+    audits: Option<Arc<Audits>>,
+    ticket: JobTicket,
 }
 
 impl RoutedJob {
@@ -132,7 +139,19 @@ impl RoutedJob {
             failed: Vec::new(),
             parts: 0,
             route,
+            audits: None,
+            ticket: JobTicket {
+                id: String::new(),
+                account: String::new(),
+            },
         }
+    }
+
+    /// Audit its parts with `audits`, filed under `ticket`.
+    pub fn audited(mut self, audits: Option<Arc<Audits>>, ticket: JobTicket) -> Self {
+        self.audits = audits;
+        self.ticket = ticket;
+        self
     }
 
     /// Start the job; resolves once a provider has answered.
@@ -267,6 +286,7 @@ impl RoutedJob {
                             .await;
                             if let Ok(Some(done)) = receipt {
                                 self.countersign(&part, &done, &events);
+                                self.audit(&part, &done, true);
                             }
                             part.outcome = "done";
                             part.cancel();
@@ -287,6 +307,7 @@ impl RoutedJob {
                     let extra =
                         (done.usage.completion_tokens as usize).saturating_sub(part.streamed);
                     self.countersign(&part, &done, &events);
+                    self.audit(&part, &done, false);
                     part.outcome = "done";
                     let usage = self.usage(extra);
                     let text = self.text.finish();
@@ -354,6 +375,54 @@ impl RoutedJob {
         pushed.stopped
     }
 
+    /// Hand a finished part to the auditor (which decides whether to audit
+    /// it). `by_sequence`: this gateway saw a stop sequence end it.
+    fn audit(&self, part: &Part, done: &JobDone, by_sequence: bool) {
+        let Some(audits) = &self.audits else {
+            return;
+        };
+        let before = self.generated.len().saturating_sub(part.tokens.len());
+        let job = match &done.proof {
+            None => Err("the provider sent no proof".to_string()),
+            Some(jp) => {
+                // The proof must be of the tokens the client got (and at
+                // most a final end-of-generation token more); if not, the
+                // streamed tokens are audited against it and fail.
+                let consistent =
+                    jp.tokens.starts_with(&part.tokens) && jp.tokens.len() <= part.tokens.len() + 1;
+                let mut prompt = self.request.prompt.clone();
+                prompt.extend_from_slice(&self.generated[..before]);
+                Ok(AuditJob {
+                    prompt,
+                    output: if consistent {
+                        jp.tokens.clone()
+                    } else {
+                        part.tokens.clone()
+                    },
+                    sampling: self.request.sampling.clone(),
+                    proof: jp.proof.clone(),
+                    finish_reason: done.finish_reason,
+                    stopped_by_sequence: by_sequence,
+                    max_tokens: self
+                        .request
+                        .max_tokens
+                        .map(|m| m.saturating_sub(before as u32)),
+                    context: part.context,
+                    ignore_eos: self.request.ignore_eos,
+                    claimed_completion_tokens: done.usage.completion_tokens,
+                })
+            }
+        };
+        audits.consider(
+            &self.directory,
+            &self.ticket.id,
+            &self.ticket.account,
+            &part.job_id,
+            &part.node,
+            job,
+        );
+    }
+
     /// Check the provider's receipt for `part` against what this gateway
     /// saw and, if it matches, countersign it and pass it on for the bill.
     fn countersign(&self, part: &Part, done: &JobDone, events: &mpsc::UnboundedSender<Event>) {
@@ -380,6 +449,10 @@ impl RoutedJob {
             completion_tokens: claimed,
             price: part.price,
             issued_ms: 0,
+            proof_sha256: done
+                .proof
+                .as_ref()
+                .map(|p| receipt::proof_sha256(&self.request.sampling, p)),
         };
         match receipt::accept(signed, &expected, &self.key) {
             Ok(countersigned) => {
@@ -437,6 +510,7 @@ async fn start(
         first: Some(first),
         streamed: 0,
         price: provider.price(sha256),
+        context: provider.context(sha256),
         job_id: job_id.to_string(),
         prompt_sha256,
         prompt_tokens,

@@ -15,6 +15,7 @@
 //! and serves several. Every job ends with a receipt the provider signs and
 //! the gateway countersigns after checking it ([`receipt`]).
 
+pub mod audit;
 pub mod discovery;
 pub mod gateway;
 mod job;

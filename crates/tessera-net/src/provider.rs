@@ -16,8 +16,8 @@ use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::{Endpoint, EndpointId};
 use tessera_engine::{Event, GenerationRequest, SchedulerHandle, SubmitError, Token};
 use tessera_protocol::{
-    read_frame, write_frame, Frame, Heartbeat, Hello, JobDone, JobError, ModelOffer, Receipt, ALPN,
-    PROTOCOL_VERSION,
+    read_frame, write_frame, Frame, Heartbeat, Hello, JobDone, JobError, JobProof, ModelOffer,
+    Receipt, ALPN, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -289,7 +289,9 @@ async fn serve_job(
     };
     let prompt_sha256 = receipt::tokens_sha256(&job.generation.prompt);
     let prompt_tokens = job.generation.prompt.len() as u64;
+    let sampling = job.generation.sampling.clone();
     let mut output: Vec<Token> = Vec::new();
+    let mut proof: Option<JobProof> = None;
     let mut events = match handle.submit(job.generation) {
         Ok(rx) => rx,
         Err(e) => {
@@ -312,11 +314,16 @@ async fn serve_job(
                 output.push(t.token);
                 Frame::Tokens { tokens: vec![t] }
             }
+            Event::Proof { tokens, proof: p } => {
+                proof = Some(JobProof { tokens, proof: p });
+                continue;
+            }
             Event::Done {
                 finish_reason,
                 usage,
                 text,
             } => {
+                let proof_sha256 = proof.as_ref().map(|p| receipt::proof_sha256(&sampling, p));
                 let r = Receipt {
                     job_id: job.job_id.clone(),
                     gateway: signer.gateway.clone(),
@@ -328,12 +335,14 @@ async fn serve_job(
                     completion_tokens: u64::from(usage.completion_tokens),
                     price: offer.price,
                     issued_ms: receipt::now_ms(),
+                    proof_sha256,
                 };
                 Frame::JobDone(JobDone {
                     finish_reason,
                     usage,
                     text,
                     receipt: Some(receipt::sign(&r, &signer.key)),
+                    proof: proof.take(),
                 })
             }
             Event::Provider { .. } | Event::Receipt(_) => continue,

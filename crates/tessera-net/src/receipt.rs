@@ -29,6 +29,25 @@ pub fn tokens_sha256(tokens: &[Token]) -> String {
     hex::encode(h.finalize())
 }
 
+/// sha256 (hex) of a job's proof and the sampling it claims: the tokens,
+/// the sampling settings and seed, the commitments and the logprobs.
+pub fn proof_sha256(
+    sampling: &tessera_engine::SamplingParams,
+    proof: &tessera_protocol::JobProof,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(b"tessera proof 1\n");
+    for t in &proof.tokens {
+        h.update(t.to_le_bytes());
+    }
+    h.update(serde_json::to_vec(sampling).unwrap_or_default());
+    h.update(&proof.proof.commitments);
+    for lp in &proof.proof.logprobs {
+        h.update(lp.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -112,6 +131,7 @@ pub fn accept(
         got.completion_tokens == expected.completion_tokens,
     )?;
     same("price", got.price == expected.price)?;
+    same("proof hash", got.proof_sha256 == expected.proof_sha256)?;
     if got.issued_ms.abs_diff(now_ms()) > 10 * 60 * 1000 {
         bail!("the receipt's time is more than 10 minutes off");
     }
@@ -171,6 +191,7 @@ mod tests {
                 output: 80,
             },
             issued_ms: now_ms(),
+            proof_sha256: None,
         }
     }
 

@@ -81,6 +81,18 @@ pub struct JobDone {
     /// The provider's signed account of the job.
     #[serde(default)]
     pub receipt: Option<Signed>,
+    /// What an auditor checks the answer by (its hash is in the receipt).
+    #[serde(default)]
+    pub proof: Option<JobProof>,
+}
+
+/// Every token a provider generated for a job (a final end-of-generation
+/// token included) with the logprobs and activation commitments of
+/// `tessera_engine::commit`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobProof {
+    pub tokens: Vec<tessera_engine::Token>,
+    pub proof: tessera_engine::commit::Proof,
 }
 
 /// What a provider did for one job (one part of an answer), as it signs it.
@@ -101,6 +113,11 @@ pub struct Receipt {
     pub price: Price,
     /// Milliseconds since the Unix epoch.
     pub issued_ms: u64,
+    /// sha256 of the job's proof with the sampling settings and seed it was
+    /// generated with (`tessera_net::receipt::proof_sha256`), when the
+    /// provider sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_sha256: Option<String>,
 }
 
 /// Signed bytes: `body` (JSON) and ed25519 signatures over exactly them.
@@ -245,6 +262,7 @@ mod tests {
             Frame::Tokens { tokens: vec![] },
             Frame::JobDone(JobDone {
                 receipt: None,
+                proof: None,
                 finish_reason: FinishReason::Stop,
                 usage: Usage::default(),
                 text: "x".into(),

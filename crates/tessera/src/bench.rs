@@ -191,7 +191,7 @@ async fn generate(
             }
             Some(Event::Done { .. }) => break,
             Some(Event::Error(e)) => return Err(e.into()),
-            Some(Event::Provider { .. } | Event::Receipt(_)) => {}
+            Some(Event::Provider { .. } | Event::Receipt(_) | Event::Proof { .. }) => {}
             None => bail!("engine stopped"),
         }
     }
@@ -330,7 +330,7 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
     let max_conc = b.concurrency.iter().copied().max().unwrap_or(1);
     let mut args = b.engine.clone();
     args.slots = args.slots.max(max_conc);
-    let eng = local::start(home, &args)?;
+    let eng = local::start(home, &args, false)?;
     let threads = eng.config.threads;
     let model: Arc<dyn Model> = eng.file.clone();
     println!("tessera bench engine");

@@ -34,6 +34,9 @@ pub struct DevnetArgs {
     /// Slots per provider.
     #[arg(long, env = "TESSERA_SLOTS", default_value_t = 4)]
     pub slots: usize,
+    /// Audit the providers' answers (see `tessera gateway --audit`).
+    #[arg(long)]
+    pub audit: bool,
 }
 
 /// Child processes, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
@@ -106,6 +109,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
             "--model",
         ])
         .arg(&model.path)
+        .args(args.audit.then_some("--audit"))
         .env("TESSERA_HOME", &gw_home)
         .stdout(Stdio::null())
         .spawn()

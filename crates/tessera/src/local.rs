@@ -23,13 +23,16 @@ pub struct LocalEngine {
 }
 
 /// Resolve (pulling if needed), load and start the engine `args` describe.
-pub fn start(home: &Path, args: &EngineArgs) -> anyhow::Result<LocalEngine> {
+/// `proofs`: build an audit proof of every answer (providers do; it needs
+/// the engine's hidden states, which costs some prefill speed).
+pub fn start(home: &Path, args: &EngineArgs, proofs: bool) -> anyhow::Result<LocalEngine> {
     let model = crate::models::resolve_or_pull(home, &args.model)?;
     let file = LlamaModelFile::load(&model.path)?;
     let config = EngineConfig {
         slots: args.slots.max(1),
         context_per_slot: args.context.max(16),
         threads: args.threads.unwrap_or_else(tessera_llama::physical_cores),
+        hidden_states: proofs,
         ..EngineConfig::default()
     };
     let engine_file = file.clone();
@@ -87,6 +90,7 @@ impl Backend for LocalBackend {
         request: GenerationRequest,
         // One provider: preferences have nothing to choose between.
         _route: &RoutePrefs,
+        _ticket: &tessera_api::JobTicket,
     ) -> BoxFuture<'static, Result<Dispatch, ApiError>> {
         let result = self
             .handle

@@ -53,6 +53,35 @@ pub struct GatewayArgs {
     /// (`tessera devnet` does this).
     #[arg(long)]
     pub demo_account: bool,
+    #[command(flatten)]
+    pub audit: AuditArgs,
+}
+
+/// How the gateway audits providers' answers.
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// Share of a trusted provider's answers audited at random (0–1).
+    #[arg(long, env = "TESSERA_AUDIT_RATE", default_value_t = 0.05)]
+    pub audit_rate: f64,
+    /// Audits a new provider must pass before only --audit-rate of its
+    /// answers are audited (every answer is audited until then, and after
+    /// any failure).
+    #[arg(long, env = "TESSERA_AUDIT_PROBATION", default_value_t = 20)]
+    pub audit_probation: u32,
+    /// CPU threads of the auditor's own engine.
+    #[arg(long, env = "TESSERA_AUDIT_THREADS", default_value_t = 1)]
+    pub audit_threads: usize,
+    /// Positions (prompt + output) the auditor can re-check; longer answers
+    /// are not audited.
+    #[arg(long, env = "TESSERA_AUDIT_CONTEXT", default_value_t = 4096)]
+    pub audit_context: usize,
+    /// Audit providers' answers: re-check them with the gateway's own
+    /// engine, refund failed ones, quarantine a provider after a second
+    /// failure. Off by default until the thresholds are calibrated on
+    /// enough honest answers (see README); without it every answer is
+    /// `not_audited`.
+    #[arg(long, env = "TESSERA_AUDIT")]
+    pub audit: bool,
 }
 
 /// Discovery settings shared by gateways and providers.
@@ -98,9 +127,11 @@ pub struct ProviderArgs {
 pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
     let mut models = Vec::new();
+    let mut files = Vec::new();
     for name in &args.models {
         let m = crate::models::resolve_or_pull(home, name)?;
         let file = tessera_llama::LlamaModelFile::load(&m.path)?;
+        files.push((m.sha256.clone(), file.clone()));
         let context_length = file.info().n_ctx_train;
         models.push(ServedModel {
             id: m.alias.clone(),
@@ -139,10 +170,15 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
         let metrics = tessera_api::Metrics::new();
+        let ledger = args.db.open(home).await?;
+        let audits = match args.audit.audit {
+            true => start_auditors(&files, &args.audit, &metrics, &ledger)?,
+            false => Default::default(),
+        };
         let gateway = Gateway::new(endpoint.clone(), models)
             .with_discovery(discovery)
-            .with_metrics(metrics.clone());
-        let ledger = args.db.open(home).await?;
+            .with_metrics(metrics.clone())
+            .with_audits(audits);
         let key = match args.demo_account {
             true => Some(demo_key(home, &ledger).await?),
             false => None,
@@ -199,6 +235,67 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
     })
 }
 
+/// One auditor (its own engine, hidden states on) per model; a failed
+/// audit refunds its request in the ledger.
+fn start_auditors(
+    files: &[(String, Arc<tessera_llama::LlamaModelFile>)],
+    args: &AuditArgs,
+    metrics: &Arc<tessera_api::Metrics>,
+    ledger: &tessera_ledger::Ledger,
+) -> anyhow::Result<std::collections::HashMap<String, Arc<tessera_net::audit::Audits>>> {
+    let mut out = std::collections::HashMap::new();
+    for (sha256, file) in files {
+        let f = file.clone();
+        let config = tessera_llama::EngineConfig {
+            slots: 1,
+            context_per_slot: args.audit_context,
+            threads: args.audit_threads.max(1),
+            hidden_states: true,
+            ..tessera_llama::EngineConfig::default()
+        };
+        let handle = tessera_engine::audit::spawn_auditor(
+            file.clone() as Arc<dyn Model>,
+            tessera_engine::audit::Thresholds::default(),
+            move || {
+                Ok(Box::new(tessera_llama::LlamaEngine::new(&f, config)?)
+                    as Box<dyn tessera_engine::Engine>)
+            },
+        )?;
+        let ledger = ledger.clone();
+        let refund: tessera_net::audit::OnFailure = Arc::new(move |job: String| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { refund_when_settled(&ledger, &job).await });
+        });
+        let policy = tessera_net::audit::AuditPolicy {
+            base_rate: args.audit_rate.clamp(0.0, 1.0),
+            probation: args.audit_probation,
+        };
+        out.insert(
+            sha256.clone(),
+            tessera_net::audit::Audits::new(handle, policy, Some(metrics.clone()), Some(refund)),
+        );
+    }
+    Ok(out)
+}
+
+/// Refund a request whose audit failed, once its settlement is in the
+/// ledger (the audit may finish first); gives up after a minute.
+async fn refund_when_settled(ledger: &tessera_ledger::Ledger, job: &str) {
+    for _ in 0..120 {
+        if let Ok(Some(hold)) = ledger.hold_of_job(job).await {
+            match ledger.refund(&hold).await {
+                Ok(r) => {
+                    tracing::info!(%job, amount = r.amount, "refunded after a failed audit");
+                    return;
+                }
+                Err(e) => tracing::debug!(%job, error = %e, "not refundable yet"),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    tracing::error!(%job, "could not refund a request whose audit failed");
+}
+
 pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
     let key = node::load_or_create_key(home)?;
     // The engine (or the synthetic stand-in), kept alive for the whole run.
@@ -211,7 +308,7 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
             format!("SYNTHETIC engine for load benchmarks, {tok_s} tok/s per stream"),
         ),
         None => {
-            let local = engine.insert(crate::local::start(home, &args.engine)?);
+            let local = engine.insert(crate::local::start(home, &args.engine, true)?);
             let hardware = format!(
                 "{} CPU threads, {} slots, {}",
                 local.config.threads,

@@ -122,8 +122,6 @@ async fn status(State(view): State<Arc<View>>) -> Result<Json<Value>, ApiError> 
                 .iter()
                 .find(|(n, _)| *n == p.node)
                 .map_or(0, |e| e.1));
-            // Reputation comes from audits, which do not exist yet.
-            v["reputation"] = Value::Null;
             v
         })
         .collect();

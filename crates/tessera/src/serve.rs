@@ -98,7 +98,7 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
-    let engine = local::start(home, &args.engine)?;
+    let engine = local::start(home, &args.engine, false)?;
     let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&engine, args.price.price()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

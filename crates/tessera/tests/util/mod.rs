@@ -265,6 +265,11 @@ pub struct Devnet {
 
 impl Devnet {
     pub fn start(providers: usize) -> Devnet {
+        Devnet::start_with(providers, &[])
+    }
+
+    /// `tessera devnet` with extra flags (e.g. `--audit`).
+    pub fn start_with(providers: usize, extra: &[&str]) -> Devnet {
         let home = tempfile::tempdir().expect("temp home");
         let child = Command::new(binary())
             .args([
@@ -278,6 +283,7 @@ impl Devnet {
             ])
             .args(["--providers", &providers.to_string(), "--model"])
             .arg(model_path())
+            .args(extra)
             .env("TESSERA_HOME", home.path())
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::null())

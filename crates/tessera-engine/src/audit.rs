@@ -1,0 +1,381 @@
+//! The auditor: re-check one finished job with a single prefill.
+//!
+//! A provider's [`Proof`] claims, for every generated token, the
+//! log-probability it saw and (per chunk) a commitment to the final hidden
+//! states that produced it. The auditor evaluates prompt + output once with
+//! its own copy of the model file ([`prefill_all`]) and checks, at every
+//! generated position:
+//!
+//! 1. **seeded sampling**: the token is the one the sampling rule picks from
+//!    the auditor's logits with the job's seed — or, where the auditor's own
+//!    margin between its pick and the provider's token is within
+//!    [`Thresholds::margin`], a tolerated disagreement (rounding between a
+//!    decode step and a prefill can flip a near tie);
+//! 2. **logprobs**: the claimed log-probability is the auditor's, within
+//!    [`Thresholds::logprob`];
+//! 3. **commitments**: each chunk's commitment agrees with the auditor's
+//!    hidden states ([`check_chunk`]);
+//! 4. **usage and stop**: the claimed usage is the number of tokens, an
+//!    answer that says it stopped ended with an end-of-generation token or a
+//!    stop sequence the gateway saw, one that says it hit its length did.
+//!
+//! The result is [`Evidence`]: every figure the verdict was drawn from, and
+//! the reasons for a failure. Thresholds come from calibration on honest
+//! answers (BENCHMARKS.md and `calibration/`).
+
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::thread;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::commit::{check_chunk, ChunkCheck, Proof, CHUNK};
+use crate::sampling::{self, SamplingParams};
+use crate::{prefill_all, Engine, EngineError, FinishReason, Model, SeqId, Token};
+
+/// One finished job, as the gateway hands it to the auditor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditJob {
+    /// The prompt the provider was given (a continued answer's part includes
+    /// the tokens before it).
+    pub prompt: Vec<Token>,
+    /// Every token the provider says it generated, a final end-of-generation
+    /// token included.
+    pub output: Vec<Token>,
+    pub sampling: SamplingParams,
+    pub proof: Proof,
+    pub finish_reason: FinishReason,
+    /// The gateway itself saw a stop sequence end the answer.
+    pub stopped_by_sequence: bool,
+    pub max_tokens: Option<u32>,
+    /// The provider's context per request (prompt + output).
+    pub context: usize,
+    pub ignore_eos: bool,
+    /// Generated tokens the provider claimed in its usage.
+    pub claimed_completion_tokens: u32,
+}
+
+/// Where honest turns into failed; see the calibration in BENCHMARKS.md.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// A token that is not the rule's pick is tolerated when the pick beats
+    /// it by at most this much, in logit units (score gap × temperature).
+    pub margin: f64,
+    /// How far a top-p (or, ×10 relative, min-p) filter's edge may be off
+    /// before a token beyond it counts as a mismatch.
+    pub filter_slack: f32,
+    /// Most tolerated disagreements, as a share of the tokens.
+    pub max_tolerated: f64,
+    /// Most disagreements beyond the margin, as a share of the tokens (at
+    /// least one is always allowed): honest decode and prefill arithmetic
+    /// differ by more than the margin now and then.
+    pub max_mismatches: f64,
+    /// Largest difference between a claimed and a recomputed logprob, and
+    /// the largest mean difference over an answer.
+    pub logprob: f32,
+    pub logprob_mean: f32,
+    /// Least share of a chunk's top entries agreeing in sign and exponent.
+    pub min_exponent_share: f64,
+    /// Largest mean mantissa difference (of 128 steps) over a chunk.
+    pub max_mantissa_mean: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            margin: 1.0,
+            filter_slack: 0.02,
+            max_tolerated: 0.1,
+            max_mismatches: 0.03,
+            logprob: 2.0,
+            logprob_mean: 0.25,
+            min_exponent_share: 0.75,
+            max_mantissa_mean: 6.0,
+        }
+    }
+}
+
+/// What the auditor found.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Evidence {
+    pub tokens: usize,
+    /// Tokens that are not the sampling rule's pick by more than the margin.
+    pub sampling_mismatches: usize,
+    /// Tokens that differ from the pick within the margin.
+    pub tolerated: usize,
+    pub first_mismatch: Option<usize>,
+    /// The largest score gap (logit units) between the rule's pick and the
+    /// provider's token, where they differ.
+    pub max_gap: f64,
+    pub logprob_max_error: f32,
+    pub logprob_mean_error: f32,
+    pub chunks: Vec<ChunkCheck>,
+    /// The worst chunk's share of agreeing exponents and mean mantissa gap.
+    pub worst_exponent_share: f64,
+    pub worst_mantissa_mean: f64,
+    /// Why it failed; empty when it passed.
+    pub failures: Vec<String>,
+}
+
+impl Evidence {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// The sampling rule's score of `token` at `pos`, in logit units.
+fn score(logits: &[f32], p: &SamplingParams, pos: u32, token: Token) -> f64 {
+    let l = f64::from(logits[token as usize]);
+    if p.temperature <= 0.0 {
+        return l;
+    }
+    l + f64::from(p.temperature) * sampling::gumbel(p.seed, pos, token)
+}
+
+/// `p` with its top-p and min-p filters moved by `slack` (looser when
+/// positive) and top-k by one.
+fn loosened(p: &SamplingParams, slack: f32) -> SamplingParams {
+    SamplingParams {
+        top_p: if p.top_p < 1.0 {
+            (p.top_p + slack).clamp(0.0, 1.0)
+        } else {
+            1.0
+        },
+        min_p: (p.min_p * (1.0 - slack * 10.0)).max(0.0),
+        top_k: if p.top_k > 0 {
+            p.top_k.saturating_add_signed(slack.signum() as i32).max(1)
+        } else {
+            0
+        },
+        ..p.clone()
+    }
+}
+
+/// Audit `job` on `engine` (a context with hidden states, slot `seq`).
+pub fn audit(
+    engine: &mut dyn Engine,
+    model: &dyn Model,
+    seq: SeqId,
+    job: &AuditJob,
+    th: &Thresholds,
+) -> Result<Evidence, EngineError> {
+    let n = job.output.len();
+    let mut ev = Evidence {
+        tokens: n,
+        worst_exponent_share: 1.0,
+        ..Evidence::default()
+    };
+    let n_vocab = model.info().n_vocab;
+    // What can be checked without the model.
+    if job.claimed_completion_tokens as usize != n {
+        ev.failures.push(format!(
+            "usage claims {} generated tokens, the answer has {n}",
+            job.claimed_completion_tokens
+        ));
+    }
+    if n == 0 || job.prompt.is_empty() {
+        ev.failures
+            .push("an empty prompt or no generated tokens".into());
+        return Ok(ev);
+    }
+    if job.proof.logprobs.len() != n || !job.proof.well_formed() {
+        ev.failures.push(format!(
+            "the proof does not fit the answer ({} logprobs and {} commitment bytes for {n} tokens)",
+            job.proof.logprobs.len(),
+            job.proof.commitments.len()
+        ));
+        return Ok(ev);
+    }
+    if job.output.iter().any(|&t| t < 0 || t as usize >= n_vocab) {
+        ev.failures.push("a token id outside the vocabulary".into());
+        return Ok(ev);
+    }
+    let eog_at = job.output.iter().position(|&t| model.is_eog(t));
+    if !job.ignore_eos && eog_at.is_some_and(|i| i + 1 < n) {
+        ev.failures
+            .push("the answer goes on after an end-of-generation token".into());
+    }
+    let ends_in_eog = eog_at == Some(n - 1);
+    match job.finish_reason {
+        FinishReason::Stop if !ends_in_eog && !job.stopped_by_sequence => ev.failures.push(
+            "it says it stopped, without an end-of-generation token or a stop sequence".into(),
+        ),
+        FinishReason::Length => {
+            let room = job.context.saturating_sub(job.prompt.len());
+            let limit = job.max_tokens.map_or(room, |m| (m as usize).min(room));
+            if n < limit {
+                ev.failures.push(format!(
+                    "it says it hit its length after {n} tokens; the limit was {limit}"
+                ));
+            }
+        }
+        _ => {}
+    }
+    // One prefill over prompt + output (the last token needs no evaluation).
+    let start = job.prompt.len() - 1;
+    let mut tokens = job.prompt.clone();
+    tokens.extend_from_slice(&job.output[..n - 1]);
+    let mut rows: Vec<f32> = Vec::new();
+    let mut in_chunk = 0;
+    let mut chunk_index = 0;
+    let p = &job.sampling;
+    prefill_all(engine, seq, &tokens, &mut |pos, logits, hidden| {
+        if pos < start {
+            return;
+        }
+        let t = pos - start;
+        let abs = (job.prompt.len() + t) as u32;
+        let token = job.output[t];
+        // 1. Seeded sampling, margin-aware.
+        let pick = sampling::sample(logits, p, abs);
+        if pick != token {
+            // A filter's edge can move across a token when the
+            // probabilities move a little: the pick under a slightly
+            // looser or tighter filter is as plausible.
+            let edge = p.temperature > 0.0
+                && sampling::candidates(logits, p).is_some()
+                && [loosened(p, th.filter_slack), loosened(p, -th.filter_slack)]
+                    .iter()
+                    .any(|q| sampling::sample(logits, q, abs) == token);
+            let gap = score(logits, p, abs, pick) - score(logits, p, abs, token);
+            if !edge {
+                ev.max_gap = ev.max_gap.max(gap);
+            }
+            if edge || gap <= th.margin {
+                ev.tolerated += 1;
+            } else {
+                ev.sampling_mismatches += 1;
+                ev.first_mismatch.get_or_insert(t);
+            }
+        }
+        // 2. Logprobs.
+        let (lp, _) = sampling::logprobs(logits, token, 0);
+        let err = (lp - job.proof.logprobs[t]).abs();
+        ev.logprob_mean_error += err / n as f32;
+        ev.logprob_max_error = if err.is_nan() {
+            f32::INFINITY
+        } else {
+            ev.logprob_max_error.max(err)
+        };
+        // 3. Commitments, a chunk at a time.
+        rows.extend_from_slice(hidden);
+        in_chunk += 1;
+        if in_chunk == CHUNK || t + 1 == n {
+            let check = job
+                .proof
+                .chunk_commitment(chunk_index)
+                .map(|c| check_chunk(&c, &rows))
+                .unwrap_or_default();
+            ev.chunks.push(check);
+            rows.clear();
+            in_chunk = 0;
+            chunk_index += 1;
+        }
+    })?;
+    let allowed = ((th.max_mismatches * n as f64) as usize).max(1);
+    if ev.sampling_mismatches > allowed {
+        ev.failures.push(format!(
+            "{} of {n} tokens are not what seeded sampling picks from the model's logits (first at token {})",
+            ev.sampling_mismatches,
+            ev.first_mismatch.unwrap_or(0)
+        ));
+    }
+    if ev.tolerated as f64 > th.max_tolerated * n as f64 {
+        ev.failures.push(format!(
+            "{} of {n} tokens are near-ties decided against the rule (at most {:.0}% allowed)",
+            ev.tolerated,
+            th.max_tolerated * 100.0
+        ));
+    }
+    let mean_bad = ev.logprob_mean_error.is_nan() || ev.logprob_mean_error > th.logprob_mean;
+    if ev.logprob_max_error > th.logprob || mean_bad {
+        ev.failures.push(format!(
+            "claimed logprobs differ from the model's by up to {:.3} ({:.3} on average)",
+            ev.logprob_max_error, ev.logprob_mean_error
+        ));
+    }
+    for (i, c) in ev.chunks.iter().enumerate() {
+        let share = c.exponent_matches as f64 / c.compared.max(1) as f64;
+        ev.worst_exponent_share = ev.worst_exponent_share.min(share);
+        ev.worst_mantissa_mean = ev.worst_mantissa_mean.max(c.mantissa_mean);
+        if share < th.min_exponent_share || c.mantissa_mean > th.max_mantissa_mean {
+            ev.failures.push(format!(
+                "the commitment of chunk {i} does not match the model's hidden states \
+                 ({} of {} entries agree, mantissa gap {:.2})",
+                c.exponent_matches, c.compared, c.mantissa_mean
+            ));
+        }
+    }
+    Ok(ev)
+}
+
+struct Request {
+    job: AuditJob,
+    reply: oneshot::Sender<Result<Evidence, EngineError>>,
+}
+
+/// A cheap handle to the auditor's thread.
+#[derive(Clone)]
+pub struct AuditorHandle {
+    jobs: mpsc::UnboundedSender<Request>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl AuditorHandle {
+    /// Queue an audit; the receiver gets its evidence.
+    pub fn submit(&self, job: AuditJob) -> oneshot::Receiver<Result<Evidence, EngineError>> {
+        let (reply, rx) = oneshot::channel();
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = self.jobs.send(Request { job, reply }) {
+            self.waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = e.0.reply.send(Err(EngineError::Closed));
+        }
+        rx
+    }
+
+    /// Audits queued or running.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Run audits one at a time on a thread that owns its own engine (an
+/// engine context may not move between threads).
+pub fn spawn_auditor<F>(
+    model: Arc<dyn Model>,
+    thresholds: Thresholds,
+    make_engine: F,
+) -> Result<AuditorHandle, EngineError>
+where
+    F: FnOnce() -> Result<Box<dyn Engine>, EngineError> + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = waiting.clone();
+    thread::Builder::new()
+        .name("tessera-auditor".into())
+        .spawn(move || {
+            let mut engine = match make_engine() {
+                Ok(e) => {
+                    let _ = ready_tx.send(Ok(()));
+                    e
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Some(r) = rx.blocking_recv() {
+                let result = audit(engine.as_mut(), model.as_ref(), 0, &r.job, &thresholds);
+                count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = r.reply.send(result);
+            }
+        })
+        .map_err(|e| EngineError::Load(format!("cannot start the auditor thread: {e}")))?;
+    ready_rx
+        .recv()
+        .map_err(|_| EngineError::Load("the auditor thread died while loading".into()))??;
+    Ok(AuditorHandle { jobs: tx, waiting })
+}

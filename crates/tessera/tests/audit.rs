@@ -1,0 +1,147 @@
+//! Audits end to end on a devnet whose gateway audits (`--audit`), with the
+//! real model: honest providers' answers pass under every sampling setting,
+//! the verdict and its evidence are the paying account's only, and the
+//! dashboard's figures follow.
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use util::{chat, client_for, tessera_json, Devnet};
+
+/// Poll `GET /v1/jobs/{id}` until its audit is no longer pending.
+fn verdict(net: &Devnet, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let resp = net
+            .client()
+            .get(net.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "GET /v1/jobs/{id}");
+        let v: Value = resp.json().unwrap();
+        if v["audit"] != "pending" {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit of {id} still pending: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn honest_providers_pass_every_audit_and_verdicts_are_private() {
+    let net = Devnet::start_with(2, &["--audit"]);
+    assert!(net.wait_listed(2, Duration::from_secs(60)));
+    let settings = [
+        json!({"temperature": 0, "max_tokens": 64}),
+        json!({"temperature": 0.8, "top_p": 0.9, "seed": 11, "max_tokens": 96}),
+        json!({"temperature": 1.2, "seed": 12, "max_tokens": 96}),
+        json!({"temperature": 0.7, "seed": 13, "stop": ["."], "max_tokens": 96}),
+        json!({"temperature": 0.9, "min_p": 0.05, "seed": 14, "max_tokens": 128}),
+        json!({"temperature": 1.0, "top_k": 20, "seed": 15, "max_tokens": 64}),
+        json!({"temperature": 0.6, "seed": 16, "max_tokens": 300}),
+        json!({"temperature": 0, "stream": true, "max_tokens": 48}),
+    ];
+    // 16 at once: two rounds of every setting.
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let client = net.client();
+            let url = net.url("/v1/chat/completions");
+            let mut extra = settings[i % settings.len()].clone();
+            if let Some(seed) = extra.get("seed").and_then(Value::as_u64) {
+                extra["seed"] = json!(seed + i as u64);
+            }
+            std::thread::spawn(move || {
+                let body = chat(
+                    &format!("Tell me something about the number {i}."),
+                    extra.clone(),
+                );
+                let resp = client.post(url).json(&body).send().unwrap();
+                assert_eq!(resp.status(), 200);
+                if extra["stream"] == true {
+                    let text = resp.text().unwrap();
+                    let chunks: Vec<Value> = util::sse_data(&text)
+                        .iter()
+                        .filter(|d| *d != "[DONE]")
+                        .map(|d| serde_json::from_str(d).unwrap())
+                        .collect();
+                    let last = chunks
+                        .iter()
+                        .rev()
+                        .find(|c| c["tessera"].is_object())
+                        .unwrap();
+                    (
+                        last["id"].as_str().unwrap().to_string(),
+                        last["tessera"]["audit"].clone(),
+                        extra,
+                    )
+                } else {
+                    let v: Value = resp.json().unwrap();
+                    (
+                        v["id"].as_str().unwrap().to_string(),
+                        v["tessera"]["audit"].clone(),
+                        extra,
+                    )
+                }
+            })
+        })
+        .collect();
+    let answers: Vec<(String, Value, Value)> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut audited = 0;
+    for (id, at_answer, extra) in &answers {
+        // New providers are on probation: every answer is audited.
+        assert!(
+            at_answer == "pending" || at_answer == "passed",
+            "{id}: {at_answer} in the answer"
+        );
+        let v = verdict(&net, id);
+        assert_eq!(
+            v["audit"], "passed",
+            "an honest answer ({extra}) failed its audit: {v:#}"
+        );
+        for part in v["parts"].as_array().unwrap() {
+            let ev = &part["evidence"];
+            assert_eq!(ev["failures"], json!([]), "{ev}");
+            assert!(ev["tokens"].as_u64().unwrap() > 0);
+            audited += 1;
+        }
+    }
+    assert!(audited >= 16);
+
+    // Another account cannot read the verdicts.
+    let gw_home = net.home.path().join("devnet/gateway");
+    let bob = tessera_json(&gw_home, &["account", "create", "bob", "--credits", "1"]);
+    let key = bob["api_key"].as_str().expect("api_key");
+    let resp = client_for(key)
+        .get(net.url(&format!("/v1/jobs/{}", answers[0].0)))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    // The status and metrics count the audits; reputations are perfect.
+    let status: Value = util::client()
+        .get(net.url("/api/status"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(status["summary"]["audits"]["failed"], 0, "{status}");
+    assert!(status["summary"]["audits"]["passed"].as_u64().unwrap() >= 16);
+    assert_eq!(status["summary"]["audit_pass_rate"], 1.0);
+    assert_eq!(status["summary"]["refunded_requests"], 0);
+    for p in status["providers"].as_array().unwrap() {
+        if p["audits_passed"].as_u64().unwrap() > 0 {
+            assert_eq!(p["reputation"], 1.0, "{p}");
+        }
+        assert_eq!(p["state"], "online");
+    }
+    assert!(
+        !status["audits"].as_array().unwrap().is_empty(),
+        "recent audits listed"
+    );
+}
