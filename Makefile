@@ -41,15 +41,17 @@ demo: build
 
 lint: build
 	cargo fmt --all --check
-	cargo clippy --release --locked --workspace --all-targets -- -D warnings
+	cargo clippy --release --locked --workspace --all-targets --features tessera/adversary -- -D warnings
 
 # End-to-end tests start real servers that each use every core, so test
 # binaries run one test at a time.
+# The `adversary` feature adds the cheating providers the auditor's tests
+# need (`tessera provider --misbehave …`); `make build` never has it.
 test: model venv lint
 	TESSERA_TEST_MODEL="$$(TESSERA_HOME=$(TEST_HOME) $(BIN) models path $(MODEL))" \
 	TESSERA_TEST_PYTHON=$(VENV)/bin/python \
 	RUST_TEST_THREADS=1 \
-	cargo test --release --locked --workspace
+	cargo test --release --locked --workspace --features tessera/adversary
 
 bench: model
 	TESSERA_HOME=$(TEST_HOME) $(BIN) bench engine

@@ -195,6 +195,9 @@ pub struct RoutePrefs {
     pub sort: Option<Sort>,
     /// Providers above this price are not used (`None`: no cap).
     pub max_price: Option<Price>,
+    /// The gateway's own canary job: it may go to a provider that missed
+    /// its canaries (never set from a client's request).
+    pub probe: bool,
 }
 
 /// Ranking asked for by `provider.sort`.
@@ -265,6 +268,7 @@ fn check_route(p: Option<&ProviderPrefs>) -> Result<RoutePrefs, ApiError> {
         allow_fallbacks: p.allow_fallbacks.unwrap_or(true),
         sort,
         max_price,
+        probe: false,
     })
 }
 

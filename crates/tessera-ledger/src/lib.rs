@@ -46,6 +46,8 @@ pub const ISSUANCE: &str = "system:issuance";
 pub const ESCROW: &str = "system:escrow";
 /// The gateways' fees.
 pub const FEES: &str = "system:fees";
+/// Bonds forfeited by quarantined providers.
+pub const FORFEITS: &str = "system:forfeits";
 
 /// Micro-credits per credit.
 pub const MICRO: u64 = 1_000_000;
@@ -195,6 +197,8 @@ pub struct Totals {
     /// Requests settled, and settled requests later refunded.
     pub settled: i64,
     pub refunded: i64,
+    /// Bonds forfeited by quarantined providers.
+    pub forfeited: i64,
 }
 
 impl Check {
@@ -420,6 +424,25 @@ impl Ledger {
         self.write(|reply| Op::Refund { receipt, reply }).await
     }
 
+    /// A quarantined provider (node id) forfeits its bond: its whole
+    /// balance at this ledger moves to [`FORFEITS`] in one entry.
+    pub async fn forfeit(&self, provider: &str) -> Result<Refund> {
+        let provider = provider.to_string();
+        self.write(|reply| Op::Forfeit { provider, reply }).await
+    }
+
+    /// Record the audit status of `provider`'s part of job `job_id` on its
+    /// receipts (the provider sees it with `tessera provider earnings`).
+    pub async fn set_audit(&self, job_id: &str, provider: &str, status: &str) -> Result<()> {
+        sqlx::query("UPDATE receipts SET audit = $1 WHERE job_id = $2 AND provider = $3")
+            .bind(status.to_string())
+            .bind(job_id.to_string())
+            .bind(provider.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Release every hold `gateway` left open (after a crash); returns how many.
     pub async fn release_open_holds(&self, gateway: &str) -> Result<usize> {
         let rows = sqlx::query("SELECT id FROM holds WHERE gateway = $1 AND state = 'open'")
@@ -442,7 +465,7 @@ impl Ledger {
     pub async fn provider_receipts(&self, provider: &str) -> Result<Vec<serde_json::Value>> {
         let rows = sqlx::query(
             "SELECT id, hold_id, job_id, model_sha256, prompt_tokens, completion_tokens, \
-             input_price, output_price, cost, fee, created_ms, signed FROM receipts \
+             input_price, output_price, cost, fee, created_ms, signed, audit FROM receipts \
              WHERE provider = $1 ORDER BY created_ms DESC",
         )
         .bind(provider.to_string())
@@ -463,6 +486,9 @@ impl Ledger {
                     "fee": r.try_get::<i64, _>("fee")?,
                     "earned": r.try_get::<i64, _>("cost")? - r.try_get::<i64, _>("fee")?,
                     "created_ms": r.try_get::<i64, _>("created_ms")?,
+                    "audit": r
+                        .try_get::<Option<String>, _>("audit")?
+                        .unwrap_or_else(|| "not_audited".into()),
                     "signed": r
                         .try_get::<Option<String>, _>("signed")?
                         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()),
@@ -499,6 +525,7 @@ impl Ledger {
             fees,
             settled: one("SELECT COUNT(*) FROM holds WHERE state = 'settled'").await?,
             refunded: one("SELECT COUNT(*) FROM holds WHERE state = 'refunded'").await?,
+            forfeited: one("SELECT balance FROM accounts WHERE id = 'system:forfeits'").await?,
         })
     }
 

@@ -5,7 +5,7 @@
 
 use sqlx::{AnyPool, Row};
 
-use crate::{now_ms, Result, ESCROW, FEES, ISSUANCE};
+use crate::{now_ms, Result, ESCROW, FEES, FORFEITS, ISSUANCE};
 
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE accounts (
@@ -67,6 +67,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX receipts_provider ON receipts (provider)",
     // The provider's signed receipt, countersigned by the gateway (JSON).
     "ALTER TABLE receipts ADD COLUMN signed TEXT",
+    // Refunds after a failed audit look requests up by job id.
+    "CREATE INDEX receipts_job ON receipts (job_id)",
+    // The audit status of the part (pending, passed, failed, not_audited).
+    "ALTER TABLE receipts ADD COLUMN audit TEXT",
 ];
 
 /// Apply every migration not yet applied, and create the system accounts.
@@ -100,7 +104,7 @@ pub(crate) async fn migrate(pool: &AnyPool, postgres: bool) -> Result<()> {
             .execute(&mut *tx)
             .await?;
     }
-    for id in [ISSUANCE, ESCROW, FEES] {
+    for id in [ISSUANCE, ESCROW, FEES, FORFEITS] {
         sqlx::query(
             "INSERT INTO accounts (id, name, kind, created_ms) VALUES ($1, $2, 'system', $3) \
              ON CONFLICT (id) DO NOTHING",

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     new_id, now_ms, Charge, Hold, LedgerError, Limits, Refund, Result, Settlement, ESCROW, FEES,
-    ISSUANCE,
+    FORFEITS, ISSUANCE,
 };
 
 const MAX_BATCH: usize = 512;
@@ -63,6 +63,10 @@ pub(crate) enum Op {
         receipt: String,
         reply: oneshot::Sender<Result<Refund>>,
     },
+    Forfeit {
+        provider: String,
+        reply: oneshot::Sender<Result<Refund>>,
+    },
 }
 
 /// An operation's data, replayable if its batch must be retried.
@@ -92,6 +96,9 @@ enum Work {
     },
     Refund {
         receipt: String,
+    },
+    Forfeit {
+        provider: String,
     },
 }
 
@@ -165,6 +172,7 @@ impl Op {
                 Reply::Settle(reply),
             ),
             Op::Refund { receipt, reply } => (Work::Refund { receipt }, Reply::Refund(reply)),
+            Op::Forfeit { provider, reply } => (Work::Forfeit { provider }, Reply::Refund(reply)),
         }
     }
 }
@@ -245,7 +253,7 @@ async fn apply_batch(
     let mut out: Vec<Option<Result<Outcome>>> = (0..works.len()).map(|_| None).collect();
     let rank = |w: &Work| match w {
         Work::CreateAccount { .. } | Work::Topup { .. } => 0,
-        Work::Settle { .. } | Work::Refund { .. } => 1,
+        Work::Settle { .. } | Work::Refund { .. } | Work::Forfeit { .. } => 1,
         Work::Hold { .. } => 2,
     };
     for pass in 0..3 {
@@ -624,7 +632,36 @@ async fn apply(tx: &mut Tx, batch: &mut Batch, work: &Work) -> Result<Outcome> {
             fee_bps,
         } => settle(tx, batch, hold, job_id, charges, *fee_bps).await,
         Work::Refund { receipt } => refund(tx, batch, receipt).await,
+        Work::Forfeit { provider } => forfeit(tx, batch, provider).await,
     }
+}
+
+/// A quarantined provider forfeits its bond: everything its account holds
+/// at this ledger (its earnings) goes to `system:forfeits`, in one entry.
+async fn forfeit(tx: &mut Tx, batch: &mut Batch, provider: &str) -> Result<Outcome> {
+    let account = format!("provider:{provider}");
+    let stored: i64 = sqlx::query("SELECT balance FROM accounts WHERE id = $1")
+        .bind(account.clone())
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|r| r.try_get::<i64, _>("balance"))
+        .transpose()?
+        .unwrap_or(0);
+    // Settlements earlier in this batch are not written yet.
+    let amount = stored + batch.deltas.get(&account).copied().unwrap_or(0);
+    if amount <= 0 {
+        return Ok(Outcome::Refund(Refund {
+            entry: String::new(),
+            amount: 0,
+        }));
+    }
+    batch.add(&account, -amount);
+    batch.add(FORFEITS, amount);
+    let entry = batch.entry("forfeit", None, &[(&account, -amount), (FORFEITS, amount)]);
+    Ok(Outcome::Refund(Refund {
+        entry,
+        amount: amount as u64,
+    }))
 }
 
 /// Undo a settlement: the client gets its cost back, each provider gives

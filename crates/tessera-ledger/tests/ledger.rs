@@ -152,6 +152,29 @@ async fn charges_are_tokens_times_price_and_the_fee_is_split() {
         assert_eq!(check.issued, 10 * MICRO as i64);
         let t = ledger.totals().await.unwrap();
         assert_eq!((t.revenue, t.settled, t.refunded), (0, 0, 1), "{url}");
+
+        // A quarantined provider forfeits its bond: its whole balance.
+        let h3 = new_hold(ledger.hold(&acct.id, 100_000, "gw1", None).await.unwrap());
+        let s3 = ledger
+            .settle(&h3, "job-3", vec![charge("p2", 10, 10, 100, 100)], 500)
+            .await
+            .unwrap();
+        let earned = (s3.cost - s3.fee) as i64;
+        ledger.set_audit("job-3", "p2", "failed").await.unwrap();
+        let receipts = ledger.provider_receipts("p2").await.unwrap();
+        assert_eq!(receipts[0]["audit"], "failed", "{url}");
+        let f = ledger.forfeit("p2").await.unwrap();
+        assert_eq!(f.amount as i64, earned, "{url}");
+        let p2 = ledger.account("provider:p2").await.unwrap().unwrap();
+        assert_eq!(p2.balance, 0);
+        assert_eq!(ledger.totals().await.unwrap().forfeited, earned);
+        assert_eq!(
+            ledger.forfeit("p2").await.unwrap().amount,
+            0,
+            "nothing left"
+        );
+        let check = ledger.check().await.unwrap();
+        assert!(check.ok(), "{url}: {check:?}");
     }
 }
 

@@ -307,3 +307,31 @@ impl Engine for LlamaEngine {
         self.config.hidden_states
     }
 }
+
+/// Write `src` requantized to Q4_0 at `dst` (the requantized model a
+/// cheating provider might serve in place of the real one; tests and `tessera
+/// bench audit` check that the auditor tells them apart).
+pub fn requantize_q4_0(src: &Path, dst: &Path, threads: usize) -> Result<(), EngineError> {
+    backend()?;
+    let path = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| EngineError::Load(format!("{} has a NUL byte", p.display())))
+    };
+    let (inp, out) = (path(src)?, path(dst)?);
+    // SAFETY: plain C calls with valid NUL-terminated paths and a params
+    // struct initialised by llama.cpp itself.
+    let rc = unsafe {
+        let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
+        params.ftype = llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q4_0;
+        params.allow_requantize = true;
+        params.nthread = i32::try_from(threads.max(1)).unwrap_or(1);
+        llama_cpp_sys_2::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &params)
+    };
+    if rc != 0 {
+        return Err(EngineError::Load(format!(
+            "llama.cpp could not requantize {} (code {rc})",
+            src.display()
+        )));
+    }
+    Ok(())
+}

@@ -14,6 +14,8 @@
 //!   one) or a file path into a [`ResolvedModel`], re-hashing the file so a
 //!   corrupt or truncated copy is refused before it is served.
 
+pub mod gguf;
+
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};

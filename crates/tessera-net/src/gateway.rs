@@ -34,6 +34,8 @@ use crate::node::node_id;
 pub const MAX_TRIES: usize = 3;
 /// How often providers are asked to send a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Canary jobs missed in a row that make a provider unroutable.
+pub const CANARY_MISSES: u32 = 3;
 /// A provider whose heartbeats stopped this long ago is not routed to.
 const STALE: Duration = Duration::from_secs(6);
 
@@ -107,6 +109,10 @@ struct Record {
     reputation: Option<f64>,
     /// Failed a second audit: never routed to again by this gateway.
     quarantined: bool,
+    /// Canary jobs missed in a row (3 make it unroutable until it answers
+    /// one again), and the delivered tok/s of its last answered canary.
+    canary_misses: u32,
+    verified_tok_s: Option<f64>,
 }
 
 /// One provider as operators see it (`/api/status`, the dashboard).
@@ -114,7 +120,8 @@ struct Record {
 pub struct ProviderReport {
     pub node: String,
     /// `online`, `busy` (every slot taken), `stale` (heartbeats late),
-    /// `quarantined` (failed two audits) or `offline`.
+    /// `unroutable` (missed 3 canaries in a row), `quarantined` (failed two
+    /// audits) or `offline`.
     pub state: &'static str,
     pub models: Vec<String>,
     /// Its price per model (credits per million tokens).
@@ -141,6 +148,10 @@ pub struct ProviderReport {
     /// Moving average of its audit results (1 = every audit passed); `None`
     /// before its first audit.
     pub reputation: Option<f64>,
+    /// Delivered tokens/s per stream of its last answered canary job.
+    pub verified_tok_s: Option<f64>,
+    /// Canary jobs missed in a row.
+    pub canary_misses: u32,
 }
 
 /// Every provider this gateway can reach right now, and what it has seen
@@ -174,6 +185,8 @@ impl Directory {
                 audits_failed: 0,
                 reputation: None,
                 quarantined: false,
+                canary_misses: 0,
+                verified_tok_s: None,
             });
             r.connected_since.get_or_insert(now);
             r.offers = p.offers.clone();
@@ -281,12 +294,44 @@ impl Directory {
         false
     }
 
-    fn quarantined(&self, node: &str) -> bool {
+    /// Quarantined, or (unless `probe`) 3 canaries missed in a row.
+    fn barred(&self, node: &str, probe: bool) -> bool {
         self.records
             .lock()
             .ok()
-            .and_then(|r| r.get(node).map(|r| r.quarantined))
+            .and_then(|r| {
+                r.get(node)
+                    .map(|r| r.quarantined || (!probe && r.canary_misses >= CANARY_MISSES))
+            })
             .unwrap_or(false)
+    }
+
+    /// A canary job to `node` was answered at `tok_s`, or missed (`None`).
+    pub(crate) fn record_canary(&self, node: &str, tok_s: Option<f64>) {
+        if let Some(r) = self
+            .records
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|r| r.get_mut(node))
+        {
+            match tok_s {
+                Some(t) => {
+                    r.canary_misses = 0;
+                    r.verified_tok_s = Some(t);
+                }
+                None => r.canary_misses += 1,
+            }
+        }
+    }
+
+    /// Node ids of providers serving `sha256` now.
+    pub(crate) fn serving_nodes(&self, sha256: &str) -> Vec<String> {
+        self.snapshot()
+            .iter()
+            .filter(|p| p.offers.iter().any(|o| o.sha256 == sha256))
+            .map(|p| p.node.clone())
+            .collect()
     }
 
     /// Every provider seen so far, connected ones first, then by node id.
@@ -303,6 +348,7 @@ impl Directory {
                 let inflight = p.map_or(0, |p| p.inflight.load(Ordering::Relaxed));
                 let state = match p {
                     _ if r.quarantined => "quarantined",
+                    Some(_) if r.canary_misses >= CANARY_MISSES => "unroutable",
                     None => "offline",
                     Some(p) if !p.healthy() => "stale",
                     Some(p) if inflight >= p.slots => "busy",
@@ -334,6 +380,8 @@ impl Directory {
                     audits_passed: r.audits_passed,
                     audits_failed: r.audits_failed,
                     reputation: r.reputation,
+                    verified_tok_s: r.verified_tok_s,
+                    canary_misses: r.canary_misses,
                 }
             })
             .collect();
@@ -361,7 +409,7 @@ impl Directory {
             .snapshot()
             .into_iter()
             .filter(|p| !tried.contains(&p.session) && p.healthy() && allowed(&p.node, route))
-            .filter(|p| !self.quarantined(&p.node))
+            .filter(|p| !self.barred(&p.node, route.probe))
             .filter(|p| {
                 p.offers.iter().any(|o| {
                     o.sha256 == sha256 && o.context_length > tokens && within(o.price, route)
@@ -386,6 +434,7 @@ impl Directory {
             .into_iter()
             .filter(|p| p.inflight.load(Ordering::Relaxed) < p.slots)
             .collect();
+        let records = self.records.lock().ok();
         let candidates: Vec<Candidate<'_>> = free
             .iter()
             .map(|p| Candidate {
@@ -394,8 +443,13 @@ impl Directory {
                 tok_s: p.tok_s.lock().map_or(0.0, |t| *t),
                 latency_ms: p.latency_ms.lock().map_or(0.0, |t| *t),
                 price: p.price(sha256),
+                reputation: records
+                    .as_ref()
+                    .and_then(|r| r.get(&p.node)?.reputation)
+                    .unwrap_or(1.0),
             })
             .collect();
+        drop(records);
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         choose(&candidates, route, turn).map(|i| free[i].clone())
     }
@@ -492,12 +546,15 @@ pub struct Candidate<'a> {
     pub latency_ms: f64,
     /// Its price for the requested model.
     pub price: Price,
+    /// Moving average of its audit results (1 until it has been audited).
+    pub reputation: f64,
 }
 
 /// Choose among allowed providers with a free slot: the first match of
 /// `route.order`, else by `route.sort`, else by load weighed with price
-/// (load ÷ slots, plus a quarter for the dearest output price, in
-/// proportion); `turn` rotates ties so equal providers share the work.
+/// and reputation (load ÷ slots, plus a quarter for the dearest output
+/// price, in proportion, plus half the shortfall of its reputation from a
+/// perfect 1); `turn` rotates ties so equal providers share the work.
 pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> Option<usize> {
     for pattern in &route.order {
         if let Some(i) = candidates
@@ -527,7 +584,7 @@ pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> 
         Some(Sort::Latency) if c.latency_ms > 0.0 => c.latency_ms,
         Some(Sort::Latency) => f64::MAX,
         Some(Sort::Price) => c.price.output as f64 * 1e6 + c.price.input as f64 + c.load,
-        None => c.load + per_price * c.price.output as f64,
+        None => c.load + per_price * c.price.output as f64 + 0.5 * (1.0 - c.reputation),
     };
     let start = turn % n;
     let mut best = (start, key(&candidates[start]));
@@ -543,13 +600,13 @@ pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> 
 /// A gateway: its endpoint, the models it can tokenize, its directory.
 #[derive(Clone)]
 pub struct Gateway {
-    endpoint: Endpoint,
+    pub(crate) endpoint: Endpoint,
     /// Models this gateway knows (it needs their tokenizer to take requests).
-    models: Arc<Vec<ServedModel>>,
+    pub(crate) models: Arc<Vec<ServedModel>>,
     directory: Arc<Directory>,
     discovery: Option<Discovery>,
     /// The auditor of each model (by sha256) this gateway audits.
-    audits: Arc<HashMap<String, Arc<Audits>>>,
+    pub(crate) audits: Arc<HashMap<String, Arc<Audits>>>,
 }
 
 impl Gateway {
@@ -835,6 +892,7 @@ mod tests {
             tok_s,
             latency_ms,
             price: Price::default(),
+            reputation: 1.0,
         }
     }
 
@@ -913,6 +971,18 @@ mod tests {
                 ..prefs()
             }
         ));
+    }
+
+    #[test]
+    fn a_provider_that_failed_audits_loses_ties() {
+        let mut list = [c("a", 0.0, 0.0, 0.0), c("b", 0.0, 0.0, 0.0)];
+        list[0].reputation = 0.6;
+        for turn in 0..4 {
+            assert_eq!(choose(&list, &prefs(), turn), Some(1));
+        }
+        // Reputation weighs less than a full slot table.
+        list[1].load = 0.75;
+        assert_eq!(choose(&list, &prefs(), 0), Some(0));
     }
 
     #[test]

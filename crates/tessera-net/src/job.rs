@@ -302,10 +302,20 @@ impl RoutedJob {
                     continue;
                 }
                 Ok(Some(Frame::JobDone(done))) => {
-                    // Tokens the provider generated but did not stream (the
-                    // end-of-generation token) still count.
-                    let extra =
-                        (done.usage.completion_tokens as usize).saturating_sub(part.streamed);
+                    // The one token a provider generates but does not
+                    // stream (the end-of-generation token that stopped it)
+                    // still counts; a usage claiming more is not believed
+                    // (the audit fails it), nor beyond max_tokens.
+                    let room = self.request.max_tokens.map_or(usize::MAX, |m| {
+                        (m as usize).saturating_sub(self.generated.len())
+                    });
+                    let extra = match done.finish_reason {
+                        FinishReason::Stop => (done.usage.completion_tokens as usize)
+                            .saturating_sub(part.streamed)
+                            .min(1)
+                            .min(room),
+                        FinishReason::Length => 0,
+                    };
                     self.countersign(&part, &done, &events);
                     self.audit(&part, &done, false);
                     part.outcome = "done";

@@ -15,7 +15,10 @@
 //! and serves several. Every job ends with a receipt the provider signs and
 //! the gateway countersigns after checking it ([`receipt`]).
 
+#[cfg(feature = "adversary")]
+pub mod adversary;
 pub mod audit;
+pub mod canary;
 pub mod discovery;
 pub mod gateway;
 mod job;

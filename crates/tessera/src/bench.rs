@@ -29,6 +29,9 @@ pub enum BenchCommand {
     Ledger(crate::ledgerbench::LedgerBench),
     /// Concurrent streams one gateway holds (SYNTHETIC-engine providers).
     Gateway(crate::loadbench::GatewayBench),
+    /// The auditor: detection per cheating mode, honest false positives,
+    /// audit cost; writes the calibration data.
+    Audit(crate::auditbench::AuditBench),
     /// Cost of Tessera's sampling rule per token, on real logits.
     Sampling {
         #[command(flatten)]
@@ -125,6 +128,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Network(b) => crate::netbench::run(home, b),
         BenchCommand::Gateway(b) => crate::loadbench::run(home, b),
         BenchCommand::Ledger(b) => crate::ledgerbench::run(b),
+        BenchCommand::Audit(b) => crate::auditbench::run(home, b),
         BenchCommand::Sampling { engine } => sampling(home, &engine),
     }
 }

@@ -7,6 +7,7 @@
 //! lives in its own module.
 
 mod accounts;
+mod auditbench;
 mod bench;
 mod devnet;
 mod earnings;

@@ -228,6 +228,7 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
                 input: (i * 13 % 50) as u64,
                 output: (i * 17 % 100) as u64,
             },
+            reputation: 1.0 - (i % 5) as f64 * 0.1,
         })
         .collect();
     let route = tessera_api::RoutePrefs {

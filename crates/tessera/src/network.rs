@@ -82,6 +82,17 @@ pub struct AuditArgs {
     /// `not_audited`.
     #[arg(long, env = "TESSERA_AUDIT")]
     pub audit: bool,
+    /// Seconds between canary jobs to every provider (0: none). Canaries
+    /// are audited when --audit is on; 3 missed in a row make a provider
+    /// unroutable until it answers one again.
+    #[arg(long, env = "TESSERA_CANARY_INTERVAL", default_value_t = 300.0)]
+    pub canary_interval: f64,
+    /// Seconds a canary may take.
+    #[arg(long, env = "TESSERA_CANARY_DEADLINE", default_value_t = 30.0)]
+    pub canary_deadline: f64,
+    /// Tokens a canary generates.
+    #[arg(long, env = "TESSERA_CANARY_TOKENS", default_value_t = 32)]
+    pub canary_tokens: u32,
 }
 
 /// Discovery settings shared by gateways and providers.
@@ -122,6 +133,22 @@ pub struct ProviderArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub price: PriceArgs,
+    #[cfg(feature = "adversary")]
+    #[command(flatten)]
+    pub cheat: CheatArgs,
+}
+
+/// TEST BUILDS ONLY (feature `adversary`): ways to cheat, for the
+/// auditor's tests.
+#[cfg(feature = "adversary")]
+#[derive(Args, Debug)]
+pub struct CheatArgs {
+    /// Cheat: garbage, forged-commitments, early-stop or inflated-usage.
+    #[arg(long)]
+    pub misbehave: Option<tessera_net::adversary::Misbehave>,
+    /// Cheat: run this (altered) model file while announcing --model's hash.
+    #[arg(long)]
+    pub misbehave_model: Option<std::path::PathBuf>,
 }
 
 pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
@@ -190,6 +217,18 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         let accounts =
             Arc::new(LedgerAccounts::start(ledger, gateway_id.clone(), args.fee_bps).await?);
         tokio::spawn(gateway.clone().accept());
+        if args.audit.canary_interval > 0.0 {
+            tessera_net::canary::spawn(
+                gateway.clone(),
+                tessera_net::canary::CanaryConfig {
+                    interval: std::time::Duration::from_secs_f64(args.audit.canary_interval),
+                    deadline: std::time::Duration::from_secs_f64(
+                        args.audit.canary_deadline.max(0.1),
+                    ),
+                    tokens: args.audit.canary_tokens.max(2),
+                },
+            );
+        }
         let path = home.join("endpoint.json");
         write_json(
             &path,
@@ -261,39 +300,76 @@ fn start_auditors(
                     as Box<dyn tessera_engine::Engine>)
             },
         )?;
-        let ledger = ledger.clone();
-        let refund: tessera_net::audit::OnFailure = Arc::new(move |job: String| {
-            let ledger = ledger.clone();
-            tokio::spawn(async move { refund_when_settled(&ledger, &job).await });
-        });
+        let hooks = Arc::new(LedgerHooks(ledger.clone()));
         let policy = tessera_net::audit::AuditPolicy {
             base_rate: args.audit_rate.clamp(0.0, 1.0),
             probation: args.audit_probation,
         };
         out.insert(
             sha256.clone(),
-            tessera_net::audit::Audits::new(handle, policy, Some(metrics.clone()), Some(refund)),
+            tessera_net::audit::Audits::new(handle, policy, Some(metrics.clone()), Some(hooks)),
         );
     }
     Ok(out)
 }
 
-/// Refund a request whose audit failed, once its settlement is in the
-/// ledger (the audit may finish first); gives up after a minute.
-async fn refund_when_settled(ledger: &tessera_ledger::Ledger, job: &str) {
+/// Verdicts in the ledger: refunds, forfeited bonds, the audit status on
+/// providers' receipts.
+struct LedgerHooks(tessera_ledger::Ledger);
+
+/// Wait (up to a minute) for `job`'s settlement to be in the ledger: an
+/// audit can finish before the answer is settled.
+async fn settled_hold(ledger: &tessera_ledger::Ledger, job: &str) -> Option<String> {
     for _ in 0..120 {
         if let Ok(Some(hold)) = ledger.hold_of_job(job).await {
-            match ledger.refund(&hold).await {
-                Ok(r) => {
-                    tracing::info!(%job, amount = r.amount, "refunded after a failed audit");
-                    return;
-                }
-                Err(e) => tracing::debug!(%job, error = %e, "not refundable yet"),
-            }
+            return Some(hold);
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    tracing::error!(%job, "could not refund a request whose audit failed");
+    None
+}
+
+impl tessera_net::audit::AuditHooks for LedgerHooks {
+    fn verdict(&self, request: &str, provider: &str, status: &'static str) {
+        let (ledger, job, provider) = (self.0.clone(), request.to_string(), provider.to_string());
+        tokio::spawn(async move {
+            if settled_hold(&ledger, &job).await.is_some() {
+                if let Err(e) = ledger.set_audit(&job, &provider, status).await {
+                    tracing::warn!(%job, error = %e, "could not record an audit on its receipt");
+                }
+            }
+        });
+    }
+
+    fn failed(&self, request: &str) {
+        let (ledger, job) = (self.0.clone(), request.to_string());
+        tokio::spawn(async move {
+            let Some(hold) = settled_hold(&ledger, &job).await else {
+                tracing::error!(%job, "could not refund a request whose audit failed: never settled");
+                return;
+            };
+            match ledger.refund(&hold).await {
+                Ok(r) => tracing::info!(%job, amount = r.amount, "refunded after a failed audit"),
+                Err(e) => tracing::warn!(%job, error = %e, "no refund after a failed audit"),
+            }
+        });
+    }
+
+    fn quarantined(&self, provider: &str) {
+        let (ledger, provider) = (self.0.clone(), provider.to_string());
+        tokio::spawn(async move {
+            // After the refunds of its failed answers have been taken back.
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            match ledger.forfeit(&provider).await {
+                Ok(f) => {
+                    tracing::warn!(provider = %&provider[..12], amount = f.amount, "bond forfeited")
+                }
+                Err(e) => {
+                    tracing::error!(provider = %&provider[..12], error = %e, "could not forfeit a bond")
+                }
+            }
+        });
+    }
 }
 
 pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
@@ -308,7 +384,14 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
             format!("SYNTHETIC engine for load benchmarks, {tok_s} tok/s per stream"),
         ),
         None => {
-            let local = engine.insert(crate::local::start(home, &args.engine, true)?);
+            #[allow(unused_mut)]
+            let mut engine_args = args.engine.clone();
+            #[cfg(feature = "adversary")]
+            if let Some(path) = &args.cheat.misbehave_model {
+                tracing::warn!(file = %path.display(), "CHEATING: serving another model file under --model's hash");
+                engine_args.model = path.display().to_string();
+            }
+            let local = engine.insert(crate::local::start(home, &engine_args, true)?);
             let hardware = format!(
                 "{} CPU threads, {} slots, {}",
                 local.config.threads,
@@ -322,6 +405,26 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
                 hardware,
             )
         }
+    };
+    #[cfg(feature = "adversary")]
+    let (runner, model) = {
+        let model = match &args.cheat.misbehave_model {
+            Some(_) => crate::models::resolve_or_pull(home, &args.engine.model)?,
+            None => model,
+        };
+        let runner: Arc<dyn JobRunner> = match args.cheat.misbehave {
+            Some(mode) => {
+                tracing::warn!(?mode, "CHEATING provider (test build)");
+                let n_vocab = engine.as_ref().map_or(1, |e| e.file.info().n_vocab);
+                Arc::new(tessera_net::adversary::CheatingRunner {
+                    inner: runner,
+                    mode,
+                    n_vocab,
+                })
+            }
+            None => runner,
+        };
+        (runner, model)
     };
     let offers = vec![ModelOffer {
         sha256: model.sha256.clone(),

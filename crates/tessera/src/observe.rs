@@ -171,6 +171,7 @@ async fn status(State(view): State<Arc<View>>) -> Result<Json<Value>, ApiError> 
             "escrow": totals.escrow,
             "settled_requests": totals.settled,
             "refunded_requests": totals.refunded,
+            "forfeited": totals.forfeited,
             "audits": {"passed": passed, "failed": failed, "not_audited": not_audited},
             "audit_pass_rate": (passed + failed > 0).then(|| passed as f64 / (passed + failed) as f64),
         },

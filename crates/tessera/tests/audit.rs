@@ -145,3 +145,98 @@ fn honest_providers_pass_every_audit_and_verdicts_are_private() {
         "recent audits listed"
     );
 }
+
+/// The gateway's view of one provider.
+fn provider_status(gw: &util::Gateway, node: &str) -> Value {
+    let s: Value = util::client()
+        .get(gw.url("/api/status"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    s["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == node)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn canaries_verify_throughput_and_bar_a_silent_provider_until_it_answers() {
+    let gw = util::Gateway::start(&[
+        "--audit",
+        "--canary-interval",
+        "1",
+        "--canary-deadline",
+        "10",
+        "--canary-tokens",
+        "8",
+    ]);
+    let homes = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let children: Vec<_> = homes
+        .iter()
+        .map(|h| util::spawn_provider(&gw.ticket, h.path(), 2))
+        .collect();
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let _guard = util::KillOnDrop(children);
+    let health = gw.url("/health");
+    assert!(util::wait_listed(&health, 2, Duration::from_secs(60)));
+    let nodes: Vec<String> = homes
+        .iter()
+        .map(|h| {
+            let v: Value =
+                serde_json::from_slice(&std::fs::read(h.path().join("provider.json")).unwrap())
+                    .unwrap();
+            v["node"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Canaries verify each provider's throughput, and are audited.
+    for node in &nodes {
+        wait_for("a verified throughput", Duration::from_secs(60), || {
+            let p = provider_status(&gw, node);
+            p["verified_tok_s"].as_f64().is_some_and(|t| t > 0.0)
+                && p["audits_passed"].as_u64().is_some_and(|n| n > 0)
+        });
+    }
+    // A provider that stops answering misses canaries and is barred...
+    util::signal(pids[1], "-STOP");
+    wait_for(
+        "the silent provider to be unroutable",
+        Duration::from_secs(60),
+        || provider_status(&gw, &nodes[1])["state"] == "unroutable",
+    );
+    util::signal(pids[1], "-CONT");
+    // ...until it answers a canary again.
+    wait_for(
+        "the provider to be routable again",
+        Duration::from_secs(60),
+        || {
+            let p = provider_status(&gw, &nodes[1]);
+            p["state"] == "online" && p["canary_misses"] == 0
+        },
+    );
+    for _ in 0..4 {
+        let (code, v) = {
+            let resp = gw
+                .client()
+                .post(gw.url("/v1/chat/completions"))
+                .json(&chat("Say hi", json!({"max_tokens": 4})))
+                .send()
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().unwrap())
+        };
+        assert_eq!(code, 200, "{v}");
+    }
+    assert_eq!(provider_status(&gw, &nodes[0])["audits_failed"], 0);
+    assert_eq!(provider_status(&gw, &nodes[1])["audits_failed"], 0);
+}

@@ -1,0 +1,116 @@
+//! Cheating providers, for tests only (the `adversary` feature; never in a
+//! release build).
+//!
+//! [`CheatingRunner`] wraps an honest [`JobRunner`] and tampers with its
+//! jobs the way a dishonest provider could: random tokens instead of the
+//! model's (`Garbage`), commitments that do not match its hidden states
+//! (`ForgedCommitments`), half an answer passed off as a natural stop
+//! (`EarlyStop`), more tokens claimed than generated (`InflatedUsage`).
+//! Serving another model file under the real one's hash (substituted,
+//! requantized, skipped layers) needs no code here: the `tessera` binary's
+//! `--misbehave-model` loads the altered file and announces the real hash.
+
+use std::sync::Arc;
+
+use tessera_engine::{Event, FinishReason, GenerationRequest, SubmitError, Token};
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+
+use crate::provider::JobRunner;
+
+/// How a cheating provider cheats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Misbehave {
+    Garbage,
+    ForgedCommitments,
+    EarlyStop,
+    InflatedUsage,
+}
+
+impl std::str::FromStr for Misbehave {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "garbage" => Misbehave::Garbage,
+            "forged-commitments" => Misbehave::ForgedCommitments,
+            "early-stop" => Misbehave::EarlyStop,
+            "inflated-usage" => Misbehave::InflatedUsage,
+            other => return Err(format!("unknown misbehaviour '{other}'")),
+        })
+    }
+}
+
+/// An honest runner with one kind of cheating on top.
+pub struct CheatingRunner {
+    pub inner: Arc<dyn JobRunner>,
+    pub mode: Misbehave,
+    /// Vocabulary size, for random tokens.
+    pub n_vocab: usize,
+}
+
+impl JobRunner for CheatingRunner {
+    fn submit(
+        &self,
+        mut request: GenerationRequest,
+    ) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        if self.mode == Misbehave::EarlyStop {
+            let asked = request.max_tokens.unwrap_or(64);
+            request.max_tokens = Some((asked / 2).max(1));
+        }
+        let mut inner = self.inner.submit(request)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mode = self.mode;
+        let n_vocab = self.n_vocab.max(1) as u64;
+        tokio::spawn(async move {
+            let mut state = getrandom::u64().unwrap_or(1) | 1;
+            let mut random = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let mut sent: Vec<Token> = Vec::new();
+            loop {
+                let event = tokio::select! {
+                    e = inner.recv() => e,
+                    _ = tx.closed() => return,
+                };
+                let Some(mut event) = event else { return };
+                match (&mut event, mode) {
+                    (Event::Token(t), Misbehave::Garbage) => {
+                        t.token = (random() % n_vocab) as Token;
+                        sent.push(t.token);
+                    }
+                    (Event::Proof { tokens, .. }, Misbehave::Garbage) => {
+                        // Consistent with what was streamed.
+                        let n = sent.len().min(tokens.len());
+                        tokens[..n].copy_from_slice(&sent[..n]);
+                    }
+                    (Event::Proof { proof, .. }, Misbehave::ForgedCommitments) => {
+                        for b in &mut proof.commitments {
+                            *b = random() as u8;
+                        }
+                    }
+                    (Event::Done { finish_reason, .. }, Misbehave::EarlyStop) => {
+                        *finish_reason = FinishReason::Stop;
+                    }
+                    (Event::Done { usage, .. }, Misbehave::InflatedUsage) => {
+                        usage.completion_tokens += 5;
+                    }
+                    _ => {}
+                }
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn active(&self) -> usize {
+        self.inner.active()
+    }
+
+    fn max_sequences(&self) -> usize {
+        self.inner.max_sequences()
+    }
+}
