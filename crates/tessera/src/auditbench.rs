@@ -385,7 +385,7 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
     // Cheating answers.
     let dir = tempfile::tempdir()?;
     let mut results: Vec<(String, Tally)> = Vec::new();
-    for mode in &bench.modes {
+    for mode in bench.modes.iter().filter(|m| !m.is_empty()) {
         let mut t = Tally::default();
         let cheat_file = |path: PathBuf| -> anyhow::Result<Arc<LlamaModelFile>> {
             Ok(LlamaModelFile::load(&path)?)

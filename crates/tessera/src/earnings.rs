@@ -168,6 +168,13 @@ pub fn run(home: &Path, args: EarningsArgs) -> anyhow::Result<()> {
             "  {verified} receipts carry valid provider and gateway signatures ({} credits)",
             crate::accounts::credits(verified_earned)
         );
+        let audits = |status: &str| rows.iter().filter(|r| r["audit"] == status).count();
+        println!(
+            "  audits: {} passed, {} failed (refunded), {} not audited",
+            audits("passed"),
+            audits("failed"),
+            audits("not_audited")
+        );
         for p in &problems {
             println!("  NOT VERIFIED {}: {}", p["receipt"], p["problem"]);
         }
