@@ -63,8 +63,11 @@ pub struct Thresholds {
     /// How far a top-p (or, ×10 relative, min-p) filter's edge may be off
     /// before a token beyond it counts as a mismatch.
     pub filter_slack: f32,
-    /// Most tolerated disagreements, as a share of the tokens.
+    /// Most tolerated disagreements, as a share of the tokens, but never
+    /// fewer than `min_tolerated` (short answers: even greedy decoding meets
+    /// a near-tie in ~3% of tokens, so 2 of 4 happens to honest providers).
     pub max_tolerated: f64,
+    pub min_tolerated: usize,
     /// Most disagreements beyond the margin, as a share of the tokens (at
     /// least one is always allowed): honest decode and prefill arithmetic
     /// differ by more than the margin now and then.
@@ -73,7 +76,8 @@ pub struct Thresholds {
     /// the largest mean difference over an answer.
     pub logprob: f32,
     pub logprob_mean: f32,
-    /// Least share of a chunk's top entries agreeing in sign and exponent.
+    /// Least share of a chunk's top entries agreeing in sign and exponent
+    /// (2 may always disagree: a 1-token last chunk compares only 4).
     pub min_exponent_share: f64,
     /// Largest mean mantissa difference (of 128 steps) over a chunk.
     pub max_mantissa_mean: f64,
@@ -84,7 +88,8 @@ impl Default for Thresholds {
         Thresholds {
             margin: 1.0,
             filter_slack: 0.02,
-            max_tolerated: 0.1,
+            max_tolerated: 0.3,
+            min_tolerated: 3,
             max_mismatches: 0.03,
             logprob: 2.0,
             logprob_mean: 0.25,
@@ -218,10 +223,7 @@ pub fn audit(
     let mut in_chunk = 0;
     let mut chunk_index = 0;
     let p = &job.sampling;
-    prefill_all(engine, seq, &tokens, &mut |pos, logits, hidden| {
-        if pos < start {
-            return;
-        }
+    prefill_all(engine, seq, &tokens, start, &mut |pos, logits, hidden| {
         let t = pos - start;
         let abs = (job.prompt.len() + t) as u32;
         let token = job.output[t];
@@ -279,11 +281,13 @@ pub fn audit(
             ev.first_mismatch.unwrap_or(0)
         ));
     }
-    if ev.tolerated as f64 > th.max_tolerated * n as f64 {
+    let tolerable = (th.max_tolerated * n as f64).max(th.min_tolerated as f64);
+    if ev.tolerated as f64 > tolerable {
         ev.failures.push(format!(
-            "{} of {n} tokens are near-ties decided against the rule (at most {:.0}% allowed)",
+            "{} of {n} tokens are near-ties decided against the rule (at most {:.0}% or {} allowed)",
             ev.tolerated,
-            th.max_tolerated * 100.0
+            th.max_tolerated * 100.0,
+            th.min_tolerated
         ));
     }
     let mean_bad = ev.logprob_mean_error.is_nan() || ev.logprob_mean_error > th.logprob_mean;
@@ -297,7 +301,10 @@ pub fn audit(
         let share = c.exponent_matches as f64 / c.compared.max(1) as f64;
         ev.worst_exponent_share = ev.worst_exponent_share.min(share);
         ev.worst_mantissa_mean = ev.worst_mantissa_mean.max(c.mantissa_mean);
-        if share < th.min_exponent_share || c.mantissa_mean > th.max_mantissa_mean {
+        // A short last chunk (4 entries for 1 token) may miss 2 of them.
+        let missed = c.compared.saturating_sub(c.exponent_matches);
+        let too_few = share < th.min_exponent_share && missed > 2;
+        if too_few || c.mantissa_mean > th.max_mantissa_mean {
             ev.failures.push(format!(
                 "the commitment of chunk {i} does not match the model's hidden states \
                  ({} of {} entries agree, mantissa gap {:.2})",

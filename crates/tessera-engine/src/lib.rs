@@ -138,13 +138,16 @@ pub trait Engine {
 /// Receives `(position, logits, hidden state)` for each evaluated position.
 pub type PositionVisitor<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
 
-/// Evaluate `tokens` as one fresh sequence and hand every position's logits
-/// and hidden state to `visit(position, logits, hidden)`. This is the
-/// auditor's single prefill over prompt + output; it reuses slot `seq`.
+/// Evaluate `tokens` as one fresh sequence and hand the logits and hidden
+/// state of every position from `from` on to `visit(position, logits,
+/// hidden)` (earlier positions only fill the cache: no output rows are
+/// computed for them). This is the auditor's single prefill over prompt +
+/// output; it reuses slot `seq`.
 pub fn prefill_all(
     engine: &mut dyn Engine,
     seq: SeqId,
     tokens: &[Token],
+    from: usize,
     visit: &mut PositionVisitor<'_>,
 ) -> Result<(), EngineError> {
     let limit = engine.context_per_sequence();
@@ -167,17 +170,22 @@ pub fn prefill_all(
                     token,
                     pos: (start + i) as u32,
                     seq,
-                    output: true,
+                    output: start + i >= from,
                 })
                 .collect();
             engine.decode(&batch, true, &mut out)?;
-            let n_vocab = out.logits.len() / part.len();
-            let n_embd = out.hidden.len() / part.len();
-            for i in 0..part.len() {
+            let first = from.saturating_sub(start).min(part.len());
+            let rows = part.len() - first;
+            if rows == 0 {
+                continue;
+            }
+            let n_vocab = out.logits.len() / rows;
+            let n_embd = out.hidden.len() / rows;
+            for r in 0..rows {
                 visit(
-                    start + i,
-                    &out.logits[i * n_vocab..(i + 1) * n_vocab],
-                    &out.hidden[i * n_embd..(i + 1) * n_embd],
+                    start + first + r,
+                    &out.logits[r * n_vocab..(r + 1) * n_vocab],
+                    &out.hidden[r * n_embd..(r + 1) * n_embd],
                 );
             }
         }

@@ -89,7 +89,7 @@ fn prefill(file: &LlamaModelFile, tokens: &[Token]) -> (Vec<Vec<f32>>, Vec<usize
     let mut engine = LlamaEngine::new(file, audit_config()).unwrap();
     let mut logits = Vec::new();
     let mut widths = Vec::new();
-    prefill_all(&mut engine, 0, tokens, &mut |pos, l, h| {
+    prefill_all(&mut engine, 0, tokens, 0, &mut |pos, l, h| {
         assert_eq!(pos, logits.len());
         logits.push(l.to_vec());
         widths.push(h.len());

@@ -6,6 +6,9 @@
 //! model's (`Garbage`), commitments that do not match its hidden states
 //! (`ForgedCommitments`), half an answer passed off as a natural stop
 //! (`EarlyStop`), more tokens claimed than generated (`InflatedUsage`).
+//! `Stall` is not cheating but a wedged provider: while a file named
+//! `stall` exists in its home it takes jobs and never answers them, while
+//! its connection and heartbeats stay alive (what uptime canaries catch).
 //! Serving another model file under the real one's hash (substituted,
 //! requantized, skipped layers) needs no code here: the `tessera` binary's
 //! `--misbehave-model` loads the altered file and announces the real hash.
@@ -24,6 +27,7 @@ pub enum Misbehave {
     ForgedCommitments,
     EarlyStop,
     InflatedUsage,
+    Stall,
 }
 
 impl std::str::FromStr for Misbehave {
@@ -34,6 +38,7 @@ impl std::str::FromStr for Misbehave {
             "forged-commitments" => Misbehave::ForgedCommitments,
             "early-stop" => Misbehave::EarlyStop,
             "inflated-usage" => Misbehave::InflatedUsage,
+            "stall" => Misbehave::Stall,
             other => return Err(format!("unknown misbehaviour '{other}'")),
         })
     }
@@ -45,6 +50,8 @@ pub struct CheatingRunner {
     pub mode: Misbehave,
     /// Vocabulary size, for random tokens.
     pub n_vocab: usize,
+    /// `Stall`: jobs hang while this file exists.
+    pub stall_flag: std::path::PathBuf,
 }
 
 impl JobRunner for CheatingRunner {
@@ -52,6 +59,12 @@ impl JobRunner for CheatingRunner {
         &self,
         mut request: GenerationRequest,
     ) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        if self.mode == Misbehave::Stall && self.stall_flag.exists() {
+            let (tx, rx) = mpsc::unbounded_channel::<Event>();
+            // Hold the job open, silent, until the gateway gives up on it.
+            tokio::spawn(async move { tx.closed().await });
+            return Ok(rx);
+        }
         if self.mode == Misbehave::EarlyStop {
             let asked = request.max_tokens.unwrap_or(64);
             request.max_tokens = Some((asked / 2).max(1));

@@ -7,10 +7,12 @@
 //! has failed an audit, else a share [`AuditPolicy::base_rate`] of them. An
 //! audited part is `pending` until the auditor's thread (its own engine,
 //! `tessera_engine::audit`) answers. A failure refunds the client's request
-//! (through the callback the gateway's owner installs, which voids the
-//! providers' earnings and the fee with it); a second failure of the same
-//! provider confirms the first and quarantines it: the router no longer
-//! uses it. Verdicts and their evidence are kept per request (the API's
+//! (through the hooks the gateway's owner installs, which void the
+//! providers' earnings and the fee with it) and puts the provider on watch:
+//! all its parts are audited until it passes `gateway::WATCH` in a row; a
+//! failure before that confirms the first and quarantines it (the router no
+//! longer uses it; its bond is forfeited). Isolated honest false positives
+//! are thus forgiven, a cheater is not. Verdicts and their evidence are kept per request (the API's
 //! response id), for `GET /v1/jobs/{id}`.
 
 use std::collections::{HashMap, VecDeque};
@@ -204,7 +206,7 @@ impl Audits {
                             provider: part.provider.clone(),
                             verdict,
                             at_ms: crate::receipt::now_ms(),
-                            reason,
+                            reason: reason.clone(),
                         }),
                     );
                     let quarantined = directory.record_audit(&part.provider, passed);
@@ -213,7 +215,7 @@ impl Audits {
                         h.verdict(&request, &part.provider, part.status);
                     }
                     if !passed {
-                        tracing::warn!(provider = %&part.provider[..12], job = %request, "audit failed; refunding the request");
+                        tracing::warn!(provider = %&part.provider[..12], job = %request, %reason, "audit failed; refunding the request");
                         // A canary was never billed: nothing to refund.
                         if let (Some(h), false) = (hooks, canary) {
                             h.failed(&request);

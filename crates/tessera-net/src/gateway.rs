@@ -34,6 +34,9 @@ use crate::node::node_id;
 pub const MAX_TRIES: usize = 3;
 /// How often providers are asked to send a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Audits a provider must pass in a row after a failure before another
+/// failure no longer confirms it.
+pub const WATCH: u32 = 10;
 /// Canary jobs missed in a row that make a provider unroutable.
 pub const CANARY_MISSES: u32 = 3;
 /// A provider whose heartbeats stopped this long ago is not routed to.
@@ -106,13 +109,34 @@ struct Record {
     audits_passed: u32,
     audits_failed: u32,
     /// Moving average of its audit results (1 passed, 0 failed).
-    reputation: Option<f64>,
-    /// Failed a second audit: never routed to again by this gateway.
+    audit_score: Option<f64>,
+    /// Audits it must still pass in a row to clear its last failure (every
+    /// part is audited meanwhile); a failure in that time confirms the
+    /// first.
+    on_watch: u32,
+    /// Failed a confirmed second audit: never routed to again here.
     quarantined: bool,
     /// Canary jobs missed in a row (3 make it unroutable until it answers
     /// one again), and the delivered tok/s of its last answered canary.
     canary_misses: u32,
     verified_tok_s: Option<f64>,
+}
+
+impl Record {
+    /// Share of the time since first seen that it was connected.
+    fn uptime(&self) -> f64 {
+        let known = self.first_seen.elapsed().as_secs_f64();
+        let online = self.online + self.connected_since.map_or(Duration::ZERO, |s| s.elapsed());
+        (online.as_secs_f64() / known.max(1e-9)).min(1.0)
+    }
+
+    /// Its audit score (1 before any audit) times its uptime, times a
+    /// latency factor (1 up to 1 s to the first answer, falling to 0.5 at
+    /// 10 s): what the router weighs.
+    fn reputation(&self, latency_ms: f64) -> f64 {
+        let latency = 1.0 - (latency_ms / 1000.0 - 1.0).clamp(0.0, 9.0) / 18.0;
+        self.audit_score.unwrap_or(1.0) * self.uptime() * latency
+    }
 }
 
 /// One provider as operators see it (`/api/status`, the dashboard).
@@ -145,8 +169,8 @@ pub struct ProviderReport {
     pub tokens: u64,
     pub audits_passed: u32,
     pub audits_failed: u32,
-    /// Moving average of its audit results (1 = every audit passed); `None`
-    /// before its first audit.
+    /// Moving average of its audit results (1 = every audit passed) times
+    /// its uptime and a latency factor; `None` before its first audit.
     pub reputation: Option<f64>,
     /// Delivered tokens/s per stream of its last answered canary job.
     pub verified_tok_s: Option<f64>,
@@ -183,7 +207,8 @@ impl Directory {
                 tok_s: 0.0,
                 audits_passed: 0,
                 audits_failed: 0,
-                reputation: None,
+                audit_score: None,
+                on_watch: 0,
                 quarantined: false,
                 canary_misses: 0,
                 verified_tok_s: None,
@@ -264,15 +289,14 @@ impl Directory {
     pub(crate) fn audit_odds(&self, node: &str, policy: &crate::audit::AuditPolicy) -> f64 {
         let records = self.records.lock();
         match records.ok().as_ref().and_then(|r| r.get(node)) {
-            Some(r) if r.audits_failed == 0 && r.audits_passed >= policy.probation => {
-                policy.base_rate
-            }
+            Some(r) if r.on_watch == 0 && r.audits_passed >= policy.probation => policy.base_rate,
             _ => 1.0,
         }
     }
 
     /// An audit of `node` passed or failed; true when this failure confirms
-    /// an earlier one and the provider is now quarantined.
+    /// an earlier one (it came before [`WATCH`] passes in a row cleared
+    /// that) and the provider is now quarantined.
     pub(crate) fn record_audit(&self, node: &str, passed: bool) -> bool {
         let Some(mut records) = self.records.lock().ok() else {
             return false;
@@ -281,16 +305,18 @@ impl Directory {
             return false;
         };
         let x = if passed { 1.0 } else { 0.0 };
-        r.reputation = Some(r.reputation.map_or(x, |old| 0.8 * old + 0.2 * x));
+        r.audit_score = Some(r.audit_score.map_or(x, |old| 0.8 * old + 0.2 * x));
         if passed {
             r.audits_passed += 1;
+            r.on_watch = r.on_watch.saturating_sub(1);
             return false;
         }
         r.audits_failed += 1;
-        if r.audits_failed >= 2 && !r.quarantined {
+        if r.on_watch > 0 && !r.quarantined {
             r.quarantined = true;
             return true;
         }
+        r.on_watch = WATCH;
         false
     }
 
@@ -379,7 +405,9 @@ impl Directory {
                     tokens: r.tokens,
                     audits_passed: r.audits_passed,
                     audits_failed: r.audits_failed,
-                    reputation: r.reputation,
+                    reputation: r.audit_score.map(|_| {
+                        r.reputation(p.and_then(|p| p.latency_ms.lock().ok().map(|t| *t)).unwrap_or(0.0))
+                    }),
                     verified_tok_s: r.verified_tok_s,
                     canary_misses: r.canary_misses,
                 }
@@ -445,7 +473,10 @@ impl Directory {
                 price: p.price(sha256),
                 reputation: records
                     .as_ref()
-                    .and_then(|r| r.get(&p.node)?.reputation)
+                    .and_then(|r| {
+                        let latency = p.latency_ms.lock().map_or(0.0, |t| *t);
+                        r.get(&p.node).map(|r| r.reputation(latency))
+                    })
                     .unwrap_or(1.0),
             })
             .collect();
@@ -554,7 +585,8 @@ pub struct Candidate<'a> {
 /// `route.order`, else by `route.sort`, else by load weighed with price
 /// and reputation (load ÷ slots, plus a quarter for the dearest output
 /// price, in proportion, plus half the shortfall of its reputation from a
-/// perfect 1); `turn` rotates ties so equal providers share the work.
+/// perfect 1, counted in hundredths so that near-equal providers still
+/// tie); `turn` rotates ties so equal providers share the work.
 pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> Option<usize> {
     for pattern in &route.order {
         if let Some(i) = candidates
@@ -584,7 +616,10 @@ pub fn choose(candidates: &[Candidate<'_>], route: &RoutePrefs, turn: usize) -> 
         Some(Sort::Latency) if c.latency_ms > 0.0 => c.latency_ms,
         Some(Sort::Latency) => f64::MAX,
         Some(Sort::Price) => c.price.output as f64 * 1e6 + c.price.input as f64 + c.load,
-        None => c.load + per_price * c.price.output as f64 + 0.5 * (1.0 - c.reputation),
+        None => {
+            let shortfall = ((1.0 - c.reputation) * 100.0).round() / 100.0;
+            c.load + per_price * c.price.output as f64 + 0.5 * shortfall
+        }
     };
     let start = turn % n;
     let mut best = (start, key(&candidates[start]));
@@ -980,6 +1015,14 @@ mod tests {
         for turn in 0..4 {
             assert_eq!(choose(&list, &prefs(), turn), Some(1));
         }
+        // Uptimes a hair apart are still a tie.
+        list[0].reputation = 0.99999;
+        list[1].reputation = 0.99998;
+        let picks: Vec<_> = (0..4).map(|t| choose(&list, &prefs(), t)).collect();
+        assert!(
+            picks.contains(&Some(0)) && picks.contains(&Some(1)),
+            "{picks:?}"
+        );
         // Reputation weighs less than a full slot table.
         list[1].load = 0.75;
         assert_eq!(choose(&list, &prefs(), 0), Some(0));

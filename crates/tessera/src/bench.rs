@@ -227,7 +227,7 @@ fn sampling(home: &Path, args: &EngineArgs) -> anyhow::Result<()> {
     let mut tokens = file.tokenize(&file.apply_chat_template(&messages)?, true)?;
     tokens.extend(prompt_of(file.as_ref(), 200)?);
     let mut rows: Vec<Vec<f32>> = Vec::new();
-    tessera_engine::prefill_all(&mut engine, 0, &tokens, &mut |_, l, _| {
+    tessera_engine::prefill_all(&mut engine, 0, &tokens, 0, &mut |_, l, _| {
         rows.push(l.to_vec())
     })?;
     println!(

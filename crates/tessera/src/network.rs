@@ -143,7 +143,8 @@ pub struct ProviderArgs {
 #[cfg(feature = "adversary")]
 #[derive(Args, Debug)]
 pub struct CheatArgs {
-    /// Cheat: garbage, forged-commitments, early-stop or inflated-usage.
+    /// Cheat: garbage, forged-commitments, early-stop or inflated-usage; or
+    /// stall (jobs hang while HOME/stall exists; connection stays alive).
     #[arg(long)]
     pub misbehave: Option<tessera_net::adversary::Misbehave>,
     /// Cheat: run this (altered) model file while announcing --model's hash.
@@ -420,6 +421,7 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
                     inner: runner,
                     mode,
                     n_vocab,
+                    stall_flag: home.join("stall"),
                 })
             }
             None => runner,
