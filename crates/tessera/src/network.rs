@@ -77,9 +77,9 @@ pub struct AuditArgs {
     pub audit_context: usize,
     /// Audit providers' answers: re-check them with the gateway's own
     /// engine, refund failed ones, quarantine a provider after a second
-    /// failure. Off by default until the thresholds are calibrated on
-    /// enough honest answers (see README); without it every answer is
-    /// `not_audited`.
+    /// failure. Off by default: the auditor loads a second copy of the
+    /// model and costs about half of each audited answer's generation in
+    /// CPU (see README); without it every answer is `not_audited`.
     #[arg(long, env = "TESSERA_AUDIT")]
     pub audit: bool,
     /// Seconds between canary jobs to every provider (0: none). Canaries
