@@ -37,7 +37,7 @@ venv: deps
 
 # A gateway and three providers as separate processes on loopback.
 demo: build
-	$(BIN) devnet --providers 3
+	$(BIN) devnet --providers 3 --audit
 
 lint: build
 	cargo fmt --all --check
