@@ -380,8 +380,9 @@ impl Directory {
                     Some(p) if inflight >= p.slots => "busy",
                     Some(_) => "online",
                 };
-                let known = r.first_seen.elapsed();
-                let online = r.online + r.connected_since.map_or(Duration::ZERO, |s| s.elapsed());
+                let latency_ms = p
+                    .and_then(|p| p.latency_ms.lock().ok().map(|t| *t))
+                    .unwrap_or(0.0);
                 ProviderReport {
                     node: node.clone(),
                     state,
@@ -396,18 +397,16 @@ impl Directory {
                     hardware: r.hardware.clone(),
                     tok_s: r.tok_s,
                     reported_tok_s: p.and_then(|p| p.tok_s.lock().ok().map(|t| *t)).unwrap_or(0.0),
-                    latency_ms: p.and_then(|p| p.latency_ms.lock().ok().map(|t| *t)).unwrap_or(0.0),
-                    uptime: (online.as_secs_f64() / known.as_secs_f64().max(1e-9)).min(1.0),
-                    known_s: known.as_secs_f64(),
+                    latency_ms,
+                    uptime: r.uptime(),
+                    known_s: r.first_seen.elapsed().as_secs_f64(),
                     jobs_done: r.done,
                     jobs_failed: r.failed,
                     jobs_cancelled: r.cancelled,
                     tokens: r.tokens,
                     audits_passed: r.audits_passed,
                     audits_failed: r.audits_failed,
-                    reputation: r.audit_score.map(|_| {
-                        r.reputation(p.and_then(|p| p.latency_ms.lock().ok().map(|t| *t)).unwrap_or(0.0))
-                    }),
+                    reputation: r.audit_score.map(|_| r.reputation(latency_ms)),
                     verified_tok_s: r.verified_tok_s,
                     canary_misses: r.canary_misses,
                 }

@@ -146,15 +146,19 @@ fn honest_providers_pass_every_audit_and_verdicts_are_private() {
     );
 }
 
-/// The gateway's view of one provider.
-fn provider_status(gw: &util::Gateway, node: &str) -> Value {
-    let s: Value = util::client()
+/// The gateway's `/api/status`.
+fn status(gw: &util::Gateway) -> Value {
+    util::client()
         .get(gw.url("/api/status"))
         .send()
         .unwrap()
         .json()
-        .unwrap();
-    s["providers"]
+        .unwrap()
+}
+
+/// The gateway's view of one provider.
+fn provider_status(gw: &util::Gateway, node: &str) -> Value {
+    status(gw)["providers"]
         .as_array()
         .unwrap()
         .iter()
@@ -252,16 +256,10 @@ fn canaries_verify_throughput_and_bar_a_stalled_provider_until_it_answers() {
         served.contains(&nodes[1]),
         "the recovered provider is routed to again"
     );
-    let status: Value = util::client()
-        .get(gw.url("/api/status"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    for node in &nodes {
+    let status = status(&gw);
+    for p in status["providers"].as_array().unwrap() {
         assert_eq!(
-            provider_status(&gw, node)["audits_failed"],
-            0,
+            p["audits_failed"], 0,
             "recent audits: {:#}",
             status["audits"]
         );
