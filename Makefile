@@ -20,7 +20,7 @@ MODEL := smollm2-135m-instruct
 help:
 	@echo "make demo   run a local Tessera network (1 gateway, 3 providers) on the default model"
 	@echo "make test   run the whole test suite"
-	@echo "make bench  run the engine benchmark (figures in BENCHMARKS.md)"
+	@echo "make bench  run the engine benchmark against llama.cpp (figures in BENCHMARKS.md)"
 
 deps:
 	@scripts/deps.sh
@@ -48,10 +48,13 @@ lint: build
 # The `adversary` feature adds the cheating providers the auditor's tests
 # need (`tessera provider --misbehave …`); `make build` never has it.
 test: model venv lint
+	TESSERA_TEST_HOME=$(TEST_HOME) \
 	TESSERA_TEST_MODEL="$$(TESSERA_HOME=$(TEST_HOME) $(BIN) models path $(MODEL))" \
 	TESSERA_TEST_PYTHON=$(VENV)/bin/python \
 	RUST_TEST_THREADS=1 \
 	cargo test --release --locked --workspace --features tessera/adversary
 
+# llama.cpp's own server and tools, built natively outside the clone, are
+# the reference (scripts/llama-ref.sh; never part of `make test`).
 bench: model
-	TESSERA_HOME=$(TEST_HOME) $(BIN) bench engine
+	TESSERA_HOME=$(TEST_HOME) $(BIN) bench engine --llama-bin "$$(scripts/llama-ref.sh)"

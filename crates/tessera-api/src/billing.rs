@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tessera_engine::{Price, Usage};
+use tessera_core::{Price, Usage};
 
 use crate::ApiError;
 

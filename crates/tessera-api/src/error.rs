@@ -10,7 +10,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use tessera_engine::{EngineError, SubmitError};
+use tessera_backend::JobError;
+use tessera_engine::EngineError;
 
 /// An error on its way to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,33 +168,33 @@ impl ApiError {
     }
 }
 
-impl From<EngineError> for ApiError {
-    fn from(e: EngineError) -> Self {
+impl From<JobError> for ApiError {
+    /// The one mapping from what went wrong below the API to HTTP: the
+    /// client's mistakes are 400s, missing capacity is a 503, and only our
+    /// own faults are 500s.
+    fn from(e: JobError) -> Self {
+        let message = e.to_string();
         match e {
-            EngineError::ContextLength { prompt, limit } => ApiError::invalid(
-                format!("This model's context holds {limit} tokens, but the prompt has {prompt} tokens. Shorten the prompt."),
-                Some("messages"),
-            )
-            .with_code("context_length_exceeded"),
-            EngineError::Template(m) => {
-                ApiError::invalid(format!("The messages could not be rendered with the model's chat template: {m}"), Some("messages"))
+            JobError::ContextLength { .. } => {
+                ApiError::invalid(message, Some("messages")).with_code("context_length_exceeded")
             }
-            EngineError::Tokenize(m) => ApiError::invalid(format!("The prompt could not be tokenized: {m}"), None),
-            EngineError::Closed => ApiError::unavailable("The engine is shutting down."),
-            EngineError::Load(m) | EngineError::Decode(m) => ApiError::internal(m),
+            JobError::BadPrompt(_) => ApiError::invalid(message, None),
+            JobError::NoProvider
+            | JobError::OverPriceCap
+            | JobError::Excluded
+            | JobError::Busy
+            | JobError::ShuttingDown => ApiError::unavailable(message),
+            JobError::FailoverExhausted { .. } => {
+                ApiError::unavailable(message).with_code("failover_exhausted")
+            }
+            JobError::Internal(_) => ApiError::internal(message),
         }
     }
 }
 
-impl From<SubmitError> for ApiError {
-    fn from(e: SubmitError) -> Self {
-        match e {
-            SubmitError::EmptyPrompt => ApiError::invalid("The prompt is empty.", None),
-            SubmitError::Busy => {
-                ApiError::unavailable("Every slot is busy and the queue is full; retry shortly.")
-            }
-            SubmitError::Engine(e) => e.into(),
-        }
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        JobError::from(e).into()
     }
 }
 

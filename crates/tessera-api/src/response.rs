@@ -11,7 +11,8 @@ use std::convert::Infallible;
 use axum::response::sse::{Event as SseEvent, Sse};
 use futures::stream::{self, Stream};
 use serde_json::{json, Value};
-use tessera_engine::{Event, FinishReason, TokenEvent, Usage};
+use tessera_backend::JobEvent as Event;
+use tessera_core::{FinishReason, TokenEvent, Usage};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
@@ -166,14 +167,13 @@ pub(crate) async fn collect(
             Some(Event::Error(e)) => {
                 job.bill.release().await;
                 job.track.finish(Outcome::Failed, None);
-                return Err(e.into());
+                return Err(ApiError::from(e));
             }
             Some(Event::Provider { node, price }) => {
                 job.bill.part(node.clone(), price);
                 job.providers.push(node);
             }
             Some(Event::Receipt(r)) => job.bill.receipt(r),
-            Some(Event::Proof { .. }) => {}
             None => {
                 job.bill.release().await;
                 job.track.finish(Outcome::Failed, None);
@@ -264,7 +264,6 @@ impl StreamState {
                 self.handoff = true;
             }
             Some(Event::Receipt(r)) => self.job.bill.receipt(r),
-            Some(Event::Proof { .. }) => {}
             Some(Event::Done {
                 finish_reason,
                 usage,

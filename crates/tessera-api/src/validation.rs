@@ -8,7 +8,9 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
-use tessera_engine::{ChatMessage, Price, SamplingParams};
+use tessera_backend::{RoutePrefs, Sort};
+use tessera_core::{Price, SamplingParams};
+use tessera_engine::ChatMessage;
 
 use crate::error::ApiError;
 
@@ -180,44 +182,6 @@ pub struct Checked {
     pub route: RoutePrefs,
 }
 
-/// How the router should choose providers for one request. Providers are
-/// named by node id or any prefix of it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RoutePrefs {
-    /// Try these first, in this order.
-    pub order: Vec<String>,
-    /// Use no provider outside this list (empty: any).
-    pub only: Vec<String>,
-    /// Never use these.
-    pub ignore: Vec<String>,
-    /// When `order` is given: may other providers be used if those fail?
-    pub allow_fallbacks: bool,
-    pub sort: Option<Sort>,
-    /// Providers above this price are not used (`None`: no cap).
-    pub max_price: Option<Price>,
-    /// The gateway's own canary job: it may go to a provider that missed
-    /// its canaries (never set from a client's request).
-    pub probe: bool,
-}
-
-/// Ranking asked for by `provider.sort`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sort {
-    /// Cheapest first (output price, then input price).
-    Price,
-    /// Lowest measured time to first token first.
-    Latency,
-    /// Highest measured tokens per second first.
-    Throughput,
-}
-
-impl RoutePrefs {
-    /// Whether the provider `node` matches `pattern` (a node id or a prefix).
-    pub fn names(pattern: &str, node: &str) -> bool {
-        !pattern.is_empty() && node.starts_with(pattern)
-    }
-}
-
 fn check_route(p: Option<&ProviderPrefs>) -> Result<RoutePrefs, ApiError> {
     let Some(p) = p else {
         return Ok(RoutePrefs {
@@ -268,7 +232,6 @@ fn check_route(p: Option<&ProviderPrefs>) -> Result<RoutePrefs, ApiError> {
         allow_fallbacks: p.allow_fallbacks.unwrap_or(true),
         sort,
         max_price,
-        probe: false,
     })
 }
 
@@ -359,7 +322,7 @@ pub fn check_common(
     }
     // Without a seed one is drawn; the response reports it (`tessera.seed`)
     // so the answer can be reproduced.
-    let seed = p.seed.map_or_else(random_u64, |s| s as u64);
+    let seed = p.seed.map_or_else(tessera_core::unique_u64, |s| s as u64);
     let include_usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
     Ok(Checked {
         sampling: SamplingParams {
@@ -454,16 +417,6 @@ pub fn check_prompt(prompt: &Prompt) -> Result<String, ApiError> {
         ));
     }
     Ok(text)
-}
-
-/// A random 64-bit value for seeds and ids.
-pub fn random_u64() -> u64 {
-    getrandom::u64().unwrap_or_else(|_| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        t ^ u64::from(std::process::id()).rotate_left(32)
-    })
 }
 
 #[cfg(test)]

@@ -28,9 +28,12 @@ use std::sync::Arc;
 use std::thread;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::commit::{check_chunk, ChunkCheck, Proof, CHUNK};
-use crate::sampling::{self, SamplingParams};
-use crate::{prefill_all, Engine, EngineError, FinishReason, Model, SeqId, Token};
+use tessera_core::proof::CHUNK;
+use tessera_core::{FinishReason, Proof, SamplingParams, Token};
+
+use crate::commit::{check_chunk, ChunkCheck};
+use crate::sampling;
+use crate::{prefill_all, Engine, EngineError, Model, SeqId};
 
 /// One finished job, as the gateway hands it to the auditor.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -138,6 +141,28 @@ fn score(logits: &[f32], p: &SamplingParams, pos: u32, token: Token) -> f64 {
 
 /// `p` with its top-p and min-p filters moved by `slack` (looser when
 /// positive) and top-k by one.
+/// The filters a rounding difference could have turned `p`'s into: top-p
+/// and min-p moved by `slack`, and top-k by an eighth of k (at least 1)
+/// either way — several logits a hair apart around the k-th rank can
+/// trade places in a prefill (the calibration on Q8_0 met an honest answer
+/// whose top-40 set differed by more than one token).
+fn edges(p: &SamplingParams, slack: f32) -> Vec<SamplingParams> {
+    let mut out = vec![loosened(p, slack), loosened(p, -slack)];
+    if p.top_k > 1 {
+        let delta = (p.top_k / 8).max(1);
+        let lo = p.top_k.saturating_sub(delta).max(1);
+        for k in lo..=p.top_k.saturating_add(delta) {
+            if k != p.top_k {
+                out.push(SamplingParams {
+                    top_k: k,
+                    ..p.clone()
+                });
+            }
+        }
+    }
+    out
+}
+
 fn loosened(p: &SamplingParams, slack: f32) -> SamplingParams {
     SamplingParams {
         top_p: if p.top_p < 1.0 {
@@ -235,7 +260,7 @@ pub fn audit(
             // looser or tighter filter is as plausible.
             let edge = p.temperature > 0.0
                 && sampling::candidates(logits, p).is_some()
-                && [loosened(p, th.filter_slack), loosened(p, -th.filter_slack)]
+                && edges(p, th.filter_slack)
                     .iter()
                     .any(|q| sampling::sample(logits, q, abs) == token);
             let gap = score(logits, p, abs, pick) - score(logits, p, abs, token);

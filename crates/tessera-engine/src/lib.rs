@@ -23,14 +23,8 @@ pub mod text;
 
 use serde::{Deserialize, Serialize};
 
-pub use sampling::SamplingParams;
-pub use scheduler::{
-    Event, FinishReason, GenerationRequest, Price, Scheduler, SchedulerConfig, SchedulerHandle,
-    SubmitError, TokenEvent, Usage,
-};
-
-/// A token id in the model's vocabulary.
-pub type Token = i32;
+pub use scheduler::{Event, Scheduler, SchedulerConfig, SchedulerHandle, SubmitError};
+use tessera_core::Token;
 
 /// A sequence (slot) id inside one evaluation context.
 pub type SeqId = i32;

@@ -8,48 +8,8 @@
 //! logits for position `t` picks the same token without replaying a stream of
 //! random numbers.
 
-use serde::{Deserialize, Serialize};
-
-use crate::Token;
-
-/// How one request wants its tokens chosen.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SamplingParams {
-    /// 0 means greedy (argmax).
-    pub temperature: f32,
-    /// Keep only the `top_k` highest logits; 0 disables the filter.
-    pub top_k: u32,
-    /// Nucleus filter: keep the smallest set of tokens whose probability mass
-    /// reaches `top_p`; 1.0 disables it.
-    pub top_p: f32,
-    /// Drop tokens whose probability is below `min_p` times the best one's;
-    /// 0.0 disables it.
-    pub min_p: f32,
-    /// The seed of the Gumbel noise.
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Greedy decoding: always the most likely token.
-    pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            ..Self::default()
-        }
-    }
-}
+use tessera_core::SamplingParams;
+use tessera_core::Token;
 
 /// SplitMix64's finaliser: a cheap, well-mixed 64-bit permutation.
 fn mix64(mut z: u64) -> u64 {

@@ -13,60 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use serde::{Deserialize, Serialize};
+use tessera_core::{FinishReason, GenerationRequest, Proof, Token, TokenEvent, Usage};
 use tokio::sync::mpsc;
 
-use crate::commit::{Proof, ProofBuilder};
-use crate::sampling::{self, SamplingParams};
+use crate::commit::ProofBuilder;
+use crate::sampling;
 use crate::text::TextStream;
-use crate::{BatchEntry, BatchOutput, Engine, EngineError, Model, SeqId, Token};
-
-/// One generation job for the scheduler.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GenerationRequest {
-    /// Prompt tokens, already templated and tokenized.
-    pub prompt: Vec<Token>,
-    pub sampling: SamplingParams,
-    /// Most tokens to generate; `None` means until the context is full.
-    pub max_tokens: Option<u32>,
-    /// Text sequences that end the generation (not included in the output).
-    pub stop: Vec<String>,
-    /// Report this many alternatives per token (0 = only the chosen token's
-    /// log-probability).
-    pub top_logprobs: usize,
-    /// Keep going past end-of-generation tokens (benchmarks use this to
-    /// generate a fixed number of tokens).
-    pub ignore_eos: bool,
-}
-
-/// Why a generation ended, in OpenAI's words.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// End-of-generation token or a stop sequence.
-    Stop,
-    /// `max_tokens` reached or the context is full.
-    Length,
-}
-
-/// Token counts of one generation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-}
-
-/// One generated token and the text it released.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TokenEvent {
-    pub token: Token,
-    /// Text safe to show now (may be empty while a stop sequence or a split
-    /// UTF-8 character is pending).
-    pub text: String,
-    /// Log-probability of `token` under the model's raw distribution.
-    pub logprob: f32,
-    pub top_logprobs: Vec<(Token, f32)>,
-}
+use crate::{BatchEntry, BatchOutput, Engine, EngineError, Model, SeqId};
 
 /// What the scheduler sends back for one request.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,17 +32,6 @@ pub enum Event {
         text: String,
     },
     Error(EngineError),
-    /// From here on the answer comes from this provider, at its price.
-    /// Never sent by the scheduler; a network backend sends it when another
-    /// provider takes over an answer mid-stream.
-    Provider {
-        node: String,
-        price: Price,
-    },
-    /// The countersigned receipt (JSON) of the provider's part that just
-    /// ended. Never sent by the scheduler; a network backend sends it
-    /// before the `Done` that follows that part.
-    Receipt(String),
     /// Every generated token (a final end-of-generation one included) and
     /// the proof an auditor checks them by; sent just before `Done` when
     /// the engine has hidden states (providers), never otherwise.
@@ -97,26 +39,6 @@ pub enum Event {
         tokens: Vec<Token>,
         proof: Proof,
     },
-}
-
-/// What a provider charges, in micro-credits per token (which is the same
-/// number as credits per million tokens).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Price {
-    /// Per prompt (input) token.
-    pub input: u64,
-    /// Per generated (output) token.
-    pub output: u64,
-}
-
-impl Price {
-    /// The cost of these tokens at this price, exactly (saturating, so an
-    /// absurd price costs more than any balance rather than wrapping).
-    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
-        prompt_tokens
-            .saturating_mul(self.input)
-            .saturating_add(completion_tokens.saturating_mul(self.output))
-    }
 }
 
 /// Knobs of the scheduler itself (the engine's sizes come from the engine).
@@ -574,6 +496,7 @@ mod tests {
     //! `tessera` crate's end-to-end tests).
     use super::*;
     use crate::{ChatMessage, ModelInfo};
+    use tessera_core::SamplingParams;
 
     /// Vocabulary of 8 tokens: token t renders as the letter `a + t`; token 7
     /// is end-of-generation. The "model" always predicts (last token + 1) % 8.
@@ -682,7 +605,7 @@ mod tests {
                     return (text, done);
                 }
                 e @ Event::Error(_) => return (text, e),
-                Event::Provider { .. } | Event::Receipt(_) | Event::Proof { .. } => {}
+                Event::Proof { .. } => {}
             }
         }
     }

@@ -26,6 +26,7 @@
 //! 'open'`) make concurrent writers — several gateways on one PostgreSQL —
 //! lose no update.
 
+#[cfg(any(test, feature = "testing"))]
 pub mod pg;
 mod schema;
 mod writer;
@@ -425,10 +426,37 @@ impl Ledger {
     }
 
     /// A quarantined provider (node id) forfeits its bond: its whole
-    /// balance at this ledger moves to [`FORFEITS`] in one entry.
+    /// balance at this ledger moves to [`FORFEITS`] in one entry — after
+    /// the refunds of its failed answers that are still waiting for their
+    /// settlement (the writer queues the forfeit behind them).
     pub async fn forfeit(&self, provider: &str) -> Result<Refund> {
         let provider = provider.to_string();
         self.write(|reply| Op::Forfeit { provider, reply }).await
+    }
+
+    /// An audit verdict on `provider`'s part of request `job_id` (the API's
+    /// response id): a step of the request's lifecycle, queued behind its
+    /// settlement. The writer records `status` on the part's receipt and,
+    /// for `failed`, refunds the request (the client gets the whole cost
+    /// back, the providers and the gateway give back what they got) — once
+    /// the request is settled, however the verdict and the settlement race;
+    /// a verdict on a request released without a charge refunds nothing.
+    /// Resolves when the step is done (`Some` when it refunded).
+    pub async fn audit_verdict(
+        &self,
+        job_id: &str,
+        provider: &str,
+        status: tessera_core::AuditStatus,
+    ) -> Result<Option<Refund>> {
+        let (job_id, provider) = (job_id.to_string(), provider.to_string());
+        let status = status.as_str().to_string();
+        self.write(|reply| Op::Verdict {
+            job_id,
+            provider,
+            status,
+            reply,
+        })
+        .await
     }
 
     /// Record the audit status of `provider`'s part of job `job_id` on its

@@ -67,6 +67,12 @@ pub(crate) enum Op {
         provider: String,
         reply: oneshot::Sender<Result<Refund>>,
     },
+    Verdict {
+        job_id: String,
+        provider: String,
+        status: String,
+        reply: oneshot::Sender<Result<Option<Refund>>>,
+    },
 }
 
 /// An operation's data, replayable if its batch must be retried.
@@ -111,6 +117,8 @@ enum Outcome {
 }
 
 enum Reply {
+    /// Nobody waits for this outcome.
+    Dropped,
     Id(oneshot::Sender<Result<String>>),
     Unit(oneshot::Sender<Result<()>>),
     Hold(oneshot::Sender<Result<Hold>>),
@@ -173,6 +181,16 @@ impl Op {
             ),
             Op::Refund { receipt, reply } => (Work::Refund { receipt }, Reply::Refund(reply)),
             Op::Forfeit { provider, reply } => (Work::Forfeit { provider }, Reply::Refund(reply)),
+            // Lifecycle steps never reach a batch (see `run`).
+            Op::Verdict { reply, .. } => {
+                drop(reply.send(Err(LedgerError::Closed)));
+                (
+                    Work::Refund {
+                        receipt: String::new(),
+                    },
+                    Reply::Dropped,
+                )
+            }
         }
     }
 }
@@ -182,6 +200,7 @@ impl Reply {
         // A caller that went away no longer needs its answer; the write
         // stands either way.
         match (self, result) {
+            (Reply::Dropped, _) => {}
             (Reply::Id(tx), Ok(Outcome::Id(id))) => drop(tx.send(Ok(id))),
             (Reply::Unit(tx), Ok(Outcome::Unit)) => drop(tx.send(Ok(()))),
             (Reply::Hold(tx), Ok(Outcome::Hold(h))) => drop(tx.send(Ok(h))),
@@ -197,43 +216,258 @@ impl Reply {
     }
 }
 
+/// How long a verdict waits for its request's settlement before it is
+/// dropped (the request was lost with a crash, or settled elsewhere).
+const PARKED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+/// Released requests remembered, so a verdict after the release knows
+/// there is nothing to refund.
+const RELEASED_KEPT: usize = 100_000;
+
+/// A job's lifecycle steps that must wait for an earlier one: verdicts
+/// that arrived before their request's settlement, forfeits that must
+/// follow a provider's pending refunds.
+#[derive(Default)]
+struct Lifecycle {
+    /// Verdicts by request (job id), in arrival order.
+    verdicts: HashMap<String, Vec<ParkedVerdict>>,
+    /// Forfeits waiting for a provider's parked verdicts.
+    forfeits: HashMap<String, Vec<oneshot::Sender<Result<Refund>>>>,
+    /// Requests released without a charge (nothing to refund), newest last.
+    released: std::collections::VecDeque<String>,
+    released_set: BTreeSet<String>,
+}
+
+struct ParkedVerdict {
+    provider: String,
+    status: String,
+    since: std::time::Instant,
+    reply: oneshot::Sender<Result<Option<Refund>>>,
+}
+
+impl Lifecycle {
+    fn release(&mut self, job: &str) {
+        if job.is_empty() || !self.released_set.insert(job.to_string()) {
+            return;
+        }
+        self.released.push_back(job.to_string());
+        if self.released.len() > RELEASED_KEPT {
+            if let Some(old) = self.released.pop_front() {
+                self.released_set.remove(&old);
+            }
+        }
+    }
+
+    fn waiting_for(&self, provider: &str) -> bool {
+        self.verdicts
+            .values()
+            .any(|v| v.iter().any(|p| p.provider == provider))
+    }
+}
+
 pub(crate) async fn run(pool: AnyPool, postgres: bool, mut rx: mpsc::Receiver<Pending>) {
+    let mut life = Lifecycle::default();
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first.op.split()];
-        while batch.len() < MAX_BATCH {
+        let mut ops = vec![first.op];
+        while ops.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p.op.split()),
+                Ok(p) => ops.push(p.op),
                 Err(_) => break,
             }
         }
-        let (works, replies): (Vec<Work>, Vec<Reply>) = batch.into_iter().unzip();
-        match apply_batch(&pool, postgres, &works).await {
-            Ok(outcomes) => {
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    reply.send(outcome);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, ops = works.len(), "ledger batch failed; retrying its operations one by one");
-                for (work, reply) in works.into_iter().zip(replies) {
-                    let mut last = None;
-                    for attempt in 0..RETRIES {
-                        match apply_batch(&pool, postgres, std::slice::from_ref(&work)).await {
-                            Ok(mut out) => {
-                                last = out.pop();
-                                break;
-                            }
-                            Err(e) => {
-                                last = Some(Err(LedgerError::Db(e)));
-                                tokio::time::sleep(std::time::Duration::from_millis(5 << attempt))
-                                    .await;
-                            }
-                        }
-                    }
-                    reply.send(last.unwrap_or(Err(LedgerError::Closed)));
+        let (steps, regular): (Vec<Op>, Vec<Op>) = ops
+            .into_iter()
+            .partition(|op| matches!(op, Op::Verdict { .. } | Op::Forfeit { .. }));
+        let (works, replies): (Vec<Work>, Vec<Reply>) = regular.into_iter().map(Op::split).unzip();
+        let outcomes = apply_works(&pool, postgres, &works).await;
+        // Settlements just committed: their parked verdicts may go now.
+        let mut settled = Vec::new();
+        for (work, outcome) in works.iter().zip(&outcomes) {
+            if let (
+                Work::Settle {
+                    job_id, charges, ..
+                },
+                Ok(_),
+            ) = (work, outcome)
+            {
+                if charges.is_empty() {
+                    life.release(job_id);
+                } else {
+                    settled.push(job_id.clone());
                 }
             }
         }
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            reply.send(outcome);
+        }
+        let released: Vec<String> = life
+            .verdicts
+            .keys()
+            .filter(|j| life.released_set.contains(*j))
+            .cloned()
+            .collect();
+        for job in released {
+            for v in life.verdicts.remove(&job).unwrap_or_default() {
+                drop(v.reply.send(Ok(None)));
+            }
+        }
+        for job in settled {
+            for v in life.verdicts.remove(&job).unwrap_or_default() {
+                let r = apply_verdict(&pool, postgres, &job, &v.provider, &v.status).await;
+                drop(v.reply.send(r));
+            }
+        }
+        for step in steps {
+            match step {
+                Op::Verdict {
+                    job_id,
+                    provider,
+                    status,
+                    reply,
+                } => {
+                    if life.released_set.contains(&job_id) {
+                        drop(reply.send(Ok(None)));
+                        continue;
+                    }
+                    match settled_hold(&pool, &job_id).await {
+                        Ok(Some(_)) => {
+                            let r =
+                                apply_verdict(&pool, postgres, &job_id, &provider, &status).await;
+                            drop(reply.send(r));
+                        }
+                        Ok(None) => life
+                            .verdicts
+                            .entry(job_id)
+                            .or_default()
+                            .push(ParkedVerdict {
+                                provider,
+                                status,
+                                since: std::time::Instant::now(),
+                                reply,
+                            }),
+                        Err(e) => drop(reply.send(Err(e))),
+                    }
+                }
+                Op::Forfeit { provider, reply } => {
+                    if life.waiting_for(&provider) {
+                        life.forfeits.entry(provider).or_default().push(reply);
+                    } else {
+                        let r = forfeit_now(&pool, postgres, &provider).await;
+                        drop(reply.send(r));
+                    }
+                }
+                other => other.split().1.send(Err(LedgerError::Closed)),
+            }
+        }
+        // Verdicts whose request never settled here are dropped in time.
+        life.verdicts.retain(|job, parked| {
+            parked.retain(|v| v.since.elapsed() < PARKED_FOR);
+            if parked.is_empty() {
+                tracing::debug!(%job, "dropped verdicts of a request that never settled here");
+            }
+            !parked.is_empty()
+        });
+        // Forfeits whose provider has no refund pending any more.
+        let ready: Vec<String> = life
+            .forfeits
+            .keys()
+            .filter(|p| !life.waiting_for(p))
+            .cloned()
+            .collect();
+        for provider in ready {
+            for reply in life.forfeits.remove(&provider).unwrap_or_default() {
+                let r = forfeit_now(&pool, postgres, &provider).await;
+                drop(reply.send(r));
+            }
+        }
+    }
+}
+
+/// Apply works in one batch; if the database fails it, one by one.
+async fn apply_works(pool: &AnyPool, postgres: bool, works: &[Work]) -> Vec<Result<Outcome>> {
+    if works.is_empty() {
+        return Vec::new();
+    }
+    match apply_batch(pool, postgres, works).await {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            tracing::debug!(error = %e, ops = works.len(), "ledger batch failed; retrying its operations one by one");
+            let mut out = Vec::with_capacity(works.len());
+            for work in works {
+                let mut last = None;
+                for attempt in 0..RETRIES {
+                    match apply_batch(pool, postgres, std::slice::from_ref(work)).await {
+                        Ok(mut o) => {
+                            last = o.pop();
+                            break;
+                        }
+                        Err(e) => {
+                            last = Some(Err(LedgerError::Db(e)));
+                            tokio::time::sleep(std::time::Duration::from_millis(5 << attempt))
+                                .await;
+                        }
+                    }
+                }
+                out.push(last.unwrap_or(Err(LedgerError::Closed)));
+            }
+            out
+        }
+    }
+}
+
+/// The hold of request `job_id` if it has been settled with a charge.
+async fn settled_hold(pool: &AnyPool, job_id: &str) -> Result<Option<String>> {
+    let row = sqlx::query("SELECT hold_id FROM receipts WHERE job_id = $1 LIMIT 1")
+        .bind(job_id.to_string())
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| r.try_get::<String, _>("hold_id")).transpose()?)
+}
+
+/// Record a verdict on a settled request's receipts and, for a failure,
+/// refund the request (once).
+async fn apply_verdict(
+    pool: &AnyPool,
+    postgres: bool,
+    job_id: &str,
+    provider: &str,
+    status: &str,
+) -> Result<Option<Refund>> {
+    sqlx::query("UPDATE receipts SET audit = $1 WHERE job_id = $2 AND provider = $3")
+        .bind(status.to_string())
+        .bind(job_id.to_string())
+        .bind(provider.to_string())
+        .execute(pool)
+        .await?;
+    if status != "failed" {
+        return Ok(None);
+    }
+    let Some(hold) = settled_hold(pool, job_id).await? else {
+        return Ok(None);
+    };
+    let work = Work::Refund { receipt: hold };
+    match apply_works(pool, postgres, std::slice::from_ref(&work))
+        .await
+        .pop()
+    {
+        Some(Ok(Outcome::Refund(r))) => Ok(Some(r)),
+        // Refunded before (another part's failure): once is enough.
+        Some(Err(LedgerError::NotRefundable(_))) => Ok(None),
+        Some(Err(e)) => Err(e),
+        _ => Err(LedgerError::Closed),
+    }
+}
+
+async fn forfeit_now(pool: &AnyPool, postgres: bool, provider: &str) -> Result<Refund> {
+    let work = Work::Forfeit {
+        provider: provider.to_string(),
+    };
+    match apply_works(pool, postgres, std::slice::from_ref(&work))
+        .await
+        .pop()
+    {
+        Some(Ok(Outcome::Refund(r))) => Ok(r),
+        Some(Err(e)) => Err(e),
+        _ => Err(LedgerError::Closed),
     }
 }
 

@@ -364,3 +364,114 @@ async fn two_gateways_settling_at_once_lose_no_update() {
         assert_eq!(earned + fees, total as i64, "{url}");
     }
 }
+
+/// A job's lifecycle is sequenced by the writer: a failed audit's verdict
+/// that arrives before the answer is settled waits in the ledger and
+/// refunds it right after the settlement; a forfeit asked for meanwhile
+/// waits for that refund; a verdict on a request released without charge
+/// refunds nothing; a passed verdict only marks the receipt.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_verdict_before_settlement_waits_for_it_and_the_forfeit_follows() {
+    use tessera_core::AuditStatus;
+    for (ledger, url, _store) in ledgers().await {
+        let (client, _) = ledger
+            .create_account("carol", 10 * MICRO, Limits::default())
+            .await
+            .unwrap();
+        let provider = "ab".repeat(32);
+        // Earlier honest work left the provider a balance (its bond).
+        let earlier = new_hold(ledger.hold(&client.id, 100_000, "gw", None).await.unwrap());
+        ledger
+            .settle(
+                &earlier,
+                "job-0",
+                vec![charge(&provider, 10, 100, 100, 900)],
+                0,
+            )
+            .await
+            .unwrap();
+        let bond = ledger
+            .account(&format!("provider:{provider}"))
+            .await
+            .unwrap()
+            .unwrap()
+            .balance;
+        assert!(bond > 0, "{url}");
+
+        // The verdict and the forfeit come first…
+        let hold = new_hold(ledger.hold(&client.id, 50_000, "gw", None).await.unwrap());
+        let verdict = {
+            let (l, p) = (ledger.clone(), provider.clone());
+            tokio::spawn(async move { l.audit_verdict("job-1", &p, AuditStatus::Failed).await })
+        };
+        let forfeit = {
+            let (l, p) = (ledger.clone(), provider.clone());
+            tokio::spawn(async move {
+                // Queued after the verdict.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                l.forfeit(&p).await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !verdict.is_finished(),
+            "the verdict waits for the settlement ({url})"
+        );
+        assert!(
+            !forfeit.is_finished(),
+            "the forfeit waits for the refund ({url})"
+        );
+        // …then the answer is settled.
+        let settled = ledger
+            .settle(
+                &hold,
+                "job-1",
+                vec![charge(&provider, 10, 20, 100, 900)],
+                500,
+            )
+            .await
+            .unwrap();
+        let refund = verdict.await.unwrap().unwrap().expect("a refund");
+        assert_eq!(refund.amount, settled.cost, "{url}");
+        let forfeited = forfeit.await.unwrap().unwrap();
+        // The forfeit took the bond as it stood after the refund took back
+        // this answer's earnings.
+        assert_eq!(forfeited.amount, bond as u64, "{url}");
+        let c = ledger.account(&client.id).await.unwrap().unwrap();
+        assert_eq!(c.held, 0);
+        let receipts = ledger.provider_receipts(&provider).await.unwrap();
+        let audit_of = |job: &str| {
+            receipts
+                .iter()
+                .find(|r| r["job"] == job)
+                .map(|r| r["audit"].clone())
+        };
+        assert_eq!(audit_of("job-1"), Some("failed".into()), "{url}");
+        assert!(ledger.check().await.unwrap().ok(), "{url}");
+
+        // Released without a charge: a verdict refunds nothing.
+        let released = new_hold(ledger.hold(&client.id, 1_000, "gw", None).await.unwrap());
+        ledger.settle(&released, "job-2", vec![], 0).await.unwrap();
+        let none = ledger
+            .audit_verdict("job-2", &provider, AuditStatus::Failed)
+            .await
+            .unwrap();
+        assert!(none.is_none(), "{url}");
+
+        // Passed: only the mark.
+        let h = new_hold(ledger.hold(&client.id, 50_000, "gw", None).await.unwrap());
+        ledger
+            .settle(&h, "job-3", vec![charge(&provider, 1, 1, 100, 900)], 0)
+            .await
+            .unwrap();
+        let none = ledger
+            .audit_verdict("job-3", &provider, AuditStatus::Passed)
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        let receipts = ledger.provider_receipts(&provider).await.unwrap();
+        let job3 = receipts.iter().find(|r| r["job"] == "job-3").unwrap();
+        assert_eq!(job3["audit"], "passed", "{url}");
+        assert!(ledger.check().await.unwrap().ok(), "{url}");
+    }
+}

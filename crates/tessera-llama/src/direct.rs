@@ -11,7 +11,8 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use tessera_engine::{EngineError, Token};
+use tessera_core::Token;
+use tessera_engine::EngineError;
 
 use crate::{backend, LlamaModelFile};
 

@@ -20,8 +20,9 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
+use tessera_core::Token;
 use tessera_engine::{
-    BatchEntry, BatchOutput, ChatMessage, Engine, EngineError, Model, ModelInfo, SeqId, Token,
+    BatchEntry, BatchOutput, ChatMessage, Engine, EngineError, Model, ModelInfo, SeqId,
 };
 
 /// llama.cpp's global state; it may be initialised only once per process.
@@ -308,21 +309,39 @@ impl Engine for LlamaEngine {
     }
 }
 
-/// Write `src` requantized to Q4_0 at `dst` (the requantized model a
-/// cheating provider might serve in place of the real one; tests and `tessera
-/// bench audit` check that the auditor tells them apart).
-pub fn requantize_q4_0(src: &Path, dst: &Path, threads: usize) -> Result<(), EngineError> {
+/// A weight format llama.cpp's quantizer can write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantization {
+    Q4_0,
+    Q8_0,
+}
+
+/// Write `src` requantized to `to` at `dst` with llama.cpp's own quantizer
+/// (requantizing already-quantized weights allowed). Q4_0 is the cheaper
+/// model a cheating provider might serve (tests and `tessera bench audit`
+/// check that the auditor tells it apart); Q8_0 is what the default model's
+/// derivation in `tessera-models` is checked against.
+pub fn requantize(
+    src: &Path,
+    dst: &Path,
+    to: Quantization,
+    threads: usize,
+) -> Result<(), EngineError> {
     backend()?;
     let path = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
             .map_err(|_| EngineError::Load(format!("{} has a NUL byte", p.display())))
     };
     let (inp, out) = (path(src)?, path(dst)?);
+    let ftype = match to {
+        Quantization::Q4_0 => llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q4_0,
+        Quantization::Q8_0 => llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q8_0,
+    };
     // SAFETY: plain C calls with valid NUL-terminated paths and a params
     // struct initialised by llama.cpp itself.
     let rc = unsafe {
         let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
-        params.ftype = llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q4_0;
+        params.ftype = ftype;
         params.allow_requantize = true;
         params.nthread = i32::try_from(threads.max(1)).unwrap_or(1);
         llama_cpp_sys_2::llama_model_quantize(inp.as_ptr(), out.as_ptr(), &params)

@@ -5,13 +5,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tessera_core::{FinishReason, GenerationRequest, Proof, SamplingParams, Token, Usage};
 use tessera_engine::audit::{audit, AuditJob, Thresholds};
-use tessera_engine::commit::Proof;
-use tessera_engine::sampling::{self, SamplingParams};
-use tessera_engine::{
-    prefill_all, ChatMessage, Engine, Event, FinishReason, GenerationRequest, Model, Scheduler,
-    SchedulerConfig, Token, Usage,
-};
+use tessera_engine::sampling;
+use tessera_engine::{prefill_all, ChatMessage, Engine, Event, Model, Scheduler, SchedulerConfig};
 use tessera_llama::{EngineConfig, LlamaEngine, LlamaModelFile};
 
 fn model_path() -> PathBuf {
@@ -76,7 +73,7 @@ fn generate(
             Event::Token(t) => out.push(t.token),
             Event::Done { .. } => break,
             Event::Error(e) => panic!("{e}"),
-            Event::Provider { .. } | Event::Receipt(_) | Event::Proof { .. } => {}
+            Event::Proof { .. } => {}
         }
     }
     drop(handle);

@@ -15,7 +15,8 @@
 
 use std::sync::Arc;
 
-use tessera_engine::{Event, FinishReason, GenerationRequest, SubmitError, Token};
+use tessera_core::{FinishReason, GenerationRequest, Token};
+use tessera_engine::{Event, SubmitError};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use crate::provider::JobRunner;
@@ -23,10 +24,15 @@ use crate::provider::JobRunner;
 /// How a cheating provider cheats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Misbehave {
+    /// Random tokens.
     Garbage,
+    /// Honest tokens, commitments made up.
     ForgedCommitments,
+    /// Stops early and claims it hit its length.
     EarlyStop,
+    /// Claims more tokens than it generated.
     InflatedUsage,
+    /// Jobs hang while a flag file exists (the connection stays alive).
     Stall,
 }
 
@@ -46,7 +52,9 @@ impl std::str::FromStr for Misbehave {
 
 /// An honest runner with one kind of cheating on top.
 pub struct CheatingRunner {
+    /// The honest runner underneath.
     pub inner: Arc<dyn JobRunner>,
+    /// How it cheats.
     pub mode: Misbehave,
     /// Vocabulary size, for random tokens.
     pub n_vocab: usize,

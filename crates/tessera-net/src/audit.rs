@@ -3,27 +3,34 @@
 //!
 //! When a provider's part of an answer ends with a proof, [`Audits::consider`]
 //! decides whether to audit it: every part of a provider on probation (fewer
-//! than [`AuditPolicy::probation`] passed audits) and every part of one that
-//! has failed an audit, else a share [`AuditPolicy::base_rate`] of them. An
-//! audited part is `pending` until the auditor's thread (its own engine,
-//! `tessera_engine::audit`) answers. A failure refunds the client's request
-//! (through the hooks the gateway's owner installs, which void the
-//! providers' earnings and the fee with it) and puts the provider on watch:
-//! all its parts are audited until it passes `gateway::WATCH` in a row; a
-//! failure before that confirms the first and quarantines it (the router no
-//! longer uses it; its bond is forfeited). Isolated honest false positives
-//! are thus forgiven, a cheater is not. Verdicts and their evidence are kept per request (the API's
-//! response id), for `GET /v1/jobs/{id}`.
+//! than [`AuditPolicy::probation`] passed audits), every part of one on
+//! watch after a failure, every canary, and otherwise a share
+//! [`AuditPolicy::base_rate`] of them. An audited part is `pending` until
+//! the auditor's thread (its own engine, `tessera_engine::audit`) answers.
+//!
+//! A verdict goes to the [`Directory`] (reputation, watch, quarantine) and,
+//! for a client's request, to the ledger as one more step of the job's
+//! lifecycle: the ledger's writer records it on the receipts and, for a
+//! failure, refunds the request — after its settlement, however the two
+//! race (the writer holds a verdict that arrives first until the
+//! settlement is in). A confirmed second failure quarantines the provider
+//! and forfeits its bond, after those refunds. Verdicts and their evidence
+//! are kept per request (the API's response id) for `GET /v1/jobs/{id}`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use tessera_backend::JobTicket;
+use tessera_core::{AuditStatus, NodeId};
 use tessera_engine::audit::{AuditJob, AuditorHandle, Evidence};
+use tessera_ledger::Ledger;
 use tessera_metrics::{AuditRecord, Metrics, Verdict};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::gateway::Directory;
+use crate::directory::{Directory, Standing};
 
 /// How often to audit.
 #[derive(Clone, Debug)]
@@ -44,28 +51,30 @@ impl Default for AuditPolicy {
     }
 }
 
-/// What the gateway's owner does about verdicts (the ledger, in the
-/// `tessera` binary).
-pub trait AuditHooks: Send + Sync + 'static {
-    /// A part of `request` served by `provider` got its verdict (`passed`,
-    /// `failed`).
-    fn verdict(&self, request: &str, provider: &str, status: &'static str);
-    /// `request` failed its audit: refund it.
-    fn failed(&self, request: &str);
-    /// `provider` failed a second audit and is quarantined: forfeit its bond.
-    fn quarantined(&self, provider: &str);
+/// Who a job is for: a client (billed, refunded when caught) or the
+/// gateway itself (a canary: never billed, always audited). Kept on the
+/// gateway's side of the job; never sent to the provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A client's request.
+    Client,
+    /// The gateway's own uptime and capacity probe.
+    Canary,
 }
 
 /// One part of an answer as audited.
 #[derive(Clone, Debug, Serialize)]
 pub struct PartAudit {
+    /// The part's job id.
     pub job: String,
-    pub provider: String,
-    /// `pending`, `passed`, `failed` or `not_audited`.
-    pub status: &'static str,
+    /// Who served it.
+    pub provider: NodeId,
+    /// Its verdict so far.
+    pub status: AuditStatus,
     /// Why it was not audited, or why the audit could not run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The figures the verdict was drawn from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence: Option<Evidence>,
 }
@@ -78,48 +87,52 @@ struct Request {
 /// Requests whose verdicts are kept (the oldest are forgotten).
 const KEPT: usize = 100_000;
 
-/// The gateway's audits.
+/// The gateway's audits of one model.
 pub struct Audits {
     auditor: AuditorHandle,
     policy: AuditPolicy,
+    directory: Arc<Directory>,
     requests: Mutex<(HashMap<String, Request>, VecDeque<String>)>,
     metrics: Option<Arc<Metrics>>,
-    hooks: Option<Arc<dyn AuditHooks>>,
+    ledger: Option<Ledger>,
+    /// Verdict tasks, ended on shutdown.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
-/// The overall status of a request's parts.
-fn overall(parts: &[PartAudit]) -> &'static str {
-    if parts.iter().any(|p| p.status == "failed") {
-        "failed"
-    } else if parts.iter().any(|p| p.status == "pending") {
-        "pending"
-    } else if parts.iter().any(|p| p.status == "passed") {
-        "passed"
-    } else {
-        "not_audited"
-    }
+/// What an [`Audits`] needs besides its auditor.
+pub struct AuditSetup {
+    /// How often to audit.
+    pub policy: AuditPolicy,
+    /// Where providers' standing is kept.
+    pub directory: Arc<Directory>,
+    /// Where verdicts are counted.
+    pub metrics: Option<Arc<Metrics>>,
+    /// Where refunds and forfeits are booked (none: verdicts only).
+    pub ledger: Option<Ledger>,
+    /// Stops verdict tasks.
+    pub shutdown: CancellationToken,
+    /// Tracks verdict tasks so shutdown can wait for them.
+    pub tasks: TaskTracker,
 }
 
 impl Audits {
-    pub fn new(
-        auditor: AuditorHandle,
-        policy: AuditPolicy,
-        metrics: Option<Arc<Metrics>>,
-        hooks: Option<Arc<dyn AuditHooks>>,
-    ) -> Arc<Audits> {
+    /// Audits by `auditor` under `setup`.
+    pub fn new(auditor: AuditorHandle, setup: AuditSetup) -> Arc<Audits> {
         Arc::new(Audits {
             auditor,
-            policy,
+            policy: setup.policy,
+            directory: setup.directory,
             requests: Mutex::new((HashMap::new(), VecDeque::new())),
-            metrics,
-            hooks,
+            metrics: setup.metrics,
+            ledger: setup.ledger,
+            tasks: setup.tasks,
+            shutdown: setup.shutdown,
         })
     }
 
     fn set(&self, request: &str, account: &str, part: PartAudit) {
-        let Ok(mut guard) = self.requests.lock() else {
-            return;
-        };
+        let mut guard = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         let (map, order) = &mut *guard;
         if !map.contains_key(request) {
             if order.len() >= KEPT {
@@ -139,108 +152,142 @@ impl Audits {
         }
     }
 
-    /// A part of request `request` (of `account`) ended: audit it or not.
+    /// A part of `ticket`'s request ended on `provider`: audit it or not.
     /// `job` is `Err(reason)` when the part cannot be audited (no proof).
     /// Returns at once; the verdict comes later.
-    pub(crate) fn consider(
+    pub fn consider(
         self: &Arc<Self>,
-        directory: &Arc<Directory>,
-        request: &str,
-        account: &str,
+        ticket: &JobTicket,
+        origin: Origin,
         part_job: &str,
-        provider: &str,
+        provider: NodeId,
         job: Result<AuditJob, String>,
     ) {
-        let canary = account == crate::canary::CANARY_ACCOUNT;
-        let odds = match canary {
-            true => 1.0,
-            false => directory.audit_odds(provider, &self.policy),
+        let odds = match origin {
+            Origin::Canary => 1.0,
+            Origin::Client => {
+                self.directory
+                    .audit_odds(&provider, self.policy.base_rate, self.policy.probation)
+            }
         };
-        let roll = getrandom::u64().unwrap_or(0) as f64 / u64::MAX as f64;
-        let chosen = roll < odds;
+        let roll = tessera_core::secret_bytes::<8>()
+            .map_or(0.0, |b| u64::from_le_bytes(b) as f64 / u64::MAX as f64);
         let mut part = PartAudit {
             job: part_job.to_string(),
-            provider: provider.to_string(),
-            status: "not_audited",
+            provider,
+            status: AuditStatus::NotAudited,
             note: None,
             evidence: None,
         };
         let job = match job {
             Err(why) => {
                 part.note = Some(why);
-                self.set(request, account, part);
+                self.set(&ticket.id, &ticket.account, part);
                 self.count(Verdict::NotAudited, None);
                 return;
             }
-            Ok(_) if !chosen => {
-                self.set(request, account, part);
+            Ok(_) if roll >= odds => {
+                self.set(&ticket.id, &ticket.account, part);
                 self.count(Verdict::NotAudited, None);
                 return;
             }
             Ok(job) => job,
         };
-        part.status = "pending";
-        self.set(request, account, part.clone());
+        part.status = AuditStatus::Pending;
+        self.set(&ticket.id, &ticket.account, part.clone());
         let rx = self.auditor.submit(job);
         let audits = self.clone();
-        let directory = directory.clone();
-        let request = request.to_string();
-        let account = account.to_string();
-        tokio::spawn(async move {
-            match rx.await {
-                Ok(Ok(evidence)) => {
-                    let passed = evidence.passed();
-                    part.status = if passed { "passed" } else { "failed" };
-                    let reason = evidence.failures.first().cloned().unwrap_or_default();
-                    part.evidence = Some(evidence);
-                    audits.set(&request, &account, part.clone());
-                    let verdict = if passed {
-                        Verdict::Passed
-                    } else {
-                        Verdict::Failed
-                    };
-                    audits.count(
-                        verdict,
-                        Some(AuditRecord {
-                            job: request.clone(),
-                            provider: part.provider.clone(),
-                            verdict,
-                            at_ms: crate::receipt::now_ms(),
-                            reason: reason.clone(),
-                        }),
-                    );
-                    let quarantined = directory.record_audit(&part.provider, passed);
-                    let hooks = audits.hooks.as_ref();
-                    if let (Some(h), false) = (hooks, canary) {
-                        h.verdict(&request, &part.provider, part.status);
-                    }
-                    if !passed {
-                        tracing::warn!(provider = %&part.provider[..12], job = %request, %reason, "audit failed; refunding the request");
-                        // A canary was never billed: nothing to refund.
-                        if let (Some(h), false) = (hooks, canary) {
-                            h.failed(&request);
-                        }
-                    }
-                    if quarantined {
-                        tracing::warn!(provider = %&part.provider[..12], "second failed audit: provider quarantined, bond forfeited");
-                        if let Some(h) = hooks {
-                            h.quarantined(&part.provider);
-                        }
-                    }
-                }
+        let ticket = ticket.clone();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let result = tokio::select! {
+                r = rx => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match result {
+                Ok(Ok(evidence)) => audits.verdict(&ticket, origin, part, evidence).await,
                 Ok(Err(e)) => {
-                    part.status = "not_audited";
+                    part.status = AuditStatus::NotAudited;
                     part.note = Some(format!("the audit could not run: {e}"));
-                    audits.set(&request, &account, part);
+                    audits.set(&ticket.id, &ticket.account, part);
                     audits.count(Verdict::NotAudited, None);
                 }
                 Err(_) => {
-                    part.status = "not_audited";
+                    part.status = AuditStatus::NotAudited;
                     part.note = Some("the auditor stopped".into());
-                    audits.set(&request, &account, part);
+                    audits.set(&ticket.id, &ticket.account, part);
                 }
             }
         });
+    }
+
+    /// A finished audit: record it, and book what follows in the ledger.
+    async fn verdict(
+        &self,
+        ticket: &JobTicket,
+        origin: Origin,
+        mut part: PartAudit,
+        evidence: Evidence,
+    ) {
+        let passed = evidence.passed();
+        part.status = if passed {
+            AuditStatus::Passed
+        } else {
+            AuditStatus::Failed
+        };
+        let reason = evidence.failures.first().cloned().unwrap_or_default();
+        part.evidence = Some(evidence);
+        let provider = part.provider;
+        let status = part.status;
+        self.set(&ticket.id, &ticket.account, part);
+        let verdict = if passed {
+            Verdict::Passed
+        } else {
+            Verdict::Failed
+        };
+        self.count(
+            verdict,
+            Some(AuditRecord {
+                job: ticket.id.clone(),
+                provider: provider.to_string(),
+                verdict,
+                at_ms: tessera_core::now_ms(),
+                reason: reason.clone(),
+            }),
+        );
+        let standing = self.directory.record_audit(&provider, passed);
+        if !passed {
+            tracing::warn!(provider = %provider.short(), job = %ticket.id, %reason, "audit failed");
+        }
+        let Some(ledger) = &self.ledger else {
+            return;
+        };
+        // A canary was never billed: nothing to record or refund.
+        if origin == Origin::Client {
+            match ledger
+                .audit_verdict(&ticket.id, &provider.to_string(), status)
+                .await
+            {
+                Ok(Some(refund)) => {
+                    tracing::info!(job = %ticket.id, amount = refund.amount, "refunded after a failed audit")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(job = %ticket.id, error = %e, "could not book an audit verdict")
+                }
+            }
+        }
+        if standing == Standing::Quarantined {
+            tracing::warn!(provider = %provider.short(), "second failed audit: provider quarantined, bond forfeited");
+            match ledger.forfeit(&provider.to_string()).await {
+                Ok(f) => {
+                    tracing::warn!(provider = %provider.short(), amount = f.amount, "bond forfeited")
+                }
+                Err(e) => {
+                    tracing::error!(provider = %provider.short(), error = %e, "could not forfeit a bond")
+                }
+            }
+        }
     }
 
     fn count(&self, verdict: Verdict, record: Option<AuditRecord>) {
@@ -250,43 +297,23 @@ impl Audits {
     }
 
     /// The request's audit status now (`None`: no part of it was seen).
-    pub fn status(&self, request: &str) -> Option<&'static str> {
-        let guard = self.requests.lock().ok()?;
-        guard.0.get(request).map(|r| overall(&r.parts))
+    pub fn status(&self, request: &str) -> Option<AuditStatus> {
+        let guard = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .0
+            .get(request)
+            .map(|r| AuditStatus::overall(r.parts.iter().map(|p| p.status)))
     }
 
     /// The request's verdict and evidence, for its owner only.
     pub fn report(&self, request: &str, account: &str) -> Option<Value> {
-        let guard = self.requests.lock().ok()?;
+        let guard = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         let r = guard.0.get(request).filter(|r| r.account == account)?;
         Some(json!({
             "id": request,
             "object": "tessera.job",
-            "audit": overall(&r.parts),
+            "audit": AuditStatus::overall(r.parts.iter().map(|p| p.status)),
             "parts": r.parts,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn part(status: &'static str) -> PartAudit {
-        PartAudit {
-            job: "j.0".into(),
-            provider: "p".into(),
-            status,
-            note: None,
-            evidence: None,
-        }
-    }
-
-    #[test]
-    fn a_request_is_as_good_as_its_worst_part() {
-        assert_eq!(overall(&[]), "not_audited");
-        assert_eq!(overall(&[part("not_audited"), part("passed")]), "passed");
-        assert_eq!(overall(&[part("passed"), part("pending")]), "pending");
-        assert_eq!(overall(&[part("pending"), part("failed")]), "failed");
     }
 }

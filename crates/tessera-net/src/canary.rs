@@ -1,29 +1,34 @@
 //! Uptime canaries: the gateway's own small jobs to every provider.
 //!
 //! Every [`CanaryConfig::interval`] the gateway sends each connected
-//! provider of each model it audits one canary job: a random prompt with a
-//! random seed, [`CanaryConfig::tokens`] tokens, due within
+//! provider of each model one canary job: a random prompt with a random
+//! seed, [`CanaryConfig::tokens`] tokens, due within
 //! [`CanaryConfig::deadline`]. A canary is always audited (when the gateway
 //! audits), and the tokens per second it was delivered at become the
 //! provider's *verified* throughput. A provider that misses
 //! [`CANARY_MISSES`] canaries in a row is not routed to until it answers
-//! one again (canaries still go to it). Canaries are not billed.
+//! one again (canaries still go to it). Canaries are not billed; that they
+//! are canaries is known only on the gateway's side of the job.
 
 use std::time::{Duration, Instant};
 
-use tessera_api::{JobTicket, RoutePrefs, ServedModel};
-use tessera_engine::{ChatMessage, Event, GenerationRequest, SamplingParams};
+use tessera_backend::{JobEvent, JobTicket, RoutePrefs, ServedModel};
+use tessera_core::{GenerationRequest, NodeId, SamplingParams};
+use tessera_engine::ChatMessage;
 
-use crate::gateway::{Gateway, CANARY_MISSES};
+use crate::audit::Origin;
+use crate::directory::CANARY_MISSES;
+use crate::gateway::Gateway;
 use crate::job::RoutedJob;
 
-/// The account canary jobs are filed under (never billed).
-pub const CANARY_ACCOUNT: &str = "system:canary";
-
+/// When and how big canaries are.
 #[derive(Clone, Debug)]
 pub struct CanaryConfig {
+    /// Time between rounds.
     pub interval: Duration,
+    /// Time one canary may take.
     pub deadline: Duration,
+    /// Tokens one canary generates.
     pub tokens: u32,
 }
 
@@ -32,21 +37,28 @@ const WORDS: &[&str] = &[
     "ember", "tunnel", "falcon", "quartz", "saddle", "thistle", "canyon", "velvet", "magnet",
 ];
 
-fn random() -> u64 {
-    getrandom::u64().unwrap_or(0)
-}
-
-/// Run canaries until the process ends.
+/// Run canaries until the gateway shuts down.
 pub fn spawn(gateway: Gateway, config: CanaryConfig) {
-    tokio::spawn(async move {
+    let tasks = gateway.tasks().clone();
+    let shutdown = gateway.shutdown_token().clone();
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(config.interval);
         tick.tick().await;
         loop {
-            tick.tick().await;
-            for model in gateway.models.iter() {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            for model in gateway.models() {
                 for node in gateway.directory().serving_nodes(&model.sha256) {
                     let (gw, model, config) = (gateway.clone(), model.clone(), config.clone());
-                    tokio::spawn(async move { probe(&gw, &model, node, &config).await });
+                    let shutdown = shutdown.clone();
+                    gateway.tasks().spawn(async move {
+                        tokio::select! {
+                            _ = probe(&gw, &model, node, &config) => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                    });
                 }
             }
         }
@@ -54,9 +66,16 @@ pub fn spawn(gateway: Gateway, config: CanaryConfig) {
 }
 
 /// One canary to `node`; records its verified tok/s or a miss.
-async fn probe(gw: &Gateway, model: &ServedModel, node: String, config: &CanaryConfig) {
-    let words: Vec<&str> = (0..6)
-        .map(|_| WORDS[(random() % WORDS.len() as u64) as usize])
+async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryConfig) {
+    // The seed and words must be unguessable; without the OS random source
+    // this round is skipped rather than made predictable.
+    let Ok(random) = tessera_core::secret_bytes::<16>() else {
+        tracing::error!("no randomness for a canary; skipping it");
+        return;
+    };
+    let words: Vec<&str> = random[8..14]
+        .iter()
+        .map(|b| WORDS[*b as usize % WORDS.len()])
         .collect();
     let messages = [ChatMessage {
         role: "user".into(),
@@ -69,11 +88,13 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: String, config: &CanaryC
     else {
         return;
     };
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&random[..8]);
     let request = GenerationRequest {
         prompt,
         sampling: SamplingParams {
             temperature: 1.0,
-            seed: random(),
+            seed: u64::from_le_bytes(seed),
             ..SamplingParams::default()
         },
         max_tokens: Some(config.tokens),
@@ -82,36 +103,35 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: String, config: &CanaryC
         ignore_eos: true,
     };
     let route = RoutePrefs {
-        only: vec![node.clone()],
-        probe: true,
-        ..RoutePrefs::default()
+        only: vec![node.to_string()],
+        ..RoutePrefs::any()
     };
     let ticket = JobTicket {
-        id: format!("canary-{:016x}", random()),
-        account: CANARY_ACCOUNT.into(),
+        id: format!("canary-{:016x}", tessera_core::unique_u64()),
+        account: String::new(),
     };
     let job = RoutedJob::new(
-        gw.directory().clone(),
+        gw.job_setup(&model.sha256),
         model.clone(),
         request,
         route,
-        gw.endpoint.secret_key().clone(),
-    )
-    .audited(gw.audits.get(&model.sha256).cloned(), ticket);
+        ticket,
+        Origin::Canary,
+    );
     let run = async {
         let mut d = job.dispatch().await.ok()?;
         let (mut n, mut first) = (0u32, None);
         loop {
             match d.events.recv().await? {
-                Event::Token(_) => {
+                JobEvent::Token(_) => {
                     n += 1;
                     first.get_or_insert_with(Instant::now);
                 }
-                Event::Done { .. } => {
+                JobEvent::Done { .. } => {
                     let secs = first?.elapsed().as_secs_f64();
                     return (n > 1 && secs > 0.0).then(|| f64::from(n - 1) / secs);
                 }
-                Event::Error(_) => return None,
+                JobEvent::Error(_) => return None,
                 _ => {}
             }
         }
@@ -121,7 +141,7 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: String, config: &CanaryC
         .ok()
         .flatten();
     if tok_s.is_none() {
-        tracing::warn!(provider = %&node[..12], "missed a canary job (unroutable after {CANARY_MISSES} in a row)");
+        tracing::warn!(provider = %node.short(), "missed a canary job (unroutable after {CANARY_MISSES} in a row)");
     }
     gw.directory().record_canary(&node, tok_s);
 }

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -28,6 +28,8 @@ use iroh_gossip::{Gossip, TopicId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+
+use tessera_core::{now_ms, NodeId};
 
 use crate::node::{node_id, Ticket};
 
@@ -42,10 +44,13 @@ const MAX_SKEW: Duration = Duration::from_secs(60);
 /// Largest announcement accepted (gossip's own limit is 4 KiB).
 const MAX_ANNOUNCEMENT: usize = 4096;
 
+/// What a node does in the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
+    /// Takes requests and routes them to providers.
     Gateway,
+    /// Serves jobs.
     Provider,
 }
 
@@ -54,15 +59,17 @@ pub enum Role {
 pub struct Announcement {
     /// The network's name: announcements of other networks are ignored.
     pub network: String,
+    /// What the node does.
     pub role: Role,
     /// Node id (hex of the ed25519 public key that signed this).
-    pub node: String,
+    pub node: NodeId,
     /// Where the node can be dialled.
     pub addrs: Vec<SocketAddr>,
     /// sha256 of each model it serves (a gateway: accepts).
     pub models: Vec<String>,
     /// Milliseconds since the Unix epoch when this was signed.
     pub issued_ms: u64,
+    /// How long after `issued_ms` it may be believed.
     pub ttl_ms: u64,
 }
 
@@ -72,12 +79,6 @@ pub struct Announcement {
 struct Envelope {
     announcement: String,
     signature: String,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The gossip topic of the network called `name`.
@@ -108,11 +109,8 @@ impl Announcement {
             serde_json::from_slice(bytes).context("not an announcement envelope")?;
         let a: Announcement =
             serde_json::from_str(&envelope.announcement).context("malformed announcement")?;
-        let key: [u8; 32] = hex::decode(&a.node)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| anyhow!("node id is not 64 hex digits"))?;
-        let key = PublicKey::from_bytes(&key).map_err(|e| anyhow!("bad node id: {e}"))?;
+        let key =
+            PublicKey::from_bytes(a.node.as_bytes()).map_err(|e| anyhow!("bad node id: {e}"))?;
         let sig: [u8; 64] = hex::decode(&envelope.signature)
             .ok()
             .and_then(|b| b.try_into().ok())
@@ -121,7 +119,7 @@ impl Announcement {
             envelope.announcement.as_bytes(),
             &Signature::from_bytes(&sig),
         )
-        .map_err(|_| anyhow!("bad signature for node {}", &a.node[..12]))?;
+        .map_err(|_| anyhow!("bad signature for node {}", a.node.short()))?;
         if a.network != network {
             bail!("announcement for network '{}', not '{network}'", a.network);
         }
@@ -161,10 +159,13 @@ fn join_addrs(addrs: &[SocketAddr]) -> String {
 /// How a node takes part in discovery.
 #[derive(Clone, Debug)]
 pub struct DiscoveryConfig {
+    /// The network's name (its gossip topic).
     pub network: String,
+    /// What this node does.
     pub role: Role,
     /// Addresses to announce (a gateway: those of its ticket).
     pub addrs: Vec<SocketAddr>,
+    /// sha256 of the models it serves (a gateway: accepts).
     pub models: Vec<String>,
     /// Nodes to join the topic through.
     pub bootstrap: Vec<Ticket>,
@@ -174,9 +175,9 @@ pub struct DiscoveryConfig {
 #[derive(Clone)]
 pub struct Discovery {
     gossip: Gossip,
-    me: String,
+    me: NodeId,
     network: String,
-    known: Arc<Mutex<HashMap<String, Announcement>>>,
+    known: Arc<Mutex<HashMap<NodeId, Announcement>>>,
 }
 
 impl Discovery {
@@ -290,7 +291,7 @@ impl Discovery {
                 Announcement {
                     network: config.network.clone(),
                     role: config.role,
-                    node: self.me.clone(),
+                    node: self.me,
                     addrs: config.addrs.clone(),
                     models: config.models.clone(),
                     issued_ms: now_ms(),
@@ -344,9 +345,9 @@ impl Discovery {
                 .is_none_or(|old| old.issued_ms < a.issued_ms);
             if newer {
                 if !known.contains_key(&a.node) {
-                    tracing::info!(node = %&a.node[..12], role = ?a.role, "discovered");
+                    tracing::info!(node = %a.node.short(), role = ?a.role, "discovered");
                 }
-                known.insert(a.node.clone(), a);
+                known.insert(a.node, a);
             }
             known.retain(|_, a| a.fresh());
         }

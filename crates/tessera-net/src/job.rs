@@ -1,61 +1,53 @@
 //! One client request as the gateway runs it, across providers if need be.
 //!
-//! A job is a sequence of *parts*, each on one provider. Before the first
-//! token a failing provider is simply replaced (at most [`MAX_TRIES`] tries
-//! per part). After tokens have been streamed, a provider that dies or
-//! fails mid-answer is replaced too: the next part's prompt is the original
+//! A job is a sequence of *parts*, each on one provider. A provider that
+//! fails before its first token is simply replaced; one that dies or fails
+//! mid-answer is replaced too: the next part's prompt is the original
 //! prompt followed by every token already sent, with the same seed, so each
 //! token keeps its absolute position and seeded sampling continues exactly
 //! as one provider would have. The client sees one uninterrupted stream.
+//! The gateway keeps trying — every provider that is or becomes available,
+//! each session once — until the failover deadline, not a fixed count, so a
+//! network whose providers churn still finishes the answer.
 //!
 //! To make that seamless the gateway, not the provider, turns tokens into
 //! text and watches for stop sequences: its [`TextStream`] spans every part,
 //! so a stop sequence or a UTF-8 character split across a provider change
 //! is still handled right. Usage is counted here for the same reason.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use iroh::endpoint::{RecvStream, SendStream};
 use iroh::SecretKey;
-use tessera_api::{ApiError, Dispatch, JobTicket, RoutePrefs, ServedModel};
+use tessera_backend::{Dispatch, JobError, JobEvent, JobTicket, RoutePrefs, ServedModel};
+use tessera_core::{
+    FinishReason, GenerationRequest, NodeId, PartOutcome, Price, Token, TokenEvent, Usage,
+};
 use tessera_engine::audit::AuditJob;
 use tessera_engine::text::TextStream;
-use tessera_engine::{
-    EngineError, Event, FinishReason, GenerationRequest, Price, Token, TokenEvent, Usage,
-};
-use tessera_protocol::{read_frame, write_frame, Frame, JobDone, JobRequest, Receipt};
+use tessera_protocol::{read_frame, write_frame, Frame, JobDone, JobKind, JobRequest, Receipt};
 use tokio::sync::mpsc;
 
-use crate::audit::Audits;
-use crate::gateway::{Directory, Provider, MAX_TRIES};
-use crate::node::node_id;
+use crate::audit::{Audits, Origin};
+use crate::directory::{Claim, Directory};
 use crate::receipt;
+use crate::router::Need;
 
 /// Longest wait for a provider's first answer to a job.
 const FIRST_FRAME: Duration = Duration::from_secs(120);
 /// Parts one job may have in all (the first and its continuations).
 const MAX_PARTS: usize = 8;
-/// Longest a job waits for a free slot while every provider is busy.
-const QUEUE_WAIT: Duration = Duration::from_secs(60);
-
-/// Releases a provider's slot when a part ends, however it ends.
-struct Slot(Arc<Provider>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// How long a job waits between looks for a free provider.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// One provider's stretch of a job.
 struct Part {
     send: SendStream,
     recv: RecvStream,
-    node: String,
-    session: String,
+    node: NodeId,
+    session: u64,
     /// The provider's first answer, read while choosing it.
     first: Option<Frame>,
     /// Tokens this part has streamed.
@@ -74,10 +66,11 @@ struct Part {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     /// How it ended, recorded in the directory when it is dropped:
-    /// `cancelled` unless marked `done` or `failed`.
-    outcome: &'static str,
+    /// cancelled unless marked done or failed.
+    outcome: PartOutcome,
     directory: Arc<Directory>,
-    _slot: Slot,
+    /// The provider's slot, released with the part.
+    _claim: Claim,
 }
 
 impl Drop for Part {
@@ -99,9 +92,23 @@ impl Part {
     }
 }
 
+/// How a job is run: everything but the request itself.
+#[derive(Clone)]
+pub struct JobSetup {
+    /// Where providers are found.
+    pub directory: Arc<Directory>,
+    /// The gateway's key, to countersign providers' receipts.
+    pub key: SecretKey,
+    /// The model's auditor, when this gateway audits it.
+    pub audits: Option<Arc<Audits>>,
+    /// How long a job keeps looking for providers after the last one
+    /// failed it.
+    pub failover_deadline: Duration,
+}
+
 /// A request being served by the network.
 pub struct RoutedJob {
-    directory: Arc<Directory>,
+    setup: JobSetup,
     model: ServedModel,
     job_id: String,
     request: GenerationRequest,
@@ -109,29 +116,26 @@ pub struct RoutedJob {
     generated: Vec<Token>,
     text: TextStream,
     /// Provider sessions that failed this job; never asked again.
-    failed: Vec<String>,
+    failed: Vec<u64>,
     parts: usize,
     route: RoutePrefs,
-    /// The gateway's key, to countersign providers' receipts.
-    key: SecretKey,
-    /// The model's auditor (if this gateway audits it) and whose request
-    /// this is.
-    audits: Option<Arc<Audits>>,
     ticket: JobTicket,
+    origin: Origin,
 }
 
 impl RoutedJob {
+    /// A job for `ticket`'s request of `model`.
     pub fn new(
-        directory: Arc<Directory>,
+        setup: JobSetup,
         model: ServedModel,
         request: GenerationRequest,
         route: RoutePrefs,
-        key: SecretKey,
+        ticket: JobTicket,
+        origin: Origin,
     ) -> Self {
         RoutedJob {
-            key,
-            directory,
-            job_id: format!("{:016x}", getrandom::u64().unwrap_or_default()),
+            setup,
+            job_id: format!("{:016x}", tessera_core::unique_u64()),
             text: TextStream::new(request.stop.clone()),
             model,
             request,
@@ -139,25 +143,15 @@ impl RoutedJob {
             failed: Vec::new(),
             parts: 0,
             route,
-            audits: None,
-            ticket: JobTicket {
-                id: String::new(),
-                account: String::new(),
-            },
+            ticket,
+            origin,
         }
     }
 
-    /// Audit its parts with `audits`, filed under `ticket`.
-    pub fn audited(mut self, audits: Option<Arc<Audits>>, ticket: JobTicket) -> Self {
-        self.audits = audits;
-        self.ticket = ticket;
-        self
-    }
-
     /// Start the job; resolves once a provider has answered.
-    pub async fn dispatch(mut self) -> Result<Dispatch, ApiError> {
+    pub async fn dispatch(mut self) -> Result<Dispatch, JobError> {
         let part = self.start_part().await?;
-        let provider = part.node.clone();
+        let provider = part.node.to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         let price = part.price;
         tokio::spawn(self.run(part, tx));
@@ -179,42 +173,43 @@ impl RoutedJob {
         g
     }
 
-    /// Find a provider for the next part and wait for its first frame.
-    async fn start_part(&mut self) -> Result<Part, ApiError> {
+    /// Find a provider for the next part and wait for its first frame,
+    /// trying every provider that is or becomes available until the
+    /// failover deadline.
+    async fn start_part(&mut self) -> Result<Part, JobError> {
         let request = self.continuation();
-        let mut tried: Vec<String> = self.failed.clone();
-        let mut last_error = None;
-        let queued = tokio::time::Instant::now();
-        let mut attempts = 0;
-        while attempts < MAX_TRIES {
-            let Some(provider) = self.directory.pick(
-                &self.model.sha256,
-                request.prompt.len(),
-                &tried,
-                &self.route,
-            ) else {
-                // Every provider that could serve it is busy: wait for a slot.
-                let busy = self.directory.could_serve(
-                    &self.model.sha256,
-                    request.prompt.len(),
-                    &tried,
-                    &self.route,
-                );
-                if busy && queued.elapsed() < QUEUE_WAIT {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        let deadline = Instant::now() + self.setup.failover_deadline;
+        let mut last_error: Option<String> = None;
+        let mut tried = 0usize;
+        loop {
+            let need = Need {
+                sha256: &self.model.sha256,
+                tokens: request.prompt.len(),
+                exclude: &self.failed,
+                prefs: &self.route,
+                probe: self.origin == Origin::Canary,
+            };
+            let Some(claim) = self.setup.directory.pick(&need) else {
+                let waiting = last_error.is_some() || self.setup.directory.could_serve(&need);
+                if waiting && Instant::now() < deadline {
+                    tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
                 }
-                break;
+                return Err(match last_error {
+                    Some(last) => JobError::FailoverExhausted {
+                        tried,
+                        deadline_s: self.setup.failover_deadline.as_secs(),
+                        last,
+                    },
+                    None => JobError::NoProvider,
+                });
             };
-            attempts += 1;
-            tried.push(provider.session.clone());
-            let node = provider.node.clone();
-            let session = provider.session.clone();
+            tried += 1;
+            let (node, session) = (claim.session.node, claim.session.id);
             let job_id = format!("{}.{}", self.job_id, self.parts);
-            let directory = self.directory.clone();
             match start(
-                provider,
-                directory,
+                claim,
+                self.setup.directory.clone(),
                 &job_id,
                 &self.model.sha256,
                 request.clone(),
@@ -226,20 +221,15 @@ impl RoutedJob {
                     return Ok(part);
                 }
                 Err(e) => {
-                    tracing::warn!(provider = %&node[..12], error = %e, "provider failed before answering; trying another");
-                    self.directory.record_part(&node, "failed", 0, None);
+                    tracing::warn!(provider = %node.short(), error = %e, "provider failed before answering; trying another");
+                    self.setup
+                        .directory
+                        .record_part(&node, PartOutcome::Failed, 0, None);
                     self.failed.push(session);
-                    last_error = Some(e);
+                    last_error = Some(e.to_string());
                 }
             }
         }
-        Err(ApiError::unavailable(match last_error {
-            Some(e) => format!(
-                "No provider could take the job ({} tried; last error: {e}).",
-                tried.len()
-            ),
-            None => "No provider serving this model is available right now; retry shortly.".into(),
-        }))
     }
 
     fn usage(&self, extra: usize) -> Usage {
@@ -251,7 +241,7 @@ impl RoutedJob {
 
     /// Stream the job to the client until it ends, the client leaves, or no
     /// provider is left to continue it.
-    async fn run(mut self, mut part: Part, events: mpsc::UnboundedSender<Event>) {
+    async fn run(mut self, mut part: Part, events: mpsc::UnboundedSender<JobEvent>) {
         loop {
             let frame = match part.first.take() {
                 Some(f) => Ok(Some(f)),
@@ -288,10 +278,10 @@ impl RoutedJob {
                                 self.countersign(&part, &done, &events);
                                 self.audit(&part, &done, true);
                             }
-                            part.outcome = "done";
+                            part.outcome = PartOutcome::Done;
                             part.cancel();
                             let usage = self.usage(0);
-                            let _ = events.send(Event::Done {
+                            let _ = events.send(JobEvent::Done {
                                 finish_reason: FinishReason::Stop,
                                 usage,
                                 text: String::new(),
@@ -318,10 +308,10 @@ impl RoutedJob {
                     };
                     self.countersign(&part, &done, &events);
                     self.audit(&part, &done, false);
-                    part.outcome = "done";
+                    part.outcome = PartOutcome::Done;
                     let usage = self.usage(extra);
                     let text = self.text.finish();
-                    let _ = events.send(Event::Done {
+                    let _ = events.send(JobEvent::Done {
                         finish_reason: done.finish_reason,
                         usage,
                         text,
@@ -329,14 +319,14 @@ impl RoutedJob {
                     return;
                 }
                 Ok(Some(Frame::JobError(e))) => format!("job error: {}", e.message),
-                Ok(Some(other)) => format!("unexpected frame {other:?}"),
+                Ok(Some(_)) => "a frame that does not belong on a job stream".to_string(),
                 Ok(None) => "the provider closed the job stream".to_string(),
                 Err(e) => e.to_string(),
             };
             // The provider failed mid-answer: continue on another one.
-            tracing::warn!(provider = %&part.node[..12], error = %failure, tokens = self.generated.len(), "provider failed mid-answer");
-            self.failed.push(part.session.clone());
-            part.outcome = "failed";
+            tracing::warn!(provider = %part.node.short(), error = %failure, tokens = self.generated.len(), "provider failed mid-answer");
+            self.failed.push(part.session);
+            part.outcome = PartOutcome::Failed;
             part.cancel();
             if self
                 .request
@@ -345,7 +335,7 @@ impl RoutedJob {
             {
                 let usage = self.usage(0);
                 let text = self.text.finish();
-                let _ = events.send(Event::Done {
+                let _ = events.send(JobEvent::Done {
                     finish_reason: FinishReason::Length,
                     usage,
                     text,
@@ -353,22 +343,28 @@ impl RoutedJob {
                 return;
             }
             if self.parts >= MAX_PARTS {
-                let _ = events.send(Event::Error(EngineError::Decode(format!(
-                    "gave up after {MAX_PARTS} providers failed this job"
-                ))));
+                let _ = events.send(JobEvent::Error(JobError::FailoverExhausted {
+                    tried: self.parts,
+                    deadline_s: self.setup.failover_deadline.as_secs(),
+                    last: format!("{MAX_PARTS} providers failed this answer; last: {failure}"),
+                }));
                 return;
             }
-            match self.start_part().await {
+            let next = tokio::select! {
+                next = self.start_part() => next,
+                _ = events.closed() => return,
+            };
+            match next {
                 Ok(next) => {
-                    tracing::info!(provider = %&next.node[..12], tokens = self.generated.len(), "answer continues on another provider");
-                    let _ = events.send(Event::Provider {
-                        node: next.node.clone(),
+                    tracing::info!(provider = %next.node.short(), tokens = self.generated.len(), "answer continues on another provider");
+                    let _ = events.send(JobEvent::Provider {
+                        node: next.node.to_string(),
                         price: next.price,
                     });
                     part = next;
                 }
                 Err(e) => {
-                    let _ = events.send(Event::Error(EngineError::Decode(e.message)));
+                    let _ = events.send(JobEvent::Error(e));
                     return;
                 }
             }
@@ -377,18 +373,18 @@ impl RoutedJob {
 
     /// Forward one token with the gateway's own text; true when a stop
     /// sequence ended the job.
-    fn on_token(&mut self, mut t: TokenEvent, events: &mpsc::UnboundedSender<Event>) -> bool {
+    fn on_token(&mut self, mut t: TokenEvent, events: &mpsc::UnboundedSender<JobEvent>) -> bool {
         self.generated.push(t.token);
         let pushed = self.text.push(&self.model.tokenizer.token_bytes(t.token));
         t.text = pushed.text;
-        let _ = events.send(Event::Token(t));
+        let _ = events.send(JobEvent::Token(t));
         pushed.stopped
     }
 
     /// Hand a finished part to the auditor (which decides whether to audit
     /// it). `by_sequence`: this gateway saw a stop sequence end it.
     fn audit(&self, part: &Part, done: &JobDone, by_sequence: bool) {
-        let Some(audits) = &self.audits else {
+        let Some(audits) = &self.setup.audits else {
             return;
         };
         let before = self.generated.len().saturating_sub(part.tokens.len());
@@ -423,21 +419,14 @@ impl RoutedJob {
                 })
             }
         };
-        audits.consider(
-            &self.directory,
-            &self.ticket.id,
-            &self.ticket.account,
-            &part.job_id,
-            &part.node,
-            job,
-        );
+        audits.consider(&self.ticket, self.origin, &part.job_id, part.node, job);
     }
 
     /// Check the provider's receipt for `part` against what this gateway
     /// saw and, if it matches, countersign it and pass it on for the bill.
-    fn countersign(&self, part: &Part, done: &JobDone, events: &mpsc::UnboundedSender<Event>) {
+    fn countersign(&self, part: &Part, done: &JobDone, events: &mpsc::UnboundedSender<JobEvent>) {
         let Some(signed) = &done.receipt else {
-            tracing::warn!(provider = %&part.node[..12], "job ended without a receipt");
+            tracing::warn!(provider = %part.node.short(), "job ended without a receipt");
             return;
         };
         // Usage may count one token more than was streamed (the final
@@ -445,13 +434,13 @@ impl RoutedJob {
         let claimed = u64::from(done.usage.completion_tokens);
         let streamed = part.tokens.len() as u64;
         if claimed < streamed || claimed > streamed + 1 {
-            tracing::warn!(provider = %&part.node[..12], claimed, streamed, "rejected a receipt: usage does not match the tokens streamed");
+            tracing::warn!(provider = %part.node.short(), claimed, streamed, "rejected a receipt: usage does not match the tokens streamed");
             return;
         }
         let expected = Receipt {
             job_id: part.job_id.clone(),
-            gateway: node_id(&self.key.public()),
-            provider: part.node.clone(),
+            gateway: crate::node::node_id(&self.setup.key.public()),
+            provider: part.node,
             model_sha256: self.model.sha256.clone(),
             prompt_sha256: part.prompt_sha256.clone(),
             output_sha256: receipt::tokens_sha256(&part.tokens),
@@ -464,43 +453,48 @@ impl RoutedJob {
                 .as_ref()
                 .map(|p| receipt::proof_sha256(&self.request.sampling, p)),
         };
-        match receipt::accept(signed, &expected, &self.key) {
+        match receipt::accept(signed, &expected, &self.setup.key) {
             Ok(countersigned) => {
                 if let Ok(json) = serde_json::to_string(&countersigned) {
-                    let _ = events.send(Event::Receipt(json));
+                    let _ = events.send(JobEvent::Receipt(json));
                 }
             }
             Err(e) => {
-                tracing::warn!(provider = %&part.node[..12], error = %e, "rejected a receipt")
+                tracing::warn!(provider = %part.node.short(), error = %e, "rejected a receipt")
             }
         }
     }
 }
 
-/// Open a job stream on `provider`, send the request, wait for the answer.
+/// Open a job stream on the claimed provider, send the request, wait for
+/// the answer.
 async fn start(
-    provider: Arc<Provider>,
+    claim: Claim,
     directory: Arc<Directory>,
     job_id: &str,
     sha256: &str,
     generation: GenerationRequest,
 ) -> anyhow::Result<Part> {
-    provider.inflight.fetch_add(1, Ordering::Relaxed);
-    let slot = Slot(provider.clone());
+    let conn = claim
+        .session
+        .conn
+        .clone()
+        .ok_or_else(|| anyhow!("a simulated provider has no connection"))?;
     let prompt_sha256 = receipt::tokens_sha256(&generation.prompt);
     let prompt_tokens = generation.prompt.len() as u64;
-    let (mut send, mut recv) = provider
-        .conn
+    let (mut send, mut recv) = conn
         .open_bi()
         .await
         .map_err(|e| anyhow!("open stream: {e}"))?;
     let job = JobRequest {
         job_id: job_id.to_string(),
-        model_sha256: sha256.to_string(),
-        generation,
+        kind: JobKind::Inference {
+            model_sha256: sha256.to_string(),
+            generation,
+        },
     };
     write_frame(&mut send, &Frame::JobRequest(job)).await?;
-    let asked = std::time::Instant::now();
+    let asked = Instant::now();
     let first = tokio::time::timeout(FIRST_FRAME, read_frame(&mut recv))
         .await
         .map_err(|_| anyhow!("no answer within {} s", FIRST_FRAME.as_secs()))??
@@ -508,27 +502,25 @@ async fn start(
     if let Frame::JobError(e) = &first {
         return Err(anyhow!("the provider refused the job: {}", e.message));
     }
-    let ms = asked.elapsed().as_secs_f64() * 1e3;
-    if let Ok(mut l) = provider.latency_ms.lock() {
-        *l = if *l > 0.0 { 0.8 * *l + 0.2 * ms } else { ms };
-    }
+    let node = claim.session.node;
+    directory.observe_latency(&node, asked.elapsed().as_secs_f64() * 1e3);
     Ok(Part {
         send,
         recv,
-        node: provider.node.clone(),
-        session: provider.session.clone(),
+        node,
+        session: claim.session.id,
         first: Some(first),
         streamed: 0,
-        price: provider.price(sha256),
-        context: provider.context(sha256),
+        price: claim.price,
+        context: claim.context,
         job_id: job_id.to_string(),
         prompt_sha256,
         prompt_tokens,
         tokens: Vec::new(),
         first_token: None,
         last_token: None,
-        outcome: "cancelled",
+        outcome: PartOutcome::Cancelled,
         directory,
-        _slot: slot,
+        _claim: claim,
     })
 }

@@ -2,13 +2,23 @@
 //!
 //! Transport is iroh: QUIC connections in which every peer is identified and
 //! authenticated by its ed25519 key ([`node`]). Providers dial out to
-//! gateways ([`provider`]), so a provider behind NAT needs no open port; a
-//! gateway keeps a directory of the providers connected to it and routes
-//! each API request to one of them ([`gateway`]). The messages themselves
-//! are `tessera-protocol`'s frames.
+//! gateways ([`provider`]), so a provider behind NAT needs no open port. The
+//! messages themselves are `tessera-protocol`'s frames.
 //!
-//! A request whose provider dies mid-answer continues on another provider
-//! from the tokens already sent ([`job`] explains how).
+//! The gateway side, in the order a request meets it:
+//!
+//! - [`backend`]: the API's `Backend` seam; a request becomes a job.
+//! - [`job`]: one request across providers: parts, failover until a
+//!   deadline, continuation mid-answer, receipts.
+//! - [`router`]: which providers may take a job, what it may cost, which
+//!   one takes it (pure functions, benchmarked at 10,000 providers).
+//! - [`directory`]: every provider connected now and what the gateway has
+//!   seen of each, behind one lock; picks claim slots atomically.
+//! - [`session`]: a provider's handshake and heartbeats.
+//! - [`gateway`]: the endpoint, the accept loop and the shutdown of all of
+//!   the above.
+//! - [`audit`] and [`canary`]: verdicts on providers' answers, and the
+//!   gateway's own probes; both feed the directory and the ledger.
 //!
 //! Nodes find each other through signed announcements on a gossip topic
 //! ([`discovery`]): a provider given one gateway's ticket learns the others
@@ -18,16 +28,22 @@
 #[cfg(feature = "adversary")]
 pub mod adversary;
 pub mod audit;
+pub mod backend;
 pub mod canary;
+pub mod directory;
 pub mod discovery;
 pub mod gateway;
-mod job;
+pub mod job;
 pub mod node;
 pub mod provider;
 pub mod receipt;
+pub mod router;
+pub mod session;
+#[cfg(feature = "testing")]
 pub mod synthetic;
 
+pub use backend::NetworkBackend;
 pub use discovery::{Discovery, DiscoveryConfig, Role};
-pub use gateway::{Gateway, NetworkBackend};
+pub use gateway::Gateway;
 pub use node::Ticket;
 pub use provider::ProviderConfig;

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use anyhow::{anyhow, bail, Context};
 use iroh::endpoint::{presets, IdleTimeout, QuicTransportConfig};
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey, TransportAddr};
+use tessera_core::NodeId;
 
 /// Load the node key from `home/node.key`, creating it on first use.
 pub fn load_or_create_key(home: &Path) -> anyhow::Result<SecretKey> {
@@ -80,15 +81,17 @@ pub async fn bind(
         .map_err(|e| anyhow!("cannot bind an iroh endpoint on {addr}: {e}"))
 }
 
-/// Short printable id of a node (hex of its public key).
-pub fn node_id(id: &EndpointId) -> String {
-    hex::encode(id.as_bytes())
+/// The node id of an iroh endpoint id (the same public key).
+pub fn node_id(id: &EndpointId) -> NodeId {
+    NodeId::from_bytes(*id.as_bytes())
 }
 
 /// How to reach a gateway: its node id and direct addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ticket {
+    /// The gateway's endpoint id (its public key).
     pub id: EndpointId,
+    /// Where it listens.
     pub addrs: Vec<SocketAddr>,
 }
 
@@ -115,6 +118,7 @@ impl Ticket {
         }
     }
 
+    /// The address iroh dials.
     pub fn endpoint_addr(&self) -> EndpointAddr {
         EndpointAddr::from_parts(self.id, self.addrs.iter().map(|a| TransportAddr::Ip(*a)))
     }

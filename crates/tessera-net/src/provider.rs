@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::{Endpoint, EndpointId};
-use tessera_engine::{Event, GenerationRequest, SchedulerHandle, SubmitError, Token};
+use tessera_core::{GenerationRequest, NodeId, Token};
+use tessera_engine::{Event, SchedulerHandle, SubmitError};
 use tessera_protocol::{
-    read_frame, write_frame, Frame, Heartbeat, Hello, JobDone, JobError, JobProof, ModelOffer,
-    Receipt, ALPN, PROTOCOL_VERSION,
+    read_frame, write_frame, Frame, Heartbeat, Hello, JobDone, JobError, JobKind, JobProof,
+    ModelOffer, Receipt, ALPN, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -52,13 +53,15 @@ impl JobRunner for SchedulerHandle {
 /// Who signs this session's receipts, and for which gateway.
 struct Signer {
     key: iroh::SecretKey,
-    gateway: String,
+    gateway: NodeId,
 }
 
 /// What a provider offers and to whom.
 #[derive(Clone, Debug)]
 pub struct ProviderConfig {
+    /// Gateways to serve from the start.
     pub gateways: Vec<Ticket>,
+    /// Models it serves, at what price and context.
     pub offers: Vec<ModelOffer>,
     /// One line about the machine, for the gateway's directory.
     pub hardware: String,
@@ -265,9 +268,9 @@ async fn serve_job(
 ) -> anyhow::Result<()> {
     let job = match read_frame(&mut recv).await {
         Ok(Some(Frame::JobRequest(job))) => job,
-        Ok(other) => {
+        Ok(_) => {
             let e = JobError {
-                message: format!("expected a JobRequest, got {other:?}"),
+                message: "expected a JobRequest".into(),
                 retryable: false,
             };
             write_frame(&mut send, &Frame::JobError(e)).await?;
@@ -279,20 +282,25 @@ async fn serve_job(
             return Ok(());
         }
     };
-    let Some(offer) = offers.iter().find(|o| o.sha256 == job.model_sha256) else {
+    let job_id = job.job_id;
+    let JobKind::Inference {
+        model_sha256,
+        generation,
+    } = job.kind;
+    let Some(offer) = offers.iter().find(|o| o.sha256 == model_sha256) else {
         let e = JobError {
-            message: format!("this provider does not serve model {}", job.model_sha256),
+            message: format!("this provider does not serve model {model_sha256}"),
             retryable: true,
         };
         write_frame(&mut send, &Frame::JobError(e)).await?;
         return Ok(());
     };
-    let prompt_sha256 = receipt::tokens_sha256(&job.generation.prompt);
-    let prompt_tokens = job.generation.prompt.len() as u64;
-    let sampling = job.generation.sampling.clone();
+    let prompt_sha256 = receipt::tokens_sha256(&generation.prompt);
+    let prompt_tokens = generation.prompt.len() as u64;
+    let sampling = generation.sampling.clone();
     let mut output: Vec<Token> = Vec::new();
     let mut proof: Option<JobProof> = None;
-    let mut events = match handle.submit(job.generation) {
+    let mut events = match handle.submit(generation) {
         Ok(rx) => rx,
         Err(e) => {
             let retryable = matches!(e, SubmitError::Busy);
@@ -325,16 +333,16 @@ async fn serve_job(
             } => {
                 let proof_sha256 = proof.as_ref().map(|p| receipt::proof_sha256(&sampling, p));
                 let r = Receipt {
-                    job_id: job.job_id.clone(),
-                    gateway: signer.gateway.clone(),
+                    job_id: job_id.clone(),
+                    gateway: signer.gateway,
                     provider: node_id(&signer.key.public()),
-                    model_sha256: job.model_sha256.clone(),
+                    model_sha256: model_sha256.clone(),
                     prompt_sha256: prompt_sha256.clone(),
                     output_sha256: receipt::tokens_sha256(&output),
                     prompt_tokens,
                     completion_tokens: u64::from(usage.completion_tokens),
                     price: offer.price,
-                    issued_ms: receipt::now_ms(),
+                    issued_ms: tessera_core::now_ms(),
                     proof_sha256,
                 };
                 Frame::JobDone(JobDone {
@@ -345,7 +353,6 @@ async fn serve_job(
                     proof: proof.take(),
                 })
             }
-            Event::Provider { .. } | Event::Receipt(_) => continue,
             Event::Error(e) => Frame::JobError(JobError {
                 message: e.to_string(),
                 retryable: false,

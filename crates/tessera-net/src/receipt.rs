@@ -10,12 +10,10 @@
 //! provider earnings` fetches a provider's receipts and checks both
 //! signatures.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{anyhow, bail};
 use iroh::{PublicKey, SecretKey, Signature};
 use sha2::{Digest, Sha256};
-use tessera_engine::Token;
+use tessera_core::{now_ms, NodeId, SamplingParams, Token};
 use tessera_protocol::{Receipt, Signed};
 
 use crate::node::node_id;
@@ -31,10 +29,7 @@ pub fn tokens_sha256(tokens: &[Token]) -> String {
 
 /// sha256 (hex) of a job's proof and the sampling it claims: the tokens,
 /// the sampling settings and seed, the commitments and the logprobs.
-pub fn proof_sha256(
-    sampling: &tessera_engine::SamplingParams,
-    proof: &tessera_protocol::JobProof,
-) -> String {
+pub fn proof_sha256(sampling: &SamplingParams, proof: &tessera_protocol::JobProof) -> String {
     let mut h = Sha256::new();
     h.update(b"tessera proof 1\n");
     for t in &proof.tokens {
@@ -48,18 +43,8 @@ pub fn proof_sha256(
     hex::encode(h.finalize())
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn key_of(hex_id: &str) -> anyhow::Result<PublicKey> {
-    let bytes: [u8; 32] = hex::decode(hex_id)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| anyhow!("'{hex_id}' is not a node id"))?;
-    PublicKey::from_bytes(&bytes).map_err(|e| anyhow!("bad node id: {e}"))
+fn key_of(node: &NodeId) -> anyhow::Result<PublicKey> {
+    PublicKey::from_bytes(node.as_bytes()).map_err(|e| anyhow!("bad node id {node}: {e}"))
 }
 
 fn signature_of(hex_sig: &str) -> anyhow::Result<Signature> {
@@ -72,6 +57,7 @@ fn signature_of(hex_sig: &str) -> anyhow::Result<Signature> {
 
 /// Sign `receipt` as its provider.
 pub fn sign(receipt: &Receipt, key: &SecretKey) -> Signed {
+    // Serializing plain strings and numbers cannot fail.
     let body = serde_json::to_string(receipt).unwrap_or_default();
     let signature = hex::encode(key.sign(body.as_bytes()).to_bytes());
     Signed {
@@ -144,7 +130,7 @@ pub fn accept(
 }
 
 /// What a provider signs to ask a gateway for its receipts at `time_ms`.
-fn receipts_request(node: &str, time_ms: u64) -> String {
+fn receipts_request(node: &NodeId, time_ms: u64) -> String {
     format!("tessera receipts {node} {time_ms}")
 }
 
@@ -159,7 +145,7 @@ pub fn sign_receipts_request(key: &SecretKey, time_ms: u64) -> String {
 
 /// Check a provider's request for its receipts: signed by `node`, within
 /// five minutes of now.
-pub fn verify_receipts_request(node: &str, time_ms: u64, signature: &str) -> anyhow::Result<()> {
+pub fn verify_receipts_request(node: &NodeId, time_ms: u64, signature: &str) -> anyhow::Result<()> {
     if time_ms.abs_diff(now_ms()) > 5 * 60 * 1000 {
         bail!("the request's time is more than 5 minutes off");
     }
@@ -174,7 +160,7 @@ pub fn verify_receipts_request(node: &str, time_ms: u64, signature: &str) -> any
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_engine::Price;
+    use tessera_core::Price;
 
     fn receipt(provider: &SecretKey, gateway: &SecretKey) -> Receipt {
         Receipt {

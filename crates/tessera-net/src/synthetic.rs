@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_engine::{Event, FinishReason, GenerationRequest, SubmitError, TokenEvent, Usage};
+use tessera_core::{FinishReason, GenerationRequest, TokenEvent, Usage};
+use tessera_engine::{Event, SubmitError};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use crate::provider::JobRunner;

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iroh::SecretKey;
-use tessera_api::ServedModel;
-use tessera_engine::{ChatMessage, EngineError, Model, ModelInfo, Token};
+use tessera_backend::ServedModel;
+use tessera_core::Token;
+use tessera_engine::{ChatMessage, EngineError, Model, ModelInfo};
+use tessera_net::directory::Directory;
 use tessera_net::node::{self, Ticket};
 use tessera_net::Gateway;
 use tessera_protocol::{read_frame, write_frame, Frame, Hello, ModelOffer, ALPN, PROTOCOL_VERSION};
@@ -43,7 +45,7 @@ async fn gateway() -> (Gateway, Ticket) {
         providers: 0,
         prices: None,
     };
-    let gw = Gateway::new(endpoint, vec![model]);
+    let gw = Gateway::new(endpoint, vec![model], Arc::new(Directory::default()));
     tokio::spawn(gw.clone().accept());
     (gw, ticket)
 }
@@ -71,7 +73,7 @@ fn hello(version: u8, sha: &str) -> Frame {
 }
 
 fn listed(gw: &Gateway) -> usize {
-    gw.directory().describe().as_array().map_or(0, Vec::len)
+    gw.directory().describe().len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,8 +205,9 @@ impl Model for EchoModel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
-    use tessera_engine::{GenerationRequest, SamplingParams, Scheduler, SchedulerConfig};
-    use tessera_protocol::JobRequest;
+    use tessera_core::{GenerationRequest, SamplingParams};
+    use tessera_engine::{Scheduler, SchedulerConfig};
+    use tessera_protocol::{JobKind, JobRequest};
 
     // A bare gateway endpoint that this test drives by hand.
     let gw = loopback(vec![ALPN.to_vec()]).await;
@@ -272,14 +275,16 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let job = JobRequest {
         job_id: "j".into(),
-        model_sha256: SHA.into(),
-        generation: GenerationRequest {
-            prompt: vec![0],
-            sampling: SamplingParams::greedy(),
-            max_tokens: Some(3),
-            stop: vec![],
-            top_logprobs: 0,
-            ignore_eos: false,
+        kind: JobKind::Inference {
+            model_sha256: SHA.into(),
+            generation: GenerationRequest {
+                prompt: vec![0],
+                sampling: SamplingParams::greedy(),
+                max_tokens: Some(3),
+                stop: vec![],
+                top_logprobs: 0,
+                ignore_eos: false,
+            },
         },
     };
     write_frame(&mut send, &Frame::JobRequest(job))

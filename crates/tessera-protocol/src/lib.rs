@@ -16,13 +16,16 @@
 //! drops the peer, nothing panics.
 
 use serde::{Deserialize, Serialize};
-use tessera_engine::{FinishReason, GenerationRequest, Price, TokenEvent, Usage};
+use tessera_core::{
+    FinishReason, GenerationRequest, NodeId, Price, Proof, Token, TokenEvent, Usage,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The ALPN of the provider protocol.
 pub const ALPN: &[u8] = b"tessera/1";
-/// The version in every frame header and in `Hello`.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The version in every frame header and in `Hello`. 2: a job request
+/// carries its kind.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest payload accepted; a longer frame is garbage or an attack.
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 const MAGIC: u8 = b'T';
@@ -66,9 +69,25 @@ pub struct Heartbeat {
 /// A job sent to a provider on its own stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRequest {
+    /// Unique per part of an answer (the answer's id and the part's number).
     pub job_id: String,
-    pub model_sha256: String,
-    pub generation: GenerationRequest,
+    /// What to do.
+    #[serde(flatten)]
+    pub kind: JobKind,
+}
+
+/// The kinds of work a provider does. New kinds (training rounds) are new
+/// variants; a provider answers a kind it does not know with a `JobError`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobKind {
+    /// Generate tokens with a model.
+    Inference {
+        /// sha256 of the model file to use.
+        model_sha256: String,
+        /// Prompt, sampling and limits.
+        generation: GenerationRequest,
+    },
 }
 
 /// The end of a job.
@@ -91,8 +110,10 @@ pub struct JobDone {
 /// `tessera_engine::commit`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobProof {
-    pub tokens: Vec<tessera_engine::Token>,
-    pub proof: tessera_engine::commit::Proof,
+    /// Every generated token.
+    pub tokens: Vec<Token>,
+    /// Their logprobs and activation commitments.
+    pub proof: Proof,
 }
 
 /// What a provider did for one job (one part of an answer), as it signs it.
@@ -100,9 +121,10 @@ pub struct JobProof {
 pub struct Receipt {
     /// The job id of the `JobRequest` (unique per part of an answer).
     pub job_id: String,
-    /// Node ids (hex) of the gateway that asked and the provider that served.
-    pub gateway: String,
-    pub provider: String,
+    /// The gateway that asked (node id, hex in JSON).
+    pub gateway: NodeId,
+    /// The provider that served (node id, hex in JSON).
+    pub provider: NodeId,
     pub model_sha256: String,
     /// sha256 of the prompt tokens and of the generated tokens (each token
     /// as 4 little-endian bytes).
@@ -229,23 +251,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_engine::SamplingParams;
+    use tessera_core::SamplingParams;
 
     fn job() -> Frame {
         Frame::JobRequest(JobRequest {
             job_id: "j1".into(),
-            model_sha256: "ab".repeat(32),
-            generation: GenerationRequest {
-                prompt: vec![1, 2, 3],
-                sampling: SamplingParams {
-                    temperature: 0.5,
-                    seed: 9,
-                    ..SamplingParams::default()
+            kind: JobKind::Inference {
+                model_sha256: "ab".repeat(32),
+                generation: GenerationRequest {
+                    prompt: vec![1, 2, 3],
+                    sampling: SamplingParams {
+                        temperature: 0.5,
+                        seed: 9,
+                        ..SamplingParams::default()
+                    },
+                    max_tokens: Some(4),
+                    stop: vec!["\n".into()],
+                    top_logprobs: 0,
+                    ignore_eos: false,
                 },
-                max_tokens: Some(4),
-                stop: vec!["\n".into()],
-                top_logprobs: 0,
-                ignore_eos: false,
             },
         })
     }
@@ -292,23 +316,23 @@ mod tests {
             Err(FrameError::Version(9))
         ));
         assert!(matches!(
-            roundtrip(vec![b'T', 1, 0xff, 0xff, 0xff, 0xff]).await,
+            roundtrip(vec![b'T', PROTOCOL_VERSION, 0xff, 0xff, 0xff, 0xff]).await,
             Err(FrameError::TooLarge(_))
         ));
         assert!(matches!(
-            roundtrip(vec![b'T', 1, 0, 0]).await,
+            roundtrip(vec![b'T', PROTOCOL_VERSION, 0, 0]).await,
             Err(FrameError::Truncated)
         ));
         assert!(matches!(
-            roundtrip(vec![b'T', 1, 0, 0, 0, 10, b'{']).await,
+            roundtrip(vec![b'T', PROTOCOL_VERSION, 0, 0, 0, 10, b'{']).await,
             Err(FrameError::Truncated)
         ));
         assert!(matches!(
-            roundtrip(vec![b'T', 1, 0, 0, 0, 3, b'{', b'x', b'}']).await,
+            roundtrip(vec![b'T', PROTOCOL_VERSION, 0, 0, 0, 3, b'{', b'x', b'}']).await,
             Err(FrameError::Malformed(_))
         ));
         let unknown = br#"{"type":"launch_missiles"}"#;
-        let mut bytes = vec![b'T', 1, 0, 0, 0, unknown.len() as u8];
+        let mut bytes = vec![b'T', PROTOCOL_VERSION, 0, 0, 0, unknown.len() as u8];
         bytes.extend_from_slice(unknown);
         assert!(matches!(
             roundtrip(bytes).await,

@@ -1,21 +1,16 @@
-//! Accounts: the ledger behind the API, and `tessera account …`.
+//! `tessera account …`, and where the ledger lives.
 //!
-//! [`LedgerAccounts`] implements the API's [`Accounts`] seam on a
-//! `tessera-ledger` [`Ledger`]: key lookup, a per-key rate limit (token
-//! bucket, in this process), escrow holds and settlement with the gateway's
-//! fee. Amounts on the command line are credits (decimals allowed); the API
-//! and `--json` output use integer micro-credits.
+//! Amounts on the command line are credits (decimals allowed); the API and
+//! `--json` output use integer micro-credits. The adapter that serves the
+//! API's accounts from the ledger is `tessera_api::accounts`.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
-use tessera_api::{Accounts, ApiError, BoxFuture, Caller, Held, Part, Settled};
-use tessera_ledger::{Account, Charge, Hold, Ledger, LedgerError, Limits, MICRO};
+use serde_json::json;
+use tessera_api::accounts::account_json;
+use tessera_ledger::{Account, Ledger, Limits, MICRO};
 
 /// Where the ledger lives.
 #[derive(Args, Debug, Clone)]
@@ -27,10 +22,47 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
+    /// The ledger's URL: `--database-url`, else this home's own SQLite file.
     pub fn url(&self, home: &Path) -> String {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", home.join("ledger.db").display()))
+    }
+
+    /// The ledger an operator command means: `--database-url`; else, when
+    /// a gateway, `serve` or devnet runs from this home (its endpoint.json
+    /// names its ledger), that ledger — so that after `make demo`,
+    /// `tessera account create` gives a key the demo's gateway accepts;
+    /// else this home's own SQLite file.
+    pub fn operator_url(&self, home: &Path) -> String {
+        if let Some(url) = &self.database_url {
+            return url.clone();
+        }
+        let running = std::fs::read(home.join("endpoint.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["ledger"].as_str().map(str::to_string));
+        match running {
+            Some(url) => {
+                eprintln!(
+                    "(the ledger of the network running from {}: {})",
+                    home.display(),
+                    redact(&url)
+                );
+                url
+            }
+            None => self.url(home),
+        }
+    }
+
+    /// Open the ledger an operator command means ([`Self::operator_url`]).
+    pub async fn open_operator(&self, home: &Path) -> anyhow::Result<Ledger> {
+        std::fs::create_dir_all(home)
+            .with_context(|| format!("cannot create {}", home.display()))?;
+        let url = self.operator_url(home);
+        Ledger::open(&url)
+            .await
+            .with_context(|| format!("cannot open the ledger at {}", redact(&url)))
     }
 
     /// Open the ledger (creating the home folder for a default SQLite file).
@@ -84,194 +116,6 @@ pub fn credits(micro: i64) -> String {
     format!("{sign}{}.{:06}", m / MICRO, m % MICRO)
 }
 
-pub fn account_json(a: &Account) -> Value {
-    json!({
-        "id": a.id,
-        "name": a.name,
-        "unit": "micro-credits",
-        "balance": a.balance,
-        "held": a.held,
-        "spent": a.spent,
-        "spend_limit": a.spend_limit,
-        "rate_limit_per_minute": a.rate_limit,
-        "usage": {
-            "requests": a.requests,
-            "prompt_tokens": a.prompt_tokens,
-            "completion_tokens": a.completion_tokens,
-        },
-    })
-}
-
-/// A token bucket per account: `limit` requests per minute, bursts of `limit`.
-#[derive(Default)]
-struct RateLimiter {
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    fn allow(&self, account: &str, per_minute: u64) -> bool {
-        let Ok(mut map) = self.buckets.lock() else {
-            return true;
-        };
-        let cap = per_minute as f64;
-        let now = Instant::now();
-        let (tokens, at) = map.entry(account.to_string()).or_insert((cap, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * cap / 60.0).min(cap);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// The API's accounts, kept in the ledger.
-pub struct LedgerAccounts {
-    ledger: Ledger,
-    /// Who holds: the gateway's node id (its holds are released when it
-    /// restarts after a crash).
-    gateway: String,
-    fee_bps: u64,
-    limiter: Arc<RateLimiter>,
-}
-
-impl LedgerAccounts {
-    /// Release the holds this gateway left open (a crash), then serve.
-    pub async fn start(ledger: Ledger, gateway: String, fee_bps: u64) -> anyhow::Result<Self> {
-        if fee_bps > 10_000 {
-            bail!("--fee-bps {fee_bps} is over 100%");
-        }
-        let released = ledger.release_open_holds(&gateway).await?;
-        if released > 0 {
-            tracing::warn!(released, "released holds left open by an earlier run");
-        }
-        Ok(LedgerAccounts {
-            ledger,
-            gateway,
-            fee_bps,
-            limiter: Arc::default(),
-        })
-    }
-}
-
-fn ledger_error(e: LedgerError) -> ApiError {
-    match e {
-        LedgerError::Insufficient { needed, available } => ApiError::payment_required(
-            format!(
-                "Insufficient credits: this request may cost up to {needed} micro-credits \
-                 and the account has {available} available. Top up, or lower max_tokens."
-            ),
-            "insufficient_credits",
-        ),
-        LedgerError::SpendLimit { limit, used } => ApiError::payment_required(
-            format!(
-                "This key's spending limit of {limit} micro-credits is reached \
-                 ({used} spent or held)."
-            ),
-            "spend_limit_exceeded",
-        ),
-        LedgerError::NoAccount(_) => {
-            ApiError::unauthorized("The API key's account no longer exists.")
-        }
-        other => ApiError::internal(format!("ledger: {other}")),
-    }
-}
-
-impl Accounts for LedgerAccounts {
-    fn authenticate(&self, key: &str) -> BoxFuture<'static, Result<Caller, ApiError>> {
-        let ledger = self.ledger.clone();
-        let key = key.to_string();
-        let limiter = self.limiter.clone();
-        Box::pin(async move {
-            let account = ledger
-                .account_by_key(&key)
-                .await
-                .map_err(ledger_error)?
-                .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))?;
-            if let Some(limit) = account.rate_limit {
-                if !limiter.allow(&account.id, limit.max(1) as u64) {
-                    return Err(ApiError::rate_limited(format!(
-                        "Rate limit of {limit} requests per minute reached for this key; retry shortly."
-                    )));
-                }
-            }
-            Ok(Caller {
-                account: account.id,
-                name: account.name,
-            })
-        })
-    }
-
-    fn hold(
-        &self,
-        caller: &Caller,
-        amount: u64,
-        idempotency_key: Option<String>,
-    ) -> BoxFuture<'static, Result<Held, ApiError>> {
-        let (ledger, gateway, account) = (
-            self.ledger.clone(),
-            self.gateway.clone(),
-            caller.account.clone(),
-        );
-        Box::pin(async move {
-            match ledger
-                .hold(&account, amount, &gateway, idempotency_key.as_deref())
-                .await
-                .map_err(ledger_error)?
-            {
-                Hold::New(id) => Ok(Held::New(id)),
-                Hold::Duplicate { cost, .. } => Ok(Held::Duplicate { cost }),
-            }
-        })
-    }
-
-    fn settle(
-        &self,
-        hold: String,
-        job_id: String,
-        model_sha256: String,
-        parts: Vec<Part>,
-    ) -> BoxFuture<'static, Result<Settled, ApiError>> {
-        let (ledger, fee_bps) = (self.ledger.clone(), self.fee_bps);
-        Box::pin(async move {
-            let charges = parts
-                .into_iter()
-                .map(|p| Charge {
-                    provider: p.provider,
-                    model_sha256: model_sha256.clone(),
-                    prompt_tokens: p.prompt_tokens,
-                    completion_tokens: p.completion_tokens,
-                    input_price: p.price.input,
-                    output_price: p.price.output,
-                    receipt: p.receipt,
-                })
-                .collect();
-            let s = ledger
-                .settle(&hold, &job_id, charges, fee_bps)
-                .await
-                .map_err(ledger_error)?;
-            Ok(Settled {
-                cost: s.cost,
-                receipt: s.receipt,
-            })
-        })
-    }
-
-    fn account(&self, caller: &Caller) -> BoxFuture<'static, Result<Value, ApiError>> {
-        let (ledger, id) = (self.ledger.clone(), caller.account.clone());
-        Box::pin(async move {
-            let a = ledger
-                .account(&id)
-                .await
-                .map_err(ledger_error)?
-                .ok_or_else(|| ApiError::unauthorized("The API key's account no longer exists."))?;
-            Ok(account_json(&a))
-        })
-    }
-}
-
 /// Credits the demo account starts with.
 const DEMO_CREDITS: u64 = 1_000 * MICRO;
 
@@ -291,7 +135,7 @@ pub async fn demo_key(home: &Path, ledger: &Ledger) -> anyhow::Result<String> {
     let (_, key) = ledger
         .create_account(&name, DEMO_CREDITS, Limits::default())
         .await?;
-    crate::serve::write_private(&path, &key)?;
+    crate::process::write_private(&path, &key)?;
     Ok(key)
 }
 
@@ -389,7 +233,7 @@ pub fn run(home: &Path, command: AccountCommand) -> anyhow::Result<()> {
                 json,
                 db,
             } => {
-                let ledger = db.open(home).await?;
+                let ledger = db.open_operator(home).await?;
                 let limits = Limits {
                     spend_limit: spend_limit.as_deref().map(parse_credits).transpose()?,
                     rate_limit,
@@ -412,12 +256,12 @@ pub fn run(home: &Path, command: AccountCommand) -> anyhow::Result<()> {
                 json,
                 db,
             } => {
-                let ledger = db.open(home).await?;
+                let ledger = db.open_operator(home).await?;
                 let a = ledger.topup(&name, parse_credits(&amount)?).await?;
                 print_account(&a, json);
             }
             AccountCommand::Show { name, json, db } => {
-                let ledger = db.open(home).await?;
+                let ledger = db.open_operator(home).await?;
                 let a = ledger
                     .account(&name)
                     .await?
@@ -425,7 +269,7 @@ pub fn run(home: &Path, command: AccountCommand) -> anyhow::Result<()> {
                 print_account(&a, json);
             }
             AccountCommand::Refund { receipt, json, db } => {
-                let ledger = db.open(home).await?;
+                let ledger = db.open_operator(home).await?;
                 let r = ledger.refund(&receipt).await?;
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
@@ -438,7 +282,7 @@ pub fn run(home: &Path, command: AccountCommand) -> anyhow::Result<()> {
                 }
             }
             AccountCommand::Check { json, db } => {
-                let ledger = db.open(home).await?;
+                let ledger = db.open_operator(home).await?;
                 let c = ledger.check().await?;
                 if json {
                     println!("{}", serde_json::to_string(&c)?);

@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::serve::EndpointFile;
+use crate::process::EndpointFile;
 
 #[derive(Args, Debug)]
 pub struct DevnetArgs {
@@ -187,9 +187,11 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         "api_key": key,
         "ticket": ticket,
         "gateway": { "pid": gw["pid"], "node": gw["node"], "home": gw_home },
+        // `tessera account …` in this home works on the devnet's ledger.
+        "ledger": gw["ledger"],
         "providers": providers,
     });
-    crate::serve::write_json(&path, &endpoint)?;
+    crate::process::write_json(&path, &endpoint)?;
     let _endpoint_file = EndpointFile(path.clone());
     println!(
         "Tessera devnet is up: 1 gateway and {} providers on loopback ({})",
@@ -216,8 +218,40 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(crate::serve::shutdown_signal());
+    let outcome = runtime.block_on(watch(&mut children));
     println!("stopping the devnet");
     drop(children);
-    Ok(())
+    outcome
+}
+
+/// Wait for Ctrl-C or SIGTERM, saying so when a process of the devnet dies
+/// meanwhile: a provider's death is reported and the devnet goes on with
+/// the others; the gateway's ends the devnet with an error.
+async fn watch(children: &mut Children) -> anyhow::Result<()> {
+    let stop = crate::process::shutdown_signal();
+    tokio::pin!(stop);
+    let mut reported = vec![false; children.0.len()];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        for (i, child) in children.0.iter_mut().enumerate() {
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            if i == 0 {
+                bail!("the gateway (pid {}) exited: {status}", child.id());
+            }
+            if !reported[i] {
+                reported[i] = true;
+                eprintln!(
+                    "provider {} (pid {}) exited: {status}; the devnet goes on with the others",
+                    i - 1,
+                    child.id()
+                );
+            }
+        }
+    }
 }

@@ -46,15 +46,17 @@ async fn receipts(
     State(ledger): State<Ledger>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let node = header(&headers, "x-tessera-node")?;
+    let node: tessera_core::NodeId = header(&headers, "x-tessera-node")?
+        .parse()
+        .map_err(|e| ApiError::unauthorized(format!("X-Tessera-Node: {e}.")))?;
     let time: u64 = header(&headers, "x-tessera-time")?.parse().map_err(|_| {
         ApiError::invalid("X-Tessera-Time must be milliseconds since the epoch.", None)
     })?;
     let signature = header(&headers, "x-tessera-signature")?;
-    receipt::verify_receipts_request(node, time, signature)
+    receipt::verify_receipts_request(&node, time, signature)
         .map_err(|e| ApiError::unauthorized(format!("Not signed by provider {node}: {e}.")))?;
     let list = ledger
-        .provider_receipts(node)
+        .provider_receipts(&node.to_string())
         .await
         .map_err(|e| ApiError::internal(format!("ledger: {e}")))?;
     let sum = |k: &str| list.iter().filter_map(|r| r[k].as_i64()).sum::<i64>();
@@ -83,13 +85,13 @@ pub struct EarningsArgs {
 }
 
 /// What checking one receipt found.
-fn check(row: &Value, me: &str) -> Result<(), String> {
+fn check(row: &Value, me: &tessera_core::NodeId) -> Result<(), String> {
     let signed: Signed = serde_json::from_value(row["signed"].clone())
         .map_err(|_| "no signed receipt (the part ended without one)".to_string())?;
     let r = receipt::verify(&signed).map_err(|e| e.to_string())?;
     // (The ledger files it under the API's response id; the receipt names
     // the network job of this part.)
-    let same = r.provider == me
+    let same = r.provider == *me
         && row["completion_tokens"].as_u64() == Some(r.completion_tokens)
         && row["prompt_tokens"].as_u64() == Some(r.prompt_tokens)
         && row["input_price"].as_u64() == Some(r.price.input)
@@ -104,11 +106,11 @@ fn check(row: &Value, me: &str) -> Result<(), String> {
 pub fn run(home: &Path, args: EarningsArgs) -> anyhow::Result<()> {
     let key = node::load_or_create_key(home)?;
     let me = node::node_id(&key.public());
-    let time = receipt::now_ms();
+    let time = tessera_core::now_ms();
     let url = format!("{}/provider/receipts", args.api.trim_end_matches('/'));
     let resp = reqwest::blocking::Client::new()
         .get(&url)
-        .header("x-tessera-node", &me)
+        .header("x-tessera-node", me.to_string())
         .header("x-tessera-time", time.to_string())
         .header(
             "x-tessera-signature",

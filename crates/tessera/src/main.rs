@@ -7,17 +7,14 @@
 //! lives in its own module.
 
 mod accounts;
-mod auditbench;
 mod bench;
 mod devnet;
 mod earnings;
-mod ledgerbench;
-mod loadbench;
 mod local;
 mod models;
-mod netbench;
 mod network;
 mod observe;
+mod process;
 mod serve;
 
 use std::path::PathBuf;
@@ -114,8 +111,8 @@ pub struct PriceArgs {
 }
 
 impl PriceArgs {
-    pub fn price(&self) -> tessera_engine::Price {
-        tessera_engine::Price {
+    pub fn price(&self) -> tessera_core::Price {
+        tessera_core::Price {
             input: self.input_price,
             output: self.output_price,
         }

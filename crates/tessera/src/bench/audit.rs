@@ -27,13 +27,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
+use tessera_core::{FinishReason, GenerationRequest, Proof, SamplingParams, Token};
 use tessera_engine::audit::{audit, AuditJob, Evidence, Thresholds};
-use tessera_engine::commit::Proof;
-use tessera_engine::sampling::SamplingParams;
-use tessera_engine::{
-    ChatMessage, Engine, Event, FinishReason, GenerationRequest, Model, Scheduler, SchedulerConfig,
-    Token,
-};
+use tessera_engine::{ChatMessage, Engine, Event, Model, Scheduler, SchedulerConfig};
 use tessera_llama::{EngineConfig, LlamaEngine, LlamaModelFile};
 
 #[derive(Args, Debug)]
@@ -400,7 +396,12 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                     "skip-layers" => {
                         tessera_models::gguf::skip_layers(&model.path, &path, &[15])?;
                     }
-                    _ => tessera_llama::requantize_q4_0(&model.path, &path, 2)?,
+                    _ => tessera_llama::requantize(
+                        &model.path,
+                        &path,
+                        tessera_llama::Quantization::Q4_0,
+                        2,
+                    )?,
                 }
                 let cheat = cheat_file(path)?;
                 let list = generate(&cheat, 2, 8, bench.per_mode, &bench, &mut rng, false)?;

@@ -15,7 +15,7 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::bench::percentile;
+use super::stats::percentile;
 use crate::devnet::Children;
 
 #[derive(Args)]
@@ -35,6 +35,9 @@ pub struct NetworkBench {
     /// Simulated providers for the router timing.
     #[arg(long, default_value_t = 10_000)]
     pub providers: usize,
+    /// Only time the router (no servers started).
+    #[arg(long)]
+    pub router_only: bool,
 }
 
 /// A child process (stopped like the devnet's children when dropped) and
@@ -140,6 +143,10 @@ pub(crate) async fn stream(
 }
 
 pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
+    if b.router_only {
+        router(b.providers);
+        return Ok(());
+    }
     let model = crate::models::resolve_or_pull(home, &b.model)?;
     let (_serve, serve_api, _) = start(
         &["serve", "--listen", "127.0.0.1:0", "--slots", "4"],
@@ -214,38 +221,79 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
         d / s
     );
 
-    // The router's choice among many providers.
-    let nodes: Vec<String> = (0..b.providers).map(|i| format!("{i:064x}")).collect();
-    let candidates: Vec<tessera_net::gateway::Candidate<'_>> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| tessera_net::gateway::Candidate {
-            node: n,
-            load: (i * 7919 % 100) as f64 / 100.0,
-            tok_s: (i * 104_729 % 1000) as f64,
-            latency_ms: (i * 31 % 500) as f64,
-            price: tessera_engine::Price {
-                input: (i * 13 % 50) as u64,
-                output: (i * 17 % 100) as u64,
-            },
-            reputation: 1.0 - (i % 5) as f64 * 0.1,
-        })
-        .collect();
-    let route = tessera_api::RoutePrefs {
-        allow_fallbacks: true,
-        ..Default::default()
+    router(b.providers);
+    Ok(())
+}
+
+/// Time the gateway's real pick — snapshot of the directory, filters,
+/// ranking and claiming a slot — among `n` registered providers (simulated
+/// sessions without connections), with varied loads, prices, throughput
+/// and audit records.
+pub(crate) fn router(n: usize) {
+    use std::sync::Arc;
+    use tessera_core::{NodeId, PartOutcome, Price};
+    use tessera_net::directory::{Directory, Session};
+    use tessera_net::router::Need;
+    use tessera_protocol::ModelOffer;
+
+    let directory = Arc::new(Directory::default());
+    let sha = "ab".repeat(32);
+    for i in 0..n {
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        bytes[31] = 1;
+        let node = NodeId::from_bytes(bytes);
+        directory.join(Session {
+            node,
+            node_hex: node.to_string(),
+            id: i as u64,
+            conn: None,
+            offers: vec![ModelOffer {
+                sha256: sha.clone(),
+                alias: "model".into(),
+                context_length: 2048,
+                price: Price {
+                    input: (i * 13 % 50) as u64,
+                    output: (i * 17 % 100) as u64,
+                },
+            }],
+            slots: 4 + i % 13,
+            hardware: String::new(),
+        });
+        directory.record_part(
+            &node,
+            PartOutcome::Done,
+            100,
+            Some((i * 104_729 % 1000) as f64),
+        );
+        directory.record_audit(&node, i % 7 != 0);
+    }
+    let prefs = tessera_backend::RoutePrefs::any();
+    let need = Need {
+        sha256: &sha,
+        tokens: 100,
+        exclude: &[],
+        prefs: &prefs,
+        probe: false,
     };
+    // Load: keep some slots claimed on every provider.
+    let mut held = Vec::new();
+    for _ in 0..n * 2 {
+        if let Some(c) = directory.pick(&need) {
+            held.push(c);
+        }
+    }
     let mut times = Vec::new();
-    for turn in 0..2000 {
+    for _ in 0..2000 {
         let t = Instant::now();
-        std::hint::black_box(tessera_net::gateway::choose(&candidates, &route, turn));
+        let claim = std::hint::black_box(directory.pick(&need));
         times.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(claim);
     }
     println!(
-        "router choice among {} providers (ranking only, 2000 runs): p50 {:.1} µs, p99 {:.1} µs",
-        b.providers,
+        "router pick among {n} providers (snapshot, filters, ranking, slot claim; 2000 picks, {} slots held): p50 {:.1} µs, p99 {:.1} µs",
+        held.len(),
         percentile(times.clone(), 0.5),
         percentile(times, 0.99)
     );
-    Ok(())
 }

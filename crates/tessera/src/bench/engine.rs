@@ -1,6 +1,6 @@
-//! `tessera bench …`: the figures BENCHMARKS.md quotes.
+//! `tessera bench engine`: the engine against llama.cpp's own loop.
 //!
-//! `bench engine` runs, in one process and on the same model and threads:
+//! It runs, in one process and on the same model and threads:
 //! the minimal direct llama.cpp loop, the Tessera engine on one stream, the
 //! engine at several concurrencies, and time to first token inside the
 //! engine vs through the HTTP API on loopback; then it reports peak RSS.
@@ -10,37 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand};
-use tessera_api::{ApiConfig, Backend};
-use tessera_engine::{
-    ChatMessage, Event, GenerationRequest, Model, SamplingParams, SchedulerHandle, Token,
-};
+use clap::Args;
+use tessera_api::accounts::LedgerAccounts;
+use tessera_api::ApiConfig;
+use tessera_backend::Backend;
+use tessera_core::{GenerationRequest, SamplingParams, Token};
+use tessera_engine::{ChatMessage, Event, Model, SchedulerHandle};
 
-use crate::local::{self, LocalBackend};
+use super::stats::{median, percentile};
+use crate::local;
 use crate::EngineArgs;
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Engine throughput and latency against a direct llama.cpp loop.
-    Engine(EngineBench),
-    /// What the network hop costs: `serve` vs a devnet, and router timing.
-    Network(crate::netbench::NetworkBench),
-    /// Settled requests per second on SQLite and PostgreSQL, fully durable.
-    Ledger(crate::ledgerbench::LedgerBench),
-    /// Concurrent streams one gateway holds (SYNTHETIC-engine providers).
-    Gateway(crate::loadbench::GatewayBench),
-    /// The auditor: detection per cheating mode, honest false positives,
-    /// audit cost; writes the calibration data.
-    Audit(crate::auditbench::AuditBench),
-    /// Cost of Tessera's sampling rule per token, on real logits.
-    Sampling {
-        #[command(flatten)]
-        engine: EngineArgs,
-    },
-    /// The direct llama.cpp loop alone, as JSON (`bench engine` runs it in a
-    /// child process so the two never share llama.cpp's thread pools).
-    Direct(DirectBench),
-}
 
 #[derive(Args)]
 pub struct DirectBench {
@@ -119,35 +98,11 @@ pub struct EngineBench {
     /// Requests per time-to-first-token measurement.
     #[arg(long, default_value_t = 30)]
     pub ttft_samples: usize,
-}
-
-pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
-    match command {
-        BenchCommand::Engine(b) => engine(home, b),
-        BenchCommand::Direct(b) => direct(b),
-        BenchCommand::Network(b) => crate::netbench::run(home, b),
-        BenchCommand::Gateway(b) => crate::loadbench::run(home, b),
-        BenchCommand::Ledger(b) => crate::ledgerbench::run(b),
-        BenchCommand::Audit(b) => crate::auditbench::run(home, b),
-        BenchCommand::Sampling { engine } => sampling(home, &engine),
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
-pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    v[i]
+    /// Folder with llama.cpp's `llama-server`: then the run ends with
+    /// `tessera bench server` (Tessera's API against llama-server on the
+    /// default model and on the published Q4_1 file).
+    #[arg(long, env = "TESSERA_LLAMA_BIN")]
+    pub llama_bin: Option<std::path::PathBuf>,
 }
 
 /// A prompt of exactly `n` tokens of ordinary English.
@@ -195,7 +150,7 @@ async fn generate(
             }
             Some(Event::Done { .. }) => break,
             Some(Event::Error(e)) => return Err(e.into()),
-            Some(Event::Provider { .. } | Event::Receipt(_) | Event::Proof { .. }) => {}
+            Some(Event::Proof { .. }) => {}
             None => bail!("engine stopped"),
         }
     }
@@ -207,7 +162,7 @@ async fn generate(
     })
 }
 
-fn sampling(home: &Path, args: &EngineArgs) -> anyhow::Result<()> {
+pub(crate) fn sampling(home: &Path, args: &EngineArgs) -> anyhow::Result<()> {
     use tessera_engine::sampling::{logprobs, sample};
     let model = crate::models::resolve_or_pull(home, &args.model)?;
     let file = tessera_llama::LlamaModelFile::load(&model.path)?;
@@ -297,7 +252,7 @@ fn sampling(home: &Path, args: &EngineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn direct(b: DirectBench) -> anyhow::Result<()> {
+pub(crate) fn direct(b: DirectBench) -> anyhow::Result<()> {
     let file = tessera_llama::LlamaModelFile::load(&b.model_file)?;
     let report = match b.streams {
         None => {
@@ -330,7 +285,7 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
+pub(crate) fn run(home: &Path, b: EngineBench) -> anyhow::Result<()> {
     let max_conc = b.concurrency.iter().copied().max().unwrap_or(1);
     let mut args = b.engine.clone();
     args.slots = args.slots.max(max_conc);
@@ -437,7 +392,7 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
     // 4. Time to first token: inside the engine vs through HTTP on loopback.
     // Through the whole API, keys and escrow included (a ledger in a
     // temporary folder, SQLite with full sync, as `serve` runs it).
-    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&eng, Default::default()));
+    let backend: Arc<dyn Backend> = Arc::new(eng.backend(Default::default()));
     let ledger_dir = tempfile::tempdir()?;
     let messages = vec![ChatMessage {
         role: "user".into(),
@@ -450,10 +405,10 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
         let ledger =
             tessera_ledger::Ledger::open_file(&ledger_dir.path().join("ledger.db")).await?;
         let key = crate::accounts::demo_key(ledger_dir.path(), &ledger).await?;
-        let accounts =
-            Arc::new(crate::accounts::LedgerAccounts::start(ledger, "bench".into(), 0).await?);
+        let accounts = Arc::new(LedgerAccounts::start(ledger, "bench".into(), 0).await?);
         let app = tessera_api::router(backend, accounts, ApiConfig::default());
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let server =
+            tokio::spawn(async move { axum::serve(tessera_api::nodelay(listener), app).await });
         let client = reqwest::Client::new();
         let api = format!("http://{addr}/v1");
         let body = serde_json::json!({
@@ -465,7 +420,7 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
         let mut h_ttft = Vec::new();
         for i in 0..b.ttft_samples + 2 {
             let r = generate(&handle, chat_prompt.clone(), 1).await?;
-            let (http_ms, _) = crate::netbench::stream(&client, &api, &key, &body).await?;
+            let (http_ms, _) = super::network::stream(&client, &api, &key, &body).await?;
             if i >= 2 {
                 e_ttft.push(r.ttft.as_secs_f64() * 1e3);
                 h_ttft.push(http_ms);
@@ -514,5 +469,12 @@ fn engine(home: &Path, b: EngineBench) -> anyhow::Result<()> {
         );
     }
     drop(handle);
+    drop(eng);
+    drop(rt);
+    if let Some(dir) = b.llama_bin {
+        println!();
+        let server = super::server::ServerBench::defaults(dir, b.engine.threads, b.tokens);
+        super::server::run(home, server)?;
+    }
     Ok(())
 }

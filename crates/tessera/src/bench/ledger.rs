@@ -13,7 +13,7 @@ use clap::Args;
 use tessera_ledger::pg::TempPostgres;
 use tessera_ledger::{Charge, Hold, Ledger, Limits, MICRO};
 
-use crate::bench::percentile;
+use super::stats::percentile;
 
 #[derive(Args)]
 pub struct LedgerBench {

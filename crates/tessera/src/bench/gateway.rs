@@ -18,9 +18,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
 
-use crate::bench::percentile;
+use super::network::{start, stream};
+use super::stats::percentile;
 use crate::devnet::Children;
-use crate::netbench::{start, stream};
 
 #[derive(Args)]
 pub struct GatewayBench {

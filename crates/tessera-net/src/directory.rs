@@ -1,0 +1,800 @@
+//! The gateway's directory: every provider connected now, and what the
+//! gateway has seen of every provider so far.
+//!
+//! All of it sits behind one lock and changes only through methods —
+//! [`Directory::join`], [`Directory::pick`] (which claims a slot in the
+//! same breath as it chooses), [`Directory::observe_latency`],
+//! [`Directory::record_part`], [`Directory::record_audit`], … — so that no
+//! caller writes a provider's fields and no two picks can take the same
+//! last slot.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use iroh::endpoint::Connection;
+use serde::Serialize;
+use tessera_backend::JobError;
+use tessera_core::{NodeId, PartOutcome, Price, ProviderState};
+use tessera_metrics::Metrics;
+use tessera_protocol::ModelOffer;
+
+use crate::router::{self, Candidate, Need};
+
+/// Audits a provider must pass in a row after a failure before another
+/// failure no longer confirms it.
+pub const WATCH: u32 = 10;
+/// Canary jobs missed in a row that make a provider unroutable.
+pub const CANARY_MISSES: u32 = 3;
+/// A provider whose heartbeats stopped this long ago is not routed to.
+const STALE: Duration = Duration::from_secs(6);
+
+/// One provider's connection to this gateway, as it introduced itself.
+pub struct Session {
+    /// Who it is.
+    pub node: NodeId,
+    /// `node` in hex, kept once: routing preferences match prefixes of it.
+    pub node_hex: String,
+    /// This connection's id: a job that saw it fail avoids it, but not the
+    /// same node reconnected after a restart.
+    pub id: u64,
+    /// The QUIC connection jobs are opened on (`None` only for simulated
+    /// providers in benchmarks and tests).
+    pub conn: Option<Connection>,
+    /// Models it serves, at what price and context.
+    pub offers: Vec<ModelOffer>,
+    /// Jobs it runs at once.
+    pub slots: usize,
+    /// Its one-line description of its machine.
+    pub hardware: String,
+}
+
+impl Session {
+    /// Its offer for the model `sha256`.
+    pub fn offer(&self, sha256: &str) -> Option<&ModelOffer> {
+        self.offers.iter().find(|o| o.sha256 == sha256)
+    }
+}
+
+/// A live session and what changes while it lives.
+struct Live {
+    session: Arc<Session>,
+    inflight: usize,
+    last_heartbeat: Instant,
+    /// What it reported in its last heartbeat (shown, never routed on).
+    reported_tok_s: f64,
+    /// Moving average of time to first token seen by this gateway (ms).
+    latency_ms: f64,
+    /// Its record's facts the router weighs, copied here whenever the
+    /// record changes (and on heartbeats, for uptime), so that a pick
+    /// reads one compact list and looks nothing up.
+    routing: Routing,
+}
+
+/// A record's facts the router weighs.
+#[derive(Clone, Copy, Default)]
+struct Routing {
+    quarantined: bool,
+    unroutable: bool,
+    tok_s: f64,
+    reputation: f64,
+}
+
+impl Live {
+    fn healthy(&self) -> bool {
+        self.last_heartbeat.elapsed() < STALE
+    }
+}
+
+/// What this gateway has seen of one provider, kept across its sessions
+/// (and after it left) for routing, operators and the dashboard.
+struct Record {
+    first_seen: Instant,
+    /// Time connected in earlier sessions, and since when it is connected
+    /// now (`None`: offline).
+    online: Duration,
+    connected_since: Option<Instant>,
+    /// Its last offers, slots and hardware line.
+    offers: Vec<ModelOffer>,
+    slots: usize,
+    hardware: String,
+    /// Job parts by outcome, and the tokens they generated.
+    done: u64,
+    failed: u64,
+    cancelled: u64,
+    tokens: u64,
+    /// Moving average of the delivered tokens/s per stream this gateway
+    /// measured on its parts (0: not measured yet).
+    tok_s: f64,
+    audits_passed: u32,
+    audits_failed: u32,
+    /// Moving average of its audit results (1 passed, 0 failed).
+    audit_score: Option<f64>,
+    /// Audits it must still pass in a row to clear its last failure (every
+    /// part is audited meanwhile); a failure in that time confirms the
+    /// first.
+    on_watch: u32,
+    /// Failed a confirmed second audit: never routed to again here.
+    quarantined: bool,
+    /// Canary jobs missed in a row, and the delivered tok/s of its last
+    /// answered canary.
+    canary_misses: u32,
+    verified_tok_s: Option<f64>,
+}
+
+impl Record {
+    fn new(now: Instant) -> Self {
+        Record {
+            first_seen: now,
+            online: Duration::ZERO,
+            connected_since: None,
+            offers: vec![],
+            slots: 0,
+            hardware: String::new(),
+            done: 0,
+            failed: 0,
+            cancelled: 0,
+            tokens: 0,
+            tok_s: 0.0,
+            audits_passed: 0,
+            audits_failed: 0,
+            audit_score: None,
+            on_watch: 0,
+            quarantined: false,
+            canary_misses: 0,
+            verified_tok_s: None,
+        }
+    }
+
+    /// Share of the time since first seen that it was connected.
+    fn uptime(&self) -> f64 {
+        let known = self.first_seen.elapsed().as_secs_f64();
+        let online = self.online + self.connected_since.map_or(Duration::ZERO, |s| s.elapsed());
+        (online.as_secs_f64() / known.max(1e-9)).min(1.0)
+    }
+
+    /// Its audit score (1 before any audit) times its uptime, times a
+    /// latency factor (1 up to 1 s to the first answer, falling to 0.5 at
+    /// 10 s): what the router weighs.
+    fn reputation(&self, latency_ms: f64) -> f64 {
+        let latency = 1.0 - (latency_ms / 1000.0 - 1.0).clamp(0.0, 9.0) / 18.0;
+        self.audit_score.unwrap_or(1.0) * self.uptime() * latency
+    }
+
+    /// The throughput routing may trust: verified by canaries, else measured
+    /// by this gateway on its jobs.
+    fn trusted_tok_s(&self) -> f64 {
+        self.verified_tok_s.unwrap_or(self.tok_s)
+    }
+
+    fn routing(&self, latency_ms: f64) -> Routing {
+        Routing {
+            quarantined: self.quarantined,
+            unroutable: self.canary_misses >= CANARY_MISSES,
+            tok_s: self.trusted_tok_s(),
+            reputation: self.reputation(latency_ms),
+        }
+    }
+}
+
+/// One provider as operators see it (`/api/status`, the dashboard).
+#[derive(Clone, Debug, Serialize)]
+pub struct ProviderReport {
+    /// Node id.
+    pub node: NodeId,
+    /// What the router makes of it now.
+    pub state: ProviderState,
+    /// Aliases of the models it serves.
+    pub models: Vec<String>,
+    /// Its price per model (credits per million tokens).
+    pub prices: Vec<ModelPrice>,
+    /// Jobs it runs at once.
+    pub slots: usize,
+    /// Jobs this gateway has in flight on it.
+    pub inflight: usize,
+    /// Its description of its machine.
+    pub hardware: String,
+    /// Delivered tokens/s per stream as this gateway measured it.
+    pub tok_s: f64,
+    /// What it reported itself in its last heartbeat.
+    pub reported_tok_s: f64,
+    /// Moving average of its time to first answer (ms).
+    pub latency_ms: f64,
+    /// Share of the time since this gateway first saw it that it was
+    /// connected (0–1).
+    pub uptime: f64,
+    /// Seconds since this gateway first saw it.
+    pub known_s: f64,
+    /// Job parts it finished.
+    pub jobs_done: u64,
+    /// Job parts it failed.
+    pub jobs_failed: u64,
+    /// Job parts the client abandoned.
+    pub jobs_cancelled: u64,
+    /// Tokens it generated for this gateway.
+    pub tokens: u64,
+    /// Audits it passed.
+    pub audits_passed: u32,
+    /// Audits it failed.
+    pub audits_failed: u32,
+    /// Moving average of its audit results (1 = every audit passed) times
+    /// its uptime and a latency factor; `None` before its first audit.
+    pub reputation: Option<f64>,
+    /// Delivered tokens/s per stream of its last answered canary job.
+    pub verified_tok_s: Option<f64>,
+    /// Canary jobs missed in a row.
+    pub canary_misses: u32,
+}
+
+/// A model's price at one provider.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelPrice {
+    /// The model's alias.
+    pub model: String,
+    /// Per prompt token.
+    pub input: u64,
+    /// Per generated token.
+    pub output: u64,
+}
+
+/// A provider connected now, for `/health`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveSummary {
+    /// Node id.
+    pub node: NodeId,
+    /// Aliases of the models it serves.
+    pub models: Vec<String>,
+    /// Jobs it runs at once.
+    pub slots: usize,
+    /// Jobs in flight on it.
+    pub inflight: usize,
+    /// Heartbeats recent.
+    pub healthy: bool,
+    /// Its prices.
+    pub prices: Vec<ModelPrice>,
+    /// Its description of its machine.
+    pub hardware: String,
+}
+
+fn prices(offers: &[ModelOffer]) -> Vec<ModelPrice> {
+    offers
+        .iter()
+        .map(|o| ModelPrice {
+            model: o.alias.clone(),
+            input: o.price.input,
+            output: o.price.output,
+        })
+        .collect()
+}
+
+/// Live sessions in a compact list (what every pick scans), an index into
+/// it, and the records.
+#[derive(Default)]
+struct State {
+    live: Vec<Live>,
+    index: HashMap<NodeId, usize>,
+    records: HashMap<NodeId, Record>,
+}
+
+impl State {
+    fn live(&self, node: &NodeId) -> Option<&Live> {
+        self.index.get(node).and_then(|&i| self.live.get(i))
+    }
+
+    fn live_mut(&mut self, node: &NodeId) -> Option<&mut Live> {
+        let i = *self.index.get(node)?;
+        self.live.get_mut(i)
+    }
+
+    fn remove(&mut self, node: &NodeId) -> Option<Live> {
+        let i = self.index.remove(node)?;
+        let gone = self.live.swap_remove(i);
+        if let Some(moved) = self.live.get(i) {
+            self.index.insert(moved.session.node, i);
+        }
+        Some(gone)
+    }
+
+    /// Copy `node`'s record into its live entry's routing facts.
+    fn refresh(&mut self, node: &NodeId) {
+        let Some(&i) = self.index.get(node) else {
+            return;
+        };
+        if let (Some(r), Some(l)) = (self.records.get(node), self.live.get_mut(i)) {
+            l.routing = r.routing(l.latency_ms);
+        }
+    }
+}
+
+/// Every provider this gateway can reach right now, and what it has seen
+/// of every provider so far.
+#[derive(Default)]
+pub struct Directory {
+    state: Mutex<State>,
+    /// Breaks ties between equally ranked providers in turn.
+    turn: AtomicUsize,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// A slot claimed on a provider for one job part; released when dropped,
+/// however the part ends.
+pub struct Claim {
+    /// The provider's session.
+    pub session: Arc<Session>,
+    /// Its price for the model.
+    pub price: Price,
+    /// Its context per request for the model.
+    pub context: usize,
+    directory: Arc<Directory>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut state = self.directory.lock();
+        if let Some(live) = state.live_mut(&self.session.node) {
+            if live.session.id == self.session.id {
+                live.inflight = live.inflight.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// What an audit verdict did to a provider's standing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Nothing changed beyond its record.
+    Unchanged,
+    /// A first failure: every part is audited until it passes [`WATCH`].
+    OnWatch,
+    /// A failure confirmed the first: never routed to again here.
+    Quarantined,
+}
+
+impl Directory {
+    /// A directory that counts provider jobs in `metrics`.
+    pub fn new(metrics: Option<Arc<Metrics>>) -> Self {
+        Directory {
+            metrics,
+            ..Directory::default()
+        }
+    }
+
+    /// The state, even if a panic elsewhere poisoned the lock (every
+    /// update is a few field writes that leave it consistent).
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A provider's session starts; a session of the same node it replaces
+    /// is closed.
+    pub fn join(&self, session: Session) -> Arc<Session> {
+        let session = Arc::new(session);
+        let now = Instant::now();
+        let mut state = self.lock();
+        let r = state
+            .records
+            .entry(session.node)
+            .or_insert_with(|| Record::new(now));
+        r.connected_since.get_or_insert(now);
+        r.offers = session.offers.clone();
+        r.slots = session.slots;
+        r.hardware = session.hardware.clone();
+        let routing = r.routing(0.0);
+        let old = state.remove(&session.node);
+        let at = state.live.len();
+        state.index.insert(session.node, at);
+        state.live.push(Live {
+            session: session.clone(),
+            inflight: 0,
+            last_heartbeat: now,
+            reported_tok_s: 0.0,
+            latency_ms: 0.0,
+            routing,
+        });
+        drop(state);
+        if let Some(conn) = old.and_then(|o| o.session.conn.clone()) {
+            conn.close(0u32.into(), b"replaced by a newer session");
+        }
+        session
+    }
+
+    /// Session `id` of `node` ended (a newer session of it stays).
+    pub fn leave(&self, node: &NodeId, id: u64) {
+        let mut state = self.lock();
+        if state.live(node).is_some_and(|l| l.session.id == id) {
+            state.remove(node);
+            if let Some(r) = state.records.get_mut(node) {
+                if let Some(since) = r.connected_since.take() {
+                    r.online += since.elapsed();
+                }
+            }
+        }
+    }
+
+    /// A heartbeat from session `id` of `node`.
+    pub fn heartbeat(&self, node: &NodeId, id: u64, reported_tok_s: f64) {
+        let mut state = self.lock();
+        let Some(live) = state.live_mut(node).filter(|l| l.session.id == id) else {
+            return;
+        };
+        live.last_heartbeat = Instant::now();
+        live.reported_tok_s = reported_tok_s;
+        state.refresh(node);
+    }
+
+    /// Every live provider as the router sees it for the model `sha256`,
+    /// in the order of the live list (index i is `state.live[i]`).
+    fn candidates<'s>(
+        state: &'s State,
+        sha256: &'s str,
+        tokens: usize,
+    ) -> impl Iterator<Item = Candidate<'s>> + 's {
+        state.live.iter().map(move |l| {
+            let offer = l.session.offer(sha256);
+            Candidate {
+                node: &l.session.node_hex,
+                session: l.session.id,
+                serves: offer.is_some_and(|o| o.context_length > tokens),
+                price: offer.map(|o| o.price).unwrap_or_default(),
+                healthy: l.healthy(),
+                quarantined: l.routing.quarantined,
+                unroutable: l.routing.unroutable,
+                inflight: l.inflight,
+                slots: l.session.slots,
+                tok_s: l.routing.tok_s,
+                latency_ms: l.latency_ms,
+                reputation: l.routing.reputation,
+            }
+        })
+    }
+
+    /// Choose a provider for a job and claim one of its slots, or `None`
+    /// when every eligible provider is busy (or none exists).
+    pub fn pick(self: &Arc<Self>, need: &Need<'_>) -> Option<Claim> {
+        let mut state = self.lock();
+        let (mut slot, mut candidates) = (Vec::new(), Vec::new());
+        for (i, c) in Self::candidates(&state, need.sha256, need.tokens).enumerate() {
+            if router::eligible(&c, need) {
+                slot.push(i);
+                candidates.push(c);
+            }
+        }
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let chosen = router::choose(&candidates, need.prefs, turn).map(|i| slot[i]);
+        drop(candidates);
+        let live = state.live.get_mut(chosen?)?;
+        live.inflight += 1;
+        let session = live.session.clone();
+        drop(state);
+        let offer = session.offer(need.sha256)?;
+        let (price, context) = (offer.price, offer.context_length);
+        Some(Claim {
+            session,
+            price,
+            context,
+            directory: self.clone(),
+        })
+    }
+
+    /// Whether some provider could take the job once it has a free slot.
+    pub fn could_serve(&self, need: &Need<'_>) -> bool {
+        let state = self.lock();
+        let any =
+            Self::candidates(&state, need.sha256, need.tokens).any(|c| router::eligible(&c, need));
+        any
+    }
+
+    /// The highest price among providers that may serve the job: what its
+    /// hold is sized by.
+    pub fn quote(&self, need: &Need<'_>) -> Result<Price, JobError> {
+        let state = self.lock();
+        let quote = router::quote(Self::candidates(&state, need.sha256, 0), need);
+        quote
+    }
+
+    /// A job part on `node` got its first answer after `ms`.
+    pub fn observe_latency(&self, node: &NodeId, ms: f64) {
+        let mut state = self.lock();
+        if let Some(l) = state.live_mut(node) {
+            l.latency_ms = if l.latency_ms > 0.0 {
+                0.8 * l.latency_ms + 0.2 * ms
+            } else {
+                ms
+            };
+        }
+        state.refresh(node);
+    }
+
+    /// One job part on `node` ended after generating `tokens`, at `tok_s`
+    /// when it could be measured.
+    pub fn record_part(
+        &self,
+        node: &NodeId,
+        outcome: PartOutcome,
+        tokens: u64,
+        tok_s: Option<f64>,
+    ) {
+        let mut average = None;
+        {
+            let mut state = self.lock();
+            if let Some(r) = state.records.get_mut(node) {
+                match outcome {
+                    PartOutcome::Done => r.done += 1,
+                    PartOutcome::Failed => r.failed += 1,
+                    PartOutcome::Cancelled => r.cancelled += 1,
+                }
+                r.tokens += tokens;
+                if let Some(t) = tok_s {
+                    r.tok_s = if r.tok_s > 0.0 {
+                        0.7 * r.tok_s + 0.3 * t
+                    } else {
+                        t
+                    };
+                    average = Some(r.tok_s);
+                }
+            }
+            state.refresh(node);
+        }
+        if let Some(m) = &self.metrics {
+            m.provider_part(&node.to_string(), outcome.as_str(), tokens, average);
+        }
+    }
+
+    /// The chance that a part `node` served is audited: 1 on probation
+    /// (fewer than `probation` passed audits) or on watch, else `base_rate`.
+    pub fn audit_odds(&self, node: &NodeId, base_rate: f64, probation: u32) -> f64 {
+        let state = self.lock();
+        match state.records.get(node) {
+            Some(r) if r.on_watch == 0 && r.audits_passed >= probation => base_rate,
+            _ => 1.0,
+        }
+    }
+
+    /// An audit of `node` passed or failed; what it did to its standing.
+    pub fn record_audit(&self, node: &NodeId, passed: bool) -> Standing {
+        let mut state = self.lock();
+        let Some(r) = state.records.get_mut(node) else {
+            return Standing::Unchanged;
+        };
+        let x = if passed { 1.0 } else { 0.0 };
+        r.audit_score = Some(r.audit_score.map_or(x, |old| 0.8 * old + 0.2 * x));
+        let standing = if passed {
+            r.audits_passed += 1;
+            r.on_watch = r.on_watch.saturating_sub(1);
+            Standing::Unchanged
+        } else {
+            r.audits_failed += 1;
+            if r.on_watch > 0 && !r.quarantined {
+                r.quarantined = true;
+                Standing::Quarantined
+            } else {
+                r.on_watch = WATCH;
+                Standing::OnWatch
+            }
+        };
+        state.refresh(node);
+        standing
+    }
+
+    /// A canary job to `node` was answered at `tok_s`, or missed (`None`).
+    pub fn record_canary(&self, node: &NodeId, tok_s: Option<f64>) {
+        let mut state = self.lock();
+        if let Some(r) = state.records.get_mut(node) {
+            match tok_s {
+                Some(t) => {
+                    r.canary_misses = 0;
+                    r.verified_tok_s = Some(t);
+                }
+                None => r.canary_misses += 1,
+            }
+        }
+        state.refresh(node);
+    }
+
+    /// Providers serving `sha256` now.
+    pub fn serving_nodes(&self, sha256: &str) -> Vec<NodeId> {
+        let state = self.lock();
+        state
+            .live
+            .iter()
+            .filter(|l| l.session.offer(sha256).is_some())
+            .map(|l| l.session.node)
+            .collect()
+    }
+
+    /// Healthy providers serving `sha256` now, the largest context among
+    /// them, and their lowest and highest prices.
+    pub fn serving(&self, sha256: &str) -> (usize, usize, Option<(Price, Price)>) {
+        let state = self.lock();
+        let mut count = 0;
+        let mut context = 0;
+        let mut range: Option<(Price, Price)> = None;
+        for l in state.live.iter().filter(|l| l.healthy()) {
+            if let Some(o) = l.session.offer(sha256) {
+                count += 1;
+                context = context.max(o.context_length);
+                let (lo, hi) = range.get_or_insert((o.price, o.price));
+                lo.input = lo.input.min(o.price.input);
+                lo.output = lo.output.min(o.price.output);
+                *hi = hi.max(o.price);
+            }
+        }
+        (count, context, range)
+    }
+
+    /// Every provider seen so far, connected ones first, then by node id.
+    pub fn report(&self) -> Vec<ProviderReport> {
+        let state = self.lock();
+        let mut list: Vec<ProviderReport> = state
+            .records
+            .iter()
+            .map(|(node, r)| {
+                let live = state.live(node);
+                let inflight = live.map_or(0, |l| l.inflight);
+                let state = match live {
+                    _ if r.quarantined => ProviderState::Quarantined,
+                    Some(_) if r.canary_misses >= CANARY_MISSES => ProviderState::Unroutable,
+                    None => ProviderState::Offline,
+                    Some(l) if !l.healthy() => ProviderState::Stale,
+                    Some(l) if inflight >= l.session.slots => ProviderState::Busy,
+                    Some(_) => ProviderState::Online,
+                };
+                let latency_ms = live.map_or(0.0, |l| l.latency_ms);
+                ProviderReport {
+                    node: *node,
+                    state,
+                    models: r.offers.iter().map(|o| o.alias.clone()).collect(),
+                    prices: prices(&r.offers),
+                    slots: r.slots,
+                    inflight,
+                    hardware: r.hardware.clone(),
+                    tok_s: r.tok_s,
+                    reported_tok_s: live.map_or(0.0, |l| l.reported_tok_s),
+                    latency_ms,
+                    uptime: r.uptime(),
+                    known_s: r.first_seen.elapsed().as_secs_f64(),
+                    jobs_done: r.done,
+                    jobs_failed: r.failed,
+                    jobs_cancelled: r.cancelled,
+                    tokens: r.tokens,
+                    audits_passed: r.audits_passed,
+                    audits_failed: r.audits_failed,
+                    reputation: r.audit_score.map(|_| r.reputation(latency_ms)),
+                    verified_tok_s: r.verified_tok_s,
+                    canary_misses: r.canary_misses,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| {
+            let off = |p: &ProviderReport| p.state == ProviderState::Offline;
+            (off(a), a.node).cmp(&(off(b), b.node))
+        });
+        list
+    }
+
+    /// The providers connected now, for `/health`.
+    pub fn describe(&self) -> Vec<LiveSummary> {
+        let state = self.lock();
+        let mut list: Vec<LiveSummary> = state
+            .live
+            .iter()
+            .map(|l| LiveSummary {
+                node: l.session.node,
+                models: l.session.offers.iter().map(|o| o.alias.clone()).collect(),
+                slots: l.session.slots,
+                inflight: l.inflight,
+                healthy: l.healthy(),
+                prices: prices(&l.session.offers),
+                hardware: l.session.hardware.clone(),
+            })
+            .collect();
+        list.sort_by_key(|s| s.node);
+        list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_backend::RoutePrefs;
+
+    fn session(n: u8, id: u64, slots: usize, price: u64) -> Session {
+        let node = NodeId::from_bytes([n; 32]);
+        Session {
+            node,
+            node_hex: node.to_string(),
+            id,
+            conn: None,
+            offers: vec![ModelOffer {
+                sha256: "m".into(),
+                alias: "model".into(),
+                context_length: 100,
+                price: Price {
+                    input: price,
+                    output: price,
+                },
+            }],
+            slots,
+            hardware: String::new(),
+        }
+    }
+
+    #[test]
+    fn picks_claim_slots_until_full_and_dropping_a_claim_frees_it() {
+        let d = Arc::new(Directory::default());
+        d.join(session(1, 1, 2, 10));
+        let prefs = RoutePrefs::any();
+        let need = Need {
+            sha256: "m",
+            tokens: 5,
+            exclude: &[],
+            prefs: &prefs,
+            probe: false,
+        };
+        let a = d.pick(&need).expect("a free slot");
+        let b = d.pick(&need).expect("a second slot");
+        assert!(d.pick(&need).is_none(), "both slots taken");
+        assert!(d.could_serve(&need));
+        drop(a);
+        let c = d.pick(&need).expect("the freed slot");
+        drop((b, c));
+        assert!(
+            d.pick(&Need {
+                tokens: 100,
+                ..need.clone()
+            })
+            .is_none(),
+            "context too small"
+        );
+        assert_eq!(
+            d.quote(&need),
+            Ok(Price {
+                input: 10,
+                output: 10
+            })
+        );
+    }
+
+    #[test]
+    fn a_replaced_session_does_not_release_the_new_ones_slots() {
+        let d = Arc::new(Directory::default());
+        d.join(session(1, 1, 1, 10));
+        let prefs = RoutePrefs::any();
+        let need = Need {
+            sha256: "m",
+            tokens: 5,
+            exclude: &[],
+            prefs: &prefs,
+            probe: false,
+        };
+        let old = d.pick(&need).expect("slot");
+        d.join(session(1, 2, 1, 10));
+        let new = d.pick(&need).expect("the new session's slot");
+        drop(old);
+        assert!(
+            d.pick(&need).is_none(),
+            "the new session's slot is still taken"
+        );
+        drop(new);
+        d.leave(&NodeId::from_bytes([1; 32]), 1);
+        assert!(
+            d.pick(&need).is_some(),
+            "leaving with an old id keeps the new session"
+        );
+    }
+
+    #[test]
+    fn second_failure_within_the_watch_quarantines() {
+        let d = Directory::default();
+        let node = NodeId::from_bytes([3; 32]);
+        d.join(session(3, 1, 1, 10));
+        assert_eq!(d.audit_odds(&node, 0.05, 1), 1.0, "probation");
+        assert_eq!(d.record_audit(&node, true), Standing::Unchanged);
+        assert_eq!(d.audit_odds(&node, 0.05, 1), 0.05);
+        assert_eq!(d.record_audit(&node, false), Standing::OnWatch);
+        assert_eq!(d.audit_odds(&node, 0.05, 1), 1.0, "on watch");
+        assert_eq!(d.record_audit(&node, false), Standing::Quarantined);
+        assert_eq!(d.report()[0].state, ProviderState::Quarantined);
+    }
+}

@@ -1,0 +1,162 @@
+//! The gateway's side of a provider's session: the handshake and the
+//! heartbeats on the control stream.
+//!
+//! A provider dials in and opens the control stream with `Hello`. The
+//! gateway answers `Welcome` and lists it in the [`Directory`], or
+//! `Refused` with the reason (protocol version, no model this gateway
+//! serves — with advice when the model is one an earlier release served —
+//! or no slot). The session lasts while the control stream does; each
+//! heartbeat keeps the provider routable.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use iroh::endpoint::{Connection, SendStream};
+use tessera_backend::ServedModel;
+use tessera_core::NodeId;
+use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
+
+use crate::directory::{Directory, Session};
+
+/// How often providers are asked to send a heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Longest wait for a new connection's `Hello`.
+const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Run one provider's session until its connection or control stream ends.
+pub async fn serve(
+    directory: &Directory,
+    models: &[ServedModel],
+    gateway: NodeId,
+    conn: Connection,
+    node: NodeId,
+) -> anyhow::Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_DEADLINE, conn.accept_bi())
+        .await
+        .map_err(|_| anyhow!("no control stream within {} s", HELLO_DEADLINE.as_secs()))?
+        .map_err(|e| anyhow!("control stream: {e}"))?;
+    let hello = match tokio::time::timeout(HELLO_DEADLINE, read_frame(&mut recv)).await {
+        Ok(Ok(Some(Frame::Hello(h)))) => h,
+        Ok(Ok(other)) => {
+            conn.close(2u32.into(), b"expected Hello");
+            return Err(anyhow!("expected Hello, got {}", describe(other.as_ref())));
+        }
+        Ok(Err(e)) => {
+            conn.close(2u32.into(), b"bad frame");
+            return Err(anyhow!("garbage instead of Hello: {e}"));
+        }
+        Err(_) => {
+            conn.close(2u32.into(), b"no Hello");
+            return Err(anyhow!("no Hello within {} s", HELLO_DEADLINE.as_secs()));
+        }
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version {} is not supported; this gateway speaks {PROTOCOL_VERSION}",
+            hello.protocol_version
+        );
+        return refuse(&mut send, &conn, node, reason).await;
+    }
+    let known: Vec<ModelOffer> = hello
+        .models
+        .iter()
+        .filter(|o| models.iter().any(|m| m.sha256 == o.sha256))
+        .cloned()
+        .collect();
+    if known.is_empty() {
+        return refuse(&mut send, &conn, node, unknown_models(&hello.models)).await;
+    }
+    if hello.slots == 0 {
+        let reason = "a provider must offer at least one slot".to_string();
+        return refuse(&mut send, &conn, node, reason).await;
+    }
+    let welcome = Frame::Welcome {
+        gateway: gateway.to_string(),
+        heartbeat_ms: HEARTBEAT.as_millis() as u64,
+    };
+    write_frame(&mut send, &welcome).await?;
+    let id = conn.stable_id() as u64;
+    directory.join(Session {
+        node,
+        node_hex: node.to_string(),
+        id,
+        conn: Some(conn.clone()),
+        offers: known,
+        slots: hello.slots,
+        hardware: hello.hardware,
+    });
+    tracing::info!(provider = %node.short(), slots = hello.slots, "provider joined");
+    let result = loop {
+        match read_frame(&mut recv).await {
+            Ok(Some(Frame::Heartbeat(beat))) => directory.heartbeat(&node, id, beat.tok_s),
+            Ok(Some(other)) => {
+                conn.close(2u32.into(), b"unexpected frame");
+                break Err(anyhow!(
+                    "unexpected frame on the control stream: {}",
+                    describe(Some(&other))
+                ));
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                conn.close(2u32.into(), b"bad frame");
+                break Err(anyhow!("bad control frame: {e}"));
+            }
+        }
+    };
+    directory.leave(&node, id);
+    tracing::info!(provider = %node.short(), "provider left");
+    result
+}
+
+/// A frame's kind, for logs (never its contents).
+fn describe(frame: Option<&Frame>) -> &'static str {
+    match frame {
+        None => "the end of the stream",
+        Some(Frame::Hello(_)) => "Hello",
+        Some(Frame::Welcome { .. }) => "Welcome",
+        Some(Frame::Refused { .. }) => "Refused",
+        Some(Frame::Heartbeat(_)) => "Heartbeat",
+        Some(Frame::JobRequest(_)) => "JobRequest",
+        Some(Frame::Tokens { .. }) => "Tokens",
+        Some(Frame::JobDone(_)) => "JobDone",
+        Some(Frame::JobError(_)) => "JobError",
+    }
+}
+
+/// Why none of `offers` is served here, with advice for a model an
+/// earlier release served under the same alias.
+fn unknown_models(offers: &[ModelOffer]) -> String {
+    let hashes: Vec<&str> = offers.iter().map(|o| o.sha256.as_str()).collect();
+    let advice = hashes.iter().find_map(|h| {
+        tessera_models::SUPERSEDED
+            .iter()
+            .find(|(old, _, _)| old == h)
+            .map(|(_, _, advice)| *advice)
+    });
+    match advice {
+        Some(advice) => format!("model {} is no longer served: {advice}", hashes.join(", ")),
+        None => format!("unknown model hash(es) {hashes:?}; this gateway serves other models"),
+    }
+}
+
+/// Tell a provider why it is refused, then close its connection.
+async fn refuse(
+    send: &mut SendStream,
+    conn: &Connection,
+    node: NodeId,
+    reason: String,
+) -> anyhow::Result<()> {
+    tracing::warn!(provider = %node.short(), %reason, "refusing provider");
+    let _ = write_frame(
+        send,
+        &Frame::Refused {
+            reason: reason.clone(),
+        },
+    )
+    .await;
+    let _ = send.finish();
+    // Give the frame time to arrive before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    conn.close(3u32.into(), b"refused");
+    Err(anyhow!("refused: {reason}"))
+}

@@ -1,0 +1,66 @@
+//! `tessera bench …`: the figures BENCHMARKS.md quotes.
+//!
+//! One module per benchmark: [`engine`] (the engine against llama.cpp's
+//! own loop), [`server`] (Tessera's HTTP API against llama.cpp's
+//! `llama-server`), [`quality`] (which quantization the default model
+//! uses), [`network`] (the network hop and the router),
+//! [`gateway`] (concurrent streams), [`ledger`] and [`audit`]; [`stats`]
+//! holds the order statistics they share.
+
+pub mod audit;
+pub mod engine;
+pub mod gateway;
+pub mod ledger;
+pub mod network;
+pub mod quality;
+pub mod server;
+pub mod stats;
+
+use std::path::Path;
+
+use clap::Subcommand;
+
+use crate::EngineArgs;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Engine throughput and latency against a direct llama.cpp loop.
+    Engine(engine::EngineBench),
+    /// What the network hop costs: `serve` vs a devnet, and router timing.
+    Network(network::NetworkBench),
+    /// Settled requests per second on SQLite and PostgreSQL, fully durable.
+    Ledger(ledger::LedgerBench),
+    /// Concurrent streams one gateway holds (SYNTHETIC-engine providers).
+    Gateway(gateway::GatewayBench),
+    /// The auditor: detection per cheating mode, honest false positives,
+    /// audit cost; writes the calibration data.
+    Audit(audit::AuditBench),
+    /// Tessera's API against llama.cpp's `llama-server`, same model,
+    /// threads and slots, at several stream counts.
+    Server(server::ServerBench),
+    /// Candidate quantizations of the default model: quality against the
+    /// published file and speed, with llama.cpp's own tools.
+    Quality(quality::QualityBench),
+    /// Cost of Tessera's sampling rule per token, on real logits.
+    Sampling {
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// The direct llama.cpp loop alone, as JSON (`bench engine` runs it in a
+    /// child process so the two never share llama.cpp's thread pools).
+    Direct(engine::DirectBench),
+}
+
+pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Engine(b) => engine::run(home, b),
+        BenchCommand::Direct(b) => engine::direct(b),
+        BenchCommand::Server(b) => server::run(home, b),
+        BenchCommand::Quality(b) => quality::run(home, b),
+        BenchCommand::Network(b) => network::run(home, b),
+        BenchCommand::Gateway(b) => gateway::run(home, b),
+        BenchCommand::Ledger(b) => ledger::run(b),
+        BenchCommand::Audit(b) => audit::run(home, b),
+        BenchCommand::Sampling { engine } => engine::sampling(home, &engine),
+    }
+}
