@@ -39,22 +39,28 @@ venv: deps
 demo: build
 	$(BIN) devnet --providers 3 --audit
 
+# Test-only parts: cheating providers (`adversary`), the synthetic engine
+# and the throwaway PostgreSQL server (`testing`). `make build` has neither.
+TEST_FEATURES := tessera/adversary,tessera/testing
+
 lint: build
 	cargo fmt --all --check
-	cargo clippy --release --locked --workspace --all-targets --features tessera/adversary -- -D warnings
+	cargo clippy --release --locked --workspace --all-targets --features $(TEST_FEATURES) -- -D warnings
 
 # End-to-end tests start real servers that each use every core, so test
 # binaries run one test at a time.
-# The `adversary` feature adds the cheating providers the auditor's tests
-# need (`tessera provider --misbehave …`); `make build` never has it.
+# The set-up is checked first: every system package deps.sh lists must be
+# installed (by package name, not by looking for files).
 test: model venv lint
+	scripts/deps.sh --check
 	TESSERA_TEST_HOME=$(TEST_HOME) \
 	TESSERA_TEST_MODEL="$$(TESSERA_HOME=$(TEST_HOME) $(BIN) models path $(MODEL))" \
 	TESSERA_TEST_PYTHON=$(VENV)/bin/python \
 	RUST_TEST_THREADS=1 \
-	cargo test --release --locked --workspace --features tessera/adversary
+	cargo test --release --locked --workspace --features $(TEST_FEATURES)
 
 # llama.cpp's own server and tools, built natively outside the clone, are
 # the reference (scripts/llama-ref.sh; never part of `make test`).
 bench: model
+	cargo build --release --locked --features tessera/testing
 	TESSERA_HOME=$(TEST_HOME) $(BIN) bench engine --llama-bin "$$(scripts/llama-ref.sh)"

@@ -21,16 +21,22 @@ use crate::ApiError;
 /// Who is calling: the account behind the request's API key.
 #[derive(Clone, Debug)]
 pub struct Caller {
+    /// The account's id.
     pub account: String,
+    /// Its name.
     pub name: String,
 }
 
 /// One provider's stretch of an answer, as billed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Part {
+    /// Who served it (node id, or `local`).
     pub provider: String,
+    /// At what price.
     pub price: Price,
+    /// Prompt tokens billed to it (the first part's only).
     pub prompt_tokens: u64,
+    /// Tokens it generated.
     pub completion_tokens: u64,
     /// The provider's receipt for this part, countersigned by the gateway
     /// (JSON), when it sent one.
@@ -49,9 +55,11 @@ pub struct Settled {
 /// Outcome of asking for a hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Held {
+    /// Held under this id.
     New(String),
     /// The idempotency key was used before (settled for `cost` if `Some`).
     Duplicate {
+        /// What that request was settled for, once settled.
         cost: Option<u64>,
     },
 }

@@ -16,25 +16,36 @@ use tessera_engine::EngineError;
 /// An error on its way to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// What went wrong and what to do about it.
     pub message: String,
+    /// OpenAI's `type` (`invalid_request_error`, `server_error`, …).
     pub kind: &'static str,
+    /// The request parameter at fault.
     pub param: Option<String>,
+    /// A machine-readable code (`model_not_found`, …).
     pub code: Option<&'static str>,
 }
 
 /// The JSON body of an error (also sent as an SSE event mid-stream).
 #[derive(Serialize)]
 pub struct ErrorBody<'a> {
+    /// The error itself.
     pub error: ErrorObject<'a>,
 }
 
+/// OpenAI's error object.
 #[derive(Serialize)]
 pub struct ErrorObject<'a> {
+    /// What went wrong.
     pub message: &'a str,
+    /// The error's type.
     #[serde(rename = "type")]
     pub kind: &'a str,
+    /// The parameter at fault.
     pub param: Option<&'a str>,
+    /// A machine-readable code.
     pub code: Option<&'a str>,
 }
 
@@ -156,6 +167,7 @@ impl ApiError {
         }
     }
 
+    /// The JSON body of this error.
     pub fn body(&self) -> ErrorBody<'_> {
         ErrorBody {
             error: ErrorObject {

@@ -22,21 +22,29 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
+    /// The model's alias or sha256.
     pub model: String,
+    /// The conversation.
     pub messages: Vec<Message>,
+    /// Return the chosen tokens' log-probabilities.
     #[serde(default)]
     pub logprobs: bool,
+    /// With `logprobs`: this many alternatives per token.
     pub top_logprobs: Option<u32>,
+    /// The newer name of `max_tokens`.
     pub max_completion_tokens: Option<i64>,
 }
 
 /// `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
+    /// The model's alias or sha256.
     pub model: String,
+    /// The text to continue.
     pub prompt: Prompt,
     /// Legacy completions take a number: alternatives per token.
     pub logprobs: Option<u32>,
+    /// Echo the prompt back (refused: not supported).
     #[serde(default)]
     pub echo: bool,
 }
@@ -45,17 +53,27 @@ pub struct CompletionRequest {
 /// endpoint's own fields, so an error still names its parameter).
 #[derive(Debug, Deserialize)]
 pub struct CommonParams {
+    /// Most tokens to generate.
     pub max_tokens: Option<i64>,
+    /// Sampling temperature, 0–2 (0: greedy).
     pub temperature: Option<f64>,
+    /// Nucleus filter, (0, 1].
     pub top_p: Option<f64>,
     /// Not in OpenAI's API; accepted as llama.cpp's server does.
     pub top_k: Option<i64>,
+    /// Not in OpenAI's API; as llama.cpp's server: drop tokens below this
+    /// share of the best one's probability.
     pub min_p: Option<f64>,
+    /// The seed of seeded sampling (a random one when absent).
     pub seed: Option<i64>,
+    /// Stop sequences.
     pub stop: Option<Stop>,
+    /// Stream server-sent events.
     #[serde(default)]
     pub stream: bool,
+    /// `include_usage`: a last chunk with the usage.
     pub stream_options: Option<StreamOptions>,
+    /// Choices per request: only 1.
     pub n: Option<i64>,
     /// Not in OpenAI's API; as llama.cpp's server: keep generating past the
     /// end-of-generation token (until `max_tokens`), for benchmarks.
@@ -68,10 +86,15 @@ pub struct CommonParams {
 /// The request's `provider` object, as OpenRouter defines it.
 #[derive(Debug, Default, Deserialize)]
 pub struct ProviderPrefs {
+    /// Providers (node ids or prefixes) to try first, in order.
     pub order: Option<Vec<String>>,
+    /// Providers that may serve, no others.
     pub only: Option<Vec<String>>,
+    /// Providers that may not serve.
     pub ignore: Option<Vec<String>>,
+    /// With `order`: may others serve when those cannot?
     pub allow_fallbacks: Option<bool>,
+    /// `price`, `latency` or `throughput`.
     pub sort: Option<String>,
     /// Highest price accepted, in credits per million tokens (= micro-credits
     /// per token), per prompt and per completion token.
@@ -81,33 +104,46 @@ pub struct ProviderPrefs {
 /// `provider.max_price`: either side may be left out (no cap).
 #[derive(Debug, Default, Deserialize)]
 pub struct MaxPrice {
+    /// Per prompt token.
     pub prompt: Option<f64>,
+    /// Per generated token.
     pub completion: Option<f64>,
 }
 
+/// `stream_options`.
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
+    /// End the stream with a chunk that carries the usage.
     #[serde(default)]
     pub include_usage: bool,
 }
 
+/// `stop`: one sequence or several.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
+    /// One stop sequence.
     One(String),
+    /// Several.
     Many(Vec<String>),
 }
 
+/// A completion's `prompt`: one text (a list must hold exactly one).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
+    /// One text.
     One(String),
+    /// A list of texts.
     Many(Vec<String>),
 }
 
+/// One chat message.
 #[derive(Debug, Deserialize)]
 pub struct Message {
+    /// `system`, `user`, `assistant` (or `tool`).
     pub role: String,
+    /// Its text.
     #[serde(default)]
     pub content: Option<Content>,
 }
@@ -117,14 +153,19 @@ pub struct Message {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Content {
+    /// Plain text.
     Text(String),
+    /// Typed parts.
     Parts(Vec<Part>),
 }
 
+/// One part of a message's content.
 #[derive(Debug, Deserialize)]
 pub struct Part {
+    /// Only `text` is supported.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The text of a `text` part.
     pub text: Option<String>,
 }
 
@@ -170,15 +211,21 @@ fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
 /// Everything a generation needs, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checked {
+    /// Temperature, filters and seed.
     pub sampling: SamplingParams,
     /// `None` = until the context is full.
     pub max_tokens: Option<u32>,
+    /// Stop sequences.
     pub stop: Vec<String>,
+    /// Answer as server-sent events.
     pub stream: bool,
+    /// End a stream with the usage.
     pub include_usage: bool,
     /// `None` = no logprobs; `Some(n)` = chosen token plus `n` alternatives.
     pub logprobs: Option<u32>,
+    /// Generate past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// Provider preferences.
     pub route: RoutePrefs,
 }
 

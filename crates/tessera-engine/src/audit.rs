@@ -44,14 +44,19 @@ pub struct AuditJob {
     /// Every token the provider says it generated, a final end-of-generation
     /// token included.
     pub output: Vec<Token>,
+    /// The sampling settings and seed the answer claims.
     pub sampling: SamplingParams,
+    /// Its logprobs and commitments.
     pub proof: Proof,
+    /// Why it says it ended.
     pub finish_reason: FinishReason,
     /// The gateway itself saw a stop sequence end the answer.
     pub stopped_by_sequence: bool,
+    /// The part's `max_tokens` (what was left of the request's).
     pub max_tokens: Option<u32>,
     /// The provider's context per request (prompt + output).
     pub context: usize,
+    /// The request asked to generate past end-of-generation tokens.
     pub ignore_eos: bool,
     /// Generated tokens the provider claimed in its usage.
     pub claimed_completion_tokens: u32,
@@ -70,6 +75,7 @@ pub struct Thresholds {
     /// fewer than `min_tolerated` (short answers: even greedy decoding meets
     /// a near-tie in ~3% of tokens, so 2 of 4 happens to honest providers).
     pub max_tolerated: f64,
+    /// See `max_tolerated`.
     pub min_tolerated: usize,
     /// Most disagreements beyond the margin, as a share of the tokens (at
     /// least one is always allowed): honest decode and prefill arithmetic
@@ -78,6 +84,7 @@ pub struct Thresholds {
     /// Largest difference between a claimed and a recomputed logprob, and
     /// the largest mean difference over an answer.
     pub logprob: f32,
+    /// See `logprob`.
     pub logprob_mean: f32,
     /// Least share of a chunk's top entries agreeing in sign and exponent
     /// (2 may always disagree: a 1-token last chunk compares only 4).
@@ -105,26 +112,33 @@ impl Default for Thresholds {
 /// What the auditor found.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Evidence {
+    /// Tokens checked.
     pub tokens: usize,
     /// Tokens that are not the sampling rule's pick by more than the margin.
     pub sampling_mismatches: usize,
     /// Tokens that differ from the pick within the margin.
     pub tolerated: usize,
+    /// The first mismatch beyond the margin.
     pub first_mismatch: Option<usize>,
     /// The largest score gap (logit units) between the rule's pick and the
     /// provider's token, where they differ.
     pub max_gap: f64,
+    /// Largest difference between a claimed and a recomputed logprob.
     pub logprob_max_error: f32,
+    /// Their mean difference.
     pub logprob_mean_error: f32,
+    /// Each chunk's commitment check.
     pub chunks: Vec<ChunkCheck>,
     /// The worst chunk's share of agreeing exponents and mean mantissa gap.
     pub worst_exponent_share: f64,
+    /// See `worst_exponent_share`.
     pub worst_mantissa_mean: f64,
     /// Why it failed; empty when it passed.
     pub failures: Vec<String>,
 }
 
 impl Evidence {
+    /// Whether nothing failed.
     pub fn passed(&self) -> bool {
         self.failures.is_empty()
     }

@@ -144,6 +144,7 @@ pub struct ChunkCheck {
     /// Mean and largest absolute difference of the 7-bit mantissas where
     /// sign and exponent agree.
     pub mantissa_mean: f64,
+    /// See `mantissa_mean`.
     pub mantissa_max: u32,
 }
 
@@ -177,6 +178,7 @@ pub struct ProofBuilder {
 }
 
 impl ProofBuilder {
+    /// An empty proof with the standard chunk and top-k sizes.
     pub fn new() -> Self {
         ProofBuilder {
             proof: Proof {

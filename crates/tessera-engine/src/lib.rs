@@ -34,6 +34,7 @@ pub type SeqId = i32;
 pub struct ModelInfo {
     /// Human-readable name from the GGUF metadata (`general.name`).
     pub name: String,
+    /// Tokens in the vocabulary (width of a logit row).
     pub n_vocab: usize,
     /// Width of the final hidden state.
     pub n_embd: usize,
@@ -46,15 +47,20 @@ pub struct ModelInfo {
 /// One chat message, as the chat template consumes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
     pub role: String,
+    /// Its text.
     pub content: String,
 }
 
 /// One row of a batch: `token` at absolute position `pos` of sequence `seq`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchEntry {
+    /// The token.
     pub token: Token,
+    /// Its absolute position in its sequence.
     pub pos: u32,
+    /// The sequence (slot) it belongs to.
     pub seq: SeqId,
     /// Whether the caller wants this position's logits back.
     pub output: bool,
@@ -63,16 +69,27 @@ pub struct BatchEntry {
 /// What went wrong inside the engine.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EngineError {
+    /// The model file could not be loaded.
     #[error("the model could not be loaded: {0}")]
     Load(String),
+    /// The prompt does not fit the context.
     #[error("the prompt has {prompt} tokens but the context holds {limit}")]
-    ContextLength { prompt: usize, limit: usize },
+    ContextLength {
+        /// Tokens of the prompt.
+        prompt: usize,
+        /// Tokens the context holds.
+        limit: usize,
+    },
+    /// The chat template refused the messages.
     #[error("the chat template could not be applied: {0}")]
     Template(String),
+    /// The text could not be tokenized.
     #[error("the text could not be tokenized: {0}")]
     Tokenize(String),
+    /// llama.cpp failed to evaluate a batch.
     #[error("llama.cpp failed to evaluate a batch: {0}")]
     Decode(String),
+    /// The engine is gone.
     #[error("the engine has shut down")]
     Closed,
 }
@@ -80,6 +97,7 @@ pub enum EngineError {
 /// The thread-safe half of a runtime: everything that needs only the weights'
 /// vocabulary, so HTTP handlers can tokenize without waiting for the engine.
 pub trait Model: Send + Sync + 'static {
+    /// Facts about the model.
     fn info(&self) -> &ModelInfo;
     /// Render chat messages with the model's own template, ending with the
     /// opening of the assistant's turn.
@@ -88,6 +106,7 @@ pub trait Model: Send + Sync + 'static {
     fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<Token>, EngineError>;
     /// The bytes one token stands for (special tokens render as nothing).
     fn token_bytes(&self, token: Token) -> Vec<u8>;
+    /// Whether `token` ends a generation.
     fn is_eog(&self, token: Token) -> bool {
         self.info().eog_tokens.contains(&token)
     }

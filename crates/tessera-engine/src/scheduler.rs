@@ -24,19 +24,26 @@ use crate::{BatchEntry, BatchOutput, Engine, EngineError, Model, SeqId};
 /// What the scheduler sends back for one request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// One generated token.
     Token(TokenEvent),
     /// The generation ended; `text` is held-back text released at the end.
     Done {
+        /// Why it ended.
         finish_reason: FinishReason,
+        /// Its tokens.
         usage: Usage,
+        /// Text released at the end.
         text: String,
     },
+    /// It failed.
     Error(EngineError),
     /// Every generated token (a final end-of-generation one included) and
     /// the proof an auditor checks them by; sent just before `Done` when
     /// the engine has hidden states (providers), never otherwise.
     Proof {
+        /// Every generated token.
         tokens: Vec<Token>,
+        /// Their logprobs and commitments.
         proof: Proof,
     },
 }
@@ -135,10 +142,13 @@ impl SchedulerHandle {
 /// Why a request was not queued.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
+    /// Nothing to generate from.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// The queue is full.
     #[error("too many requests are waiting for this engine")]
     Busy,
+    /// The engine refused it.
     #[error(transparent)]
     Engine(EngineError),
 }

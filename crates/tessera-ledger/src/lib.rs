@@ -53,36 +53,68 @@ pub const FORFEITS: &str = "system:forfeits";
 /// Micro-credits per credit.
 pub const MICRO: u64 = 1_000_000;
 
+/// Why the ledger refused or failed an operation.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
+    /// The account's balance does not cover the hold.
     #[error("insufficient credits: {needed} micro-credits needed, {available} available")]
-    Insufficient { needed: u64, available: u64 },
+    Insufficient {
+        /// Micro-credits the hold needs.
+        needed: u64,
+        /// Micro-credits the account has.
+        available: u64,
+    },
+    /// The key's spending limit does not cover the hold.
     #[error("spending limit reached: {limit} micro-credits, {used} spent or held")]
-    SpendLimit { limit: u64, used: u64 },
+    SpendLimit {
+        /// The limit.
+        limit: u64,
+        /// Spent plus held already.
+        used: u64,
+    },
+    /// No account has this id or name.
     #[error("no account '{0}'")]
     NoAccount(String),
+    /// The account name is in use.
     #[error("an account named '{0}' already exists")]
     NameTaken(String),
+    /// The hold was settled or released before, or never existed.
     #[error("hold {0} is unknown or already closed")]
     HoldClosed(String),
+    /// The receipt names no settled, unrefunded request.
     #[error("'{0}' is not a settled request that can be refunded (unknown, released or already refunded)")]
     NotRefundable(String),
+    /// A settlement asked for more than was held.
     #[error("charges of {charged} exceed the hold of {held} micro-credits")]
-    OverHold { charged: u64, held: u64 },
+    OverHold {
+        /// Micro-credits the charges add up to.
+        charged: u64,
+        /// Micro-credits held.
+        held: u64,
+    },
+    /// An amount out of range.
     #[error("invalid amount: {0}")]
     Amount(String),
+    /// The operating system's random source failed (no key was made).
+    #[error("{0}")]
+    Random(#[from] tessera_core::RandomError),
+    /// The database failed.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The writer task is gone (the process is stopping).
     #[error("the ledger's writer has stopped")]
     Closed,
 }
 
+/// The ledger's results.
 pub type Result<T, E = LedgerError> = std::result::Result<T, E>;
 
 /// An account as clients and operators see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Account {
+    /// `acct_…` for clients, `provider:NODEID`, `system:…`.
     pub id: String,
+    /// Unique, chosen by the operator.
     pub name: String,
     /// `client`, `provider` or `system`.
     pub kind: String,
@@ -96,15 +128,20 @@ pub struct Account {
     pub spend_limit: Option<i64>,
     /// Most requests per minute, if set.
     pub rate_limit: Option<i64>,
+    /// Requests settled.
     pub requests: i64,
+    /// Prompt tokens of those requests.
     pub prompt_tokens: i64,
+    /// Generated tokens of those requests.
     pub completion_tokens: i64,
 }
 
 /// Limits handed out with a key (e.g. to an AI agent given a budget).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limits {
+    /// Most micro-credits the key may ever spend (spent + held).
     pub spend_limit: Option<u64>,
+    /// Most requests per minute.
     pub rate_limit: Option<u64>,
 }
 
@@ -113,11 +150,15 @@ pub struct Limits {
 pub struct Charge {
     /// The provider's node id.
     pub provider: String,
+    /// The model it served.
     pub model_sha256: String,
+    /// Prompt tokens billed to this part (the first part's only).
     pub prompt_tokens: u64,
+    /// Tokens it generated.
     pub completion_tokens: u64,
-    /// Micro-credits per input / output token (= credits per million).
+    /// Micro-credits per input token (= credits per million).
     pub input_price: u64,
+    /// Micro-credits per output token.
     pub output_price: u64,
     /// The provider's receipt for this part, countersigned (JSON), if any.
     pub receipt: Option<String>,
@@ -162,12 +203,18 @@ pub enum Hold {
     New(String),
     /// The idempotency key is taken by this hold: still open (`cost` is
     /// `None`) or settled for `cost`.
-    Duplicate { hold: String, cost: Option<u64> },
+    Duplicate {
+        /// The hold that took the key.
+        hold: String,
+        /// What it was settled for, once settled.
+        cost: Option<u64>,
+    },
 }
 
 /// Result of [`Ledger::check`]: what must hold for the books to be right.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Check {
+    /// Entries in the books.
     pub entries: i64,
     /// Entries whose postings do not sum to zero (must be 0).
     pub unbalanced_entries: i64,
@@ -177,7 +224,9 @@ pub struct Check {
     pub total: i64,
     /// Credits ever issued.
     pub issued: i64,
+    /// Holds not yet settled or released.
     pub open_holds: i64,
+    /// Micro-credits they hold.
     pub open_held: i64,
     /// Balance of the escrow account (must equal `open_held`).
     pub escrow: i64,
@@ -193,16 +242,20 @@ pub struct Totals {
     /// Paid by clients for settled requests, net of refunds
     /// (`provider_earnings + fees`).
     pub revenue: i64,
+    /// What providers hold from their work.
     pub provider_earnings: i64,
+    /// The gateways' fees.
     pub fees: i64,
-    /// Requests settled, and settled requests later refunded.
+    /// Requests settled.
     pub settled: i64,
+    /// Settled requests later refunded.
     pub refunded: i64,
     /// Bonds forfeited by quarantined providers.
     pub forfeited: i64,
 }
 
 impl Check {
+    /// Whether the books balance.
     pub fn ok(&self) -> bool {
         self.unbalanced_entries == 0
             && self.mismatched_accounts == 0
@@ -218,9 +271,11 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 pub(crate) fn new_id(prefix: &str) -> String {
-    let mut b = [0u8; 12];
-    getrandom::fill(&mut b).expect("the OS random source failed");
-    format!("{prefix}_{}", hex::encode(b))
+    format!(
+        "{prefix}_{:016x}{:08x}",
+        tessera_core::unique_u64(),
+        tessera_core::unique_u64() as u32
+    )
 }
 
 /// sha256 of an API key, as stored.
@@ -311,9 +366,7 @@ impl Ledger {
         credits: u64,
         limits: Limits,
     ) -> Result<(Account, String)> {
-        let mut k = [0u8; 24];
-        getrandom::fill(&mut k).expect("the OS random source failed");
-        let key = format!("tsk_{}", hex::encode(k));
+        let key = format!("tsk_{}", hex::encode(tessera_core::secret_bytes::<24>()?));
         let name = name.to_string();
         let key_hash = hash_key(&key);
         let id = self

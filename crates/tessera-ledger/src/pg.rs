@@ -12,6 +12,7 @@ pub struct TempPostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_postgres: bool,
+    /// The loopback port it listens on.
     pub port: u16,
 }
 
@@ -130,6 +131,7 @@ impl TempPostgres {
         format!("postgres://tessera@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Its data folder.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

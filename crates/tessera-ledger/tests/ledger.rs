@@ -1,6 +1,8 @@
 //! The ledger's rules, each checked on a SQLite file and on a real
 //! PostgreSQL server started on loopback for the test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use tessera_ledger::pg::TempPostgres;
 use tessera_ledger::{Charge, Hold, Ledger, LedgerError, Limits, MICRO};
 

@@ -41,8 +41,11 @@ fn context(
 /// Timings of one direct run.
 #[derive(Clone, Debug)]
 pub struct DirectRun {
+    /// Tokens of the prompt.
     pub prompt_tokens: usize,
+    /// Time to evaluate the prompt and sample the first token.
     pub prefill: Duration,
+    /// Every generated token.
     pub generated: Vec<Token>,
     /// Time for all decode steps after the first sampled token.
     pub decode: Duration,

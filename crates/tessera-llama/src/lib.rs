@@ -312,7 +312,9 @@ impl Engine for LlamaEngine {
 /// A weight format llama.cpp's quantizer can write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quantization {
+    /// 4-bit blocks with one scale.
     Q4_0,
+    /// 8-bit blocks with one scale.
     Q8_0,
 }
 

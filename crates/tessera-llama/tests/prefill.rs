@@ -2,6 +2,8 @@
 //! reproduces what the scheduler generated, which is what the auditor relies
 //! on; and the auditor passes honest answers and fails tampered ones.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -4,6 +4,8 @@
 //! real files: every tensor's data must be byte-identical to what
 //! `llama_model_quantize` writes for Q8_0, and the file must load.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 

@@ -92,8 +92,11 @@ impl Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
+    /// The auditor reproduced the answer.
     Passed,
+    /// The auditor caught it.
     Failed,
+    /// Not audited.
     NotAudited,
 }
 
@@ -110,8 +113,11 @@ impl Verdict {
 /// One audit, for the dashboard's "recent audits".
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditRecord {
+    /// The request (response id).
     pub job: String,
+    /// Who served it (node id).
     pub provider: String,
+    /// The verdict.
     pub verdict: Verdict,
     /// Milliseconds since the epoch.
     pub at_ms: u64,
@@ -126,8 +132,11 @@ pub struct Bucket {
     pub start_s: u64,
     /// Generations that ended in it, and how many of them failed.
     pub requests: u64,
+    /// Of those, failed ones.
     pub failed: u64,
+    /// Prompt tokens of those generations.
     pub prompt_tokens: u64,
+    /// Tokens they generated.
     pub completion_tokens: u64,
     /// Sums for the averages below (count, milliseconds).
     #[serde(skip)]
@@ -141,6 +150,7 @@ pub struct Bucket {
     /// Mean time to first token and mean duration of the generations that
     /// ended in it (`None` when none did).
     pub ttft_ms: Option<f64>,
+    /// Mean duration of those generations.
     pub latency_ms: Option<f64>,
 }
 
@@ -264,6 +274,7 @@ fn now() -> Duration {
 }
 
 impl Metrics {
+    /// A fresh set of counters.
     pub fn new() -> Arc<Metrics> {
         Arc::new(Metrics::default())
     }

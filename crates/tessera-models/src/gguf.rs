@@ -13,10 +13,13 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-/// ggml tensor type ids this module reads or writes.
+/// ggml's tensor type id of 32-bit floats.
 pub const GGML_TYPE_F32: u32 = 0;
+/// … of 4-bit blocks with a scale.
 pub const GGML_TYPE_Q4_0: u32 = 2;
+/// … of 4-bit blocks with a scale and a minimum.
 pub const GGML_TYPE_Q4_1: u32 = 3;
+/// … of 8-bit blocks with a scale.
 pub const GGML_TYPE_Q8_0: u32 = 8;
 /// llama.cpp's `LLAMA_FTYPE_MOSTLY_Q8_0`, the `general.file_type` of a
 /// file whose weights are Q8_0.
@@ -25,9 +28,11 @@ const FTYPE_MOSTLY_Q8_0: u32 = 7;
 /// One tensor: where its bytes are in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// Its name (`blk.0.attn_q.weight`, …).
     pub name: String,
     /// ggml type id (2 = Q4_0, 3 = Q4_1, 0 = F32, …).
     pub kind: u32,
+    /// Its dimensions, innermost first.
     pub dims: Vec<u64>,
     /// Absolute offset of its data in the file.
     pub offset: u64,
@@ -419,9 +424,9 @@ fn data_len(kind: u32, elements: u64) -> Option<u64> {
     match kind {
         GGML_TYPE_F32 => elements.checked_mul(4),
         1 => elements.checked_mul(2), // F16
-        GGML_TYPE_Q4_0 if elements % BLOCK as u64 == 0 => Some(blocks * 18),
-        GGML_TYPE_Q4_1 if elements % BLOCK as u64 == 0 => Some(blocks * Q4_1_BYTES as u64),
-        GGML_TYPE_Q8_0 if elements % BLOCK as u64 == 0 => Some(blocks * Q8_0_BYTES as u64),
+        GGML_TYPE_Q4_0 if elements.is_multiple_of(BLOCK as u64) => Some(blocks * 18),
+        GGML_TYPE_Q4_1 if elements.is_multiple_of(BLOCK as u64) => Some(blocks * Q4_1_BYTES as u64),
+        GGML_TYPE_Q8_0 if elements.is_multiple_of(BLOCK as u64) => Some(blocks * Q8_0_BYTES as u64),
         _ => None,
     }
 }

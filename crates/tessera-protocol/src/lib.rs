@@ -47,7 +47,9 @@ pub struct ModelOffer {
 /// The provider's introduction on the control stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the provider.
     pub protocol_version: u8,
+    /// What it serves.
     pub models: Vec<ModelOffer>,
     /// Jobs it decodes at once.
     pub slots: usize,
@@ -60,7 +62,9 @@ pub struct Hello {
 /// Periodic load report on the control stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
+    /// Jobs running.
     pub active: usize,
+    /// Slots free.
     pub free_slots: usize,
     /// Tokens per second the provider measured over the last interval.
     pub tok_s: f64,
@@ -93,7 +97,9 @@ pub enum JobKind {
 /// The end of a job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobDone {
+    /// Why it ended.
     pub finish_reason: FinishReason,
+    /// Tokens of the prompt and generated.
     pub usage: Usage,
     /// Text held back until the end (see `tessera_engine::text`).
     pub text: String,
@@ -125,13 +131,18 @@ pub struct Receipt {
     pub gateway: NodeId,
     /// The provider that served (node id, hex in JSON).
     pub provider: NodeId,
+    /// The model it ran.
     pub model_sha256: String,
     /// sha256 of the prompt tokens and of the generated tokens (each token
     /// as 4 little-endian bytes).
     pub prompt_sha256: String,
+    /// See `prompt_sha256`.
     pub output_sha256: String,
+    /// Tokens of the prompt it was given.
     pub prompt_tokens: u64,
+    /// Tokens it generated.
     pub completion_tokens: u64,
+    /// Its price.
     pub price: Price,
     /// Milliseconds since the Unix epoch.
     pub issued_ms: u64,
@@ -145,6 +156,7 @@ pub struct Receipt {
 /// Signed bytes: `body` (JSON) and ed25519 signatures over exactly them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signed {
+    /// The signed JSON.
     pub body: String,
     /// The provider's signature (hex).
     pub signature: String,
@@ -156,6 +168,7 @@ pub struct Signed {
 /// Why a job failed on the provider.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobError {
+    /// What went wrong (for logs; never shown to clients as is).
     pub message: String,
     /// True when another provider may well succeed (overload, shutdown).
     pub retryable: bool,
@@ -165,29 +178,54 @@ pub struct JobError {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Frame {
+    /// Provider → gateway, first on the control stream.
     Hello(Hello),
-    Welcome { gateway: String, heartbeat_ms: u64 },
-    Refused { reason: String },
+    /// Gateway → provider: accepted.
+    Welcome {
+        /// The gateway's node id.
+        gateway: String,
+        /// How often to send heartbeats.
+        heartbeat_ms: u64,
+    },
+    /// Gateway → provider: refused, and why.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Provider → gateway, periodically on the control stream.
     Heartbeat(Heartbeat),
+    /// Gateway → provider, first on a job stream.
     JobRequest(JobRequest),
-    Tokens { tokens: Vec<TokenEvent> },
+    /// Provider → gateway: generated tokens.
+    Tokens {
+        /// The tokens, in order.
+        tokens: Vec<TokenEvent>,
+    },
+    /// Provider → gateway: the job ended.
     JobDone(JobDone),
+    /// Provider → gateway: the job failed.
     JobError(JobError),
 }
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// The connection failed.
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
+    /// Not our magic byte: garbage or another protocol.
     #[error("not a Tessera frame (magic byte {0:#04x})")]
     BadMagic(u8),
+    /// Another protocol version.
     #[error("protocol version {0} is not supported (this node speaks {PROTOCOL_VERSION})")]
     Version(u8),
+    /// Longer than [`MAX_FRAME_BYTES`].
     #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
     TooLarge(usize),
+    /// The payload is not a frame.
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// The stream ended inside a frame.
     #[error("the stream ended in the middle of a frame")]
     Truncated,
 }

@@ -111,6 +111,7 @@ pub struct PriceArgs {
 }
 
 impl PriceArgs {
+    /// The prices as micro-credits per token.
     pub fn price(&self) -> tessera_core::Price {
         tessera_core::Price {
             input: self.input_price,

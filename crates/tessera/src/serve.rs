@@ -1,7 +1,7 @@
 //! `tessera serve`: the API and one in-process provider on this machine.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -5,6 +5,7 @@
 //! provider keeps serving. Needs the `adversary` feature (test builds only;
 //! `make test` turns it on).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(feature = "adversary")]
 
 mod util;

@@ -6,6 +6,8 @@
 //! the `crate::…`, `super::…` and `use` paths of its source files (comments
 //! left out). Each check is first shown to reject a fixture that breaks it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -3,6 +3,8 @@
 //! the verdict and its evidence are the paying account's only, and the
 //! dashboard's figures follow.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::time::{Duration, Instant};

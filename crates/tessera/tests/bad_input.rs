@@ -1,6 +1,8 @@
 //! A client's mistakes get a clear 4xx in OpenAI's shape, never a 500, and
 //! the server keeps serving afterwards.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use serde_json::json;

@@ -2,6 +2,8 @@
 //! idempotency and the books, through `tessera serve` and a devnet, with the
 //! ledger read back through `tessera account …`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::time::Duration;

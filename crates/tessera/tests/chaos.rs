@@ -2,6 +2,8 @@
 //! streamed requests run 16 at a time. Every request must end with a
 //! complete, well-formed answer.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::process::Child;

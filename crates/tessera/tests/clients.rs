@@ -4,6 +4,8 @@
 //! The Python used is `$TESSERA_TEST_PYTHON` (`make test` points it at a
 //! virtual environment where it installed `openai` from PyPI), else `python3`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::process::Command;

@@ -3,6 +3,8 @@
 //! to the micro-credit, no hold is left open, and retrying every request
 //! with its Idempotency-Key charges each exactly once.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::collections::HashMap;

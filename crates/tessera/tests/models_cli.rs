@@ -3,6 +3,8 @@
 //! it, both checked against their pinned hashes), listing, upgrading a
 //! store from the Q4_1 default, and refusing corrupt or foreign files.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::process::{Command, Output};

@@ -1,6 +1,8 @@
 //! The network on loopback: a gateway and providers as separate processes
 //! joined over real iroh connections (relays and discovery off).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::collections::HashSet;

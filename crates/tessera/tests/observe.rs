@@ -7,6 +7,8 @@
 //! every provider's row and every chart checked in the rendered page, with
 //! a screenshot saved as a test artifact.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::path::PathBuf;

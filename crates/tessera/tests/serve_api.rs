@@ -1,6 +1,8 @@
 //! `tessera serve` end to end on the real default model: answers, streams,
 //! determinism, concurrency and cancellation.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 use std::io::Read;

@@ -183,8 +183,7 @@ pub fn run(home: &Path, b: QualityBench) -> anyhow::Result<()> {
     let text_path = work.path().join("fortunes.txt");
     std::fs::write(&text_path, corpus_text(&b.corpus)?)?;
     println!(
-        "tessera bench quality: quantizations of {} derived from {} ({}), {threads} threads",
-        "SmolLM2-135M-Instruct",
+        "tessera bench quality: quantizations of SmolLM2-135M-Instruct derived from {} ({}), {threads} threads",
         source.alias,
         &source.sha256[..12]
     );
@@ -272,7 +271,7 @@ pub fn run(home: &Path, b: QualityBench) -> anyhow::Result<()> {
     println!();
     println!("source perplexity {base_ppl:.3}");
     println!(
-        "  {:<18} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+        "  {:<18} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}  qualifies",
         "weights",
         "MiB",
         "PPL/src",
@@ -282,7 +281,6 @@ pub fn run(home: &Path, b: QualityBench) -> anyhow::Result<()> {
         "8 streams",
         "16 strms",
         "prefill",
-        "qualifies"
     );
     let mut best: Option<&Candidate> = None;
     for c in &results {

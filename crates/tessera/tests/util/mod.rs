@@ -6,6 +6,7 @@
 //! it after pulling the default model), or else from the store under
 //! `$HOME/.cache/tessera/home`, which `make test` fills.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::io::Read;
