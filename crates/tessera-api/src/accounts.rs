@@ -157,7 +157,16 @@ impl Accounts for LedgerAccounts {
                 .map_err(ledger_error)?
             {
                 Hold::New(id) => Ok(Held::New(id)),
-                Hold::Duplicate { cost, .. } => Ok(Held::Duplicate { cost }),
+                Hold::Duplicate {
+                    cost,
+                    response,
+                    receipt,
+                    ..
+                } => Ok(Held::Duplicate {
+                    cost,
+                    response,
+                    receipt,
+                }),
             }
         })
     }
@@ -168,6 +177,7 @@ impl Accounts for LedgerAccounts {
         job_id: String,
         model_sha256: String,
         parts: Vec<Part>,
+        response: Option<String>,
     ) -> BoxFuture<'static, Result<Settled, ApiError>> {
         let (ledger, fee_bps) = (self.ledger.clone(), self.fee_bps);
         Box::pin(async move {
@@ -184,7 +194,7 @@ impl Accounts for LedgerAccounts {
                 })
                 .collect();
             let s = ledger
-                .settle(&hold, &job_id, charges, fee_bps)
+                .settle_with_response(&hold, &job_id, charges, fee_bps, response)
                 .await
                 .map_err(ledger_error)?;
             Ok(Settled {

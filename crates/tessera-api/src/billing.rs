@@ -61,6 +61,10 @@ pub enum Held {
     Duplicate {
         /// What that request was settled for, once settled.
         cost: Option<u64>,
+        /// Its answer (JSON), when one was stored: a retry gets it again.
+        response: Option<String>,
+        /// Its receipt (settlement entry).
+        receipt: Option<String>,
     },
 }
 
@@ -77,13 +81,16 @@ pub trait Accounts: Send + Sync + 'static {
         idempotency_key: Option<String>,
     ) -> BoxFuture<'static, Result<Held, ApiError>>;
     /// Charge `parts` against the hold and return the rest (no parts:
-    /// release it all).
+    /// release it all). `response`, the answer the charge is for, is kept
+    /// with it when given (requests with an idempotency key), in the same
+    /// transaction, so a retry with that key gets it again.
     fn settle(
         &self,
         hold: String,
         job_id: String,
         model_sha256: String,
         parts: Vec<Part>,
+        response: Option<String>,
     ) -> BoxFuture<'static, Result<Settled, ApiError>>;
     /// The caller's account as `GET /v1/account` shows it.
     fn account(&self, caller: &Caller) -> BoxFuture<'static, Result<Value, ApiError>>;
@@ -92,6 +99,9 @@ pub trait Accounts: Send + Sync + 'static {
 /// One request's escrow and usage so far; settles exactly once.
 pub struct Bill {
     accounts: Arc<dyn Accounts>,
+    /// Where a bill dropped mid-answer settles in the background (tracked,
+    /// so a stopping process waits for it).
+    tasks: tokio_util::task::TaskTracker,
     /// `None` once settled or released.
     hold: Option<String>,
     job_id: String,
@@ -104,6 +114,7 @@ pub struct Bill {
 impl Bill {
     pub(crate) fn new(
         accounts: Arc<dyn Accounts>,
+        tasks: tokio_util::task::TaskTracker,
         hold: String,
         job_id: String,
         model_sha256: String,
@@ -111,6 +122,7 @@ impl Bill {
     ) -> Bill {
         Bill {
             accounts,
+            tasks,
             hold: Some(hold),
             job_id,
             model_sha256,
@@ -151,14 +163,15 @@ impl Bill {
     }
 
     /// The answer ended: charge what `usage` reports (tokens not seen as
-    /// events, such as a final end-of-generation token, go to the last part).
-    pub(crate) async fn settle(&mut self, usage: &Usage) {
+    /// events, such as a final end-of-generation token, go to the last part),
+    /// keeping `response` (the answer, for a replay) with the charge.
+    pub(crate) async fn settle(&mut self, usage: &Usage, response: Option<String>) {
         let counted: u64 = self.parts.iter().map(|p| p.completion_tokens).sum();
         if let Some(last) = self.parts.last_mut() {
             last.completion_tokens += u64::from(usage.completion_tokens).saturating_sub(counted);
         }
         let parts = std::mem::take(&mut self.parts);
-        let Some(settle) = self.close(parts) else {
+        let Some(settle) = self.close(parts, response) else {
             return;
         };
         match settle.await {
@@ -172,7 +185,7 @@ impl Bill {
     /// The request failed: charge nothing.
     pub(crate) async fn release(&mut self) {
         self.parts.clear();
-        if let Some(settle) = self.close(vec![]) {
+        if let Some(settle) = self.close(vec![], None) {
             if let Err(e) = settle.await {
                 tracing::error!(job = %self.job_id, message = %e.message, "release failed");
             }
@@ -180,12 +193,19 @@ impl Bill {
     }
 
     /// Settle the hold with `parts`, once: `None` if it was already closed.
-    fn close(&mut self, parts: Vec<Part>) -> Option<BoxFuture<'static, Result<Settled, ApiError>>> {
+    fn close(
+        &mut self,
+        parts: Vec<Part>,
+        response: Option<String>,
+    ) -> Option<BoxFuture<'static, Result<Settled, ApiError>>> {
         let hold = self.hold.take()?;
-        Some(
-            self.accounts
-                .settle(hold, self.job_id.clone(), self.model_sha256.clone(), parts),
-        )
+        Some(self.accounts.settle(
+            hold,
+            self.job_id.clone(),
+            self.model_sha256.clone(),
+            parts,
+            response,
+        ))
     }
 }
 
@@ -197,17 +217,20 @@ impl Drop for Bill {
             .into_iter()
             .filter(|p| p.completion_tokens > 0 || p.prompt_tokens > 0)
             .collect();
-        let Some(settle) = self.close(parts) else {
+        let Some(settle) = self.close(parts, None) else {
             return;
         };
         let job = self.job_id.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move {
-                    if let Err(e) = settle.await {
-                        tracing::error!(%job, message = %e.message, "settling an abandoned request failed");
-                    }
-                });
+                self.tasks.spawn_on(
+                    async move {
+                        if let Err(e) = settle.await {
+                            tracing::error!(%job, message = %e.message, "settling an abandoned request failed");
+                        }
+                    },
+                    &rt,
+                );
             }
             Err(_) => {
                 tracing::error!(%job, "no runtime to settle an abandoned request; its hold is released at restart")

@@ -40,6 +40,9 @@ use tessera_backend::{Backend, JobError, JobTicket, ServedModel};
 use tessera_core::{GenerationRequest, Token};
 pub use tessera_metrics::Metrics;
 use tessera_metrics::{Generation, Outcome, Verdict};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
 
 pub use billing::{Accounts, Caller, Held, Part, Settled};
 pub use error::ApiError;
@@ -70,6 +73,13 @@ pub struct ApiConfig {
     /// Where requests and generations are counted (`/metrics` is served by
     /// whoever assembles the process).
     pub metrics: Arc<Metrics>,
+    /// Cancelled when the process stops for good: answers still running
+    /// end at once (a stream with an error event, a blocking request with
+    /// a 503) and their holds are released.
+    pub shutdown: CancellationToken,
+    /// Tracks every answer in flight and every bill still closing, so the
+    /// process can wait until nothing is held before it exits.
+    pub tasks: TaskTracker,
 }
 
 impl Default for ApiConfig {
@@ -77,6 +87,8 @@ impl Default for ApiConfig {
         Self {
             body_limit: 4 * 1024 * 1024,
             metrics: Metrics::new(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         }
     }
 }
@@ -205,6 +217,13 @@ pub(crate) struct Job {
     pub track: Generation,
     /// Where the answer came from (asked for its audit status).
     pub backend: Arc<dyn Backend>,
+    /// Ends the answer early when the process stops.
+    pub shutdown: CancellationToken,
+    /// Counts this answer as in flight until it is dropped.
+    pub _in_flight: TaskTrackerToken,
+    /// The request carried an idempotency key: its answer is stored with
+    /// its charge, so that a retry gets it again.
+    pub replayable: bool,
 }
 
 impl Job {
@@ -291,7 +310,22 @@ async fn run(
         .await?
     {
         Held::New(hold) => hold,
-        Held::Duplicate { cost } => {
+        // The retry of an answer that was charged: the same answer again,
+        // never a second charge.
+        Held::Duplicate {
+            cost: Some(cost),
+            response: Some(stored),
+            receipt,
+        } => {
+            return response::replay(
+                &stored,
+                cost,
+                receipt,
+                checked.stream,
+                checked.include_usage,
+            );
+        }
+        Held::Duplicate { cost, .. } => {
             let what = match cost {
                 Some(c) => format!("it was settled for {c} micro-credits"),
                 None => "it is still running".into(),
@@ -308,6 +342,7 @@ async fn run(
     };
     let mut bill = billing::Bill::new(
         api.accounts.clone(),
+        api.config.tasks.clone(),
         hold,
         id.clone(),
         model.sha256.clone(),
@@ -321,6 +356,7 @@ async fn run(
         stop: checked.stop.clone(),
         top_logprobs: checked.logprobs.unwrap_or(0) as usize,
         ignore_eos: checked.ignore_eos,
+        cache: None,
     };
     let ticket = JobTicket {
         id: id.clone(),
@@ -348,6 +384,9 @@ async fn run(
         bill,
         track: api.config.metrics.generation(arrived, prompt_tokens),
         backend: api.backend.clone(),
+        shutdown: api.config.shutdown.clone(),
+        _in_flight: api.config.tasks.token(),
+        replayable: idempotency.is_some(),
     };
     if job.checked.stream {
         Ok(response::stream(job, dispatch.events).into_response())

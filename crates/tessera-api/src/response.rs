@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use axum::response::sse::{Event as SseEvent, Sse};
 use futures::stream::{self, Stream};
 use serde_json::{json, Value};
-use tessera_backend::JobEvent as Event;
+use tessera_backend::{JobError, JobEvent as Event};
 use tessera_core::{FinishReason, TokenEvent, Usage};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -139,6 +139,46 @@ impl Job {
     }
 }
 
+/// The blocking answer's body, without the `tessera` extension (what a
+/// replay stores; the extension is added when it is sent).
+fn answer_body(
+    job: &Job,
+    text: &str,
+    tokens: &[TokenEvent],
+    finish: FinishReason,
+    usage: &Usage,
+) -> Value {
+    let want_logprobs = job.checked.logprobs.is_some() && !tokens.is_empty();
+    let choice = match job.kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": { "role": "assistant", "content": text },
+            "logprobs": if want_logprobs {
+                json!({ "content": tokens.iter().map(|t| job.chat_logprob(t)).collect::<Vec<_>>() })
+            } else { Value::Null },
+            "finish_reason": finish_str(finish),
+        }),
+        Kind::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": if want_logprobs { job.completion_logprobs(tokens, 0) } else { Value::Null },
+            "finish_reason": finish_str(finish),
+        }),
+    };
+    let object = match job.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    json!({
+        "id": job.id,
+        "object": object,
+        "created": job.created,
+        "model": job.model.id,
+        "choices": [choice],
+        "usage": usage_json(usage),
+    })
+}
+
 /// Run the generation to the end and build the blocking response.
 pub(crate) async fn collect(
     mut job: Job,
@@ -147,7 +187,11 @@ pub(crate) async fn collect(
     let mut text = String::new();
     let mut tokens: Vec<TokenEvent> = Vec::new();
     let (finish, usage) = loop {
-        match events.recv().await {
+        let next = tokio::select! {
+            e = events.recv() => e,
+            _ = job.shutdown.cancelled() => Some(Event::Error(JobError::ShuttingDown)),
+        };
+        match next {
             Some(Event::Token(t)) => {
                 job.bill.token();
                 job.track.token();
@@ -160,8 +204,6 @@ pub(crate) async fn collect(
                 text: tail,
             }) => {
                 text.push_str(&tail);
-                job.bill.settle(&usage).await;
-                job.completed(usage.completion_tokens);
                 break (finish_reason, usage);
             }
             Some(Event::Error(e)) => {
@@ -183,36 +225,67 @@ pub(crate) async fn collect(
             }
         }
     };
-    let want_logprobs = job.checked.logprobs.is_some();
-    let choice = match job.kind {
-        Kind::Chat => json!({
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "logprobs": if want_logprobs {
-                json!({ "content": tokens.iter().map(|t| job.chat_logprob(t)).collect::<Vec<_>>() })
-            } else { Value::Null },
-            "finish_reason": finish_str(finish),
-        }),
-        Kind::Completion => json!({
-            "index": 0,
-            "text": text,
-            "logprobs": if want_logprobs { job.completion_logprobs(&tokens, 0) } else { Value::Null },
-            "finish_reason": finish_str(finish),
-        }),
+    let mut body = answer_body(&job, &text, &tokens, finish, &usage);
+    let replay = job.replayable.then(|| body.to_string());
+    job.bill.settle(&usage, replay).await;
+    job.completed(usage.completion_tokens);
+    body["tessera"] = job.extension();
+    Ok(body)
+}
+
+/// An answer replayed for a retry with the same idempotency key: the body
+/// stored with its charge, the charge added back, as a JSON response or as
+/// a stream of one content chunk, the final chunk and `[DONE]`.
+pub(crate) fn replay(
+    stored: &str,
+    cost: u64,
+    receipt: Option<String>,
+    stream: bool,
+    include_usage: bool,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let mut body: Value = serde_json::from_str(stored)
+        .map_err(|e| ApiError::internal(format!("a stored answer is unreadable: {e}")))?;
+    body["tessera"] = json!({"cost": cost, "receipt": receipt, "replayed": true});
+    if !stream {
+        return Ok(axum::Json(body).into_response());
+    }
+    let chat = body["object"] == "chat.completion";
+    let choice = &body["choices"][0];
+    let base = |choice: Value, extension: bool| {
+        let mut v = json!({
+            "id": body["id"],
+            "object": if chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": body["created"],
+            "model": body["model"],
+            "choices": [choice],
+        });
+        if extension {
+            v["tessera"] = body["tessera"].clone();
+        }
+        v
     };
-    let object = match job.kind {
-        Kind::Chat => "chat.completion",
-        Kind::Completion => "text_completion",
-    };
-    Ok(json!({
-        "id": job.id,
-        "object": object,
-        "created": job.created,
-        "model": job.model.id,
-        "choices": [choice],
-        "usage": usage_json(&usage),
-        "tessera": job.extension(),
-    }))
+    let mut events = Vec::new();
+    if chat {
+        let content = choice["message"]["content"].clone();
+        events.push(base(json!({"index": 0, "delta": {"role": "assistant", "content": content}, "logprobs": null, "finish_reason": null}), true));
+        events.push(base(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": choice["finish_reason"]}), true));
+    } else {
+        events.push(base(
+            json!({"index": 0, "text": choice["text"], "logprobs": null, "finish_reason": null}),
+            true,
+        ));
+        events.push(base(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": choice["finish_reason"]}), true));
+    }
+    if include_usage {
+        let mut u = base(Value::Null, false);
+        u["choices"] = json!([]);
+        u["usage"] = body["usage"].clone();
+        events.push(u);
+    }
+    let mut out: Vec<Result<SseEvent, Infallible>> = events.iter().map(|v| Ok(data(v))).collect();
+    out.push(Ok(SseEvent::default().data("[DONE]")));
+    Ok(Sse::new(stream::iter(out)).into_response())
 }
 
 /// Where a stream is in its life.
@@ -226,6 +299,9 @@ struct StreamState {
     sent: usize,
     /// A new provider took over: the next chunk names it.
     handoff: bool,
+    /// The answer's text so far, kept when the answer is stored for a
+    /// replay.
+    text: String,
 }
 
 fn data(v: &Value) -> SseEvent {
@@ -257,6 +333,9 @@ impl StreamState {
                     self.handoff = false;
                 }
                 self.sent += t.text.len();
+                if self.job.replayable {
+                    self.text.push_str(&t.text);
+                }
             }
             Some(Event::Provider { node, price }) => {
                 self.job.bill.part(node.clone(), price);
@@ -331,6 +410,7 @@ pub(crate) fn stream(
         finished: false,
         sent: 0,
         handoff: false,
+        text: String::new(),
     };
     Sse::new(stream::unfold(state, |mut st| async move {
         loop {
@@ -343,10 +423,24 @@ pub(crate) fn stream(
             if st.finished {
                 return None;
             }
-            let next = st.events.recv().await;
+            let next = tokio::select! {
+                e = st.events.recv() => e,
+                _ = st.job.shutdown.cancelled() => Some(Event::Error(JobError::ShuttingDown)),
+            };
             // Settle before the final chunk, which carries the cost.
             match &next {
-                Some(Event::Done { usage, .. }) => st.job.bill.settle(usage).await,
+                Some(Event::Done {
+                    usage,
+                    finish_reason,
+                    text,
+                }) => {
+                    let replay = st.job.replayable.then(|| {
+                        let mut all = st.text.clone();
+                        all.push_str(text);
+                        answer_body(&st.job, &all, &[], *finish_reason, usage).to_string()
+                    });
+                    st.job.bill.settle(usage, replay).await
+                }
                 Some(Event::Error(_)) | None => st.job.bill.release().await,
                 _ => {}
             }

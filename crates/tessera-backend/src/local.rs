@@ -15,6 +15,8 @@ pub struct LocalBackend {
     handle: SchedulerHandle,
     served: ServedModel,
     price: Price,
+    /// Hashes accounts into prefix-cache keys (randomly seeded per process).
+    keys: std::collections::hash_map::RandomState,
 }
 
 /// Shown to clients as `tessera.provider`.
@@ -35,6 +37,7 @@ impl LocalBackend {
             handle,
             served,
             price,
+            keys: std::collections::hash_map::RandomState::new(),
         }
     }
 }
@@ -87,10 +90,19 @@ impl Backend for LocalBackend {
     fn submit(
         &self,
         _model: &ServedModel,
-        request: GenerationRequest,
+        mut request: GenerationRequest,
         _route: &RoutePrefs,
-        _ticket: &JobTicket,
+        ticket: &JobTicket,
     ) -> BoxFuture<'static, Result<Dispatch, JobError>> {
+        // A chat's next turn reuses the KV cache of its history, for the
+        // same account only.
+        if !ticket.account.is_empty() {
+            use std::hash::BuildHasher;
+            request.cache = Some(tessera_core::PrefixCache {
+                key: self.keys.hash_one(&ticket.account),
+                tag: ticket.id.clone(),
+            });
+        }
         let result = self.handle.submit(request).map(|events| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(forward(events, tx));

@@ -63,6 +63,23 @@ pub struct GenerationRequest {
     /// Keep going past end-of-generation tokens (benchmarks use this to
     /// generate a fixed number of tokens).
     pub ignore_eos: bool,
+    /// Keep this request's KV cache after it ends, to be reused by a later
+    /// request of the same key that starts with the same tokens (a chat's
+    /// next turn). `None`: no reuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PrefixCache>,
+}
+
+/// Whose prefix cache a request may use and how its own entry is named.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PrefixCache {
+    /// Requests reuse only entries of the same key: one account at one
+    /// gateway (an opaque hash, so a provider cannot tell who it is), so
+    /// time to first token reveals nothing about other clients' prompts.
+    pub key: u64,
+    /// The name of the entry this request leaves behind (the job's id); an
+    /// engine reports it when it evicts the entry.
+    pub tag: String,
 }
 
 /// Why a generation ended, in OpenAI's words.

@@ -24,7 +24,9 @@ pub mod proof;
 pub mod status;
 pub mod system;
 
-pub use generation::{FinishReason, GenerationRequest, SamplingParams, Token, TokenEvent, Usage};
+pub use generation::{
+    FinishReason, GenerationRequest, PrefixCache, SamplingParams, Token, TokenEvent, Usage,
+};
 pub use id::{NodeId, NodeIdError};
 pub use price::Price;
 pub use proof::Proof;

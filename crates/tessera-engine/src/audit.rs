@@ -46,10 +46,12 @@ pub struct AuditJob {
     pub output: Vec<Token>,
     /// The sampling settings and seed the answer claims.
     pub sampling: SamplingParams,
-    /// Its logprobs and commitments.
-    pub proof: Proof,
-    /// Why it says it ended.
-    pub finish_reason: FinishReason,
+    /// Its logprobs and commitments; `None` for a part that ended without
+    /// a proof (its provider died or sent none): then only seeded sampling
+    /// is checked, which needs nothing but prompt, seed and tokens.
+    pub proof: Option<Proof>,
+    /// Why it says it ended; `None` for a part cut off before an end.
+    pub finish_reason: Option<FinishReason>,
     /// The gateway itself saw a stop sequence end the answer.
     pub stopped_by_sequence: bool,
     /// The part's `max_tokens` (what was left of the request's).
@@ -210,7 +212,7 @@ pub fn audit(
     };
     let n_vocab = model.info().n_vocab;
     // What can be checked without the model.
-    if job.claimed_completion_tokens as usize != n {
+    if job.finish_reason.is_some() && job.claimed_completion_tokens as usize != n {
         ev.failures.push(format!(
             "usage claims {} generated tokens, the answer has {n}",
             job.claimed_completion_tokens
@@ -221,13 +223,15 @@ pub fn audit(
             .push("an empty prompt or no generated tokens".into());
         return Ok(ev);
     }
-    if job.proof.logprobs.len() != n || !job.proof.well_formed() {
-        ev.failures.push(format!(
-            "the proof does not fit the answer ({} logprobs and {} commitment bytes for {n} tokens)",
-            job.proof.logprobs.len(),
-            job.proof.commitments.len()
-        ));
-        return Ok(ev);
+    if let Some(proof) = &job.proof {
+        if proof.logprobs.len() != n || !proof.well_formed() {
+            ev.failures.push(format!(
+                "the proof does not fit the answer ({} logprobs and {} commitment bytes for {n} tokens)",
+                proof.logprobs.len(),
+                proof.commitments.len()
+            ));
+            return Ok(ev);
+        }
     }
     if job.output.iter().any(|&t| t < 0 || t as usize >= n_vocab) {
         ev.failures.push("a token id outside the vocabulary".into());
@@ -240,10 +244,10 @@ pub fn audit(
     }
     let ends_in_eog = eog_at == Some(n - 1);
     match job.finish_reason {
-        FinishReason::Stop if !ends_in_eog && !job.stopped_by_sequence => ev.failures.push(
+        Some(FinishReason::Stop) if !ends_in_eog && !job.stopped_by_sequence => ev.failures.push(
             "it says it stopped, without an end-of-generation token or a stop sequence".into(),
         ),
-        FinishReason::Length => {
+        Some(FinishReason::Length) => {
             let room = job.context.saturating_sub(job.prompt.len());
             let limit = job.max_tokens.map_or(room, |m| (m as usize).min(room));
             if n < limit {
@@ -288,9 +292,12 @@ pub fn audit(
                 ev.first_mismatch.get_or_insert(t);
             }
         }
+        let Some(proof) = &job.proof else {
+            return;
+        };
         // 2. Logprobs.
         let (lp, _) = sampling::logprobs(logits, token, 0);
-        let err = (lp - job.proof.logprobs[t]).abs();
+        let err = (lp - proof.logprobs[t]).abs();
         ev.logprob_mean_error += err / n as f32;
         ev.logprob_max_error = if err.is_nan() {
             f32::INFINITY
@@ -301,8 +308,7 @@ pub fn audit(
         rows.extend_from_slice(hidden);
         in_chunk += 1;
         if in_chunk == CHUNK || t + 1 == n {
-            let check = job
-                .proof
+            let check = proof
                 .chunk_commitment(chunk_index)
                 .map(|c| check_chunk(&c, &rows))
                 .unwrap_or_default();

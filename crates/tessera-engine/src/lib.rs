@@ -135,6 +135,12 @@ pub trait Engine {
     ) -> Result<(), EngineError>;
     /// Forget a sequence's KV cache so its slot can be reused.
     fn clear_sequence(&mut self, seq: SeqId);
+    /// Keep only the first `keep` positions of a sequence's KV cache (a
+    /// kept prefix reused by the next request); false if this engine cannot
+    /// (then the caller clears the sequence and evaluates from scratch).
+    fn truncate_sequence(&mut self, _seq: SeqId, _keep: usize) -> bool {
+        false
+    }
     /// Sequences this context can hold at once.
     fn max_sequences(&self) -> usize;
     /// Most tokens one `decode` call may carry.

@@ -414,7 +414,7 @@ mod tests {
     #[test]
     fn fast_full_vocabulary_path_matches_the_definition() {
         let mut logits = toy_logits();
-        logits.extend((0..40_000).map(|i| ((i * 104_729) % 3000) as f32 / 150.0 - 12.0));
+        logits.extend((0..40_000u64).map(|i| ((i * 104_729) % 3000) as f32 / 150.0 - 12.0));
         for (t, seed) in [(1.0f32, 1u64), (0.7, 2), (1.5, 3), (0.2, 4), (2.0, 5)] {
             let p = SamplingParams {
                 temperature: t,

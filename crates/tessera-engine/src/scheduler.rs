@@ -71,6 +71,12 @@ struct Job {
 struct Load {
     active: AtomicUsize,
     waiting: AtomicUsize,
+    /// Tags of prefix-cache entries evicted since they were last taken.
+    evicted: std::sync::Mutex<Vec<String>>,
+    /// Prompt tokens served from a kept prefix instead of evaluated, and
+    /// prompt tokens in all (the cache's hit rate).
+    reused_tokens: std::sync::atomic::AtomicU64,
+    prompt_tokens: std::sync::atomic::AtomicU64,
 }
 
 /// A cheap, cloneable way to submit work to a running [`Scheduler`].
@@ -108,6 +114,20 @@ impl SchedulerHandle {
     /// Requests waiting for a free slot.
     pub fn waiting(&self) -> usize {
         self.load.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Tags of the prefix-cache entries evicted since the last call.
+    pub fn take_evicted(&self) -> Vec<String> {
+        std::mem::take(&mut *self.load.evicted.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Prompt tokens reused from kept prefixes, and prompt tokens in all,
+    /// since the start.
+    pub fn prefix_reuse(&self) -> (u64, u64) {
+        (
+            self.load.reused_tokens.load(Ordering::Relaxed),
+            self.load.prompt_tokens.load(Ordering::Relaxed),
+        )
     }
 
     /// Queue a generation. The receiver yields `Token` events then exactly one
@@ -260,19 +280,46 @@ impl Active {
     }
 }
 
+/// A slot no request is using: empty, or keeping the KV cache of a
+/// finished request for a later one of the same key that starts with the
+/// same tokens.
+struct FreeSlot {
+    seq: SeqId,
+    kept: Option<Kept>,
+}
+
+/// A finished request's KV cache, kept.
+struct Kept {
+    key: u64,
+    tag: String,
+    /// The tokens whose keys and values are in the cache, in order.
+    tokens: Vec<Token>,
+    /// When it was last used (the loop's clock): the least recent goes first.
+    used: u64,
+}
+
+/// Tokens a kept prefix must share with a prompt to be worth keeping
+/// instead of a fresh slot.
+const MIN_REUSE: usize = 16;
+
 struct Loop {
     engine: Box<dyn Engine>,
     model: Arc<dyn Model>,
     load: Arc<Load>,
     waiting: VecDeque<Job>,
     active: Vec<Active>,
-    free: Vec<SeqId>,
+    free: Vec<FreeSlot>,
     out: BatchOutput,
+    /// Counts admissions, to order kept prefixes by recency.
+    clock: u64,
 }
 
 impl Loop {
     fn new(engine: Box<dyn Engine>, model: Arc<dyn Model>, load: Arc<Load>) -> Self {
-        let free = (0..engine.max_sequences() as SeqId).rev().collect();
+        let free = (0..engine.max_sequences() as SeqId)
+            .rev()
+            .map(|seq| FreeSlot { seq, kept: None })
+            .collect();
         Self {
             engine,
             model,
@@ -281,6 +328,7 @@ impl Loop {
             active: Vec::new(),
             free,
             out: BatchOutput::default(),
+            clock: 0,
         }
     }
 
@@ -333,17 +381,108 @@ impl Loop {
 
     fn release(&mut self, seq: SeqId) {
         self.engine.clear_sequence(seq);
-        self.free.push(seq);
+        self.free.push(FreeSlot { seq, kept: None });
+    }
+
+    /// A request ended normally: keep its KV cache if it asked for that.
+    fn retire(&mut self, done: Active) {
+        match done.job.request.cache.clone() {
+            Some(cache) if done.fed > 0 => {
+                let mut tokens = done.tokens;
+                tokens.truncate(done.fed);
+                self.free.push(FreeSlot {
+                    seq: done.seq,
+                    kept: Some(Kept {
+                        key: cache.key,
+                        tag: cache.tag,
+                        tokens,
+                        used: self.clock,
+                    }),
+                });
+            }
+            _ => self.release(done.seq),
+        }
+    }
+
+    fn evicted(&self, tag: String) {
+        self.load
+            .evicted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tag);
+    }
+
+    /// The slot for `job` and how many of its prompt tokens are already in
+    /// that slot's cache: the kept prefix of the same key that shares the
+    /// most tokens with the prompt (at least [`MIN_REUSE`]), else an empty
+    /// slot, else the least recently used kept one (evicted).
+    fn take_slot(&mut self, job: &Job) -> Option<(SeqId, usize)> {
+        let prompt = &job.request.prompt;
+        let mut best: Option<(usize, usize)> = None;
+        if let Some(cache) = &job.request.cache {
+            for (i, f) in self.free.iter().enumerate() {
+                let Some(k) = f.kept.as_ref().filter(|k| k.key == cache.key) else {
+                    continue;
+                };
+                let shared = k
+                    .tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                if shared >= MIN_REUSE && best.is_none_or(|(_, s)| shared > s) {
+                    best = Some((i, shared));
+                }
+            }
+        }
+        let (i, shared) = match best {
+            Some(b) => b,
+            None => {
+                let i = self
+                    .free
+                    .iter()
+                    .position(|f| f.kept.is_none())
+                    .or_else(|| {
+                        (0..self.free.len())
+                            .min_by_key(|&i| self.free[i].kept.as_ref().map_or(0, |k| k.used))
+                    })?;
+                (i, 0)
+            }
+        };
+        let slot = self.free.swap_remove(i);
+        // At least the prompt's last token is evaluated: its logits pick the
+        // first new token.
+        let keep = shared.min(prompt.len().saturating_sub(1));
+        let reused = keep > 0 && self.engine.truncate_sequence(slot.seq, keep);
+        if let Some(kept) = slot.kept {
+            // Reused or not, the entry is gone as it was: a reused one lives
+            // on as the new request's entry when that one ends.
+            self.evicted(kept.tag);
+        }
+        if !reused {
+            self.engine.clear_sequence(slot.seq);
+        }
+        Some((slot.seq, if reused { keep } else { 0 }))
     }
 
     fn admit(&mut self) {
         // `SchedulerHandle::submit` already refused empty and over-long prompts.
         let limit = self.engine.context_per_sequence();
-        while let Some(seq) = self.free.pop() {
+        while !self.free.is_empty() {
             let Some(mut job) = self.waiting.pop_front() else {
-                self.free.push(seq);
                 break;
             };
+            let Some((seq, fed)) = self.take_slot(&job) else {
+                self.waiting.push_front(job);
+                break;
+            };
+            self.clock += 1;
+            self.load
+                .reused_tokens
+                .fetch_add(fed as u64, Ordering::Relaxed);
+            self.load
+                .prompt_tokens
+                .fetch_add(job.request.prompt.len() as u64, Ordering::Relaxed);
             let tokens = std::mem::take(&mut job.request.prompt);
             let n_prompt = tokens.len();
             let max_new = job.request.max_tokens.map_or(usize::MAX, |m| m as usize);
@@ -354,7 +493,7 @@ impl Loop {
                 seq,
                 job,
                 tokens,
-                fed: 0,
+                fed,
                 n_prompt,
                 end,
                 text,
@@ -426,7 +565,7 @@ impl Loop {
         finished.sort_unstable_by(|a, b| b.cmp(a));
         for i in finished {
             let done = self.active.swap_remove(i);
-            self.release(done.seq);
+            self.retire(done);
         }
     }
 
@@ -556,6 +695,9 @@ mod tests {
             Ok(())
         }
         fn clear_sequence(&mut self, _: SeqId) {}
+        fn truncate_sequence(&mut self, _: SeqId, _: usize) -> bool {
+            true
+        }
         fn max_sequences(&self) -> usize {
             self.slots
         }
@@ -563,7 +705,7 @@ mod tests {
             4
         }
         fn context_per_sequence(&self) -> usize {
-            16
+            64
         }
     }
 
@@ -600,6 +742,7 @@ mod tests {
             stop: stop.iter().map(|s| s.to_string()).collect(),
             top_logprobs: 0,
             ignore_eos: false,
+            cache: None,
         }
     }
 
@@ -678,13 +821,13 @@ mod tests {
     #[test]
     fn over_long_prompt_is_refused_and_context_end_is_length() {
         let (_s, h, _) = start(1);
-        let err = h.submit(request(&[0; 16], None, &[])).unwrap_err();
+        let err = h.submit(request(&[0; 64], None, &[])).unwrap_err();
         assert!(matches!(
             err,
             SubmitError::Engine(EngineError::ContextLength { .. })
         ));
-        // 10 prompt tokens of 0 predict 1..; context 16 allows 6 new tokens.
-        let (text, done) = collect(h.submit(request(&[6; 10], None, &[])).unwrap());
+        // 58 prompt tokens of 0 predict 1..; context 64 allows 6 new tokens.
+        let (text, done) = collect(h.submit(request(&[6; 58], None, &[])).unwrap());
         assert_eq!(text, "");
         assert!(matches!(
             done,
@@ -693,7 +836,7 @@ mod tests {
                 ..
             }
         ));
-        let (text, done) = collect(h.submit(request(&[0; 10], Some(100), &[])).unwrap());
+        let (text, done) = collect(h.submit(request(&[0; 58], Some(100), &[])).unwrap());
         assert_eq!(text, "bcdefg");
         assert!(matches!(
             done,
@@ -702,6 +845,54 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_kept_prefix_is_reused_by_the_same_key_only_and_evictions_are_reported() {
+        let (_s, h, calls) = start(2);
+        let cached = |prompt: &[Token], key: u64, tag: &str| GenerationRequest {
+            cache: Some(tessera_core::PrefixCache {
+                key,
+                tag: tag.into(),
+            }),
+            ..request(prompt, Some(3), &[])
+        };
+        let turn1: Vec<Token> = (0..20).map(|i| i % 7).collect();
+        let (first, _) = collect(h.submit(cached(&turn1, 1, "t1")).unwrap());
+        assert_eq!(h.prefix_reuse().0, 0);
+        // The next turn starts with the first turn (prompt + answer).
+        let mut turn2 = turn1.clone();
+        turn2.extend([0, 1, 2, 5, 6]);
+        let before = calls.lock().unwrap().iter().sum::<usize>();
+        let (second, _) = collect(h.submit(cached(&turn2, 1, "t2")).unwrap());
+        let evaluated = calls.lock().unwrap().iter().sum::<usize>() - before;
+        let (reused, _) = h.prefix_reuse();
+        assert!(reused >= 20, "reused {reused} tokens");
+        assert!(
+            evaluated < turn2.len(),
+            "evaluated {evaluated} positions again"
+        );
+        // The counting model's answer depends only on the last token, so
+        // reuse changed nothing the client sees.
+        assert_eq!(
+            second,
+            collect(h.submit(request(&turn2, Some(3), &[])).unwrap()).0
+        );
+        assert!(!first.is_empty());
+        // The consumed entry was reported.
+        assert!(h.take_evicted().contains(&"t1".to_string()));
+        // Another key never reuses it.
+        let (reused_before, _) = h.prefix_reuse();
+        collect(h.submit(cached(&turn2, 2, "x")).unwrap());
+        assert_eq!(
+            h.prefix_reuse().0,
+            reused_before,
+            "another key's prefix was used"
+        );
+        // Two slots, three kept entries: the least recent one is evicted.
+        collect(h.submit(cached(&[3; 20], 3, "y")).unwrap());
+        let evicted = h.take_evicted();
+        assert!(!evicted.is_empty(), "no eviction reported");
     }
 
     #[test]

@@ -208,6 +208,10 @@ pub enum Hold {
         hold: String,
         /// What it was settled for, once settled.
         cost: Option<u64>,
+        /// The answer it was settled with, when one was stored.
+        response: Option<String>,
+        /// Its settlement entry (the answer's `tessera.receipt`).
+        receipt: Option<String>,
     },
 }
 
@@ -454,6 +458,21 @@ impl Ledger {
         charges: Vec<Charge>,
         fee_bps: u64,
     ) -> Result<Settlement> {
+        self.settle_with_response(hold, job_id, charges, fee_bps, None)
+            .await
+    }
+
+    /// [`Ledger::settle`], storing `response` (the answer) with the charge
+    /// in one transaction, so that a retry with the hold's idempotency key
+    /// gets the answer it paid for ([`Hold::Duplicate`]).
+    pub async fn settle_with_response(
+        &self,
+        hold: &str,
+        job_id: &str,
+        charges: Vec<Charge>,
+        fee_bps: u64,
+        response: Option<String>,
+    ) -> Result<Settlement> {
         if fee_bps > 10_000 {
             return Err(LedgerError::Amount(format!(
                 "a fee of {fee_bps} basis points is over 100%"
@@ -465,6 +484,7 @@ impl Ledger {
             job_id,
             charges,
             fee_bps,
+            response,
             reply,
         })
         .await

@@ -71,6 +71,11 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX receipts_job ON receipts (job_id)",
     // The audit status of the part (pending, passed, failed, not_audited).
     "ALTER TABLE receipts ADD COLUMN audit TEXT",
+    // A settled request's answer (JSON, without its cost and receipt) and
+    // its settlement entry, when the request carried an idempotency key: a
+    // retry with the same key gets the same answer, charged once.
+    "ALTER TABLE holds ADD COLUMN response TEXT",
+    "ALTER TABLE holds ADD COLUMN receipt TEXT",
 ];
 
 /// Apply every migration not yet applied, and create the system accounts.

@@ -57,6 +57,7 @@ pub(crate) enum Op {
         job_id: String,
         charges: Vec<Charge>,
         fee_bps: u64,
+        response: Option<String>,
         reply: oneshot::Sender<Result<Settlement>>,
     },
     Refund {
@@ -99,6 +100,7 @@ enum Work {
         job_id: String,
         charges: Vec<Charge>,
         fee_bps: u64,
+        response: Option<String>,
     },
     Refund {
         receipt: String,
@@ -169,6 +171,7 @@ impl Op {
                 job_id,
                 charges,
                 fee_bps,
+                response,
                 reply,
             } => (
                 Work::Settle {
@@ -176,6 +179,7 @@ impl Op {
                     job_id,
                     charges,
                     fee_bps,
+                    response,
                 },
                 Reply::Settle(reply),
             ),
@@ -648,8 +652,17 @@ const ROWS_PER_INSERT: usize = 400;
 
 impl Batch {
     fn entry(&mut self, kind: &str, hold: Option<&str>, postings: &[(&str, i64)]) -> String {
+        self.entry_with_id(new_id("ent"), kind, hold, postings)
+    }
+
+    fn entry_with_id(
+        &mut self,
+        id: String,
+        kind: &str,
+        hold: Option<&str>,
+        postings: &[(&str, i64)],
+    ) -> String {
         debug_assert_eq!(postings.iter().map(|p| p.1).sum::<i64>(), 0);
-        let id = new_id("ent");
         self.entries.push([
             Value::Text(id.clone()),
             Value::Text(kind.to_string()),
@@ -864,7 +877,19 @@ async fn apply(tx: &mut Tx, batch: &mut Batch, work: &Work) -> Result<Outcome> {
             job_id,
             charges,
             fee_bps,
-        } => settle(tx, batch, hold, job_id, charges, *fee_bps).await,
+            response,
+        } => {
+            settle(
+                tx,
+                batch,
+                hold,
+                job_id,
+                charges,
+                *fee_bps,
+                response.as_deref(),
+            )
+            .await
+        }
         Work::Refund { receipt } => refund(tx, batch, receipt).await,
         Work::Forfeit { provider } => forfeit(tx, batch, provider).await,
     }
@@ -986,10 +1011,13 @@ async fn hold(
             return Ok(Outcome::Hold(Hold::Duplicate {
                 hold: id.clone(),
                 cost: None,
+                response: None,
+                receipt: None,
             }));
         }
         let prior = sqlx::query(
-            "SELECT id, state, cost FROM holds WHERE account_id = $1 AND idempotency_key = $2",
+            "SELECT id, state, cost, response, receipt FROM holds \
+             WHERE account_id = $1 AND idempotency_key = $2",
         )
         .bind(account.to_string())
         .bind(key.to_string())
@@ -1007,9 +1035,16 @@ async fn hold(
                     .await?;
             } else {
                 let cost: Option<i64> = row.try_get("cost")?;
+                let settled = state == "settled";
                 return Ok(Outcome::Hold(Hold::Duplicate {
                     hold: id,
-                    cost: (state == "settled").then_some(cost.unwrap_or(0).max(0) as u64),
+                    cost: settled.then_some(cost.unwrap_or(0).max(0) as u64),
+                    response: row
+                        .try_get::<Option<String>, _>("response")?
+                        .filter(|_| settled),
+                    receipt: row
+                        .try_get::<Option<String>, _>("receipt")?
+                        .filter(|_| settled),
                 }));
             }
         }
@@ -1075,6 +1110,7 @@ async fn settle(
     job_id: &str,
     charges: &[Charge],
     fee_bps: u64,
+    response: Option<&str>,
 ) -> Result<Outcome> {
     // Check every number before writing anything.
     let costs: Vec<u64> = charges.iter().map(Charge::cost).collect();
@@ -1084,11 +1120,13 @@ async fn settle(
         amount(c.output_price)?;
     }
     let now = now_ms();
+    let entry = new_id("ent");
     // Claim the hold (still open, and holding enough); a second settlement
-    // of the same hold finds it gone.
+    // of the same hold finds it gone. The answer (for a replay) is stored
+    // in the same transaction as the charge.
     let claimed = sqlx::query(
-        "UPDATE holds SET state = $1, cost = $2, closed_ms = $3 \
-         WHERE id = $4 AND state = 'open' AND amount >= $5 RETURNING account_id, amount",
+        "UPDATE holds SET state = $1, cost = $2, closed_ms = $3, response = $4, receipt = $5 \
+         WHERE id = $6 AND state = 'open' AND amount >= $7 RETURNING account_id, amount",
     )
     .bind(if charges.is_empty() {
         "released"
@@ -1097,6 +1135,8 @@ async fn settle(
     })
     .bind(total)
     .bind(now)
+    .bind(response.filter(|_| !charges.is_empty()).map(str::to_string))
+    .bind(entry.clone())
     .bind(hold.to_string())
     .bind(total)
     .fetch_optional(&mut **tx)
@@ -1169,7 +1209,7 @@ async fn settle(
     } else {
         "settle"
     };
-    let receipt = batch.entry(kind, Some(hold), &postings);
+    let receipt = batch.entry_with_id(entry, kind, Some(hold), &postings);
     Ok(Outcome::Settle(Settlement {
         receipt,
         cost: total as u64,

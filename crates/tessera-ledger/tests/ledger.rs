@@ -251,11 +251,20 @@ async fn an_idempotency_key_never_charges_twice_and_crashed_holds_are_released()
                 .unwrap(),
             Hold::Duplicate {
                 hold: h.clone(),
-                cost: None
+                cost: None,
+                response: None,
+                receipt: None,
             }
         );
+        // The answer is stored with the charge, for a retry to replay.
         let s = ledger
-            .settle(&h, "j", vec![charge("p", 5, 5, 100, 100)], 0)
+            .settle_with_response(
+                &h,
+                "j",
+                vec![charge("p", 5, 5, 100, 100)],
+                0,
+                Some("{\"answer\":42}".into()),
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -265,7 +274,9 @@ async fn an_idempotency_key_never_charges_twice_and_crashed_holds_are_released()
                 .unwrap(),
             Hold::Duplicate {
                 hold: h,
-                cost: Some(s.cost)
+                cost: Some(s.cost),
+                response: Some("{\"answer\":42}".into()),
+                receipt: Some(s.receipt.clone()),
             }
         );
         assert_eq!(ledger.account(&a.id).await.unwrap().unwrap().spent, 1_000);

@@ -292,6 +292,16 @@ impl Engine for LlamaEngine {
         }
     }
 
+    fn truncate_sequence(&mut self, seq: SeqId, keep: usize) -> bool {
+        match (u32::try_from(seq), u32::try_from(keep)) {
+            (Ok(seq), Ok(keep)) => self
+                .ctx
+                .clear_kv_cache_seq(Some(seq), Some(keep), None)
+                .unwrap_or(false),
+            _ => false,
+        }
+    }
+
     fn max_sequences(&self) -> usize {
         self.config.slots
     }

@@ -67,6 +67,7 @@ fn generate(
             stop: vec![],
             top_logprobs: 0,
             ignore_eos: true,
+            cache: None,
         })
         .unwrap();
     let mut out = Vec::new();
@@ -191,6 +192,7 @@ fn generate_proved(file: &Arc<LlamaModelFile>, sampling: SamplingParams, n: u32)
             stop: vec![],
             top_logprobs: 0,
             ignore_eos: false,
+            cache: None,
         })
         .unwrap();
     let mut proved = None;
@@ -223,8 +225,8 @@ fn job_of(p: &Proved, sampling: &SamplingParams, max_tokens: u32) -> AuditJob {
         prompt: p.prompt.clone(),
         output: p.tokens.clone(),
         sampling: sampling.clone(),
-        proof: p.proof.clone(),
-        finish_reason: p.finish,
+        proof: Some(p.proof.clone()),
+        finish_reason: Some(p.finish),
         stopped_by_sequence: false,
         max_tokens: Some(max_tokens),
         context: 512,
@@ -285,13 +287,20 @@ fn honest_answers_pass_their_audit_and_each_kind_of_tampering_fails() {
     fails(job, "substituted tokens");
     // Forged commitments.
     let mut job = job_of(&p, &params, 80);
-    for (i, b) in job.proof.commitments.iter_mut().enumerate() {
+    for (i, b) in job
+        .proof
+        .as_mut()
+        .unwrap()
+        .commitments
+        .iter_mut()
+        .enumerate()
+    {
         *b = (i * 37 % 251) as u8;
     }
     fails(job, "forged commitments");
     // Made-up logprobs.
     let mut job = job_of(&p, &params, 80);
-    for lp in &mut job.proof.logprobs {
+    for lp in &mut job.proof.as_mut().unwrap().logprobs {
         *lp -= 0.5;
     }
     fails(job, "forged logprobs");
@@ -302,10 +311,10 @@ fn honest_answers_pass_their_audit_and_each_kind_of_tampering_fails() {
     // Early stop: a prefix of an answer passed off as complete.
     let short = generate_proved(&file, params.clone(), 12);
     let mut job = job_of(&short, &params, 80);
-    job.finish_reason = FinishReason::Stop;
+    job.finish_reason = Some(FinishReason::Stop);
     fails(job, "early stop claimed as a stop");
     let mut job = job_of(&short, &params, 80);
-    job.finish_reason = FinishReason::Length;
+    job.finish_reason = Some(FinishReason::Length);
     fails(job, "early stop claimed as the length limit");
     // The same tokens under another seed are not what the rule picks.
     let mut job = job_of(&p, &params, 80);

@@ -134,4 +134,10 @@ impl JobRunner for CheatingRunner {
     fn max_sequences(&self) -> usize {
         self.inner.max_sequences()
     }
+    fn take_evicted(&self) -> Vec<String> {
+        self.inner.take_evicted()
+    }
+    fn prefix_reuse(&self) -> (u64, u64) {
+        self.inner.prefix_reuse()
+    }
 }

@@ -153,17 +153,19 @@ impl Audits {
     }
 
     /// A part of `ticket`'s request ended on `provider`: audit it or not.
-    /// `job` is `Err(reason)` when the part cannot be audited (no proof).
-    /// Returns at once; the verdict comes later.
+    /// A part without a proof is always checked (by seeded sampling alone);
+    /// one with a proof as the policy says. Returns at once; the verdict
+    /// comes later.
     pub fn consider(
         self: &Arc<Self>,
         ticket: &JobTicket,
         origin: Origin,
         part_job: &str,
         provider: NodeId,
-        job: Result<AuditJob, String>,
+        job: AuditJob,
     ) {
         let odds = match origin {
+            _ if job.proof.is_none() => 1.0,
             Origin::Canary => 1.0,
             Origin::Client => {
                 self.directory
@@ -179,20 +181,14 @@ impl Audits {
             note: None,
             evidence: None,
         };
-        let job = match job {
-            Err(why) => {
-                part.note = Some(why);
-                self.set(&ticket.id, &ticket.account, part);
-                self.count(Verdict::NotAudited, None);
-                return;
-            }
-            Ok(_) if roll >= odds => {
-                self.set(&ticket.id, &ticket.account, part);
-                self.count(Verdict::NotAudited, None);
-                return;
-            }
-            Ok(job) => job,
-        };
+        if roll >= odds {
+            self.set(&ticket.id, &ticket.account, part);
+            self.count(Verdict::NotAudited, None);
+            return;
+        }
+        if job.proof.is_none() {
+            part.note = Some("no proof: checked by seeded sampling alone".into());
+        }
         part.status = AuditStatus::Pending;
         self.set(&ticket.id, &ticket.account, part.clone());
         let rx = self.auditor.submit(job);

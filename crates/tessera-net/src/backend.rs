@@ -48,6 +48,7 @@ impl Backend for NetworkBackend {
             exclude: &[],
             prefs: route,
             probe: false,
+            prefix: None,
         })
     }
 

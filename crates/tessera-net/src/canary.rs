@@ -101,6 +101,7 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryC
         stop: vec![],
         top_logprobs: 0,
         ignore_eos: true,
+        cache: None,
     };
     let route = RoutePrefs {
         only: vec![node.to_string()],

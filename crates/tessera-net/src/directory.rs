@@ -20,6 +20,7 @@ use tessera_core::{NodeId, PartOutcome, Price, ProviderState};
 use tessera_metrics::Metrics;
 use tessera_protocol::ModelOffer;
 
+use crate::prefix::{PrefixIndex, BLOCK};
 use crate::router::{self, Candidate, Need};
 
 /// Audits a provider must pass in a row after a failure before another
@@ -66,6 +67,9 @@ struct Live {
     reported_tok_s: f64,
     /// Moving average of time to first token seen by this gateway (ms).
     latency_ms: f64,
+    /// Prompt tokens its prefix cache served, and in all, as it reports.
+    reused_tokens: u64,
+    prompt_tokens: u64,
     /// Its record's facts the router weighs, copied here whenever the
     /// record changes (and on heartbeats, for uptime), so that a pick
     /// reads one compact list and looks nothing up.
@@ -225,6 +229,14 @@ pub struct ProviderReport {
     pub verified_tok_s: Option<f64>,
     /// Canary jobs missed in a row.
     pub canary_misses: u32,
+    /// Share of the prompt tokens its prefix cache served (reported by it;
+    /// `None` before any prompt).
+    pub prefix_hit_rate: Option<f64>,
+    /// Prompt tokens its prefix cache served, and prompt tokens in all,
+    /// since it started (reported by it).
+    pub prefix_reused_tokens: u64,
+    /// See `prefix_reused_tokens`.
+    pub prefix_prompt_tokens: u64,
 }
 
 /// A model's price at one provider.
@@ -275,6 +287,8 @@ struct State {
     live: Vec<Live>,
     index: HashMap<NodeId, usize>,
     records: HashMap<NodeId, Record>,
+    /// What the providers keep in their prefix caches.
+    prefixes: PrefixIndex,
 }
 
 impl State {
@@ -390,6 +404,8 @@ impl Directory {
             last_heartbeat: now,
             reported_tok_s: 0.0,
             latency_ms: 0.0,
+            reused_tokens: 0,
+            prompt_tokens: 0,
             routing,
         });
         drop(state);
@@ -404,6 +420,7 @@ impl Directory {
         let mut state = self.lock();
         if state.live(node).is_some_and(|l| l.session.id == id) {
             state.remove(node);
+            state.prefixes.forget(*node);
             if let Some(r) = state.records.get_mut(node) {
                 if let Some(since) = r.connected_since.take() {
                     r.online += since.elapsed();
@@ -423,15 +440,30 @@ impl Directory {
         state.refresh(node);
     }
 
+    /// What session `id` of `node` says of its prefix cache (totals since
+    /// it started).
+    pub fn cache_stats(&self, node: &NodeId, id: u64, reused: u64, prompt: u64) {
+        let mut state = self.lock();
+        if let Some(live) = state.live_mut(node).filter(|l| l.session.id == id) {
+            live.reused_tokens = reused;
+            live.prompt_tokens = prompt;
+        }
+    }
+
     /// Every live provider as the router sees it for the model `sha256`,
     /// in the order of the live list (index i is `state.live[i]`).
     fn candidates<'s>(
         state: &'s State,
         sha256: &'s str,
         tokens: usize,
+        prefix: Option<(u64, &[u64])>,
     ) -> impl Iterator<Item = Candidate<'s>> + 's {
+        let kept = prefix
+            .map(|(key, chain)| state.prefixes.matches(key, chain))
+            .unwrap_or_default();
         state.live.iter().map(move |l| {
             let offer = l.session.offer(sha256);
+            let blocks = kept.get(&l.session.node).copied().unwrap_or(0);
             Candidate {
                 node: &l.session.node_hex,
                 session: l.session.id,
@@ -445,6 +477,7 @@ impl Directory {
                 tok_s: l.routing.tok_s,
                 latency_ms: l.latency_ms,
                 reputation: l.routing.reputation,
+                cached: ((blocks * BLOCK) as f64 / tokens.max(1) as f64).min(1.0),
             }
         })
     }
@@ -454,7 +487,7 @@ impl Directory {
     pub fn pick(self: &Arc<Self>, need: &Need<'_>) -> Option<Claim> {
         let mut state = self.lock();
         let (mut slot, mut candidates) = (Vec::new(), Vec::new());
-        for (i, c) in Self::candidates(&state, need.sha256, need.tokens).enumerate() {
+        for (i, c) in Self::candidates(&state, need.sha256, need.tokens, need.prefix).enumerate() {
             if router::eligible(&c, need) {
                 slot.push(i);
                 candidates.push(c);
@@ -480,8 +513,8 @@ impl Directory {
     /// Whether some provider could take the job once it has a free slot.
     pub fn could_serve(&self, need: &Need<'_>) -> bool {
         let state = self.lock();
-        let any =
-            Self::candidates(&state, need.sha256, need.tokens).any(|c| router::eligible(&c, need));
+        let any = Self::candidates(&state, need.sha256, need.tokens, None)
+            .any(|c| router::eligible(&c, need));
         any
     }
 
@@ -489,8 +522,28 @@ impl Directory {
     /// hold is sized by.
     pub fn quote(&self, need: &Need<'_>) -> Result<Price, JobError> {
         let state = self.lock();
-        let quote = router::quote(Self::candidates(&state, need.sha256, 0), need);
+        let quote = router::quote(Self::candidates(&state, need.sha256, 0, None), need);
         quote
+    }
+
+    /// `node` keeps the KV cache of the finished part `tag` (of cache
+    /// `key`): these tokens.
+    pub fn remember_prefix(
+        &self,
+        node: &NodeId,
+        tag: &str,
+        key: u64,
+        tokens: &[tessera_core::Token],
+    ) {
+        self.lock().prefixes.insert(*node, tag, key, tokens);
+    }
+
+    /// `node` reported these prefix-cache entries evicted.
+    pub fn forget_prefixes(&self, node: &NodeId, tags: &[String]) {
+        let mut state = self.lock();
+        for t in tags {
+            state.prefixes.evict(*node, t);
+        }
     }
 
     /// A job part on `node` got its first answer after `ms`.
@@ -663,6 +716,11 @@ impl Directory {
                     reputation: r.audit_score.map(|_| r.reputation(latency_ms)),
                     verified_tok_s: r.verified_tok_s,
                     canary_misses: r.canary_misses,
+                    prefix_hit_rate: live
+                        .filter(|l| l.prompt_tokens > 0)
+                        .map(|l| l.reused_tokens as f64 / l.prompt_tokens as f64),
+                    prefix_reused_tokens: live.map_or(0, |l| l.reused_tokens),
+                    prefix_prompt_tokens: live.map_or(0, |l| l.prompt_tokens),
                 }
             })
             .collect();
@@ -731,6 +789,7 @@ mod tests {
             exclude: &[],
             prefs: &prefs,
             probe: false,
+            prefix: None,
         };
         let a = d.pick(&need).expect("a free slot");
         let b = d.pick(&need).expect("a second slot");
@@ -767,6 +826,7 @@ mod tests {
             exclude: &[],
             prefs: &prefs,
             probe: false,
+            prefix: None,
         };
         let old = d.pick(&need).expect("slot");
         d.join(session(1, 2, 1, 10));

@@ -39,6 +39,8 @@ pub struct Gateway {
     /// The auditor of each model (by sha256) this gateway audits.
     audits: Arc<HashMap<String, Arc<Audits>>>,
     failover_deadline: Duration,
+    prefix_cache: bool,
+    prefix_routing: bool,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -55,6 +57,8 @@ impl Gateway {
             discovery: None,
             audits: Arc::default(),
             failover_deadline: FAILOVER_DEADLINE,
+            prefix_cache: true,
+            prefix_routing: true,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
@@ -75,6 +79,16 @@ impl Gateway {
     /// How long a job keeps looking for providers after failures.
     pub fn with_failover_deadline(mut self, deadline: Duration) -> Self {
         self.failover_deadline = deadline;
+        self
+    }
+
+    /// Whether providers keep answers' KV caches for an account's next
+    /// request (`cache`), and whether requests go to the provider keeping
+    /// the longest prefix of them (`routing`); both on by default, off only
+    /// to measure what they bring.
+    pub fn with_prefix_cache(mut self, cache: bool, routing: bool) -> Self {
+        self.prefix_cache = cache;
+        self.prefix_routing = cache && routing;
         self
     }
 
@@ -128,6 +142,8 @@ impl Gateway {
             key: self.endpoint.secret_key().clone(),
             audits: self.audits(sha256),
             failover_deadline: self.failover_deadline,
+            prefix_cache: self.prefix_cache,
+            prefix_routing: self.prefix_routing,
         }
     }
 

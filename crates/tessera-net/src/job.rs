@@ -23,7 +23,8 @@ use iroh::endpoint::{RecvStream, SendStream};
 use iroh::SecretKey;
 use tessera_backend::{Dispatch, JobError, JobEvent, JobTicket, RoutePrefs, ServedModel};
 use tessera_core::{
-    FinishReason, GenerationRequest, NodeId, PartOutcome, Price, Token, TokenEvent, Usage,
+    FinishReason, GenerationRequest, NodeId, PartOutcome, PrefixCache, Price, Token, TokenEvent,
+    Usage,
 };
 use tessera_engine::audit::AuditJob;
 use tessera_engine::text::TextStream;
@@ -104,6 +105,11 @@ pub struct JobSetup {
     /// How long a job keeps looking for providers after the last one
     /// failed it.
     pub failover_deadline: Duration,
+    /// Ask providers to keep each answer's KV cache for the account's next
+    /// request (a chat's next turn).
+    pub prefix_cache: bool,
+    /// Route a request to the provider keeping the longest prefix of it.
+    pub prefix_routing: bool,
 }
 
 /// A request being served by the network.
@@ -121,6 +127,8 @@ pub struct RoutedJob {
     route: RoutePrefs,
     ticket: JobTicket,
     origin: Origin,
+    /// The account's prefix-cache key at this gateway (clients only).
+    cache_key: Option<u64>,
 }
 
 impl RoutedJob {
@@ -133,7 +141,11 @@ impl RoutedJob {
         ticket: JobTicket,
         origin: Origin,
     ) -> Self {
+        let cache_key =
+            (setup.prefix_cache && origin == Origin::Client && !ticket.account.is_empty())
+                .then(|| crate::prefix::cache_key(&setup.key.to_bytes(), &ticket.account));
         RoutedJob {
+            cache_key,
             setup,
             job_id: format!("{:016x}", tessera_core::unique_u64()),
             text: TextStream::new(request.stop.clone()),
@@ -177,7 +189,16 @@ impl RoutedJob {
     /// trying every provider that is or becomes available until the
     /// failover deadline.
     async fn start_part(&mut self) -> Result<Part, JobError> {
-        let request = self.continuation();
+        let mut request = self.continuation();
+        let job_id = format!("{}.{}", self.job_id, self.parts);
+        request.cache = self.cache_key.map(|key| PrefixCache {
+            key,
+            tag: job_id.clone(),
+        });
+        let chain = match self.cache_key {
+            Some(_) => crate::prefix::chain(&request.prompt),
+            None => Vec::new(),
+        };
         let deadline = Instant::now() + self.setup.failover_deadline;
         let mut last_error: Option<String> = None;
         let mut tried = 0usize;
@@ -188,6 +209,10 @@ impl RoutedJob {
                 exclude: &self.failed,
                 prefs: &self.route,
                 probe: self.origin == Origin::Canary,
+                prefix: self
+                    .cache_key
+                    .filter(|_| self.setup.prefix_routing)
+                    .map(|k| (k, chain.as_slice())),
             };
             let Some(claim) = self.setup.directory.pick(&need) else {
                 let waiting = last_error.is_some() || self.setup.directory.could_serve(&need);
@@ -206,7 +231,6 @@ impl RoutedJob {
             };
             tried += 1;
             let (node, session) = (claim.session.node, claim.session.id);
-            let job_id = format!("{}.{}", self.job_id, self.parts);
             match start(
                 claim,
                 self.setup.directory.clone(),
@@ -274,10 +298,11 @@ impl RoutedJob {
                                 }
                             })
                             .await;
-                            if let Ok(Some(done)) = receipt {
-                                self.countersign(&part, &done, &events);
-                                self.audit(&part, &done, true);
+                            let done = receipt.ok().flatten();
+                            if let Some(done) = &done {
+                                self.countersign(&part, done, &events);
                             }
+                            self.audit(&part, done.as_ref(), true);
                             part.outcome = PartOutcome::Done;
                             part.cancel();
                             let usage = self.usage(0);
@@ -307,7 +332,8 @@ impl RoutedJob {
                         FinishReason::Length => 0,
                     };
                     self.countersign(&part, &done, &events);
-                    self.audit(&part, &done, false);
+                    self.audit(&part, Some(&done), false);
+                    self.remember_prefix(&part);
                     part.outcome = PartOutcome::Done;
                     let usage = self.usage(extra);
                     let text = self.text.finish();
@@ -323,8 +349,10 @@ impl RoutedJob {
                 Ok(None) => "the provider closed the job stream".to_string(),
                 Err(e) => e.to_string(),
             };
-            // The provider failed mid-answer: continue on another one.
+            // The provider failed mid-answer: its tokens so far are checked
+            // by seeded sampling, and the answer continues on another one.
             tracing::warn!(provider = %part.node.short(), error = %failure, tokens = self.generated.len(), "provider failed mid-answer");
+            self.audit(&part, None, false);
             self.failed.push(part.session);
             part.outcome = PartOutcome::Failed;
             part.cancel();
@@ -381,43 +409,65 @@ impl RoutedJob {
         pushed.stopped
     }
 
-    /// Hand a finished part to the auditor (which decides whether to audit
-    /// it). `by_sequence`: this gateway saw a stop sequence end it.
-    fn audit(&self, part: &Part, done: &JobDone, by_sequence: bool) {
-        let Some(audits) = &self.setup.audits else {
+    /// The provider of a part that ended normally keeps its prompt and the
+    /// tokens it generated (all but the last, which it never evaluated) in
+    /// its prefix cache.
+    fn remember_prefix(&self, part: &Part) {
+        let Some(key) = self.cache_key else {
             return;
         };
         let before = self.generated.len().saturating_sub(part.tokens.len());
-        let job = match &done.proof {
-            None => Err("the provider sent no proof".to_string()),
-            Some(jp) => {
-                // The proof must be of the tokens the client got (and at
-                // most a final end-of-generation token more); if not, the
-                // streamed tokens are audited against it and fail.
-                let consistent =
-                    jp.tokens.starts_with(&part.tokens) && jp.tokens.len() <= part.tokens.len() + 1;
-                let mut prompt = self.request.prompt.clone();
-                prompt.extend_from_slice(&self.generated[..before]);
-                Ok(AuditJob {
-                    prompt,
-                    output: if consistent {
-                        jp.tokens.clone()
-                    } else {
-                        part.tokens.clone()
-                    },
-                    sampling: self.request.sampling.clone(),
-                    proof: jp.proof.clone(),
-                    finish_reason: done.finish_reason,
-                    stopped_by_sequence: by_sequence,
-                    max_tokens: self
-                        .request
-                        .max_tokens
-                        .map(|m| m.saturating_sub(before as u32)),
-                    context: part.context,
-                    ignore_eos: self.request.ignore_eos,
-                    claimed_completion_tokens: done.usage.completion_tokens,
-                })
+        let mut tokens = self.request.prompt.clone();
+        tokens.extend_from_slice(&self.generated[..before]);
+        tokens.extend_from_slice(&part.tokens[..part.tokens.len().saturating_sub(1)]);
+        self.setup
+            .directory
+            .remember_prefix(&part.node, &part.job_id, key, &tokens);
+    }
+
+    /// Hand an ended part to the auditor. A part that ended with a proof
+    /// is audited in full when the policy picks it; one that ended without
+    /// (`done` is `None`: cut off, or no `JobDone` in time; or a `JobDone`
+    /// with no proof) is always checked by seeded sampling alone, which
+    /// needs only the prompt, the seed and its tokens. `by_sequence`: this
+    /// gateway saw a stop sequence end it.
+    fn audit(&self, part: &Part, done: Option<&JobDone>, by_sequence: bool) {
+        let Some(audits) = &self.setup.audits else {
+            return;
+        };
+        if part.tokens.is_empty() {
+            return;
+        }
+        let before = self.generated.len().saturating_sub(part.tokens.len());
+        let mut prompt = self.request.prompt.clone();
+        prompt.extend_from_slice(&self.generated[..before]);
+        let proof = done.and_then(|d| d.proof.as_ref());
+        // The proof must be of the tokens the client got (and at most a
+        // final end-of-generation token more); if not, the streamed tokens
+        // are audited against it and fail.
+        let output = match proof {
+            Some(jp)
+                if jp.tokens.starts_with(&part.tokens)
+                    && jp.tokens.len() <= part.tokens.len() + 1 =>
+            {
+                jp.tokens.clone()
             }
+            _ => part.tokens.clone(),
+        };
+        let job = AuditJob {
+            prompt,
+            output,
+            sampling: self.request.sampling.clone(),
+            proof: proof.map(|p| p.proof.clone()),
+            finish_reason: done.map(|d| d.finish_reason),
+            stopped_by_sequence: by_sequence,
+            max_tokens: self
+                .request
+                .max_tokens
+                .map(|m| m.saturating_sub(before as u32)),
+            context: part.context,
+            ignore_eos: self.request.ignore_eos,
+            claimed_completion_tokens: done.map_or(0, |d| d.usage.completion_tokens),
         };
         audits.consider(&self.ticket, self.origin, &part.job_id, part.node, job);
     }

@@ -14,6 +14,8 @@
 //!   one takes it (pure functions, benchmarked at 10,000 providers).
 //! - [`directory`]: every provider connected now and what the gateway has
 //!   seen of each, behind one lock; picks claim slots atomically.
+//! - [`prefix`]: which provider keeps which prompt prefixes cached, so a
+//!   chat's next turn goes where its history already is.
 //! - [`session`]: a provider's handshake and heartbeats.
 //! - [`gateway`]: the endpoint, the accept loop and the shutdown of all of
 //!   the above.
@@ -35,6 +37,7 @@ pub mod discovery;
 pub mod gateway;
 pub mod job;
 pub mod node;
+pub mod prefix;
 pub mod provider;
 pub mod receipt;
 pub mod router;

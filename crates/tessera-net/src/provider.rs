@@ -36,6 +36,14 @@ pub trait JobRunner: Send + Sync + 'static {
     fn active(&self) -> usize;
     /// Jobs that can run at once.
     fn max_sequences(&self) -> usize;
+    /// Prefix-cache entries evicted since the last call (their tags).
+    fn take_evicted(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Prompt tokens reused from kept prefixes, and in all, so far.
+    fn prefix_reuse(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 impl JobRunner for SchedulerHandle {
@@ -47,6 +55,12 @@ impl JobRunner for SchedulerHandle {
     }
     fn max_sequences(&self) -> usize {
         SchedulerHandle::max_sequences(self)
+    }
+    fn take_evicted(&self) -> Vec<String> {
+        SchedulerHandle::take_evicted(self)
+    }
+    fn prefix_reuse(&self) -> (u64, u64) {
+        SchedulerHandle::prefix_reuse(self)
     }
 }
 
@@ -210,6 +224,9 @@ async fn session(shared: &Shared, ticket: &Ticket) -> anyhow::Result<()> {
                     active,
                     free_slots: handle.max_sequences().saturating_sub(active),
                     tok_s,
+                    evicted: handle.take_evicted(),
+                    reused_tokens: handle.prefix_reuse().0,
+                    prompt_tokens: handle.prefix_reuse().1,
                 };
                 if write_frame(&mut send, &Frame::Heartbeat(beat))
                     .await

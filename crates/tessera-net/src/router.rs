@@ -22,7 +22,16 @@ pub struct Need<'a> {
     /// The gateway's own canary job: it may go to a provider that missed
     /// its canaries (never set for a client's job).
     pub probe: bool,
+    /// The prompt's cache key and block hashes, to find providers that keep
+    /// a prefix of it (`crate::prefix`).
+    pub prefix: Option<(u64, &'a [u64])>,
 }
+
+/// How much a prompt entirely in a provider's cache counts for in the
+/// default ranking, against load (jobs in flight ÷ slots): a provider that
+/// keeps the whole prompt wins over an idle one until it is three quarters
+/// full.
+pub const PREFIX_WEIGHT: f64 = 0.75;
 
 /// What the router weighs about one provider.
 #[derive(Clone, Debug)]
@@ -52,6 +61,8 @@ pub struct Candidate<'a> {
     pub latency_ms: f64,
     /// Audit record × uptime × latency factor, 0–1 (1 before any audit).
     pub reputation: f64,
+    /// Share of the prompt it keeps in its KV cache (0–1).
+    pub cached: f64,
 }
 
 impl Candidate<'_> {
@@ -107,10 +118,12 @@ pub fn quote<'a>(
 }
 
 /// Choose among eligible providers with a free slot: the first match of
-/// `prefs.order`, else by `prefs.sort`, else by load weighed with price and
-/// reputation (load ÷ slots, plus a quarter for the dearest output price,
-/// in proportion, plus half the shortfall of its reputation from a perfect
-/// 1, counted in hundredths so that near-equal providers still tie);
+/// `prefs.order`, else by `prefs.sort`, else by load weighed with price,
+/// reputation and cached prefix (load ÷ slots, plus a quarter for the
+/// dearest output price, in proportion, plus half the shortfall of its
+/// reputation from a perfect 1, counted in hundredths so that near-equal
+/// providers still tie, minus [`PREFIX_WEIGHT`] × the share of the prompt
+/// it keeps);
 /// `turn` rotates ties so equal providers share the work. Returns an index
 /// into `candidates`.
 pub fn choose(candidates: &[Candidate<'_>], prefs: &RoutePrefs, turn: usize) -> Option<usize> {
@@ -143,6 +156,7 @@ pub fn choose(candidates: &[Candidate<'_>], prefs: &RoutePrefs, turn: usize) -> 
         None => {
             let shortfall = ((1.0 - c.reputation) * 100.0).round() / 100.0;
             c.load() + per_price * c.price.output as f64 + 0.5 * shortfall
+                - PREFIX_WEIGHT * c.cached
         }
     };
     // Lower is better; one pass starting at `turn`, so the first of equals
@@ -180,6 +194,7 @@ mod tests {
             tok_s,
             latency_ms,
             reputation: 1.0,
+            cached: 0.0,
         }
     }
 
@@ -279,6 +294,26 @@ mod tests {
     }
 
     #[test]
+    fn a_provider_keeping_the_prompt_wins_until_it_is_busy() {
+        let mut list = [c("idle", 0.0, 0.0, 0.0), c("keeps", 0.5, 0.0, 0.0)];
+        list[1].cached = 1.0;
+        for t in 0..3 {
+            assert_eq!(choose(&list, &prefs(), t), Some(1));
+        }
+        list[1].inflight = 90; // 0.9 of its slots
+        assert_eq!(choose(&list, &prefs(), 0), Some(0));
+        // Explicit sorts ignore the cache.
+        list[1].inflight = 0;
+        let by_latency = RoutePrefs {
+            sort: Some(Sort::Latency),
+            ..prefs()
+        };
+        list[0].latency_ms = 10.0;
+        list[1].latency_ms = 20.0;
+        assert_eq!(choose(&list, &by_latency, 0), Some(0));
+    }
+
+    #[test]
     fn sort_by_throughput_and_latency() {
         let list = [
             c("aa", 0.0, 50.0, 90.0),
@@ -307,6 +342,7 @@ mod tests {
             exclude: &exclude,
             prefs: &p,
             probe: false,
+            prefix: None,
         };
         let mut a = c("aa", 0.0, 0.0, 0.0);
         assert!(eligible(&a, &need));

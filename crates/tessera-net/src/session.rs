@@ -88,7 +88,13 @@ pub async fn serve(
     tracing::info!(provider = %node.short(), slots = hello.slots, "provider joined");
     let result = loop {
         match read_frame(&mut recv).await {
-            Ok(Some(Frame::Heartbeat(beat))) => directory.heartbeat(&node, id, beat.tok_s),
+            Ok(Some(Frame::Heartbeat(beat))) => {
+                directory.heartbeat(&node, id, beat.tok_s);
+                directory.cache_stats(&node, id, beat.reused_tokens, beat.prompt_tokens);
+                if !beat.evicted.is_empty() {
+                    directory.forget_prefixes(&node, &beat.evicted);
+                }
+            }
             Ok(Some(other)) => {
                 conn.close(2u32.into(), b"unexpected frame");
                 break Err(anyhow!(

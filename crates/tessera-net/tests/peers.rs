@@ -286,6 +286,7 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
                 stop: vec![],
                 top_logprobs: 0,
                 ignore_eos: false,
+                cache: None,
             },
         },
     };

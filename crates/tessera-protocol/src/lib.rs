@@ -68,6 +68,17 @@ pub struct Heartbeat {
     pub free_slots: usize,
     /// Tokens per second the provider measured over the last interval.
     pub tok_s: f64,
+    /// Prefix-cache entries (by the tag of the job that left them) evicted
+    /// since the last heartbeat, so the gateway stops counting on them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evicted: Vec<String>,
+    /// Prompt tokens served from kept prefixes since the provider started,
+    /// and prompt tokens in all (its prefix cache's hit rate).
+    #[serde(default)]
+    pub reused_tokens: u64,
+    /// See `reused_tokens`.
+    #[serde(default)]
+    pub prompt_tokens: u64,
 }
 
 /// A job sent to a provider on its own stream.
@@ -307,6 +318,7 @@ mod tests {
                     stop: vec!["\n".into()],
                     top_logprobs: 0,
                     ignore_eos: false,
+                    cache: None,
                 },
             },
         })

@@ -37,6 +37,14 @@ pub struct DevnetArgs {
     /// Audit the providers' answers (see `tessera gateway --audit`).
     #[arg(long)]
     pub audit: bool,
+    /// Providers keep answers' KV caches for an account's next request (see
+    /// `tessera gateway --prefix-cache`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
+    /// Route requests to the provider keeping their prefix (see `tessera
+    /// gateway --prefix-routing`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_routing: bool,
 }
 
 /// Child processes, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
@@ -110,6 +118,8 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         ])
         .arg(&model.path)
         .args(args.audit.then_some("--audit"))
+        .args(["--prefix-cache", &args.prefix_cache.to_string()])
+        .args(["--prefix-routing", &args.prefix_routing.to_string()])
         .env("TESSERA_HOME", &gw_home)
         .stdout(Stdio::null())
         .spawn()

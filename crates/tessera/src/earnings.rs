@@ -90,10 +90,14 @@ fn check(row: &Value, me: &tessera_core::NodeId) -> Result<(), String> {
         .map_err(|_| "no signed receipt (the part ended without one)".to_string())?;
     let r = receipt::verify(&signed).map_err(|e| e.to_string())?;
     // (The ledger files it under the API's response id; the receipt names
-    // the network job of this part.)
+    // the network job of this part.) A continued answer's later parts read
+    // the prompt again but bill it once, so the ledger may bill fewer
+    // prompt tokens than the provider signed for, never more.
     let same = r.provider == *me
         && row["completion_tokens"].as_u64() == Some(r.completion_tokens)
-        && row["prompt_tokens"].as_u64() == Some(r.prompt_tokens)
+        && row["prompt_tokens"]
+            .as_u64()
+            .is_some_and(|billed| billed <= r.prompt_tokens)
         && row["input_price"].as_u64() == Some(r.price.input)
         && row["output_price"].as_u64() == Some(r.price.output);
     if same {

@@ -63,6 +63,17 @@ pub struct GatewayArgs {
     /// that is or becomes available is tried once, until then.
     #[arg(long, env = "TESSERA_FAILOVER_DEADLINE", default_value_t = 60.0)]
     pub failover_deadline: f64,
+    /// Ask providers to keep each answer's KV cache for the same account's
+    /// next request (a chat's next turn reuses its history instead of
+    /// evaluating it again). `false` only to measure what it brings
+    /// (`tessera bench chat`).
+    #[arg(long, env = "TESSERA_PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
+    /// Route each request to the provider that keeps the longest prefix of
+    /// it, when that outweighs its load. `false` only to measure what it
+    /// brings.
+    #[arg(long, env = "TESSERA_PREFIX_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_routing: bool,
     #[command(flatten)]
     pub audit: AuditArgs,
 }
@@ -234,6 +245,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             .with_failover_deadline(std::time::Duration::from_secs_f64(
                 args.failover_deadline.clamp(0.0, 3600.0),
             ))
+            .with_prefix_cache(args.prefix_cache, args.prefix_routing)
             .with_shutdown(shutdown.clone(), tasks.clone());
         let key = match args.demo_account {
             true => Some(demo_key(home, &ledger).await?),
@@ -285,19 +297,16 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
         });
         println!("Dashboard: http://{addr}/dashboard");
-        let app = tessera_api::router(
-            backend,
-            accounts,
-            ApiConfig {
-                body_limit: args.body_limit,
-                metrics,
-            },
-        )
-        .merge(receipts)
-        .merge(crate::observe::routes(view));
-        axum::serve(tessera_api::nodelay(listener), app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        let config = ApiConfig {
+            body_limit: args.body_limit,
+            metrics,
+            ..ApiConfig::default()
+        };
+        let (stop, in_flight) = (config.shutdown.clone(), config.tasks.clone());
+        let app = tessera_api::router(backend, accounts, config)
+            .merge(receipts)
+            .merge(crate::observe::routes(view));
+        crate::serve::serve_until_stopped(listener, app, stop, in_flight).await?;
         // Stop sessions, canaries and verdict tasks, and wait for them.
         shutdown.cancel();
         tasks.close();

@@ -53,6 +53,47 @@ fn write_endpoint(
     Ok(EndpointFile(path))
 }
 
+/// How long answers in flight may run on after SIGTERM or Ctrl-C.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Serve `app` until Ctrl-C or SIGTERM; then take no new requests, give the
+/// answers in flight [`GRACE`] to finish, end the rest (their holds are
+/// released), and wait until every bill is closed, so nothing stays held
+/// in escrow when the process exits.
+pub async fn serve_until_stopped(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: tokio_util::sync::CancellationToken,
+    in_flight: tokio_util::task::TaskTracker,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server =
+        axum::serve(tessera_api::nodelay(listener), app).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing requests in flight");
+            let _ = stop_tx.send(true);
+        });
+    let mut grace = stop_rx.clone();
+    tokio::select! {
+        r = server => r.context("HTTP server failed")?,
+        _ = async {
+            let _ = grace.wait_for(|s| *s).await;
+            tokio::time::sleep(GRACE).await;
+        } => tracing::warn!("answers still running after {} s; ending them", GRACE.as_secs()),
+    }
+    stop.cancel();
+    in_flight.close();
+    if tokio::time::timeout(Duration::from_secs(10), in_flight.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            "some bills were not closed within 10 s; their holds are released at the next start"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let engine = local::start(home, &args.engine, false)?;
     let backend: Arc<dyn Backend> = Arc::new(engine.backend(args.price.price()));
@@ -94,31 +135,15 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             "  curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer {key}' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hello\"}}]}}'",
             engine.model.alias
         );
-        let app = tessera_api::router(
-            backend,
-            accounts,
-            ApiConfig {
-                body_limit: args.body_limit,
-                metrics: view.metrics.clone(),
-            },
-        )
-        .merge(crate::observe::metrics_route(view));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = axum::serve(tessera_api::nodelay(listener), app).with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: finishing requests in flight");
-            let _ = stop_tx.send(true);
-        });
-        // Streams in flight get a grace period, then the process exits anyway.
-        let mut grace = stop_rx.clone();
-        tokio::select! {
-            r = server => r.context("HTTP server failed")?,
-            _ = async {
-                let _ = grace.wait_for(|s| *s).await;
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            } => tracing::warn!("requests still running after 10 s; stopping anyway"),
-        }
-        anyhow::Ok(())
+        let config = ApiConfig {
+            body_limit: args.body_limit,
+            metrics: view.metrics.clone(),
+            ..ApiConfig::default()
+        };
+        let (stop, in_flight) = (config.shutdown.clone(), config.tasks.clone());
+        let app = tessera_api::router(backend, accounts, config)
+            .merge(crate::observe::metrics_route(view));
+        serve_until_stopped(listener, app, stop, in_flight).await
     })?;
     drop(runtime);
     // The router held the last other handle; once ours goes, the engine

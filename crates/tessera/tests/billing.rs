@@ -201,16 +201,42 @@ fn keys_credits_limits_and_retries(database: Option<&str>) {
     let codes: Vec<u16> = (0..3).map(|_| ask(&root, slow_key, &body, &[]).0).collect();
     assert_eq!(codes, [200, 200, 429]);
 
-    // The same Idempotency-Key twice: one answer, one charge, then 409.
+    // The same Idempotency-Key twice: one answer, one charge; the retry
+    // gets the same answer again (a stream too), marked as a replay.
     let key = server.key.clone();
     let spent_before = server.get("/v1/account").1["spent"].as_u64().unwrap();
     let (s, first) = ask(&root, &key, &body, &[("Idempotency-Key", "order-42")]);
     assert_eq!(s, 200, "{first}");
     let (s, again) = ask(&root, &key, &body, &[("Idempotency-Key", "order-42")]);
-    assert_eq!(s, 409, "{again}");
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["tessera"]["replayed"], true, "{again}");
+    assert_eq!(again["choices"], first["choices"]);
+    assert_eq!(again["usage"], first["usage"]);
+    assert_eq!(again["tessera"]["cost"], first["tessera"]["cost"]);
+    assert_eq!(again["tessera"]["receipt"], first["tessera"]["receipt"]);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let resp = util::client_for(&key)
+        .post(format!("{root}/v1/chat/completions"))
+        .header("Idempotency-Key", "order-42")
+        .json(&streamed)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let events = util::sse_data(&resp.text().unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
     assert_eq!(
-        util::assert_openai_error(&again)["code"],
-        "idempotency_key_reused"
+        text,
+        first["choices"][0]["message"]["content"].as_str().unwrap()
     );
     let spent_after = server.get("/v1/account").1["spent"].as_u64().unwrap();
     assert_eq!(
@@ -386,4 +412,78 @@ fn providers_set_prices_the_router_honours_caps_and_the_gateway_takes_its_fee() 
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
+}
+
+/// Concurrent requests that together need more than an account's balance
+/// or its key's spending limit: only the ones the credits cover run. Every
+/// request uses its whole hold (end of generation ignored, so the cost is
+/// exactly the hold), so exactly three fit whatever order they arrive in.
+#[test]
+fn concurrent_holds_beyond_the_balance_or_the_limit_refuse_the_rest() {
+    let server = Server::start(&[
+        "--slots",
+        "8",
+        "--input-price",
+        "1",
+        "--output-price",
+        "1000",
+    ]);
+    let home = server.home.path();
+    let body = chat(
+        "Count.",
+        json!({"max_tokens": 10, "ignore_eos": true, "temperature": 0}),
+    );
+    // One request's hold: its prompt once at 1, ten tokens at 1000.
+    let (s, probe) = server.post("/v1/chat/completions", &body);
+    assert_eq!(s, 200, "{probe}");
+    let hold = probe["tessera"]["cost"].as_u64().unwrap();
+    assert_eq!(
+        hold,
+        probe["usage"]["prompt_tokens"].as_u64().unwrap() + 10_000
+    );
+    let credits = |micro: u64| format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000);
+    for (name, args) in [
+        (
+            "short",
+            vec!["--credits".to_string(), credits(hold * 7 / 2)],
+        ),
+        (
+            "limited",
+            vec![
+                "--credits".to_string(),
+                credits(hold * 20),
+                "--spend-limit".to_string(),
+                credits(hold * 7 / 2),
+            ],
+        ),
+    ] {
+        let mut cmd = vec!["account", "create", name];
+        cmd.extend(args.iter().map(String::as_str));
+        let key = tessera_json(home, &cmd)["api_key"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let codes: Vec<u16> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ask(&server.root, &key, &body, &[]).0))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let ok = codes.iter().filter(|&&c| c == 200).count();
+        assert_eq!(ok, 3, "{name}: {codes:?}");
+        assert!(
+            codes.iter().all(|&c| c == 200 || c == 402),
+            "{name}: {codes:?}"
+        );
+        let a = tessera_json(home, &["account", "show", name]);
+        assert_eq!(a["held"], 0, "{name}: {a}");
+        assert_eq!(a["spent"].as_u64(), Some(3 * hold), "{name}: {a}");
+        assert!(a["balance"].as_i64().unwrap() >= 0, "{name}: {a}");
+    }
+    let check = tessera_json(home, &["account", "check"]);
+    assert_eq!(
+        (check["total"].as_i64(), check["open_holds"].as_i64()),
+        (Some(0), Some(0)),
+        "{check}"
+    );
 }

@@ -1,6 +1,8 @@
-//! Chaos: providers are killed with SIGKILL and restarted while 200
-//! streamed requests run 16 at a time. Every request must end with a
-//! complete, well-formed answer.
+//! Chaos: providers are killed with SIGKILL while streamed requests run
+//! concurrently — restarted with the same key, or replaced by fresh
+//! providers with new keys. Every request must end with a complete,
+//! well-formed answer, and afterwards the books balance: every answer was
+//! charged its usage × price, nothing is left in escrow.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,6 +20,10 @@ const REQUESTS: usize = 200;
 const CONCURRENCY: usize = 16;
 const MAX_TOKENS: u64 = 24;
 
+/// Default provider prices (micro-credits per prompt / generated token).
+const INPUT_PRICE: u64 = 20;
+const OUTPUT_PRICE: u64 = 80;
+
 /// Check one streamed answer; returns its finish reason.
 fn check_stream(text: &str, ignore_eos: bool) -> String {
     let events = util::sse_data(text);
@@ -29,6 +35,7 @@ fn check_stream(text: &str, ignore_eos: bool) -> String {
     );
     let mut finish = None;
     let mut usage = None;
+    let mut cost = None;
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap_or_else(|_| panic!("bad chunk {e}"));
         assert!(v.get("error").is_none(), "error event: {v}");
@@ -39,11 +46,21 @@ fn check_stream(text: &str, ignore_eos: bool) -> String {
         if !v["usage"].is_null() {
             usage = Some(v["usage"].clone());
         }
+        if let Some(c) = v["tessera"]["cost"].as_u64() {
+            cost = Some(c);
+        }
     }
     let finish = finish.expect("a finish reason");
-    let completion = usage.expect("a usage chunk")["completion_tokens"]
-        .as_u64()
-        .unwrap();
+    let usage = usage.expect("a usage chunk");
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    // Every provider charges the default price, so however many parts the
+    // answer had, the prompt is paid once and each token once.
+    assert_eq!(
+        cost,
+        Some(prompt * INPUT_PRICE + completion * OUTPUT_PRICE),
+        "the charge is not usage × price"
+    );
     match finish.as_str() {
         // Cut at max_tokens, never short of it.
         "length" => assert_eq!(completion, MAX_TOKENS),
@@ -141,4 +158,109 @@ fn every_request_completes_while_providers_are_killed_and_restarted() {
         kills.load(Ordering::Relaxed) >= 2,
         "the run was too short to kill anything"
     );
+    books_balance(&net);
+}
+
+/// `tessera account check` on the devnet's ledger: every entry balances,
+/// every balance is its postings, and no credit is left in escrow.
+fn books_balance(net: &Devnet) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let check = util::tessera_json(net.home.path(), &["account", "check"]);
+        let settled = check["open_holds"] == 0 && check["escrow"] == 0;
+        if settled || std::time::Instant::now() > deadline {
+            assert_eq!(check["unbalanced_entries"], 0, "{check}");
+            assert_eq!(check["mismatched_accounts"], 0, "{check}");
+            assert_eq!(check["total"], 0, "{check}");
+            assert_eq!(check["open_holds"], 0, "a hold is still open: {check}");
+            assert_eq!(check["escrow"], 0, "credits left in escrow: {check}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Providers come and go for good: every 4 s one of them is SIGKILLed and
+/// a fresh provider (new home, new node key) joins instead. Requests keep
+/// trying until the failover deadline while any provider is or becomes
+/// available, so all of them complete.
+#[test]
+fn every_request_completes_while_providers_are_replaced_by_fresh_ones() {
+    const CHURN_REQUESTS: usize = 60;
+    let net = Arc::new(Devnet::start(3));
+    let done = Arc::new(AtomicBool::new(false));
+    let joiners: Arc<Mutex<Vec<(Child, tempfile::TempDir)>>> = Arc::default();
+    let replaced = Arc::new(AtomicUsize::new(0));
+    let churn = {
+        let (net, done, joiners, replaced) =
+            (net.clone(), done.clone(), joiners.clone(), replaced.clone());
+        std::thread::spawn(move || {
+            let mut pids: Vec<u32> = net.providers.iter().map(|(pid, _)| *pid).collect();
+            let mut i = 0;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(4));
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let k = i % pids.len();
+                util::signal(pids[k], "-KILL");
+                let home = tempfile::tempdir().unwrap();
+                let child = util::spawn_provider(&net.ticket, home.path(), 4);
+                pids[k] = child.id();
+                joiners.lock().unwrap().push((child, home));
+                replaced.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        })
+    };
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (net, next) = (net.clone(), next.clone());
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= CHURN_REQUESTS {
+                        return outcomes;
+                    }
+                    let body = chat(&format!("Write a line about the number {i}."), json!({
+                        "max_tokens": MAX_TOKENS, "temperature": 0.7, "seed": i, "ignore_eos": true,
+                        "stream": true, "stream_options": {"include_usage": true}
+                    }));
+                    let outcome = std::panic::catch_unwind(|| {
+                        let resp = net.client().post(net.url("/v1/chat/completions")).json(&body).send().unwrap();
+                        let status = resp.status().as_u16();
+                        let text = resp.text().unwrap();
+                        assert_eq!(status, 200, "request {i} failed: {text}");
+                        check_stream(&text, true)
+                    });
+                    outcomes.push(outcome.map_err(|e| {
+                        e.downcast_ref::<String>().cloned().unwrap_or_else(|| "panic".into())
+                    }));
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for w in workers {
+        outcomes.extend(w.join().expect("worker thread"));
+    }
+    done.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    let replaced = replaced.load(Ordering::Relaxed);
+    books_balance(&net);
+    for (mut c, _home) in joiners.lock().unwrap().drain(..) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {CHURN_REQUESTS} requests failed; first: {}",
+        failures.len(),
+        failures[0]
+    );
+    assert_eq!(outcomes.len(), CHURN_REQUESTS);
+    assert!(replaced >= 2, "the run was too short to replace anything");
 }

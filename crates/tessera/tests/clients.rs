@@ -11,16 +11,27 @@ mod util;
 use std::process::Command;
 
 use serde_json::Value;
-use util::{Server, MODEL};
+use util::{Devnet, Server, MODEL};
 
 #[test]
 fn the_official_openai_python_package_works_stream_and_non_stream() {
     let server = Server::start(&["--slots", "4", "--context", "1024"]);
+    openai_checks(&server.api_base, &server.key);
+}
+
+#[test]
+fn the_openai_package_works_against_a_devnet_gateway() {
+    let net = Devnet::start(2);
+    openai_checks(&net.api_base, &net.key);
+}
+
+/// Run `clients/openai_check.py` (the SDK with retries off) against `api`.
+fn openai_checks(api_base: &str, key: &str) {
     let python = std::env::var("TESSERA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/openai_check.py");
     let out = Command::new(&python)
         .arg(script)
-        .args([&server.api_base, MODEL, &server.key])
+        .args([api_base, MODEL, key])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use util::{chat, Devnet};
+use util::{chat, Devnet, Gateway};
 
 fn ask(net: &Devnet, content: &str) -> Value {
     let (status, v) = net.post(
@@ -95,21 +95,20 @@ fn a_provider_that_joins_later_receives_work() {
     }
 }
 
-#[test]
-fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
+/// Stream `body` from `gw`; after `kill_after` chunks, SIGKILL the provider
+/// named in the first chunk (looked up in `pids`). Returns every `data:`
+/// payload and the killed provider's node id.
+fn stream_and_kill(
+    gw: &Gateway,
+    body: &Value,
+    kill_after: Option<usize>,
+    pids: &[(u32, String)],
+) -> (Vec<String>, Option<String>) {
     use std::io::{BufRead, BufReader};
-    let net = Devnet::start(2);
-    let body = chat(
-        "Write a long story about a lighthouse.",
-        json!({
-            "max_tokens": 160, "ignore_eos": true, "temperature": 0.8, "seed": 42, "stream": true,
-            "stream_options": {"include_usage": true}
-        }),
-    );
-    let resp = net
+    let resp = gw
         .client()
-        .post(net.url("/v1/chat/completions"))
-        .json(&body)
+        .post(gw.url("/v1/chat/completions"))
+        .json(body)
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
@@ -129,65 +128,239 @@ fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
         if data == "[DONE]" {
             break;
         }
-        // After a dozen tokens, kill the provider serving this answer.
-        if killed.is_none() && events.len() == 12 {
+        if killed.is_none() && Some(events.len()) == kill_after {
             let first: Value = serde_json::from_str(&events[0]).unwrap();
             let node = first["tessera"]["provider"].as_str().unwrap().to_string();
-            let (pid, _) = net
-                .providers
-                .iter()
-                .find(|(_, n)| *n == node)
-                .unwrap()
-                .clone();
+            let (pid, _) = pids.iter().find(|(_, n)| *n == node).unwrap().clone();
             util::signal(pid, "-KILL");
             killed = Some(node);
         }
     }
-    let killed = killed.expect("the stream was long enough to kill its provider");
+    (events, killed)
+}
+
+/// What a streamed answer said: its text, the providers it named in order,
+/// its finish reason, usage, cost and id.
+struct Streamed {
+    text: String,
+    providers: Vec<String>,
+    finish: Option<String>,
+    usage: Value,
+    cost: u64,
+    id: String,
+}
+
+fn read_stream(events: &[String]) -> Streamed {
     assert_eq!(
         events.last().map(String::as_str),
         Some("[DONE]"),
         "the stream must end normally"
     );
-    let mut finish = None;
-    let mut usage = None;
-    let mut tokens = 0;
-    let mut named: Vec<String> = Vec::new();
+    let mut out = Streamed {
+        text: String::new(),
+        providers: vec![],
+        finish: None,
+        usage: Value::Null,
+        cost: 0,
+        id: String::new(),
+    };
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap();
         assert!(v.get("error").is_none(), "error in the stream: {v}");
+        out.id = v["id"].as_str().unwrap_or_default().to_string();
         if let Some(p) = v["tessera"]["provider"].as_str() {
-            if named.last().map(String::as_str) != Some(p) {
-                named.push(p.to_string());
+            if out.providers.last().map(String::as_str) != Some(p) {
+                out.providers.push(p.to_string());
             }
         }
         if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
-            finish = Some(f.to_string());
+            out.finish = Some(f.to_string());
         }
-        if v["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|c| !c.is_empty())
-        {
-            tokens += 1;
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            out.text.push_str(c);
         }
         if !v["usage"].is_null() {
-            usage = Some(v["usage"].clone());
+            out.usage = v["usage"].clone();
+        }
+        if let Some(c) = v["tessera"]["cost"].as_u64() {
+            out.cost = c;
         }
     }
-    assert_eq!(
-        finish.as_deref(),
-        Some("length"),
-        "the continued answer is not cut short"
+    out
+}
+
+/// A provider dies mid-answer and another continues it from the tokens
+/// already sent, at the same seed and absolute positions: the client gets
+/// the same answer the first provider would have given (any token that
+/// differs can only be a near-tie the auditor tolerates — both parts pass
+/// their audits), and the bill has one part per provider at each one's
+/// price with the prompt charged once. The survivor's receipt carries both
+/// signatures; the killed provider could sign none.
+#[test]
+fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
+    let gw = Gateway::start(&["--audit", "--canary-interval", "0", "--fee-bps", "0"]);
+    let homes = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let prices = [("20", "80"), ("30", "120")];
+    let mut children: Vec<std::process::Child> = homes
+        .iter()
+        .zip(prices)
+        .map(|(h, (i, o))| {
+            util::spawn_provider_with(
+                &gw.ticket,
+                h.path(),
+                4,
+                &["--input-price", i, "--output-price", o],
+            )
+        })
+        .collect();
+    assert!(util::wait_listed(
+        &gw.url("/health"),
+        2,
+        Duration::from_secs(90)
+    ));
+    let node_of = |home: &std::path::Path| -> String {
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(home.join("provider.json")).unwrap()).unwrap();
+        v["node"].as_str().unwrap().to_string()
+    };
+    let nodes: Vec<String> = homes.iter().map(|h| node_of(h.path())).collect();
+    let pids: Vec<(u32, String)> = children.iter().map(|c| c.id()).zip(nodes.clone()).collect();
+    let body = chat(
+        "Write a long story about a lighthouse.",
+        json!({
+            "max_tokens": 160, "ignore_eos": true, "temperature": 0.8, "seed": 42, "stream": true,
+            "stream_options": {"include_usage": true}
+        }),
     );
+    // The answer as one provider gives it, uninterrupted.
+    let (events, _) = stream_and_kill(&gw, &body, None, &pids);
+    let whole = read_stream(&events);
+    assert_eq!(whole.providers.len(), 1);
+
+    // The same request; its provider is killed after a dozen chunks.
+    let (events, killed) = stream_and_kill(&gw, &body, Some(12), &pids);
+    let killed = killed.expect("the stream was long enough to kill its provider");
+    let cut = read_stream(&events);
+    assert_eq!(cut.finish.as_deref(), Some("length"), "not cut short");
+    assert_eq!(cut.usage["completion_tokens"], 160);
     // The chunk that starts the second provider's part names it.
-    assert_eq!(named.len(), 2, "providers named in the stream: {named:?}");
-    assert_eq!(named[0], killed);
-    assert_ne!(named[1], killed);
-    assert_eq!(usage.expect("usage")["completion_tokens"], 160);
-    assert!(tokens > 100, "only {tokens} content chunks");
-    // The survivor served the rest, and the dead provider gets no new work.
-    assert!(net.wait_listed(1, Duration::from_secs(15)));
-    assert_ne!(provider_of(&ask(&net, "Say hi.")), killed);
+    assert_eq!(
+        cut.providers.len(),
+        2,
+        "providers named: {:?}",
+        cut.providers
+    );
+    assert_eq!(cut.providers[0], killed);
+    let survivor = cut.providers[1].clone();
+    assert_ne!(survivor, killed);
+
+    // Both parts were audited (new providers are audited on every part).
+    let report = |id: &str| -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r: Value = gw
+                .client()
+                .get(gw.url(&format!("/v1/jobs/{id}")))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            if r["audit"] != "pending" || std::time::Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let r = report(&cut.id);
+    assert_eq!(r["audit"], "passed", "{r:#}");
+    assert_eq!(r["parts"].as_array().unwrap().len(), 2, "{r:#}");
+    if cut.text != whole.text {
+        // Only a near-tie the auditor tolerates may differ: the parts
+        // passed, and at least one near-tie was recorded.
+        let tolerated: u64 = r["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["evidence"]["tolerated"].as_u64().unwrap_or(0))
+            .sum();
+        assert!(
+            tolerated > 0,
+            "the continued answer differs without a near-tie:\n{}\n---\n{}",
+            cut.text,
+            whole.text
+        );
+    }
+
+    // The bill: the killed provider's part at its price with the prompt,
+    // the survivor's part at its own price with no prompt; both receipts
+    // carry valid signatures.
+    let price_of = |node: &str| {
+        let i = nodes.iter().position(|n| n == node).unwrap();
+        let (pi, po) = prices[i];
+        (pi.parse::<u64>().unwrap(), po.parse::<u64>().unwrap())
+    };
+    let mut total = 0;
+    for (node, home) in nodes.iter().zip(&homes) {
+        if node == &killed {
+            continue; // its process is gone; its receipt is checked below
+        }
+        let e = util::tessera_json(
+            home.path(),
+            &["provider", "earnings", "--api", &gw.api_base],
+        );
+        assert!(e["unverified"].as_array().unwrap().is_empty(), "{e:#}");
+        let part = e["receipts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["job"] == cut.id.as_str())
+            .unwrap_or_else(|| panic!("no receipt of the continued part: {e:#}"))
+            .clone();
+        let (_, po) = price_of(node);
+        assert_eq!(part["prompt_tokens"], 0, "the prompt is charged once");
+        assert_eq!(
+            part["cost"].as_u64().unwrap(),
+            part["completion_tokens"].as_u64().unwrap() * po
+        );
+        total += part["cost"].as_u64().unwrap();
+    }
+    // The killed provider's part, asked for with its key (its process is
+    // gone, its home is not). It died before it could sign a receipt, so
+    // its part is the gateway's record alone, and says so.
+    let k = nodes.iter().position(|n| *n == killed).unwrap();
+    let e = util::tessera_json(
+        homes[k].path(),
+        &["provider", "earnings", "--api", &gw.api_base],
+    );
+    let unverified = e["unverified"].as_array().unwrap();
+    assert!(
+        unverified.iter().any(|u| u["problem"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no signed receipt")),
+        "{e:#}"
+    );
+    let part = e["receipts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["job"] == cut.id.as_str())
+        .unwrap_or_else(|| panic!("no receipt of the first part: {e:#}"))
+        .clone();
+    let (pi, po) = price_of(&killed);
+    let prompt = cut.usage["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(part["prompt_tokens"].as_u64(), Some(prompt));
+    assert_eq!(
+        part["cost"].as_u64().unwrap(),
+        prompt * pi + part["completion_tokens"].as_u64().unwrap() * po
+    );
+    total += part["cost"].as_u64().unwrap();
+    assert_eq!(total, cut.cost, "the client paid exactly its parts");
+    let _ = survivor;
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 #[test]
@@ -301,4 +474,87 @@ fn providers_discover_a_second_gateway_and_survive_losing_the_first() {
     );
     let served: HashSet<String> = (8..14).map(ask).collect();
     assert_eq!(served, providers);
+}
+
+/// A conversation's next turn goes to the provider that keeps its history
+/// (prefix-aware routing; with three idle providers the router would
+/// otherwise take turns), every turn is audited and passes, and the
+/// provider reports serving the history from its cache.
+#[test]
+fn a_conversation_stays_with_the_provider_that_keeps_its_history() {
+    let net = Devnet::start_with(3, &["--audit"]);
+    let system = "You are the help desk of a small coastal town. You answer questions about the \
+                  harbour, the ferry, the lighthouse, the market, the library and the museum. \
+                  Keep answers short, friendly and practical, and never invent opening hours.";
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    let mut served = Vec::new();
+    let mut ids = Vec::new();
+    for q in [
+        "When does the first ferry leave?",
+        "Can I park near the harbour?",
+        "Is the lighthouse open to visitors?",
+        "What is in the museum?",
+    ] {
+        messages.push(json!({"role": "user", "content": q}));
+        let (s, v) = net.post(
+            "/v1/chat/completions",
+            &json!({"model": util::MODEL, "messages": messages, "max_tokens": 24, "temperature": 0}),
+        );
+        assert_eq!(s, 200, "{v}");
+        served.push(provider_of(&v));
+        ids.push(v["id"].as_str().unwrap().to_string());
+        let answer = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        messages.push(json!({"role": "assistant", "content": answer}));
+    }
+    assert!(
+        served.iter().all(|p| *p == served[0]),
+        "the conversation moved between providers: {served:?}"
+    );
+    // Answers built on a kept prefix pass their audits.
+    for id in &ids {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r: Value = net
+                .client()
+                .get(net.url(&format!("/v1/jobs/{id}")))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            if r["audit"] == "passed" {
+                break;
+            }
+            assert!(r["audit"] != "failed", "{r:#}");
+            assert!(std::time::Instant::now() < deadline, "{r:#}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The provider says the history came from its cache.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: Value = util::client()
+            .get(net.url("/api/status"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let p = status["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node"] == served[0].as_str())
+            .unwrap()
+            .clone();
+        if p["prefix_reused_tokens"].as_u64().unwrap_or(0) > 100 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reuse reported: {p:#}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

@@ -210,6 +210,7 @@ fn generate(
                     stop: vec![],
                     top_logprobs: 0,
                     ignore_eos: false,
+                    cache: None,
                 };
                 let mut rx = handle
                     .submit(request)
@@ -261,8 +262,8 @@ fn job(a: &Answer) -> AuditJob {
         prompt: a.prompt.clone(),
         output: a.tokens.clone(),
         sampling: a.sampling.clone(),
-        proof: a.proof.clone(),
-        finish_reason: a.finish,
+        proof: Some(a.proof.clone()),
+        finish_reason: Some(a.finish),
         stopped_by_sequence: false,
         max_tokens: Some(a.max_tokens),
         context: 512,
@@ -420,7 +421,7 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                         // Half the tokens it was asked for, claimed as a
                         // natural stop (answers that really ended are no cheat).
                         j.max_tokens = Some(a.max_tokens * 2);
-                        j.finish_reason = FinishReason::Stop;
+                        j.finish_reason = Some(FinishReason::Stop);
                         (a, j)
                     })
                     .filter(|(a, _)| a.finish == FinishReason::Length)
@@ -436,8 +437,10 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                         "forged" => {
                             // Well-formed commitments of another answer.
                             let other = &kept[(i + 1) % kept.len()].proof.commitments;
-                            for (k, b) in j.proof.commitments.iter_mut().enumerate() {
-                                *b = other[k % other.len()];
+                            if let Some(p) = j.proof.as_mut() {
+                                for (k, b) in p.commitments.iter_mut().enumerate() {
+                                    *b = other[k % other.len()];
+                                }
                             }
                         }
                         "garbage" => {

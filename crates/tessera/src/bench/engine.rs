@@ -139,6 +139,7 @@ async fn generate(
         stop: Vec::new(),
         top_logprobs: 0,
         ignore_eos: true,
+        cache: None,
     })?;
     let mut first = None;
     let mut tokens = Vec::new();

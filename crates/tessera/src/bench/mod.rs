@@ -4,10 +4,12 @@
 //! own loop), [`server`] (Tessera's HTTP API against llama.cpp's
 //! `llama-server`), [`quality`] (which quantization the default model
 //! uses), [`network`] (the network hop and the router),
+//! [`chat`] (multi-turn conversations and prefix-aware routing),
 //! [`gateway`] (concurrent streams), [`ledger`] and [`audit`]; [`stats`]
 //! holds the order statistics they share.
 
 pub mod audit;
+pub mod chat;
 pub mod engine;
 pub mod gateway;
 pub mod ledger;
@@ -28,6 +30,9 @@ pub enum BenchCommand {
     Engine(engine::EngineBench),
     /// What the network hop costs: `serve` vs a devnet, and router timing.
     Network(network::NetworkBench),
+    /// Multi-turn conversations: time to first token with and without
+    /// prefix-aware routing, and the providers' prefix-cache hit rate.
+    Chat(chat::ChatBench),
     /// Settled requests per second on SQLite and PostgreSQL, fully durable.
     Ledger(ledger::LedgerBench),
     /// Concurrent streams one gateway holds (SYNTHETIC-engine providers).
@@ -57,6 +62,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Direct(b) => engine::direct(b),
         BenchCommand::Server(b) => server::run(home, b),
         BenchCommand::Quality(b) => quality::run(home, b),
+        BenchCommand::Chat(b) => chat::run(home, b),
         BenchCommand::Network(b) => network::run(home, b),
         BenchCommand::Gateway(b) => gateway::run(home, b),
         BenchCommand::Ledger(b) => ledger::run(b),

@@ -275,6 +275,7 @@ pub(crate) fn router(n: usize) {
         exclude: &[],
         prefs: &prefs,
         probe: false,
+        prefix: None,
     };
     // Load: keep some slots claimed on every provider.
     let mut held = Vec::new();

@@ -9,7 +9,8 @@ import openai
 from openai import OpenAI
 
 base, model, key = sys.argv[1], sys.argv[2], sys.argv[3]
-client = OpenAI(base_url=base, api_key=key)
+# No retries: a failure must show, not be papered over by the SDK.
+client = OpenAI(base_url=base, api_key=key, max_retries=0)
 
 # Non-stream chat.
 r = client.chat.completions.create(
@@ -74,7 +75,7 @@ except openai.BadRequestError as e:
 
 # A wrong key is the SDK's AuthenticationError; the usage is billed.
 try:
-    OpenAI(base_url=base, api_key="tsk_wrong").models.list()
+    OpenAI(base_url=base, api_key="tsk_wrong", max_retries=0).models.list()
     raise AssertionError("a wrong key was accepted")
 except openai.AuthenticationError as e:
     assert e.status_code == 401

@@ -165,12 +165,13 @@ impl Server {
         self.child.id()
     }
 
-    /// Ask the server to stop (SIGTERM) and wait for it.
+    /// Ask the server to stop (SIGTERM) and wait for it (its grace period
+    /// for answers in flight and the closing of their bills included).
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(40);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
@@ -188,6 +189,63 @@ impl Drop for Server {
         if let Ok(None) = self.child.try_wait() {
             self.stop();
         }
+    }
+}
+
+/// Anything that serves the API: `tessera serve`, a devnet's gateway, a
+/// gateway. Lets one suite run against each.
+pub trait Target {
+    /// e.g. `http://127.0.0.1:43123`
+    fn root(&self) -> String;
+    /// The demo account's key.
+    fn api_key(&self) -> String;
+
+    /// POST raw bytes as JSON; returns (status, parsed body).
+    fn post_bytes(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let resp = client_for(&self.api_key())
+            .post(format!("{}{path}", self.root()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().expect("body");
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        (status, value)
+    }
+
+    /// POST a JSON body.
+    fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_bytes(path, body.to_string().into_bytes())
+    }
+
+    /// GET with the key.
+    fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = client_for(&self.api_key())
+            .get(format!("{}{path}", self.root()))
+            .send()
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().expect("JSON body"))
+    }
+}
+
+impl Target for Server {
+    fn root(&self) -> String {
+        self.root.clone()
+    }
+    fn api_key(&self) -> String {
+        self.key.clone()
+    }
+}
+
+impl Target for Devnet {
+    fn root(&self) -> String {
+        self.api_base.trim_end_matches("/v1").to_string()
+    }
+    fn api_key(&self) -> String {
+        self.key.clone()
     }
 }
 
