@@ -40,16 +40,15 @@ fn scheduler(file: &Arc<LlamaModelFile>, hidden_states: bool) -> (Scheduler, Sch
     .unwrap()
 }
 
+/// The proof of an answer: every generated token and the proof.
+type Proven = Option<(Vec<Token>, tessera_core::Proof)>;
+
 /// Generate greedily; returns (tokens, text, proof tokens and proof).
 fn generate(
     h: &SchedulerHandle,
     prompt: &[Token],
     cache: Option<PrefixCache>,
-) -> (
-    Vec<Token>,
-    String,
-    Option<(Vec<Token>, tessera_core::Proof)>,
-) {
+) -> (Vec<Token>, String, Proven) {
     let mut rx = h
         .submit(GenerationRequest {
             prompt: prompt.to_vec(),
