@@ -58,11 +58,25 @@ impl Session {
     }
 }
 
-/// A live session and what changes while it lives.
+/// A live session and what changes while it lives. What a pick reads is
+/// held here inline (not behind the session's `Arc`), so that a pick over
+/// thousands of providers scans one contiguous list.
 struct Live {
     session: Arc<Session>,
+    /// The session's id and slots, copied from it.
+    id: u64,
+    slots: usize,
+    /// 1 ÷ slots, so a pick multiplies instead of dividing.
+    per_slot: f64,
+    /// Its first offer inline (most providers serve one model), the others
+    /// in `more`; models interned ([`State::model_id`]).
+    offer: Option<RouteOffer>,
+    more: Vec<RouteOffer>,
     inflight: usize,
     last_heartbeat: Instant,
+    /// `last_heartbeat` as milliseconds of the directory's clock
+    /// ([`Directory::clock_ms`]): an integer a pick compares cheaply.
+    beat_ms: u64,
     /// What it reported in its last heartbeat (shown, never routed on).
     reported_tok_s: f64,
     /// Moving average of time to first token seen by this gateway (ms).
@@ -76,6 +90,14 @@ struct Live {
     routing: Routing,
 }
 
+/// One offer as a pick reads it.
+#[derive(Clone, Copy)]
+struct RouteOffer {
+    model: u32,
+    price: Price,
+    context: usize,
+}
+
 /// A record's facts the router weighs.
 #[derive(Clone, Copy, Default)]
 struct Routing {
@@ -83,6 +105,9 @@ struct Routing {
     unroutable: bool,
     tok_s: f64,
     reputation: f64,
+    /// The reputation's share of the default ranking
+    /// ([`router::reputation_term`]), computed once per change.
+    penalty: f64,
 }
 
 impl Live {
@@ -173,11 +198,13 @@ impl Record {
     }
 
     fn routing(&self, latency_ms: f64) -> Routing {
+        let reputation = self.reputation(latency_ms);
         Routing {
             quarantined: self.quarantined,
             unroutable: self.canary_misses >= CANARY_MISSES,
             tok_s: self.trusted_tok_s(),
-            reputation: self.reputation(latency_ms),
+            reputation,
+            penalty: router::reputation_term(reputation),
         }
     }
 }
@@ -289,9 +316,29 @@ struct State {
     records: HashMap<NodeId, Record>,
     /// What the providers keep in their prefix caches.
     prefixes: PrefixIndex,
+    /// Model sha256 → a small id, so a pick compares integers.
+    models: HashMap<String, u32>,
+    /// The dearest output price of each model among live providers (the
+    /// default ranking weighs price in proportion to it).
+    dearest: HashMap<u32, u64>,
 }
 
 impl State {
+    fn model_id(&mut self, sha256: &str) -> u32 {
+        let next = self.models.len() as u32;
+        *self.models.entry(sha256.to_string()).or_insert(next)
+    }
+
+    fn recompute_dearest(&mut self) {
+        self.dearest.clear();
+        for l in &self.live {
+            for o in l.offer.iter().chain(&l.more) {
+                let d = self.dearest.entry(o.model).or_insert(0);
+                *d = (*d).max(o.price.output);
+            }
+        }
+    }
+
     fn live(&self, node: &NodeId) -> Option<&Live> {
         self.index.get(node).and_then(|&i| self.live.get(i))
     }
@@ -323,9 +370,10 @@ impl State {
 
 /// Every provider this gateway can reach right now, and what it has seen
 /// of every provider so far.
-#[derive(Default)]
 pub struct Directory {
     state: Mutex<State>,
+    /// Start of the directory's millisecond clock (heartbeat ages).
+    epoch: Instant,
     /// Breaks ties between equally ranked providers in turn.
     turn: AtomicUsize,
     metrics: Option<Arc<Metrics>>,
@@ -365,12 +413,20 @@ pub enum Standing {
     Quarantined,
 }
 
+impl Default for Directory {
+    fn default() -> Self {
+        Directory::new(None)
+    }
+}
+
 impl Directory {
     /// A directory that counts provider jobs in `metrics`.
     pub fn new(metrics: Option<Arc<Metrics>>) -> Self {
         Directory {
+            state: Mutex::default(),
+            epoch: Instant::now(),
+            turn: AtomicUsize::new(0),
             metrics,
-            ..Directory::default()
         }
     }
 
@@ -396,18 +452,41 @@ impl Directory {
         r.hardware = session.hardware.clone();
         let routing = r.routing(0.0);
         let old = state.remove(&session.node);
+        let mut offers: Vec<RouteOffer> = session
+            .offers
+            .iter()
+            .map(|o| RouteOffer {
+                model: state.model_id(&o.sha256),
+                price: o.price,
+                context: o.context_length,
+            })
+            .collect();
+        let offer = (!offers.is_empty()).then(|| offers.remove(0));
+        for o in offer.iter().chain(&offers) {
+            let d = state.dearest.entry(o.model).or_insert(0);
+            *d = (*d).max(o.price.output);
+        }
         let at = state.live.len();
         state.index.insert(session.node, at);
         state.live.push(Live {
+            id: session.id,
+            slots: session.slots,
+            per_slot: 1.0 / session.slots.max(1) as f64,
+            offer,
+            more: offers,
             session: session.clone(),
             inflight: 0,
             last_heartbeat: now,
+            beat_ms: u64::try_from(now.duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX),
             reported_tok_s: 0.0,
             latency_ms: 0.0,
             reused_tokens: 0,
             prompt_tokens: 0,
             routing,
         });
+        if old.is_some() {
+            state.recompute_dearest();
+        }
         drop(state);
         if let Some(conn) = old.and_then(|o| o.session.conn.clone()) {
             conn.close(0u32.into(), b"replaced by a newer session");
@@ -420,6 +499,7 @@ impl Directory {
         let mut state = self.lock();
         if state.live(node).is_some_and(|l| l.session.id == id) {
             state.remove(node);
+            state.recompute_dearest();
             state.prefixes.forget(*node);
             if let Some(r) = state.records.get_mut(node) {
                 if let Some(since) = r.connected_since.take() {
@@ -435,7 +515,10 @@ impl Directory {
         let Some(live) = state.live_mut(node).filter(|l| l.session.id == id) else {
             return;
         };
-        live.last_heartbeat = Instant::now();
+        let now = Instant::now();
+        live.last_heartbeat = now;
+        live.beat_ms =
+            u64::try_from(now.duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX);
         live.reported_tok_s = reported_tok_s;
         state.refresh(node);
     }
@@ -485,6 +568,14 @@ impl Directory {
     /// Choose a provider for a job and claim one of its slots, or `None`
     /// when every eligible provider is busy (or none exists).
     pub fn pick(self: &Arc<Self>, need: &Need<'_>) -> Option<Claim> {
+        let prefs = need.prefs;
+        let plain = prefs.order.is_empty()
+            && prefs.only.is_empty()
+            && prefs.ignore.is_empty()
+            && prefs.sort.is_none();
+        if plain {
+            return self.pick_fast(need);
+        }
         let mut state = self.lock();
         let (mut slot, mut candidates) = (Vec::new(), Vec::new());
         for (i, c) in Self::candidates(&state, need.sha256, need.tokens, need.prefix).enumerate() {
@@ -497,6 +588,84 @@ impl Directory {
         let chosen = router::choose(&candidates, need.prefs, turn).map(|i| slot[i]);
         drop(candidates);
         let live = state.live.get_mut(chosen?)?;
+        live.inflight += 1;
+        let session = live.session.clone();
+        drop(state);
+        let offer = session.offer(need.sha256)?;
+        let (price, context) = (offer.price, offer.context_length);
+        Some(Claim {
+            session,
+            price,
+            context,
+            directory: self.clone(),
+        })
+    }
+
+    /// [`Directory::pick`] for a request without provider preferences (the
+    /// usual case): one pass over the live list, eligibility and the
+    /// default ranking ([`router::default_key`]) inline, nothing allocated
+    /// but the prefix matches. Exact ties go to a pseudo-random one of them
+    /// (by `turn`), so equal providers share the work.
+    fn pick_fast(self: &Arc<Self>, need: &Need<'_>) -> Option<Claim> {
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) as u64;
+        let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let stale_ms = STALE.as_millis() as u64;
+        let mut state = self.lock();
+        let model = *state.models.get(need.sha256)?;
+        let per_price = 0.25 / state.dearest.get(&model).copied().unwrap_or(0).max(1) as f64;
+        let kept = need
+            .prefix
+            .map(|(key, chain)| state.prefixes.matches(key, chain))
+            .unwrap_or_default();
+        let mut best: Option<(f64, u64, usize)> = None;
+        for (i, l) in state.live.iter().enumerate() {
+            let o = match &l.offer {
+                Some(o) if o.model == model => o,
+                _ => match l.more.iter().find(|o| o.model == model) {
+                    Some(o) => o,
+                    None => continue,
+                },
+            };
+            if o.context <= need.tokens
+                || l.inflight >= l.slots
+                || now_ms.saturating_sub(l.beat_ms) >= stale_ms
+                || l.routing.quarantined
+                || (l.routing.unroutable && !need.probe)
+                || !need.prefs.affords(&o.price)
+                || need.exclude.contains(&l.id)
+            {
+                continue;
+            }
+            let cached = if kept.is_empty() {
+                0.0
+            } else {
+                let blocks = kept.get(&l.session.node).copied().unwrap_or(0);
+                ((blocks * BLOCK) as f64 / need.tokens.max(1) as f64).min(1.0)
+            };
+            let key = l.inflight as f64 * l.per_slot
+                + per_price * o.price.output as f64
+                + l.routing.penalty
+                - router::PREFIX_WEIGHT * cached;
+            // The tie-break hash only when it decides something.
+            let tie = |i: usize| {
+                crate::prefix::mix(turn ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            };
+            let better = match best {
+                None => true,
+                Some((k, _, _)) if key < k => true,
+                Some((k, b, j)) if key == k => {
+                    let t = tie(i);
+                    let b = if b == 0 { tie(j) } else { b };
+                    best = Some((k, b, j));
+                    t < b
+                }
+                _ => false,
+            };
+            if better {
+                best = Some((key, 0, i));
+            }
+        }
+        let live = state.live.get_mut(best?.2)?;
         live.inflight += 1;
         let session = live.session.clone();
         drop(state);
@@ -842,6 +1011,50 @@ mod tests {
             d.pick(&need).is_some(),
             "leaving with an old id keeps the new session"
         );
+    }
+
+    #[test]
+    fn equal_providers_share_picks_and_the_least_loaded_wins() {
+        let d = Arc::new(Directory::default());
+        for n in 1..=3 {
+            d.join(session(n, u64::from(n), 4, 10));
+        }
+        let prefs = RoutePrefs::any();
+        let need = Need {
+            sha256: "m",
+            tokens: 5,
+            exclude: &[],
+            prefs: &prefs,
+            probe: false,
+            prefix: None,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..30 {
+            let c = d.pick(&need).unwrap();
+            seen.insert(c.session.node);
+        }
+        assert_eq!(seen.len(), 3, "ties are shared");
+        // Load two of them: the third takes the next job, by either path.
+        let held: Vec<Claim> = (0..2).map(|_| d.pick(&need).unwrap()).collect();
+        let busy: std::collections::HashSet<NodeId> = held.iter().map(|c| c.session.node).collect();
+        let next = d.pick(&need).unwrap();
+        if busy.len() == 2 {
+            assert!(
+                !busy.contains(&next.session.node),
+                "a loaded provider won over an idle one"
+            );
+        }
+        let only = RoutePrefs {
+            ignore: vec!["zz".into()],
+            ..RoutePrefs::any()
+        };
+        let general = d
+            .pick(&Need {
+                prefs: &only,
+                ..need.clone()
+            })
+            .unwrap();
+        assert!(!busy.contains(&general.session.node) || busy.len() < 2);
     }
 
     #[test]

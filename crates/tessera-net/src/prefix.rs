@@ -38,6 +38,14 @@ pub fn chain(tokens: &[Token]) -> Vec<u64> {
     out
 }
 
+/// SplitMix64's finaliser: a cheap, well-mixed permutation of a `u64`.
+pub fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// The cache key of `account` at the gateway whose secret is `secret`.
 pub fn cache_key(secret: &[u8], account: &str) -> u64 {
     let mut h = Sha256::new();

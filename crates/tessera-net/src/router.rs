@@ -117,6 +117,21 @@ pub fn quote<'a>(
     }
 }
 
+/// The default ranking (lower is better): load (jobs in flight ÷ slots),
+/// plus the price term (a quarter at the dearest output price, in
+/// proportion), plus half the shortfall of reputation from a perfect 1
+/// (counted in hundredths, so near-equal providers still tie), minus
+/// [`PREFIX_WEIGHT`] × the share of the prompt the provider keeps cached.
+pub fn default_key(load: f64, price_term: f64, reputation: f64, cached: f64) -> f64 {
+    load + price_term + reputation_term(reputation) - PREFIX_WEIGHT * cached
+}
+
+/// Reputation's part of [`default_key`]: half its shortfall from 1, in
+/// hundredths.
+pub fn reputation_term(reputation: f64) -> f64 {
+    0.5 * ((1.0 - reputation) * 100.0).round() / 100.0
+}
+
 /// Choose among eligible providers with a free slot: the first match of
 /// `prefs.order`, else by `prefs.sort`, else by load weighed with price,
 /// reputation and cached prefix (load ÷ slots, plus a quarter for the
@@ -153,11 +168,12 @@ pub fn choose(candidates: &[Candidate<'_>], prefs: &RoutePrefs, turn: usize) -> 
         Some(Sort::Latency) if c.latency_ms > 0.0 => c.latency_ms,
         Some(Sort::Latency) => f64::MAX,
         Some(Sort::Price) => c.price.output as f64 * 1e6 + c.price.input as f64 + c.load(),
-        None => {
-            let shortfall = ((1.0 - c.reputation) * 100.0).round() / 100.0;
-            c.load() + per_price * c.price.output as f64 + 0.5 * shortfall
-                - PREFIX_WEIGHT * c.cached
-        }
+        None => default_key(
+            c.load(),
+            per_price * c.price.output as f64,
+            c.reputation,
+            c.cached,
+        ),
     };
     // Lower is better; one pass starting at `turn`, so the first of equals
     // changes from call to call.
