@@ -16,7 +16,8 @@ use tessera_net::node::{self, Ticket};
 use tessera_net::Gateway;
 use tessera_protocol::{read_frame, write_frame, Frame, Hello, ModelOffer, ALPN, PROTOCOL_VERSION};
 
-const SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// The model the test gateway serves: the default model's hash.
+const SHA: &str = tessera_models::DEFAULT_MODEL.sha256;
 
 /// An iroh endpoint on 127.0.0.1 accepting `alpns`.
 async fn loopback(alpns: Vec<Vec<u8>>) -> iroh::Endpoint {
@@ -139,6 +140,11 @@ async fn wrong_version_and_unknown_models_are_refused_with_a_reason() {
     for (frame, expect) in [
         (hello(PROTOCOL_VERSION + 1, SHA), "protocol version"),
         (hello(PROTOCOL_VERSION, &"0".repeat(64)), "unknown model"),
+        // The file the default model was before Q8_0: told how to update.
+        (
+            hello(PROTOCOL_VERSION, tessera_models::SMOLLM2_Q4_1.sha256),
+            "run `tessera models pull smollm2-135m-instruct`",
+        ),
     ] {
         let (_ep, conn) = dial(&ticket).await;
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
