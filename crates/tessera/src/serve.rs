@@ -31,6 +31,12 @@ pub struct ServeArgs {
     pub price: PriceArgs,
     #[command(flatten)]
     pub db: DatabaseArgs,
+    /// Build an audit proof of every answer, as a provider does, and
+    /// discard it (`serve` has no auditor). It costs what proving costs a
+    /// provider; `tessera bench network` turns it on to compare like with
+    /// like.
+    #[arg(long)]
+    pub proofs: bool,
 }
 
 fn write_endpoint(
@@ -95,7 +101,7 @@ pub async fn serve_until_stopped(
 }
 
 pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
-    let engine = local::start(home, &args.engine, false)?;
+    let engine = local::start(home, &args.engine, args.proofs)?;
     let backend: Arc<dyn Backend> = Arc::new(engine.backend(args.price.price()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

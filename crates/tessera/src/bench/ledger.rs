@@ -10,7 +10,6 @@
 use std::time::Instant;
 
 use clap::Args;
-use tessera_ledger::pg::TempPostgres;
 use tessera_ledger::{Charge, Hold, Ledger, Limits, MICRO};
 
 use super::stats::percentile;
@@ -23,6 +22,11 @@ pub struct LedgerBench {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// A PostgreSQL database to measure (its tables are created; use a
+    /// throwaway one). Without it, builds with the `testing` feature (as
+    /// `make bench` builds) start a throwaway server on loopback.
+    #[arg(long)]
+    pub postgres_url: Option<String>,
 }
 
 const ACCOUNTS: usize = 16;
@@ -112,16 +116,38 @@ pub fn run(b: LedgerBench) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })?;
-    match TempPostgres::start() {
-        Ok(pg) => rt.block_on(async {
-            let ledger = Ledger::open(&pg.url()).await?;
+    let postgres = |url: &str| {
+        rt.block_on(async {
+            let ledger = Ledger::open(url).await?;
             report(
                 "PostgreSQL (fsync, sync commit)",
                 measure(&ledger, &b).await?,
             );
             anyhow::Ok(())
-        })?,
-        Err(e) => println!("  PostgreSQL: not measured ({e})"),
+        })
+    };
+    match &b.postgres_url {
+        Some(url) => postgres(url)?,
+        None => throwaway_postgres(postgres)?,
     }
+    Ok(())
+}
+
+/// Measure on a PostgreSQL server started for the benchmark.
+#[cfg(feature = "testing")]
+fn throwaway_postgres(measure: impl Fn(&str) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    match tessera_ledger::pg::TempPostgres::start() {
+        Ok(pg) => measure(&pg.url()),
+        Err(e) => {
+            println!("  PostgreSQL: not measured ({e})");
+            Ok(())
+        }
+    }
+}
+
+/// Without the test harness there is no server to start.
+#[cfg(not(feature = "testing"))]
+fn throwaway_postgres(_: impl Fn(&str) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    println!("  PostgreSQL: not measured (pass --postgres-url, or build with `--features tessera/testing` as `make bench` does)");
     Ok(())
 }

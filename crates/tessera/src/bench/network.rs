@@ -1,7 +1,8 @@
 //! `tessera bench network`: what the network hop costs.
 //!
 //! Starts `tessera serve` and a one-provider `tessera devnet` side by side
-//! (separate processes, same model, same threads and slots) and takes turns
+//! (separate processes, same model, same threads and slots, both building
+//! an audit proof of every answer as providers do) and takes turns
 //! sending them the same streamed requests through HTTP, so drift in the
 //! machine's speed hits both alike. Then it times the router's decision
 //! among 10,000 simulated providers.
@@ -24,13 +25,13 @@ pub struct NetworkBench {
     #[arg(long, default_value = tessera_models::DEFAULT_MODEL.alias)]
     pub model: String,
     /// Time-to-first-token samples per side.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 60)]
     pub samples: usize,
     /// Tokens per throughput stream.
     #[arg(long, default_value_t = 128)]
     pub tokens: usize,
-    /// Throughput streams per side.
-    #[arg(long, default_value_t = 3)]
+    /// Throughput streams per side, one at a time.
+    #[arg(long, default_value_t = 10)]
     pub streams: usize,
     /// Simulated providers for the router timing.
     #[arg(long, default_value_t = 10_000)]
@@ -149,7 +150,7 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
     }
     let model = crate::models::resolve_or_pull(home, &b.model)?;
     let (_serve, serve_api, _) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--slots", "4"],
+        &["serve", "--listen", "127.0.0.1:0", "--slots", "4", "--proofs"],
         &model.path,
     )?;
     let (_devnet, devnet_api, _) = start(
