@@ -37,7 +37,7 @@ venv: deps
 
 # A gateway and three providers as separate processes on loopback.
 demo: build
-	$(BIN) devnet --providers 3 --audit
+	$(BIN) devnet --providers 3
 
 # Test-only parts: cheating providers (`adversary`), the synthetic engine
 # and the throwaway PostgreSQL server (`testing`). `make build` has neither.

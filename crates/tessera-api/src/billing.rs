@@ -4,19 +4,36 @@
 //! in the `tessera` binary) authenticates keys, holds credits in escrow and
 //! settles them. A [`Bill`] follows one answer: a part per provider (a
 //! continued answer has several), each with its price and the tokens it
-//! produced. The first part pays for the prompt; a continuation's re-read of
-//! the prompt is the network's cost, not the client's. When the answer ends
-//! the bill settles at the real cost; if it failed, the hold is released
-//! (nothing charged); if the client went away mid-answer, the tokens already
-//! generated are charged.
+//! produced. When the answer ends the bill settles at the real cost; if it
+//! failed, the hold is released (nothing charged); if the client went away
+//! mid-answer, the tokens already generated are charged.
+//!
+//! **What a client pays for on the network** (the rule every settlement
+//! follows): only parts that ended *verifiable* — with a proof of exactly
+//! the tokens streamed and a receipt the gateway countersigned. Tokens of a
+//! part that ended unverifiable (no proof, a malformed one, reset, error,
+//! silence, a protocol violation) are free to the client, and its provider
+//! earns nothing for them. The prompt is paid once, at the price of the
+//! first paid part; a continuation's re-read of the prompt is the
+//! network's cost. A part cut off because the client went away is
+//! unverifiable too, and so free: the provider's loss, bounded by what it
+//! generated before the gateway stopped it. Local answers (`tessera serve`)
+//! have no receipts and are always billed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
+use tessera_backend::JobEvent;
 use tessera_core::{Price, Usage};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
 
 use crate::ApiError;
+
+/// How long a bill whose client went away waits for the provider's proof.
+pub(crate) const DRAIN_LIMIT: Duration = Duration::from_secs(15);
 
 /// Who is calling: the account behind the request's API key.
 #[derive(Clone, Debug)]
@@ -108,6 +125,8 @@ pub struct Bill {
     model_sha256: String,
     prompt_tokens: u64,
     parts: Vec<Part>,
+    /// Parts are billed only with a countersigned receipt (the network).
+    receipts_required: bool,
     pub settled: Option<Settled>,
 }
 
@@ -128,8 +147,36 @@ impl Bill {
             model_sha256,
             prompt_tokens,
             parts: vec![],
+            receipts_required: false,
             settled: None,
         }
+    }
+
+    /// Bill only parts with a countersigned receipt from now on (the
+    /// backend is the network).
+    pub(crate) fn require_receipts(&mut self, required: bool) {
+        self.receipts_required = required;
+    }
+
+    /// The parts the client pays for: all of them locally; on the network
+    /// only those with a receipt, the prompt going with the first of them.
+    fn payable(&self, parts: Vec<Part>) -> Vec<Part> {
+        if !self.receipts_required {
+            return parts;
+        }
+        let prompt: u64 = parts.iter().map(|p| p.prompt_tokens).sum();
+        let mut paid: Vec<Part> = parts
+            .into_iter()
+            .filter(|p| p.receipt.is_some())
+            .map(|p| Part {
+                prompt_tokens: 0,
+                ..p
+            })
+            .collect();
+        if let Some(first) = paid.first_mut() {
+            first.prompt_tokens = prompt;
+        }
+        paid
     }
 
     /// A provider starts (or takes over) the answer at `price`.
@@ -171,6 +218,7 @@ impl Bill {
             last.completion_tokens += u64::from(usage.completion_tokens).saturating_sub(counted);
         }
         let parts = std::mem::take(&mut self.parts);
+        let parts = self.payable(parts);
         let Some(settle) = self.close(parts, response) else {
             return;
         };
@@ -180,6 +228,61 @@ impl Bill {
                 tracing::error!(job = %self.job_id, message = %e.message, "settlement failed; the hold stays open until the gateway restarts")
             }
         }
+    }
+
+    /// Whether the hold is still open (neither settled nor released).
+    pub(crate) fn is_open(&self) -> bool {
+        self.hold.is_some()
+    }
+
+    /// The client went away mid-answer on the network: ask the job to wrap
+    /// up (its provider stops and proves what it generated) and settle in
+    /// the background for what `events` brings by the end, within
+    /// [`DRAIN_LIMIT`]. This bill is left closed.
+    pub(crate) fn drain(
+        &mut self,
+        mut events: UnboundedReceiver<JobEvent>,
+        wrap_up: CancellationToken,
+    ) {
+        let mut bill = Bill {
+            accounts: self.accounts.clone(),
+            tasks: self.tasks.clone(),
+            hold: self.hold.take(),
+            job_id: self.job_id.clone(),
+            model_sha256: self.model_sha256.clone(),
+            prompt_tokens: self.prompt_tokens,
+            parts: std::mem::take(&mut self.parts),
+            receipts_required: self.receipts_required,
+            settled: None,
+        };
+        wrap_up.cancel();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // `bill` drops, and settles what it has
+        };
+        self.tasks.spawn_on(
+            async move {
+                let give_up = tokio::time::sleep(DRAIN_LIMIT);
+                tokio::pin!(give_up);
+                loop {
+                    let event = tokio::select! {
+                        e = events.recv() => e,
+                        _ = &mut give_up => None,
+                    };
+                    match event {
+                        Some(JobEvent::Token(_)) => bill.token(),
+                        Some(JobEvent::Provider { node, price }) => bill.part(node, price),
+                        Some(JobEvent::Receipt(r)) => bill.receipt(r),
+                        Some(JobEvent::Done { usage, .. }) => {
+                            bill.settle(&usage, None).await;
+                            return;
+                        }
+                        // Dropping the bill settles the parts it can pay.
+                        Some(JobEvent::Error(_)) | None => return,
+                    }
+                }
+            },
+            &rt,
+        );
     }
 
     /// The request failed: charge nothing.
@@ -213,7 +316,9 @@ impl Drop for Bill {
     /// The response went away before the end (the client disconnected):
     /// charge the tokens generated so far, in the background.
     fn drop(&mut self) {
-        let parts: Vec<Part> = std::mem::take(&mut self.parts)
+        let parts = std::mem::take(&mut self.parts);
+        let parts: Vec<Part> = self
+            .payable(parts)
             .into_iter()
             .filter(|p| p.completion_tokens > 0 || p.prompt_tokens > 0)
             .collect();

@@ -195,7 +195,8 @@ impl From<JobError> for ApiError {
             | JobError::OverPriceCap
             | JobError::Excluded
             | JobError::Busy
-            | JobError::ShuttingDown => ApiError::unavailable(message),
+            | JobError::ShuttingDown
+            | JobError::Cancelled => ApiError::unavailable(message),
             JobError::FailoverExhausted { .. } => {
                 ApiError::unavailable(message).with_code("failover_exhausted")
             }

@@ -36,10 +36,11 @@ use axum::{Extension, Json, Router};
 use bytes::Bytes;
 pub use futures::future::BoxFuture;
 use serde_json::{json, Value};
-use tessera_backend::{Backend, JobError, JobTicket, ServedModel};
+use tessera_backend::{Backend, JobError, JobEvent, JobTicket, ServedModel};
 use tessera_core::{GenerationRequest, Token};
 pub use tessera_metrics::Metrics;
 use tessera_metrics::{Generation, Outcome, Verdict};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
@@ -224,6 +225,26 @@ pub(crate) struct Job {
     /// The request carried an idempotency key: its answer is stored with
     /// its charge, so that a retry gets it again.
     pub replayable: bool,
+    /// The job's events.
+    pub events: UnboundedReceiver<JobEvent>,
+    /// Ends the job early but properly (the network); see
+    /// [`Dispatch::wrap_up`](tessera_backend::Dispatch).
+    pub wrap_up: Option<CancellationToken>,
+}
+
+impl Drop for Job {
+    /// The client went away before the end: on the network the job wraps
+    /// up and its bill settles in the background for what was proven;
+    /// locally the bill's own drop charges what was generated.
+    fn drop(&mut self) {
+        if let Some(wrap_up) = self.wrap_up.take() {
+            if self.bill.is_open() {
+                let (_, closed) = tokio::sync::mpsc::unbounded_channel();
+                let events = std::mem::replace(&mut self.events, closed);
+                self.bill.drain(events, wrap_up);
+            }
+        }
+    }
 }
 
 impl Job {
@@ -373,6 +394,7 @@ async fn run(
             return Err(e.into());
         }
     };
+    bill.require_receipts(dispatch.receipts_required);
     bill.part(dispatch.provider.clone(), dispatch.price);
     let job = Job {
         kind,
@@ -387,11 +409,13 @@ async fn run(
         shutdown: api.config.shutdown.clone(),
         _in_flight: api.config.tasks.token(),
         replayable: idempotency.is_some(),
+        events: dispatch.events,
+        wrap_up: dispatch.wrap_up,
     };
     if job.checked.stream {
-        Ok(response::stream(job, dispatch.events).into_response())
+        Ok(response::stream(job).into_response())
     } else {
-        response::collect(job, dispatch.events)
+        response::collect(job)
             .await
             .map(|v| Json(v).into_response())
     }

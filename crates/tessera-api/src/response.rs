@@ -13,7 +13,6 @@ use futures::stream::{self, Stream};
 use serde_json::{json, Value};
 use tessera_backend::{JobError, JobEvent as Event};
 use tessera_core::{FinishReason, TokenEvent, Usage};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ApiError;
 use tessera_metrics::Outcome;
@@ -180,15 +179,12 @@ fn answer_body(
 }
 
 /// Run the generation to the end and build the blocking response.
-pub(crate) async fn collect(
-    mut job: Job,
-    mut events: UnboundedReceiver<Event>,
-) -> Result<Value, ApiError> {
+pub(crate) async fn collect(mut job: Job) -> Result<Value, ApiError> {
     let mut text = String::new();
     let mut tokens: Vec<TokenEvent> = Vec::new();
     let (finish, usage) = loop {
         let next = tokio::select! {
-            e = events.recv() => e,
+            e = job.events.recv() => e,
             _ = job.shutdown.cancelled() => Some(Event::Error(JobError::ShuttingDown)),
         };
         match next {
@@ -291,7 +287,6 @@ pub(crate) fn replay(
 /// Where a stream is in its life.
 struct StreamState {
     job: Job,
-    events: UnboundedReceiver<Event>,
     out: VecDeque<SseEvent>,
     started: bool,
     finished: bool,
@@ -398,13 +393,9 @@ impl StreamState {
 }
 
 /// The server-sent-event response of a streamed generation.
-pub(crate) fn stream(
-    job: Job,
-    events: UnboundedReceiver<Event>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+pub(crate) fn stream(job: Job) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let state = StreamState {
         job,
-        events,
         out: VecDeque::new(),
         started: false,
         finished: false,
@@ -424,7 +415,7 @@ pub(crate) fn stream(
                 return None;
             }
             let next = tokio::select! {
-                e = st.events.recv() => e,
+                e = st.job.events.recv() => e,
                 _ = st.job.shutdown.cancelled() => Some(Event::Error(JobError::ShuttingDown)),
             };
             // Settle before the final chunk, which carries the cost.

@@ -92,6 +92,13 @@ pub struct Dispatch {
     pub provider: String,
     /// Its price (later providers announce theirs in `JobEvent::Provider`).
     pub price: Price,
+    /// Whether a part is billed only with a countersigned receipt (the
+    /// network: proof or nothing). Local parts are always billed.
+    pub receipts_required: bool,
+    /// Ends the job early but properly (the network): the provider stops,
+    /// and its proof, receipt and `Done` still come as events, so the part
+    /// is paid. Without it (local), dropping `events` cancels the job.
+    pub wrap_up: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// Why a job could not start or did not finish. The API maps each case to
@@ -137,6 +144,10 @@ pub enum JobError {
     /// The server is stopping (503).
     #[error("The server is shutting down.")]
     ShuttingDown,
+    /// The client went away before the answer was complete (nobody sees
+    /// it; its bill settles for what was verified).
+    #[error("The client went away.")]
+    Cancelled,
     /// Our fault, never the client's (500).
     #[error("{0}")]
     Internal(String),

@@ -110,6 +110,8 @@ impl Backend for LocalBackend {
                 events: rx,
                 provider: PROVIDER.into(),
                 price: self.price,
+                receipts_required: false,
+                wrap_up: None,
             }
         });
         Box::pin(std::future::ready(result.map_err(JobError::from)))

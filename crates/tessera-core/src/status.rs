@@ -14,6 +14,12 @@ pub enum AuditStatus {
     Failed,
     /// Not audited (not chosen, or no auditor).
     NotAudited,
+    /// The part ended without a valid proof (none, malformed, cut off,
+    /// an error or a protocol violation): its provider is not paid for it,
+    /// and its tokens were checked by seeded sampling alone (or not at
+    /// all, without an auditor). An answer with such a part is never
+    /// reported `passed`.
+    Unverified,
 }
 
 impl AuditStatus {
@@ -24,19 +30,23 @@ impl AuditStatus {
             AuditStatus::Passed => "passed",
             AuditStatus::Failed => "failed",
             AuditStatus::NotAudited => "not_audited",
+            AuditStatus::Unverified => "unverified",
         }
     }
 
     /// The status of an answer from its parts': as good as its worst part
-    /// (failed, else pending, else passed if any part passed).
+    /// (failed, else pending, else unverified, else passed if any part
+    /// passed).
     pub fn overall(parts: impl IntoIterator<Item = AuditStatus>) -> AuditStatus {
-        let mut out = AuditStatus::NotAudited;
+        use AuditStatus::*;
+        let mut out = NotAudited;
         for p in parts {
             out = match (out, p) {
-                (AuditStatus::Failed, _) | (_, AuditStatus::Failed) => AuditStatus::Failed,
-                (AuditStatus::Pending, _) | (_, AuditStatus::Pending) => AuditStatus::Pending,
-                (AuditStatus::Passed, _) | (_, AuditStatus::Passed) => AuditStatus::Passed,
-                _ => AuditStatus::NotAudited,
+                (Failed, _) | (_, Failed) => Failed,
+                (Pending, _) | (_, Pending) => Pending,
+                (Unverified, _) | (_, Unverified) => Unverified,
+                (Passed, _) | (_, Passed) => Passed,
+                _ => NotAudited,
             };
         }
         out
@@ -115,6 +125,8 @@ mod tests {
         assert_eq!(AuditStatus::overall([NotAudited, Passed]), Passed);
         assert_eq!(AuditStatus::overall([Passed, Pending]), Pending);
         assert_eq!(AuditStatus::overall([Pending, Failed, Passed]), Failed);
+        assert_eq!(AuditStatus::overall([Passed, Unverified]), Unverified);
+        assert_eq!(AuditStatus::overall([Unverified, Pending]), Pending);
         assert_eq!(
             serde_json::to_string(&NotAudited).unwrap(),
             "\"not_audited\""

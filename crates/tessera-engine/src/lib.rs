@@ -23,7 +23,7 @@ pub mod text;
 
 use serde::{Deserialize, Serialize};
 
-pub use scheduler::{Event, Scheduler, SchedulerConfig, SchedulerHandle, SubmitError};
+pub use scheduler::{Event, Scheduler, SchedulerConfig, SchedulerHandle, SubmitError, WrapUp};
 use tessera_core::Token;
 
 /// A sequence (slot) id inside one evaluation context.

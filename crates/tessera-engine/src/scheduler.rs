@@ -6,10 +6,11 @@
 //! One `decode` call evaluates it all, every sequence that got logits samples
 //! its next token, and tokens stream back on the request's own channel. A
 //! request whose receiver is dropped (the client went away) is removed and
-//! its slot freed at the next step.
+//! its slot freed at the next step; one whose [`WrapUp`] is called ends at
+//! the next step as if it had stopped there, with its proof and `Done`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -64,6 +65,21 @@ impl Default for SchedulerConfig {
 struct Job {
     request: GenerationRequest,
     events: mpsc::UnboundedSender<Event>,
+    wrap_up: Arc<AtomicBool>,
+}
+
+/// Ends one request early but properly: at the scheduler's next step it
+/// stops as if a stop sequence had ended it (finish reason `stop`), and
+/// sends the proof of the tokens generated so far and `Done`. A provider
+/// uses it when the gateway cancels a job, so the work done is still paid.
+#[derive(Clone, Debug, Default)]
+pub struct WrapUp(Arc<AtomicBool>);
+
+impl WrapUp {
+    /// Stop the request at the next step.
+    pub fn now(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Counters shared between the scheduler thread and its handles.
@@ -136,6 +152,15 @@ impl SchedulerHandle {
         &self,
         request: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        self.submit_with_wrap_up(request).map(|(events, _)| events)
+    }
+
+    /// [`submit`](Self::submit), and a [`WrapUp`] that ends the request
+    /// early with its proof and `Done`.
+    pub fn submit_with_wrap_up(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<(mpsc::UnboundedReceiver<Event>, WrapUp), SubmitError> {
         let limit = self.context_per_sequence;
         if request.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
@@ -151,11 +176,17 @@ impl SchedulerHandle {
         }
         let (events, rx) = mpsc::unbounded_channel();
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
-        self.jobs.send(Job { request, events }).map_err(|_| {
+        let wrap_up = WrapUp::default();
+        let job = Job {
+            request,
+            events,
+            wrap_up: wrap_up.0.clone(),
+        };
+        self.jobs.send(job).map_err(|_| {
             self.load.waiting.fetch_sub(1, Ordering::Relaxed);
             SubmitError::Engine(EngineError::Closed)
         })?;
-        Ok(rx)
+        Ok((rx, wrap_up))
     }
 }
 
@@ -366,13 +397,32 @@ impl Loop {
     }
 
     fn drop_cancelled(&mut self) {
-        self.waiting.retain(|j| !j.events.is_closed());
+        self.waiting.retain(|j| {
+            let wrapped = j.wrap_up.load(Ordering::Relaxed);
+            if wrapped {
+                // Asked to end before it started: nothing generated.
+                let _ = j.events.send(Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: Usage {
+                        prompt_tokens: j.request.prompt.len() as u32,
+                        completion_tokens: 0,
+                    },
+                    text: String::new(),
+                });
+            }
+            !wrapped && !j.events.is_closed()
+        });
         let mut i = 0;
         while i < self.active.len() {
             if self.active[i].job.events.is_closed() {
                 let gone = self.active.swap_remove(i);
                 tracing::debug!(seq = gone.seq, "client went away; slot freed");
                 self.release(gone.seq);
+            } else if self.active[i].job.wrap_up.load(Ordering::Relaxed) {
+                let mut done = self.active.swap_remove(i);
+                let text = done.text.finish();
+                done.finish(FinishReason::Stop, text);
+                self.retire(done);
             } else {
                 i += 1;
             }

@@ -136,6 +136,24 @@ pub struct Account {
     pub completion_tokens: i64,
 }
 
+/// A provider's standing with the auditors, as every gateway on this
+/// ledger shares it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Standing {
+    /// The provider's node id.
+    pub provider: String,
+    /// Audits it passed.
+    pub audits_passed: u32,
+    /// Audits it failed.
+    pub audits_failed: u32,
+    /// Audits it must still pass in a row to clear its last failure.
+    pub on_watch: u32,
+    /// Caught twice: never routed to again by any gateway on this ledger.
+    pub quarantined: bool,
+    /// When it last changed (ms since the epoch).
+    pub updated_ms: u64,
+}
+
 /// Limits handed out with a key (e.g. to an AI agent given a budget).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limits {
@@ -542,6 +560,60 @@ impl Ledger {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Save a provider's standing (its `updated_ms` is set to now). A
+    /// quarantine is never undone by a later save, nor counts lowered: two
+    /// gateways saving at once both keep the worst.
+    pub async fn save_standing(&self, s: &Standing) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO standings (provider, audits_passed, audits_failed, on_watch, \
+             quarantined, updated_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (provider) DO UPDATE SET \
+             audits_passed = CASE WHEN excluded.audits_passed > standings.audits_passed \
+               THEN excluded.audits_passed ELSE standings.audits_passed END, \
+             audits_failed = CASE WHEN excluded.audits_failed > standings.audits_failed \
+               THEN excluded.audits_failed ELSE standings.audits_failed END, \
+             on_watch = excluded.on_watch, \
+             quarantined = CASE WHEN excluded.quarantined > standings.quarantined \
+               THEN excluded.quarantined ELSE standings.quarantined END, \
+             updated_ms = excluded.updated_ms",
+        )
+        .bind(s.provider.clone())
+        .bind(i64::from(s.audits_passed))
+        .bind(i64::from(s.audits_failed))
+        .bind(i64::from(s.on_watch))
+        .bind(i64::from(s.quarantined))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Standings changed at or after `since_ms` (0: all), oldest first.
+    pub async fn standings_since(&self, since_ms: u64) -> Result<Vec<Standing>> {
+        let rows = sqlx::query(
+            "SELECT provider, audits_passed, audits_failed, on_watch, quarantined, updated_ms \
+             FROM standings WHERE updated_ms >= $1 ORDER BY updated_ms",
+        )
+        .bind(since_ms as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let n = |c: &str| -> Result<u32> {
+                    Ok(u32::try_from(r.try_get::<i64, _>(c)?.max(0)).unwrap_or(u32::MAX))
+                };
+                Ok(Standing {
+                    provider: r.try_get("provider")?,
+                    audits_passed: n("audits_passed")?,
+                    audits_failed: n("audits_failed")?,
+                    on_watch: n("on_watch")?,
+                    quarantined: r.try_get::<i64, _>("quarantined")? != 0,
+                    updated_ms: r.try_get::<i64, _>("updated_ms")?.max(0) as u64,
+                })
+            })
+            .collect()
     }
 
     /// Release every hold `gateway` left open (after a crash); returns how many.

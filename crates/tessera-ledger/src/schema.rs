@@ -76,6 +76,18 @@ const MIGRATIONS: &[&str] = &[
     // retry with the same key gets the same answer, charged once.
     "ALTER TABLE holds ADD COLUMN response TEXT",
     "ALTER TABLE holds ADD COLUMN receipt TEXT",
+    // Each provider's standing with the auditors (audits passed and failed,
+    // audits still to pass on watch, quarantine), shared by every gateway
+    // on this ledger and kept across restarts.
+    "CREATE TABLE standings (
+        provider TEXT PRIMARY KEY,
+        audits_passed BIGINT NOT NULL,
+        audits_failed BIGINT NOT NULL,
+        on_watch BIGINT NOT NULL,
+        quarantined BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL
+    )",
+    "CREATE INDEX standings_updated ON standings (updated_ms)",
 ];
 
 /// Apply every migration not yet applied, and create the system accounts.

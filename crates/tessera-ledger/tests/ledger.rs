@@ -488,3 +488,46 @@ async fn an_audit_verdict_before_settlement_waits_for_it_and_the_forfeit_follows
         assert!(ledger.check().await.unwrap().ok(), "{url}");
     }
 }
+
+/// Providers' standings outlive a gateway and are shared: a save keeps the
+/// worst of what is stored and what is saved (a quarantine is never
+/// undone, counts never go down), a second ledger handle on the same
+/// database reads it, and `standings_since` returns only later changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn standings_keep_the_worst_and_are_shared() {
+    use tessera_ledger::Standing;
+    for (ledger, url, _store) in ledgers().await {
+        let node = "cd".repeat(32);
+        let caught = Standing {
+            provider: node.clone(),
+            audits_passed: 5,
+            audits_failed: 2,
+            on_watch: 10,
+            quarantined: true,
+            updated_ms: 0,
+        };
+        ledger.save_standing(&caught).await.unwrap();
+        // Another gateway that saw less saves after it.
+        let other = Ledger::open(&url).await.unwrap();
+        let naive = Standing {
+            provider: node.clone(),
+            audits_passed: 1,
+            audits_failed: 0,
+            on_watch: 0,
+            quarantined: false,
+            updated_ms: 0,
+        };
+        other.save_standing(&naive).await.unwrap();
+        let all = other.standings_since(0).await.unwrap();
+        assert_eq!(all.len(), 1, "{url}");
+        let s = &all[0];
+        assert!(s.quarantined, "{url}: a quarantine was undone");
+        assert_eq!((s.audits_passed, s.audits_failed), (5, 2), "{url}");
+        assert!(s.updated_ms > 0);
+        assert!(other
+            .standings_since(s.updated_ms + 1)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}

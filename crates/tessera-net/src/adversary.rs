@@ -6,6 +6,12 @@
 //! model's (`Garbage`), commitments that do not match its hidden states
 //! (`ForgedCommitments`), half an answer passed off as a natural stop
 //! (`EarlyStop`), more tokens claimed than generated (`InflatedUsage`).
+//! Protocol cheats try to be paid without a proof or beyond the request:
+//! `NoProof` (ends without one), `Silent` (goes quiet after its first
+//! token, holding the client), `BadToken` (a token id outside the
+//! vocabulary, which would poison the next provider's prompt), `Overrun`
+//! (more tokens than `max_tokens`) and `ResetAfterMax` (streams the whole
+//! answer, then drops the stream instead of ending it with a proof).
 //! `Stall` is not cheating but a wedged provider: while a file named
 //! `stall` exists in its home it takes jobs and never answers them, while
 //! its connection and heartbeats stay alive (what uptime canaries catch).
@@ -16,7 +22,7 @@
 use std::sync::Arc;
 
 use tessera_core::{FinishReason, GenerationRequest, Token};
-use tessera_engine::{Event, SubmitError};
+use tessera_engine::{Event, SubmitError, WrapUp};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use crate::provider::JobRunner;
@@ -34,6 +40,16 @@ pub enum Misbehave {
     InflatedUsage,
     /// Jobs hang while a flag file exists (the connection stays alive).
     Stall,
+    /// Ends its answers without a proof.
+    NoProof,
+    /// Silent after its first token, the stream left open.
+    Silent,
+    /// Its third token is an id outside the vocabulary.
+    BadToken,
+    /// Generates 16 tokens more than `max_tokens`.
+    Overrun,
+    /// Streams every token, then drops the stream without `JobDone`.
+    ResetAfterMax,
 }
 
 impl std::str::FromStr for Misbehave {
@@ -45,6 +61,11 @@ impl std::str::FromStr for Misbehave {
             "early-stop" => Misbehave::EarlyStop,
             "inflated-usage" => Misbehave::InflatedUsage,
             "stall" => Misbehave::Stall,
+            "no-proof" => Misbehave::NoProof,
+            "silent" => Misbehave::Silent,
+            "bad-token" => Misbehave::BadToken,
+            "overrun" => Misbehave::Overrun,
+            "reset-after-max" => Misbehave::ResetAfterMax,
             other => return Err(format!("unknown misbehaviour '{other}'")),
         })
     }
@@ -66,18 +87,21 @@ impl JobRunner for CheatingRunner {
     fn submit(
         &self,
         mut request: GenerationRequest,
-    ) -> Result<UnboundedReceiver<Event>, SubmitError> {
+    ) -> Result<(UnboundedReceiver<Event>, WrapUp), SubmitError> {
         if self.mode == Misbehave::Stall && self.stall_flag.exists() {
             let (tx, rx) = mpsc::unbounded_channel::<Event>();
             // Hold the job open, silent, until the gateway gives up on it.
             tokio::spawn(async move { tx.closed().await });
-            return Ok(rx);
+            return Ok((rx, WrapUp::default()));
         }
         if self.mode == Misbehave::EarlyStop {
             let asked = request.max_tokens.unwrap_or(64);
             request.max_tokens = Some((asked / 2).max(1));
         }
-        let mut inner = self.inner.submit(request)?;
+        if self.mode == Misbehave::Overrun {
+            request.max_tokens = request.max_tokens.map(|m| m + 16);
+        }
+        let (mut inner, wrap_up) = self.inner.submit(request)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mode = self.mode;
         let n_vocab = self.n_vocab.max(1) as u64;
@@ -90,6 +114,7 @@ impl JobRunner for CheatingRunner {
                 state
             };
             let mut sent: Vec<Token> = Vec::new();
+            let mut streamed = 0usize;
             loop {
                 let event = tokio::select! {
                     e = inner.recv() => e,
@@ -117,14 +142,29 @@ impl JobRunner for CheatingRunner {
                     (Event::Done { usage, .. }, Misbehave::InflatedUsage) => {
                         usage.completion_tokens += 5;
                     }
+                    (Event::Proof { .. }, Misbehave::NoProof | Misbehave::ResetAfterMax) => {
+                        continue;
+                    }
+                    // Dropping `tx` without `Done` drops the stream.
+                    (Event::Done { .. }, Misbehave::ResetAfterMax) => return,
+                    (Event::Token(_), Misbehave::Silent) if streamed >= 1 => {
+                        tx.closed().await;
+                        return;
+                    }
+                    (Event::Token(t), Misbehave::BadToken) if streamed == 2 => {
+                        t.token = n_vocab as Token + 7;
+                    }
                     _ => {}
+                }
+                if matches!(event, Event::Token(_)) {
+                    streamed += 1;
                 }
                 if tx.send(event).is_err() {
                     return;
                 }
             }
         });
-        Ok(rx)
+        Ok((rx, wrap_up))
     }
 
     fn active(&self) -> usize {

@@ -62,6 +62,19 @@ pub enum Origin {
     Canary,
 }
 
+/// How a provider's part ended, as far as paying it goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PartEnd {
+    /// With a proof of exactly the tokens streamed and a matching receipt:
+    /// paid, and audited as the policy says.
+    Verified,
+    /// Early, without a valid proof (reset, error, silence): unpaid, always
+    /// checked by seeded sampling alone, never `passed`.
+    Unverified,
+    /// It broke the protocol (why): a provable cheat, failed as it stands.
+    Violation(String),
+}
+
 /// One part of an answer as audited.
 #[derive(Clone, Debug, Serialize)]
 pub struct PartAudit {
@@ -153,19 +166,45 @@ impl Audits {
     }
 
     /// A part of `ticket`'s request ended on `provider`: audit it or not.
-    /// A part without a proof is always checked (by seeded sampling alone);
-    /// one with a proof as the policy says. Returns at once; the verdict
-    /// comes later.
+    /// An unverified part (`verified` false: it ended without a valid
+    /// proof, and was not paid) is always checked by seeded sampling alone
+    /// and never counts as passed; a verified one is audited as the policy
+    /// says. Returns at once; the verdict comes later.
     pub fn consider(
         self: &Arc<Self>,
         ticket: &JobTicket,
         origin: Origin,
         part_job: &str,
         provider: NodeId,
-        job: AuditJob,
+        mut job: AuditJob,
+        end: PartEnd,
     ) {
+        let verified = end == PartEnd::Verified;
+        if !verified {
+            job.proof = None;
+        }
+        if let PartEnd::Violation(why) = end {
+            // A provable cheat: failed as it stands, nothing to recompute.
+            let part = PartAudit {
+                job: part_job.to_string(),
+                provider,
+                status: AuditStatus::Pending,
+                note: Some("broke the protocol: not paid".into()),
+                evidence: None,
+            };
+            self.set(&ticket.id, &ticket.account, part.clone());
+            let evidence = Evidence {
+                tokens: job.output.len(),
+                failures: vec![why],
+                ..Evidence::default()
+            };
+            let (audits, ticket) = (self.clone(), ticket.clone());
+            self.tasks
+                .spawn(async move { audits.verdict(&ticket, origin, part, evidence, false).await });
+            return;
+        }
         let odds = match origin {
-            _ if job.proof.is_none() => 1.0,
+            _ if !verified => 1.0,
             Origin::Canary => 1.0,
             Origin::Client => {
                 self.directory
@@ -186,8 +225,8 @@ impl Audits {
             self.count(Verdict::NotAudited, None);
             return;
         }
-        if job.proof.is_none() {
-            part.note = Some("no proof: checked by seeded sampling alone".into());
+        if !verified {
+            part.note = Some("no valid proof: not paid, checked by seeded sampling alone".into());
         }
         part.status = AuditStatus::Pending;
         self.set(&ticket.id, &ticket.account, part.clone());
@@ -201,7 +240,11 @@ impl Audits {
                 _ = shutdown.cancelled() => return,
             };
             match result {
-                Ok(Ok(evidence)) => audits.verdict(&ticket, origin, part, evidence).await,
+                Ok(Ok(evidence)) => {
+                    audits
+                        .verdict(&ticket, origin, part, evidence, verified)
+                        .await
+                }
                 Ok(Err(e)) => {
                     part.status = AuditStatus::NotAudited;
                     part.note = Some(format!("the audit could not run: {e}"));
@@ -224,18 +267,26 @@ impl Audits {
         origin: Origin,
         mut part: PartAudit,
         evidence: Evidence,
+        verified: bool,
     ) {
         let passed = evidence.passed();
-        part.status = if passed {
-            AuditStatus::Passed
-        } else {
-            AuditStatus::Failed
+        part.status = match (passed, verified) {
+            (false, _) => AuditStatus::Failed,
+            (true, true) => AuditStatus::Passed,
+            (true, false) => AuditStatus::Unverified,
         };
         let reason = evidence.failures.first().cloned().unwrap_or_default();
         part.evidence = Some(evidence);
         let provider = part.provider;
         let status = part.status;
         self.set(&ticket.id, &ticket.account, part);
+        if passed && !verified {
+            // Its tokens are what the model samples, but nothing proves how
+            // they were computed: no credit toward probation, nothing to
+            // book (the part was not paid).
+            self.count(Verdict::NotAudited, None);
+            return;
+        }
         let verdict = if passed {
             Verdict::Passed
         } else {
@@ -258,8 +309,16 @@ impl Audits {
         let Some(ledger) = &self.ledger else {
             return;
         };
-        // A canary was never billed: nothing to record or refund.
-        if origin == Origin::Client {
+        // The standing outlives this gateway: every gateway on the ledger
+        // (and this one after a restart) picks it up.
+        if let Some(s) = self.directory.standing(&provider) {
+            if let Err(e) = ledger.save_standing(&s).await {
+                tracing::error!(provider = %provider.short(), error = %e, "could not save a provider's standing");
+            }
+        }
+        // A canary was never billed, nor an unverified part: nothing to
+        // record or refund (the answer's other parts were honest work).
+        if origin == Origin::Client && verified {
             match ledger
                 .audit_verdict(&ticket.id, &provider.to_string(), status)
                 .await
@@ -311,5 +370,47 @@ impl Audits {
             "audit": AuditStatus::overall(r.parts.iter().map(|p| p.status)),
             "parts": r.parts,
         }))
+    }
+}
+
+/// How often a gateway reads the standings other gateways saved.
+const STANDINGS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keep `directory` in step with the standings saved in `ledger` (by this
+/// gateway before a restart, or by another gateway on the same database):
+/// all of them at once at the start, then every change, until `shutdown`.
+/// Resolves after the first read, so a restarted gateway never routes to a
+/// provider it had quarantined.
+pub async fn follow_standings(
+    directory: Arc<Directory>,
+    ledger: Ledger,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), tessera_ledger::LedgerError> {
+    let mut since = 0;
+    restore_all(&directory, ledger.standings_since(0).await?, &mut since);
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(STANDINGS_EVERY) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            match ledger.standings_since(since).await {
+                Ok(rows) => restore_all(&directory, rows, &mut since),
+                Err(e) => tracing::warn!(error = %e, "could not read providers' standings"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Take `rows` into `directory`; `since` becomes the newest change seen.
+fn restore_all(directory: &Directory, rows: Vec<tessera_ledger::Standing>, since: &mut u64) {
+    for s in rows {
+        *since = (*since).max(s.updated_ms);
+        match s.provider.parse::<NodeId>() {
+            Ok(node) => directory.restore(&node, &s),
+            Err(_) => tracing::warn!(provider = %s.provider, "a standing of no valid node id"),
+        }
     }
 }

@@ -773,6 +773,38 @@ impl Directory {
         }
     }
 
+    /// `node`'s standing with the auditors, to be saved in the ledger.
+    pub fn standing(&self, node: &NodeId) -> Option<tessera_ledger::Standing> {
+        let state = self.lock();
+        state.records.get(node).map(|r| tessera_ledger::Standing {
+            provider: node.to_string(),
+            audits_passed: r.audits_passed,
+            audits_failed: r.audits_failed,
+            on_watch: r.on_watch,
+            quarantined: r.quarantined,
+            updated_ms: 0,
+        })
+    }
+
+    /// Take in a standing another gateway (or this one before a restart)
+    /// saved: the worse of the two wins (a quarantine is never undone, a
+    /// watch never shortened), so a restart or a second gateway cannot
+    /// give a cheater a fresh start.
+    pub fn restore(&self, node: &NodeId, s: &tessera_ledger::Standing) {
+        let mut state = self.lock();
+        let r = state
+            .records
+            .entry(*node)
+            .or_insert_with(|| Record::new(Instant::now()));
+        r.audits_passed = r.audits_passed.max(s.audits_passed);
+        if s.audits_failed > r.audits_failed {
+            r.audits_failed = s.audits_failed;
+            r.on_watch = r.on_watch.max(s.on_watch);
+        }
+        r.quarantined |= s.quarantined;
+        state.refresh(node);
+    }
+
     /// An audit of `node` passed or failed; what it did to its standing.
     pub fn record_audit(&self, node: &NodeId, passed: bool) -> Standing {
         let mut state = self.lock();

@@ -27,6 +27,11 @@ use crate::node::node_id;
 /// it, by default.
 pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Longest silence between two frames of a provider's answer, by default:
+/// a provider that goes quiet longer has failed the part, and the answer
+/// continues elsewhere.
+pub const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+
 /// A gateway: its endpoint, the models it can tokenize, its directory.
 #[derive(Clone)]
 pub struct Gateway {
@@ -39,6 +44,7 @@ pub struct Gateway {
     /// The auditor of each model (by sha256) this gateway audits.
     audits: Arc<HashMap<String, Arc<Audits>>>,
     failover_deadline: Duration,
+    frame_deadline: Duration,
     prefix_cache: bool,
     prefix_routing: bool,
     shutdown: CancellationToken,
@@ -57,6 +63,7 @@ impl Gateway {
             discovery: None,
             audits: Arc::default(),
             failover_deadline: FAILOVER_DEADLINE,
+            frame_deadline: FRAME_DEADLINE,
             prefix_cache: true,
             prefix_routing: true,
             shutdown: CancellationToken::new(),
@@ -79,6 +86,12 @@ impl Gateway {
     /// How long a job keeps looking for providers after failures.
     pub fn with_failover_deadline(mut self, deadline: Duration) -> Self {
         self.failover_deadline = deadline;
+        self
+    }
+
+    /// Longest silence allowed between two frames of a provider's answer.
+    pub fn with_frame_deadline(mut self, deadline: Duration) -> Self {
+        self.frame_deadline = deadline;
         self
     }
 
@@ -142,6 +155,7 @@ impl Gateway {
             key: self.endpoint.secret_key().clone(),
             audits: self.audits(sha256),
             failover_deadline: self.failover_deadline,
+            frame_deadline: self.frame_deadline,
             prefix_cache: self.prefix_cache,
             prefix_routing: self.prefix_routing,
         }

@@ -14,6 +14,22 @@
 //! text and watches for stop sequences: its [`TextStream`] spans every part,
 //! so a stop sequence or a UTF-8 character split across a provider change
 //! is still handled right. Usage is counted here for the same reason.
+//!
+//! Providers are strangers, so the gateway enforces the protocol on every
+//! frame: token ids inside the vocabulary, no more tokens than the request's
+//! `max_tokens` (nor than its context, which is what the client's hold
+//! covers), at most [`MAX_FRAME_TOKENS`] per frame, and a deadline between
+//! frames as well as before the first. A violation fails the part, and the
+//! answer continues elsewhere; the offending tokens never reach the client.
+//!
+//! **Proof or nothing.** A part is paid only when it ends with a `JobDone`
+//! whose proof is well formed and covers exactly the tokens streamed, and
+//! whose signed receipt matches: only then does the gateway countersign it,
+//! and the API bills parts with a countersigned receipt only. Every other
+//! part (no proof, a malformed one, reset, error, silence, violation) earns
+//! its provider nothing, its tokens cost the client nothing, and it is
+//! always checked by seeded sampling alone; it is reported `unverified`,
+//! and a failure there is a failed audit like any other.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,16 +44,23 @@ use tessera_core::{
 };
 use tessera_engine::audit::AuditJob;
 use tessera_engine::text::TextStream;
-use tessera_protocol::{read_frame, write_frame, Frame, JobDone, JobKind, JobRequest, Receipt};
+use tessera_protocol::{
+    read_frame, write_frame, Frame, FrameError, JobDone, JobKind, JobRequest, Receipt,
+};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use crate::audit::{Audits, Origin};
+use crate::audit::{Audits, Origin, PartEnd};
 use crate::directory::{Claim, Directory};
 use crate::receipt;
 use crate::router::Need;
 
 /// Longest wait for a provider's first answer to a job.
 const FIRST_FRAME: Duration = Duration::from_secs(120);
+/// Most tokens one `Tokens` frame may carry (providers send one or a few).
+pub const MAX_FRAME_TOKENS: usize = 64;
+/// How long a provider asked to wrap up (`Cancel`) has to send its proof.
+const WRAP_UP_GRACE: Duration = Duration::from_secs(5);
 /// Parts one job may have in all (the first and its continuations).
 const MAX_PARTS: usize = 8;
 /// How long a job waits between looks for a free provider.
@@ -69,6 +92,8 @@ struct Part {
     /// How it ended, recorded in the directory when it is dropped:
     /// cancelled unless marked done or failed.
     outcome: PartOutcome,
+    /// The gateway asked it to wrap up (`Cancel` sent).
+    wrapping_up: bool,
     directory: Arc<Directory>,
     /// The provider's slot, released with the part.
     _claim: Claim,
@@ -91,6 +116,45 @@ impl Part {
         let _ = self.send.reset(0u32.into());
         let _ = self.recv.stop(0u32.into());
     }
+
+    /// The provider's next frame within `deadline` (a shorter grace once
+    /// it was asked to wrap up). When `wrap_up` fires meanwhile, `Cancel`
+    /// is sent (once) and the same read goes on, so no frame is torn.
+    async fn next_frame(
+        &mut self,
+        deadline: Duration,
+        wrap_up: &CancellationToken,
+    ) -> Result<Option<Frame>, FrameError> {
+        let silent = |d: Duration| {
+            FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the provider sent nothing for {} s", d.as_secs()),
+            ))
+        };
+        if let Some(f) = self.first.take() {
+            return Ok(Some(f));
+        }
+        let limit = if self.wrapping_up {
+            deadline.min(WRAP_UP_GRACE)
+        } else {
+            deadline
+        };
+        let read = tokio::time::timeout(limit, read_frame(&mut self.recv));
+        tokio::pin!(read);
+        tokio::select! {
+            f = &mut read => f.unwrap_or_else(|_| Err(silent(limit))),
+            _ = wrap_up.cancelled(), if !self.wrapping_up => {
+                self.wrapping_up = true;
+                write_frame(&mut self.send, &Frame::Cancel).await?;
+                // The provider now has the grace period to answer.
+                match tokio::time::timeout(WRAP_UP_GRACE, &mut read).await {
+                    Ok(Ok(frame)) => frame,
+                    Ok(Err(_)) => Err(silent(limit)),
+                    Err(_) => Err(silent(WRAP_UP_GRACE)),
+                }
+            }
+        }
+    }
 }
 
 /// How a job is run: everything but the request itself.
@@ -105,6 +169,8 @@ pub struct JobSetup {
     /// How long a job keeps looking for providers after the last one
     /// failed it.
     pub failover_deadline: Duration,
+    /// Longest silence between two frames of a part once it has started.
+    pub frame_deadline: Duration,
     /// Ask providers to keep each answer's KV cache for the account's next
     /// request (a chat's next turn).
     pub prefix_cache: bool,
@@ -129,6 +195,9 @@ pub struct RoutedJob {
     origin: Origin,
     /// The account's prefix-cache key at this gateway (clients only).
     cache_key: Option<u64>,
+    /// The client went away: wrap the current part up (its proof still
+    /// earns it its pay) and continue nowhere.
+    wrap_up: CancellationToken,
 }
 
 impl RoutedJob {
@@ -157,12 +226,14 @@ impl RoutedJob {
             route,
             ticket,
             origin,
+            wrap_up: CancellationToken::new(),
         }
     }
 
     /// Start the job; resolves once a provider has answered.
     pub async fn dispatch(mut self) -> Result<Dispatch, JobError> {
         let part = self.start_part().await?;
+        let self_wrap_up = self.wrap_up.clone();
         let provider = part.node.to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         let price = part.price;
@@ -171,6 +242,8 @@ impl RoutedJob {
             events: rx,
             provider,
             price,
+            receipts_required: true,
+            wrap_up: Some(self_wrap_up),
         })
     }
 
@@ -216,6 +289,9 @@ impl RoutedJob {
             };
             let Some(claim) = self.setup.directory.pick(&need) else {
                 let waiting = last_error.is_some() || self.setup.directory.could_serve(&need);
+                if self.wrap_up.is_cancelled() {
+                    return Err(JobError::Cancelled);
+                }
                 if waiting && Instant::now() < deadline {
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
@@ -267,17 +343,24 @@ impl RoutedJob {
     /// provider is left to continue it.
     async fn run(mut self, mut part: Part, events: mpsc::UnboundedSender<JobEvent>) {
         loop {
-            let frame = match part.first.take() {
-                Some(f) => Ok(Some(f)),
-                None => tokio::select! {
-                    f = read_frame(&mut part.recv) => f,
-                    _ = events.closed() => {
-                        part.cancel();
-                        return;
-                    }
-                },
+            let frame = tokio::select! {
+                f = part.next_frame(self.setup.frame_deadline, &self.wrap_up) => f,
+                _ = events.closed() => {
+                    part.cancel();
+                    return;
+                }
             };
-            let failure = match frame {
+            // Why the part failed, and whether that breaks the protocol
+            // (a provable cheat, failed without an audit) or may be an
+            // honest crash (checked by seeded sampling).
+            let (failure, violated) = match frame {
+                Ok(Some(Frame::Tokens { tokens })) if self.violation(&part, &tokens).is_some() => (
+                    format!(
+                        "protocol violation: {}",
+                        self.violation(&part, &tokens).unwrap_or_default()
+                    ),
+                    true,
+                ),
                 Ok(Some(Frame::Tokens { tokens })) => {
                     let now = Instant::now();
                     part.first_token.get_or_insert(now);
@@ -298,11 +381,15 @@ impl RoutedJob {
                                 }
                             })
                             .await;
+                            // No JobDone in time is not held against it
+                            // (it may not have seen the same stop).
                             let done = receipt.ok().flatten();
-                            if let Some(done) = &done {
-                                self.countersign(&part, done, &events);
-                            }
-                            self.audit(&part, done.as_ref(), true);
+                            let checked = done
+                                .as_ref()
+                                .map(|done| self.countersign(&part, done, &events));
+                            let verified = matches!(checked, Some(Ok(())));
+                            let violation = checked.and_then(Result::err);
+                            self.audit(&part, done.as_ref().filter(|_| verified), true, violation);
                             part.outcome = PartOutcome::Done;
                             part.cancel();
                             let usage = self.usage(0);
@@ -331,8 +418,14 @@ impl RoutedJob {
                             .min(room),
                         FinishReason::Length => 0,
                     };
-                    self.countersign(&part, &done, &events);
-                    self.audit(&part, Some(&done), false);
+                    let checked = self.countersign(&part, &done, &events);
+                    let by_gateway = part.wrapping_up;
+                    self.audit(
+                        &part,
+                        Some(&done).filter(|_| checked.is_ok()),
+                        by_gateway,
+                        checked.err(),
+                    );
                     self.remember_prefix(&part);
                     part.outcome = PartOutcome::Done;
                     let usage = self.usage(extra);
@@ -344,18 +437,27 @@ impl RoutedJob {
                     });
                     return;
                 }
-                Ok(Some(Frame::JobError(e))) => format!("job error: {}", e.message),
-                Ok(Some(_)) => "a frame that does not belong on a job stream".to_string(),
-                Ok(None) => "the provider closed the job stream".to_string(),
-                Err(e) => e.to_string(),
+                Ok(Some(Frame::JobError(e))) => (format!("job error: {}", e.message), false),
+                Ok(Some(_)) => (
+                    "protocol violation: a frame that does not belong on a job stream".into(),
+                    true,
+                ),
+                Ok(None) => ("the provider closed the job stream".into(), false),
+                Err(FrameError::Io(e)) => (e.to_string(), false),
+                Err(e) => (format!("protocol violation: {e}"), true),
             };
-            // The provider failed mid-answer: its tokens so far are checked
-            // by seeded sampling, and the answer continues on another one.
+            // The provider failed mid-answer: unpaid; its tokens so far are
+            // checked, and the answer continues on another one.
             tracing::warn!(provider = %part.node.short(), error = %failure, tokens = self.generated.len(), "provider failed mid-answer");
-            self.audit(&part, None, false);
+            self.audit(&part, None, false, violated.then(|| failure.clone()));
             self.failed.push(part.session);
             part.outcome = PartOutcome::Failed;
             part.cancel();
+            if self.wrap_up.is_cancelled() {
+                // The client is gone: nobody to continue for.
+                let _ = events.send(JobEvent::Error(JobError::Cancelled));
+                return;
+            }
             if self
                 .request
                 .max_tokens
@@ -399,6 +501,42 @@ impl RoutedJob {
         }
     }
 
+    /// Why a `Tokens` frame breaks the protocol, if it does: too many
+    /// tokens in one frame, an id outside the vocabulary, or more tokens
+    /// than the request allows (its `max_tokens`, or the context the part
+    /// was given).
+    fn violation(&self, part: &Part, tokens: &[TokenEvent]) -> Option<String> {
+        if tokens.len() > MAX_FRAME_TOKENS {
+            return Some(format!(
+                "{} tokens in one frame (at most {MAX_FRAME_TOKENS})",
+                tokens.len()
+            ));
+        }
+        let n_vocab = self.model.tokenizer.info().n_vocab;
+        if let Some(t) = tokens
+            .iter()
+            .find(|t| usize::try_from(t.token).map_or(true, |id| id >= n_vocab))
+        {
+            return Some(format!(
+                "token id {} outside the vocabulary of {n_vocab}",
+                t.token
+            ));
+        }
+        let after = self.generated.len() + tokens.len();
+        if let Some(max) = self.request.max_tokens {
+            if after > max as usize {
+                return Some(format!("{after} tokens, over max_tokens {max}"));
+            }
+        }
+        let room = part.context.saturating_sub(self.request.prompt.len());
+        if part.context > 0 && after > room {
+            return Some(format!(
+                "{after} tokens, over the {room} the context leaves"
+            ));
+        }
+        None
+    }
+
     /// Forward one token with the gateway's own text; true when a stop
     /// sequence ended the job.
     fn on_token(&mut self, mut t: TokenEvent, events: &mpsc::UnboundedSender<JobEvent>) -> bool {
@@ -425,34 +563,36 @@ impl RoutedJob {
             .remember_prefix(&part.node, &part.job_id, key, &tokens);
     }
 
-    /// Hand an ended part to the auditor. A part that ended with a proof
-    /// is audited in full when the policy picks it; one that ended without
-    /// (`done` is `None`: cut off, or no `JobDone` in time; or a `JobDone`
-    /// with no proof) is always checked by seeded sampling alone, which
+    /// Hand an ended part to the auditor. A part that ended verified
+    /// (`done` is its `JobDone`, whose proof and receipt were accepted) is
+    /// audited in full when the policy picks it; any other (`done` is
+    /// `None`) is unverified: always checked by seeded sampling alone, which
     /// needs only the prompt, the seed and its tokens. `by_sequence`: this
-    /// gateway saw a stop sequence end it.
-    fn audit(&self, part: &Part, done: Option<&JobDone>, by_sequence: bool) {
+    /// gateway ended it (a stop sequence it saw, or its client went away),
+    /// so its end is not the provider's claim. `violation`: the part broke
+    /// the protocol (a provable cheat): it fails without an audit.
+    fn audit(
+        &self,
+        part: &Part,
+        done: Option<&JobDone>,
+        by_sequence: bool,
+        violation: Option<String>,
+    ) {
         let Some(audits) = &self.setup.audits else {
             return;
         };
-        if part.tokens.is_empty() {
+        if part.tokens.is_empty() && violation.is_none() {
             return;
         }
         let before = self.generated.len().saturating_sub(part.tokens.len());
         let mut prompt = self.request.prompt.clone();
         prompt.extend_from_slice(&self.generated[..before]);
         let proof = done.and_then(|d| d.proof.as_ref());
-        // The proof must be of the tokens the client got (and at most a
-        // final end-of-generation token more); if not, the streamed tokens
-        // are audited against it and fail.
+        // A verified proof covers the tokens the client got (and at most a
+        // final end-of-generation token more).
         let output = match proof {
-            Some(jp)
-                if jp.tokens.starts_with(&part.tokens)
-                    && jp.tokens.len() <= part.tokens.len() + 1 =>
-            {
-                jp.tokens.clone()
-            }
-            _ => part.tokens.clone(),
+            Some(jp) => jp.tokens.clone(),
+            None => part.tokens.clone(),
         };
         let job = AuditJob {
             prompt,
@@ -469,23 +609,52 @@ impl RoutedJob {
             ignore_eos: self.request.ignore_eos,
             claimed_completion_tokens: done.map_or(0, |d| d.usage.completion_tokens),
         };
-        audits.consider(&self.ticket, self.origin, &part.job_id, part.node, job);
+        let end = match (violation, done) {
+            (Some(why), _) => PartEnd::Violation(why),
+            (None, Some(_)) => PartEnd::Verified,
+            (None, None) => PartEnd::Unverified,
+        };
+        audits.consider(&self.ticket, self.origin, &part.job_id, part.node, job, end);
     }
 
-    /// Check the provider's receipt for `part` against what this gateway
-    /// saw and, if it matches, countersign it and pass it on for the bill.
-    fn countersign(&self, part: &Part, done: &JobDone, events: &mpsc::UnboundedSender<JobEvent>) {
+    /// Check the provider's proof and receipt for `part` against what this
+    /// gateway saw and, if both match, countersign the receipt and pass it
+    /// on for the bill. An error: the part is unpaid, and why is a
+    /// protocol violation (an honest provider's `JobDone` always has a
+    /// receipt and a proof of what it streamed).
+    fn countersign(
+        &self,
+        part: &Part,
+        done: &JobDone,
+        events: &mpsc::UnboundedSender<JobEvent>,
+    ) -> Result<(), String> {
+        let unpaid = |why: &str| {
+            tracing::warn!(provider = %part.node.short(), job = %part.job_id, "unverified part, not paid: {why}");
+            Err(format!("protocol violation: {why}"))
+        };
         let Some(signed) = &done.receipt else {
-            tracing::warn!(provider = %part.node.short(), "job ended without a receipt");
-            return;
+            return unpaid("no receipt");
         };
         // Usage may count one token more than was streamed (the final
         // end-of-generation token), never fewer, never more.
         let claimed = u64::from(done.usage.completion_tokens);
         let streamed = part.tokens.len() as u64;
         if claimed < streamed || claimed > streamed + 1 {
-            tracing::warn!(provider = %part.node.short(), claimed, streamed, "rejected a receipt: usage does not match the tokens streamed");
-            return;
+            return unpaid(&format!(
+                "usage claims {claimed} tokens, {streamed} were streamed"
+            ));
+        }
+        // The proof must be well formed and of exactly the tokens streamed
+        // (plus the final end-of-generation token the usage counts).
+        let Some(jp) = &done.proof else {
+            return unpaid("no proof");
+        };
+        if !jp.proof.well_formed()
+            || jp.proof.logprobs.len() != jp.tokens.len()
+            || jp.tokens.len() as u64 != claimed
+            || !jp.tokens.starts_with(&part.tokens)
+        {
+            return unpaid("the proof is malformed or not of the tokens streamed");
         }
         let expected = Receipt {
             job_id: part.job_id.clone(),
@@ -508,10 +677,9 @@ impl RoutedJob {
                 if let Ok(json) = serde_json::to_string(&countersigned) {
                     let _ = events.send(JobEvent::Receipt(json));
                 }
+                Ok(())
             }
-            Err(e) => {
-                tracing::warn!(provider = %part.node.short(), error = %e, "rejected a receipt")
-            }
+            Err(e) => unpaid(&format!("the receipt does not match: {e}")),
         }
     }
 }
@@ -570,6 +738,7 @@ async fn start(
         first_token: None,
         last_token: None,
         outcome: PartOutcome::Cancelled,
+        wrapping_up: false,
         directory,
         _claim: claim,
     })

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail};
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::{Endpoint, EndpointId};
 use tessera_core::{GenerationRequest, NodeId, Token};
-use tessera_engine::{Event, SchedulerHandle, SubmitError};
+use tessera_engine::{Event, SchedulerHandle, SubmitError, WrapUp};
 use tessera_protocol::{
     read_frame, write_frame, Frame, Heartbeat, Hello, JobDone, JobError, JobKind, JobProof,
     ModelOffer, Receipt, ALPN, PROTOCOL_VERSION,
@@ -30,8 +30,12 @@ use crate::receipt;
 /// load benchmark a [`crate::synthetic::SyntheticRunner`].
 pub trait JobRunner: Send + Sync + 'static {
     /// Queue a job; the receiver yields tokens then one `Done` or `Error`,
-    /// and dropping it cancels the job.
-    fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, SubmitError>;
+    /// and dropping it cancels the job; the [`WrapUp`] ends it early with
+    /// its proof and `Done` (a runner that cannot may ignore it).
+    fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<(UnboundedReceiver<Event>, WrapUp), SubmitError>;
     /// Jobs running now.
     fn active(&self) -> usize;
     /// Jobs that can run at once.
@@ -47,8 +51,11 @@ pub trait JobRunner: Send + Sync + 'static {
 }
 
 impl JobRunner for SchedulerHandle {
-    fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
-        SchedulerHandle::submit(self, request)
+    fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<(UnboundedReceiver<Event>, WrapUp), SubmitError> {
+        SchedulerHandle::submit_with_wrap_up(self, request)
     }
     fn active(&self) -> usize {
         SchedulerHandle::active(self)
@@ -317,8 +324,8 @@ async fn serve_job(
     let sampling = generation.sampling.clone();
     let mut output: Vec<Token> = Vec::new();
     let mut proof: Option<JobProof> = None;
-    let mut events = match handle.submit(generation) {
-        Ok(rx) => rx,
+    let (mut events, wrap_up) = match handle.submit(generation) {
+        Ok(submitted) => submitted,
         Err(e) => {
             let retryable = matches!(e, SubmitError::Busy);
             write_frame(
@@ -332,7 +339,29 @@ async fn serve_job(
             return Ok(());
         }
     };
-    while let Some(event) = events.recv().await {
+    // The gateway may cancel the job (its client went away): then the
+    // engine wraps it up, and its proof and receipt follow as usual. The
+    // read is made once and polled across events, so no frame is torn.
+    let cancel = read_frame(&mut recv);
+    tokio::pin!(cancel);
+    let mut watching = true;
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            f = &mut cancel, if watching => {
+                watching = false;
+                match f {
+                    Ok(Some(Frame::Cancel)) => wrap_up.now(),
+                    Ok(None) => {}
+                    Ok(Some(other)) => tracing::debug!(?other, "unexpected frame on a job stream"),
+                    // The gateway reset the stream: the job is cancelled
+                    // (dropping `events` tells the scheduler).
+                    Err(_) => return Ok(()),
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
         let frame = match event {
             Event::Token(t) => {
                 generated.fetch_add(1, Ordering::Relaxed);

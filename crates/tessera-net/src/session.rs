@@ -126,6 +126,7 @@ fn describe(frame: Option<&Frame>) -> &'static str {
         Some(Frame::Tokens { .. }) => "Tokens",
         Some(Frame::JobDone(_)) => "JobDone",
         Some(Frame::JobError(_)) => "JobError",
+        Some(Frame::Cancel) => "Cancel",
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_core::{FinishReason, GenerationRequest, TokenEvent, Usage};
-use tessera_engine::{Event, SubmitError};
+use tessera_engine::{Event, SubmitError, WrapUp};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use crate::provider::JobRunner;
@@ -47,7 +47,10 @@ impl Drop for Active {
 }
 
 impl JobRunner for SyntheticRunner {
-    fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
+    fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<(UnboundedReceiver<Event>, WrapUp), SubmitError> {
         if request.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
@@ -85,7 +88,8 @@ impl JobRunner for SyntheticRunner {
                 text: String::new(),
             });
         });
-        Ok(rx)
+        // It has no proof to end with, so a cancel simply goes unanswered.
+        Ok((rx, WrapUp::default()))
     }
 
     fn active(&self) -> usize {

@@ -7,7 +7,10 @@
 //! then sends a [`Frame::Heartbeat`] every few seconds. Each **job** is one
 //! bi-directional stream opened by the gateway: [`Frame::JobRequest`], then
 //! [`Frame::Tokens`] frames, then exactly one [`Frame::JobDone`] or
-//! [`Frame::JobError`]. Resetting the stream cancels the job.
+//! [`Frame::JobError`]. The gateway may send [`Frame::Cancel`] on the job
+//! stream (its client went away): the provider stops and ends with a
+//! `JobDone` whose proof covers the tokens generated so far, so that work
+//! is still paid. Resetting the stream cancels the job without that.
 //!
 //! On the wire every frame is a 6-byte header — the magic byte `T`, the
 //! protocol version, the payload length as a big-endian `u32` — followed by
@@ -24,8 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// The ALPN of the provider protocol.
 pub const ALPN: &[u8] = b"tessera/1";
 /// The version in every frame header and in `Hello`. 2: a job request
-/// carries its kind.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// carries its kind. 3: `Cancel`.
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Largest payload accepted; a longer frame is garbage or an attack.
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 const MAGIC: u8 = b'T';
@@ -216,6 +219,9 @@ pub enum Frame {
     JobDone(JobDone),
     /// Provider → gateway: the job failed.
     JobError(JobError),
+    /// Gateway → provider, on a job stream: stop now and end with a
+    /// `JobDone` (and its proof) for the tokens generated so far.
+    Cancel,
 }
 
 /// Why a frame could not be read or written.

@@ -34,9 +34,10 @@ pub struct DevnetArgs {
     /// Slots per provider.
     #[arg(long, env = "TESSERA_SLOTS", default_value_t = 4)]
     pub slots: usize,
-    /// Audit the providers' answers (see `tessera gateway --audit`).
+    /// Do not audit the providers' answers (see `tessera gateway
+    /// --no-audit`); audits are on by default.
     #[arg(long)]
-    pub audit: bool,
+    pub no_audit: bool,
     /// Providers keep answers' KV caches for an account's next request (see
     /// `tessera gateway --prefix-cache`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -117,7 +118,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
             "--model",
         ])
         .arg(&model.path)
-        .args(args.audit.then_some("--audit"))
+        .args(args.no_audit.then_some("--no-audit"))
         .args(["--prefix-cache", &args.prefix_cache.to_string()])
         .args(["--prefix-routing", &args.prefix_routing.to_string()])
         .env("TESSERA_HOME", &gw_home)

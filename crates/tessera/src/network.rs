@@ -63,6 +63,11 @@ pub struct GatewayArgs {
     /// that is or becomes available is tried once, until then.
     #[arg(long, env = "TESSERA_FAILOVER_DEADLINE", default_value_t = 60.0)]
     pub failover_deadline: f64,
+    /// Seconds a provider may stay silent between two frames of an answer
+    /// (before its first token it has 120 s, for a long prompt); longer,
+    /// and its part fails unpaid and the answer continues elsewhere.
+    #[arg(long, env = "TESSERA_FRAME_DEADLINE", default_value_t = 30.0)]
+    pub frame_deadline: f64,
     /// Ask providers to keep each answer's KV cache for the same account's
     /// next request (a chat's next turn reuses its history instead of
     /// evaluating it again). `false` only to measure what it brings
@@ -96,15 +101,15 @@ pub struct AuditArgs {
     /// are not audited.
     #[arg(long, env = "TESSERA_AUDIT_CONTEXT", default_value_t = 4096)]
     pub audit_context: usize,
-    /// Audit providers' answers: re-check them with the gateway's own
-    /// engine, refund failed ones, quarantine a provider after a second
-    /// failure. Off by default: the auditor loads a second copy of the
-    /// model and costs about half of each audited answer's generation in
-    /// CPU (see README); without it every answer is `not_audited`.
-    #[arg(long, env = "TESSERA_AUDIT")]
-    pub audit: bool,
+    /// Do not audit providers' answers. Audits are on by default: the
+    /// gateway's own engine re-checks them (it loads a second copy of the
+    /// model; an audit costs about a quarter of the answer's generation in
+    /// CPU, see README), refunds failed ones and quarantines cheaters.
+    /// Without audits nothing is verified: every answer is `not_audited`.
+    #[arg(long, env = "TESSERA_NO_AUDIT")]
+    pub no_audit: bool,
     /// Seconds between canary jobs to every provider (0: none). Canaries
-    /// are audited when --audit is on; 3 missed in a row make a provider
+    /// are audited unless --no-audit; 3 missed in a row make a provider
     /// unroutable until it answers one again.
     #[arg(long, env = "TESSERA_CANARY_INTERVAL", default_value_t = 300.0)]
     pub canary_interval: f64,
@@ -166,8 +171,10 @@ pub struct ProviderArgs {
 #[cfg(feature = "adversary")]
 #[derive(Args, Debug)]
 pub struct CheatArgs {
-    /// Cheat: garbage, forged-commitments, early-stop or inflated-usage; or
-    /// stall (jobs hang while HOME/stall exists; connection stays alive).
+    /// Cheat: garbage, forged-commitments, early-stop, inflated-usage;
+    /// no-proof, silent (after the first token), bad-token, overrun (past
+    /// max_tokens), reset-after-max; or stall (jobs hang while HOME/stall
+    /// exists; connection stays alive).
     #[arg(long)]
     pub misbehave: Option<tessera_net::adversary::Misbehave>,
     /// Cheat: run this (altered) model file while announcing --model's hash.
@@ -225,8 +232,17 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let directory = Arc::new(Directory::new(Some(metrics.clone())));
-        let audits = match args.audit.audit {
-            true => start_auditors(
+        // Quarantines and watches saved in the ledger (before a restart, or
+        // by another gateway on the same database) hold here too.
+        tessera_net::audit::follow_standings(
+            directory.clone(),
+            ledger.clone(),
+            shutdown.clone(),
+            &tasks,
+        )
+        .await?;
+        let audits = match args.audit.no_audit {
+            false => start_auditors(
                 &files,
                 &args.audit,
                 AuditContext {
@@ -237,13 +253,16 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                     tasks: &tasks,
                 },
             )?,
-            false => Default::default(),
+            true => Default::default(),
         };
         let gateway = Gateway::new(endpoint.clone(), models, directory.clone())
             .with_discovery(discovery)
             .with_audits(audits)
             .with_failover_deadline(std::time::Duration::from_secs_f64(
                 args.failover_deadline.clamp(0.0, 3600.0),
+            ))
+            .with_frame_deadline(std::time::Duration::from_secs_f64(
+                args.frame_deadline.clamp(0.1, 3600.0),
             ))
             .with_prefix_cache(args.prefix_cache, args.prefix_routing)
             .with_shutdown(shutdown.clone(), tasks.clone());

@@ -1,4 +1,4 @@
-//! Audits end to end on a devnet whose gateway audits (`--audit`), with the
+//! Audits end to end on a devnet whose gateway audits (the default), with the
 //! real model: honest providers' answers pass under every sampling setting,
 //! the verdict and its evidence are the paying account's only, and the
 //! dashboard's figures follow.
@@ -36,7 +36,8 @@ fn verdict(net: &Devnet, id: &str) -> Value {
 
 #[test]
 fn honest_providers_pass_every_audit_and_verdicts_are_private() {
-    let net = Devnet::start_with(2, &["--audit"]);
+    // A plain devnet, as a user starts it: audits are on by default.
+    let net = Devnet::start_with(2, &["--default-audit"]);
     assert!(net.wait_listed(2, Duration::from_secs(60)));
     let settings = [
         json!({"temperature": 0, "max_tokens": 64}),

@@ -71,6 +71,9 @@ pub fn run(home: &Path, b: GatewayBench) -> anyhow::Result<()> {
             "--bind",
             "127.0.0.1:0",
             "--demo-account",
+            // Synthetic providers send no proofs; the gateway's own load
+            // is measured, not its auditor's.
+            "--no-audit",
         ],
         &model.path,
     )?;

@@ -150,7 +150,14 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
     }
     let model = crate::models::resolve_or_pull(home, &b.model)?;
     let (_serve, serve_api, _) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--slots", "4", "--proofs"],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--slots",
+            "4",
+            "--proofs",
+        ],
         &model.path,
     )?;
     let (_devnet, devnet_api, _) = start(
@@ -162,6 +169,8 @@ pub fn run(home: &Path, b: NetworkBench) -> anyhow::Result<()> {
             "127.0.0.1:0",
             "--slots",
             "4",
+            // `serve` has no auditor either: like with like.
+            "--no-audit",
         ],
         &model.path,
     )?;

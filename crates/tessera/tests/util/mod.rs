@@ -308,6 +308,23 @@ pub fn assert_openai_error(body: &Value) -> &Value {
     e
 }
 
+/// Gateways audit by default. A test about audits says `--audit` (taken
+/// off: it is the default); every other one runs with `--no-audit`, which
+/// keeps `make test` short on 2 cores (an auditor is a second engine).
+/// `--default-audit` asks for exactly what a user gets with no flag.
+pub fn audit_flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let wants = |f: &str| extra.contains(&f);
+    let mut out: Vec<&str> = extra
+        .iter()
+        .copied()
+        .filter(|f| *f != "--audit" && *f != "--default-audit")
+        .collect();
+    if !wants("--audit") && !wants("--default-audit") {
+        out.push("--no-audit");
+    }
+    out
+}
+
 /// A running `tessera devnet`: a gateway and providers as separate processes.
 pub struct Devnet {
     child: Child,
@@ -329,6 +346,13 @@ impl Devnet {
 
     /// `tessera devnet` with extra flags (e.g. `--audit`).
     pub fn start_with(providers: usize, extra: &[&str]) -> Devnet {
+        Devnet::start_env(providers, extra, &[])
+    }
+
+    /// `tessera devnet` with extra flags and environment (which its gateway
+    /// and providers inherit, e.g. `TESSERA_FRAME_DEADLINE`).
+    pub fn start_env(providers: usize, extra: &[&str], env: &[(&str, &str)]) -> Devnet {
+        let extra = audit_flags(extra);
         let home = tempfile::tempdir().expect("temp home");
         let child = Command::new(binary())
             .args([
@@ -343,6 +367,7 @@ impl Devnet {
             .args(["--providers", &providers.to_string(), "--model"])
             .arg(model_path())
             .args(extra)
+            .envs(env.iter().copied())
             .env("TESSERA_HOME", home.path())
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::null())
@@ -559,7 +584,7 @@ impl Gateway {
     /// Start a gateway on loopback with extra flags (e.g. `--join TICKET`).
     pub fn start(extra: &[&str]) -> Gateway {
         let home = tempfile::tempdir().expect("temp home");
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let extra: Vec<String> = audit_flags(extra).iter().map(|s| s.to_string()).collect();
         let (child, v) = Self::spawn(home.path(), "127.0.0.1:0", &extra);
         Gateway {
             child,
