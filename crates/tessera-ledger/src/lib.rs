@@ -47,7 +47,7 @@ pub const ISSUANCE: &str = "system:issuance";
 pub const ESCROW: &str = "system:escrow";
 /// The gateways' fees.
 pub const FEES: &str = "system:fees";
-/// Bonds forfeited by quarantined providers.
+/// Slashes after failed audits and bonds forfeited by quarantined providers.
 pub const FORFEITS: &str = "system:forfeits";
 
 /// Micro-credits per credit.
@@ -272,7 +272,7 @@ pub struct Totals {
     pub settled: i64,
     /// Settled requests later refunded.
     pub refunded: i64,
-    /// Bonds forfeited by quarantined providers.
+    /// Slashes after failed audits and bonds forfeited by quarantined providers.
     pub forfeited: i64,
 }
 
@@ -522,7 +522,27 @@ impl Ledger {
     /// settlement (the writer queues the forfeit behind them).
     pub async fn forfeit(&self, provider: &str) -> Result<Refund> {
         let provider = provider.to_string();
-        self.write(|reply| Op::Forfeit { provider, reply }).await
+        self.write(|reply| Op::Forfeit {
+            provider,
+            limit: None,
+            reply,
+        })
+        .await
+    }
+
+    /// Slash `provider` by up to `amount` micro-credits after a failed
+    /// audit: from its account at this ledger (its bond) to
+    /// `system:forfeits`, after the refunds of its failed answers that are
+    /// still waiting for their settlement. Resolves with what was taken
+    /// (less than `amount` when the account held less).
+    pub async fn slash(&self, provider: &str, amount: u64) -> Result<Refund> {
+        let provider = provider.to_string();
+        self.write(|reply| Op::Forfeit {
+            provider,
+            limit: Some(amount),
+            reply,
+        })
+        .await
     }
 
     /// An audit verdict on `provider`'s part of request `job_id` (the API's

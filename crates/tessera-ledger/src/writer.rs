@@ -66,6 +66,8 @@ pub(crate) enum Op {
     },
     Forfeit {
         provider: String,
+        /// At most this much (a slash); everything when `None`.
+        limit: Option<u64>,
         reply: oneshot::Sender<Result<Refund>>,
     },
     Verdict {
@@ -107,6 +109,7 @@ enum Work {
     },
     Forfeit {
         provider: String,
+        limit: Option<u64>,
     },
 }
 
@@ -184,7 +187,11 @@ impl Op {
                 Reply::Settle(reply),
             ),
             Op::Refund { receipt, reply } => (Work::Refund { receipt }, Reply::Refund(reply)),
-            Op::Forfeit { provider, reply } => (Work::Forfeit { provider }, Reply::Refund(reply)),
+            Op::Forfeit {
+                provider,
+                limit,
+                reply,
+            } => (Work::Forfeit { provider, limit }, Reply::Refund(reply)),
             // Lifecycle steps never reach a batch (see `run`).
             Op::Verdict { reply, .. } => {
                 drop(reply.send(Err(LedgerError::Closed)));
@@ -227,6 +234,9 @@ const PARKED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// there is nothing to refund.
 const RELEASED_KEPT: usize = 100_000;
 
+/// A forfeit (or a slash: at most its limit) and who waits for its outcome.
+type WaitingForfeit = (Option<u64>, oneshot::Sender<Result<Refund>>);
+
 /// A job's lifecycle steps that must wait for an earlier one: verdicts
 /// that arrived before their request's settlement, forfeits that must
 /// follow a provider's pending refunds.
@@ -235,7 +245,7 @@ struct Lifecycle {
     /// Verdicts by request (job id), in arrival order.
     verdicts: HashMap<String, Vec<ParkedVerdict>>,
     /// Forfeits waiting for a provider's parked verdicts.
-    forfeits: HashMap<String, Vec<oneshot::Sender<Result<Refund>>>>,
+    forfeits: HashMap<String, Vec<WaitingForfeit>>,
     /// Requests released without a charge (nothing to refund), newest last.
     released: std::collections::VecDeque<String>,
     released_set: BTreeSet<String>,
@@ -351,11 +361,18 @@ pub(crate) async fn run(pool: AnyPool, postgres: bool, mut rx: mpsc::Receiver<Pe
                         Err(e) => drop(reply.send(Err(e))),
                     }
                 }
-                Op::Forfeit { provider, reply } => {
+                Op::Forfeit {
+                    provider,
+                    limit,
+                    reply,
+                } => {
                     if life.waiting_for(&provider) {
-                        life.forfeits.entry(provider).or_default().push(reply);
+                        life.forfeits
+                            .entry(provider)
+                            .or_default()
+                            .push((limit, reply));
                     } else {
-                        let r = forfeit_now(&pool, postgres, &provider).await;
+                        let r = forfeit_now(&pool, postgres, &provider, limit).await;
                         drop(reply.send(r));
                     }
                 }
@@ -378,8 +395,8 @@ pub(crate) async fn run(pool: AnyPool, postgres: bool, mut rx: mpsc::Receiver<Pe
             .cloned()
             .collect();
         for provider in ready {
-            for reply in life.forfeits.remove(&provider).unwrap_or_default() {
-                let r = forfeit_now(&pool, postgres, &provider).await;
+            for (limit, reply) in life.forfeits.remove(&provider).unwrap_or_default() {
+                let r = forfeit_now(&pool, postgres, &provider, limit).await;
                 drop(reply.send(r));
             }
         }
@@ -461,9 +478,15 @@ async fn apply_verdict(
     }
 }
 
-async fn forfeit_now(pool: &AnyPool, postgres: bool, provider: &str) -> Result<Refund> {
+async fn forfeit_now(
+    pool: &AnyPool,
+    postgres: bool,
+    provider: &str,
+    limit: Option<u64>,
+) -> Result<Refund> {
     let work = Work::Forfeit {
         provider: provider.to_string(),
+        limit,
     };
     match apply_works(pool, postgres, std::slice::from_ref(&work))
         .await
@@ -891,13 +914,19 @@ async fn apply(tx: &mut Tx, batch: &mut Batch, work: &Work) -> Result<Outcome> {
             .await
         }
         Work::Refund { receipt } => refund(tx, batch, receipt).await,
-        Work::Forfeit { provider } => forfeit(tx, batch, provider).await,
+        Work::Forfeit { provider, limit } => forfeit(tx, batch, provider, *limit).await,
     }
 }
 
 /// A quarantined provider forfeits its bond: everything its account holds
-/// at this ledger (its earnings) goes to `system:forfeits`, in one entry.
-async fn forfeit(tx: &mut Tx, batch: &mut Batch, provider: &str) -> Result<Outcome> {
+/// at this ledger (its earnings) goes to `system:forfeits`, in one entry;
+/// a slash (`limit`) takes at most that much.
+async fn forfeit(
+    tx: &mut Tx,
+    batch: &mut Batch,
+    provider: &str,
+    limit: Option<u64>,
+) -> Result<Outcome> {
     let account = format!("provider:{provider}");
     let stored: i64 = sqlx::query("SELECT balance FROM accounts WHERE id = $1")
         .bind(account.clone())
@@ -907,7 +936,8 @@ async fn forfeit(tx: &mut Tx, batch: &mut Batch, provider: &str) -> Result<Outco
         .transpose()?
         .unwrap_or(0);
     // Settlements earlier in this batch are not written yet.
-    let amount = stored + batch.deltas.get(&account).copied().unwrap_or(0);
+    let held = stored + batch.deltas.get(&account).copied().unwrap_or(0);
+    let amount = limit.map_or(held, |l| held.min(i64::try_from(l).unwrap_or(i64::MAX)));
     if amount <= 0 {
         return Ok(Outcome::Refund(Refund {
             entry: String::new(),
@@ -916,7 +946,8 @@ async fn forfeit(tx: &mut Tx, batch: &mut Batch, provider: &str) -> Result<Outco
     }
     batch.add(&account, -amount);
     batch.add(FORFEITS, amount);
-    let entry = batch.entry("forfeit", None, &[(&account, -amount), (FORFEITS, amount)]);
+    let kind = if limit.is_some() { "slash" } else { "forfeit" };
+    let entry = batch.entry(kind, None, &[(&account, -amount), (FORFEITS, amount)]);
     Ok(Outcome::Refund(Refund {
         entry,
         amount: amount as u64,

@@ -531,3 +531,48 @@ async fn standings_keep_the_worst_and_are_shared() {
             .is_empty());
     }
 }
+
+/// A slash takes at most its amount from the provider's account (never
+/// below zero) to `system:forfeits`, and the books still balance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slash_takes_at_most_its_amount_and_never_below_zero() {
+    for (ledger, url, _store) in ledgers().await {
+        let (client, _) = ledger
+            .create_account("dave", 10 * MICRO, Limits::default())
+            .await
+            .unwrap();
+        let provider = "ef".repeat(32);
+        let hold = new_hold(ledger.hold(&client.id, 100_000, "gw", None).await.unwrap());
+        ledger
+            .settle(
+                &hold,
+                "job-0",
+                vec![charge(&provider, 10, 100, 100, 900)],
+                0,
+            )
+            .await
+            .unwrap();
+        let balance = |l: Ledger| async move {
+            l.account(&format!("provider:{}", "ef".repeat(32)))
+                .await
+                .unwrap()
+                .unwrap()
+                .balance
+        };
+        let before = balance(ledger.clone()).await;
+        assert_eq!(before, 91_000, "{url}");
+        let s = ledger.slash(&provider, 1_000).await.unwrap();
+        assert_eq!(s.amount, 1_000, "{url}");
+        assert_eq!(balance(ledger.clone()).await, before - 1_000, "{url}");
+        // More than it holds: it is emptied, not overdrawn.
+        let s = ledger.slash(&provider, 10 * MICRO).await.unwrap();
+        assert_eq!(s.amount as i64, before - 1_000, "{url}");
+        assert_eq!(balance(ledger.clone()).await, 0, "{url}");
+        assert_eq!(ledger.slash(&provider, 5).await.unwrap().amount, 0, "{url}");
+        let check = ledger.check().await.unwrap();
+        assert_eq!(check.unbalanced_entries, 0, "{url}");
+        assert_eq!(check.mismatched_accounts, 0, "{url}");
+        assert_eq!(check.total, 0, "{url}");
+        assert_eq!(ledger.totals().await.unwrap().forfeited, before, "{url}");
+    }
+}

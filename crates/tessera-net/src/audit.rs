@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::directory::{Directory, Standing};
 
-/// How often to audit.
+/// How often to audit, and what a failure costs.
 #[derive(Clone, Debug)]
 pub struct AuditPolicy {
     /// Share of a trusted provider's parts audited at random.
@@ -40,15 +40,53 @@ pub struct AuditPolicy {
     /// Audits a new provider must pass before only `base_rate` of its parts
     /// are audited.
     pub probation: u32,
+    /// Micro-credits a provider's account at the ledger must hold (its
+    /// bond: earnings kept there, or an operator's top-up) before it
+    /// leaves probation; until then every part of it is audited. 0: none.
+    pub bond: u64,
+    /// The fixed part of a slash (see [`AuditPolicy::slash`]).
+    pub slash_penalty: u64,
 }
+
+/// 10 credits: see README ("What cheating costs") for the reasoning.
+pub const DEFAULT_BOND: u64 = 10_000_000;
+/// 1 credit.
+pub const DEFAULT_SLASH_PENALTY: u64 = 1_000_000;
 
 impl Default for AuditPolicy {
     fn default() -> Self {
         AuditPolicy {
             base_rate: 0.05,
             probation: 20,
+            bond: DEFAULT_BOND,
+            slash_penalty: DEFAULT_SLASH_PENALTY,
         }
     }
+}
+
+impl AuditPolicy {
+    /// What a failed audit of a part worth `value` micro-credits takes from
+    /// its provider's bond: `value / base_rate + slash_penalty`, so that a
+    /// part cheated at the base rate loses more in expectation (`base_rate
+    /// × slash > value`) than the whole part could have earned.
+    pub fn slash(&self, value: u64) -> u64 {
+        let scaled = value as f64 / self.base_rate.clamp(1e-6, 1.0);
+        (scaled.ceil() as u64).saturating_add(self.slash_penalty)
+    }
+}
+
+/// One provider's part of an answer, handed to [`Audits::consider`].
+#[derive(Clone, Debug)]
+pub struct PartRef {
+    /// The part's job id.
+    pub job: String,
+    /// Who served it.
+    pub provider: NodeId,
+    /// What it is worth at its provider's price (prompt and tokens), in
+    /// micro-credits: the basis of a slash.
+    pub value: u64,
+    /// How it ended.
+    pub end: PartEnd,
 }
 
 /// Who a job is for: a client (billed, refunded when caught) or the
@@ -174,11 +212,15 @@ impl Audits {
         self: &Arc<Self>,
         ticket: &JobTicket,
         origin: Origin,
-        part_job: &str,
-        provider: NodeId,
+        part: PartRef,
         mut job: AuditJob,
-        end: PartEnd,
     ) {
+        let PartRef {
+            job: part_job,
+            provider,
+            value,
+            end,
+        } = part;
         let verified = end == PartEnd::Verified;
         if !verified {
             job.proof = None;
@@ -186,7 +228,7 @@ impl Audits {
         if let PartEnd::Violation(why) = end {
             // A provable cheat: failed as it stands, nothing to recompute.
             let part = PartAudit {
-                job: part_job.to_string(),
+                job: part_job.clone(),
                 provider,
                 status: AuditStatus::Pending,
                 note: Some("broke the protocol: not paid".into()),
@@ -199,22 +241,27 @@ impl Audits {
                 ..Evidence::default()
             };
             let (audits, ticket) = (self.clone(), ticket.clone());
-            self.tasks
-                .spawn(async move { audits.verdict(&ticket, origin, part, evidence, false).await });
+            self.tasks.spawn(async move {
+                audits
+                    .verdict(&ticket, origin, part, evidence, (false, value))
+                    .await
+            });
             return;
         }
         let odds = match origin {
             _ if !verified => 1.0,
             Origin::Canary => 1.0,
-            Origin::Client => {
-                self.directory
-                    .audit_odds(&provider, self.policy.base_rate, self.policy.probation)
-            }
+            Origin::Client => self.directory.audit_odds(
+                &provider,
+                self.policy.base_rate,
+                self.policy.probation,
+                self.policy.bond > 0 && self.ledger.is_some(),
+            ),
         };
         let roll = tessera_core::secret_bytes::<8>()
             .map_or(0.0, |b| u64::from_le_bytes(b) as f64 / u64::MAX as f64);
         let mut part = PartAudit {
-            job: part_job.to_string(),
+            job: part_job,
             provider,
             status: AuditStatus::NotAudited,
             note: None,
@@ -242,7 +289,7 @@ impl Audits {
             match result {
                 Ok(Ok(evidence)) => {
                     audits
-                        .verdict(&ticket, origin, part, evidence, verified)
+                        .verdict(&ticket, origin, part, evidence, (verified, value))
                         .await
                 }
                 Ok(Err(e)) => {
@@ -267,7 +314,7 @@ impl Audits {
         origin: Origin,
         mut part: PartAudit,
         evidence: Evidence,
-        verified: bool,
+        (verified, value): (bool, u64),
     ) {
         let passed = evidence.passed();
         part.status = match (passed, verified) {
@@ -332,6 +379,19 @@ impl Audits {
                 }
             }
         }
+        // Every failure is slashed (after the refund, which the ledger
+        // orders first); a quarantine forfeits what is left.
+        if !passed {
+            let slash = self.policy.slash(value);
+            match ledger.slash(&provider.to_string(), slash).await {
+                Ok(s) => {
+                    tracing::warn!(provider = %provider.short(), asked = slash, taken = s.amount, "slashed after a failed audit")
+                }
+                Err(e) => {
+                    tracing::error!(provider = %provider.short(), error = %e, "could not slash a bond")
+                }
+            }
+        }
         if standing == Standing::Quarantined {
             tracing::warn!(provider = %provider.short(), "second failed audit: provider quarantined, bond forfeited");
             match ledger.forfeit(&provider.to_string()).await {
@@ -341,6 +401,25 @@ impl Audits {
                 Err(e) => {
                     tracing::error!(provider = %provider.short(), error = %e, "could not forfeit a bond")
                 }
+            }
+        }
+        self.refresh_bond(ledger, &provider).await;
+    }
+
+    /// Whether `provider`'s account holds its bond now (it leaves
+    /// probation only then).
+    async fn refresh_bond(&self, ledger: &Ledger, provider: &NodeId) {
+        if self.policy.bond == 0 {
+            return;
+        }
+        match ledger.account(&format!("provider:{provider}")).await {
+            Ok(account) => {
+                let balance = account.map_or(0, |a| a.balance);
+                let bonded = u64::try_from(balance).is_ok_and(|b| b >= self.policy.bond);
+                self.directory.set_bonded(provider, bonded);
+            }
+            Err(e) => {
+                tracing::warn!(provider = %provider.short(), error = %e, "could not read a provider's bond")
             }
         }
     }

@@ -146,6 +146,8 @@ struct Record {
     on_watch: u32,
     /// Failed a confirmed second audit: never routed to again here.
     quarantined: bool,
+    /// Its account at the ledger holds the bond (read after its audits).
+    bonded: bool,
     /// Canary jobs missed in a row, and the delivered tok/s of its last
     /// answered canary.
     canary_misses: u32,
@@ -171,6 +173,7 @@ impl Record {
             audit_score: None,
             on_watch: 0,
             quarantined: false,
+            bonded: false,
             canary_misses: 0,
             verified_tok_s: None,
         }
@@ -764,12 +767,30 @@ impl Directory {
     }
 
     /// The chance that a part `node` served is audited: 1 on probation
-    /// (fewer than `probation` passed audits) or on watch, else `base_rate`.
-    pub fn audit_odds(&self, node: &NodeId, base_rate: f64, probation: u32) -> f64 {
+    /// (fewer than `probation` passed audits, or, when `needs_bond`, no
+    /// bond held yet) or on watch, else `base_rate`.
+    pub fn audit_odds(
+        &self,
+        node: &NodeId,
+        base_rate: f64,
+        probation: u32,
+        needs_bond: bool,
+    ) -> f64 {
         let state = self.lock();
         match state.records.get(node) {
-            Some(r) if r.on_watch == 0 && r.audits_passed >= probation => base_rate,
+            Some(r)
+                if r.on_watch == 0 && r.audits_passed >= probation && (r.bonded || !needs_bond) =>
+            {
+                base_rate
+            }
             _ => 1.0,
+        }
+    }
+
+    /// Whether `node`'s account holds its bond.
+    pub fn set_bonded(&self, node: &NodeId, bonded: bool) {
+        if let Some(r) = self.lock().records.get_mut(node) {
+            r.bonded = bonded;
         }
     }
 
@@ -1094,11 +1115,15 @@ mod tests {
         let d = Directory::default();
         let node = NodeId::from_bytes([3; 32]);
         d.join(session(3, 1, 1, 10));
-        assert_eq!(d.audit_odds(&node, 0.05, 1), 1.0, "probation");
+        assert_eq!(d.audit_odds(&node, 0.05, 1, false), 1.0, "probation");
         assert_eq!(d.record_audit(&node, true), Standing::Unchanged);
-        assert_eq!(d.audit_odds(&node, 0.05, 1), 0.05);
+        assert_eq!(d.audit_odds(&node, 0.05, 1, false), 0.05);
+        // With a bond required, probation lasts until it is held.
+        assert_eq!(d.audit_odds(&node, 0.05, 1, true), 1.0, "no bond yet");
+        d.set_bonded(&node, true);
+        assert_eq!(d.audit_odds(&node, 0.05, 1, true), 0.05);
         assert_eq!(d.record_audit(&node, false), Standing::OnWatch);
-        assert_eq!(d.audit_odds(&node, 0.05, 1), 1.0, "on watch");
+        assert_eq!(d.audit_odds(&node, 0.05, 1, true), 1.0, "on watch");
         assert_eq!(d.record_audit(&node, false), Standing::Quarantined);
         assert_eq!(d.report()[0].state, ProviderState::Quarantined);
     }

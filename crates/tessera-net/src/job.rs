@@ -50,7 +50,7 @@ use tessera_protocol::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{Audits, Origin, PartEnd};
+use crate::audit::{Audits, Origin, PartEnd, PartRef};
 use crate::directory::{Claim, Directory};
 use crate::receipt;
 use crate::router::Need;
@@ -614,7 +614,16 @@ impl RoutedJob {
             (None, Some(_)) => PartEnd::Verified,
             (None, None) => PartEnd::Unverified,
         };
-        audits.consider(&self.ticket, self.origin, &part.job_id, part.node, job, end);
+        let value = part
+            .price
+            .cost(part.prompt_tokens, part.tokens.len() as u64);
+        let part = PartRef {
+            job: part.job_id.clone(),
+            provider: part.node,
+            value,
+            end,
+        };
+        audits.consider(&self.ticket, self.origin, part, job);
     }
 
     /// Check the provider's proof and receipt for `part` against what this

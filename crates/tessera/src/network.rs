@@ -94,6 +94,16 @@ pub struct AuditArgs {
     /// any failure).
     #[arg(long, env = "TESSERA_AUDIT_PROBATION", default_value_t = 20)]
     pub audit_probation: u32,
+    /// Credits a provider's account must hold (its bond: earnings left
+    /// there, or a top-up) before it leaves probation; until then every
+    /// answer of it is audited. 0: no bond (see README, "What cheating
+    /// costs").
+    #[arg(long, env = "TESSERA_BOND", default_value_t = 10.0)]
+    pub bond: f64,
+    /// Credits every failed audit takes from the provider's bond on top of
+    /// (the failed answer's value / --audit-rate).
+    #[arg(long, env = "TESSERA_SLASH_PENALTY", default_value_t = 1.0)]
+    pub slash_penalty: f64,
     /// CPU threads of the auditor's own engine.
     #[arg(long, env = "TESSERA_AUDIT_THREADS", default_value_t = 1)]
     pub audit_threads: usize,
@@ -379,6 +389,8 @@ fn start_auditors(
             policy: AuditPolicy {
                 base_rate: args.audit_rate.clamp(0.0, 1.0),
                 probation: args.audit_probation,
+                bond: micro_credits(args.bond),
+                slash_penalty: micro_credits(args.slash_penalty),
             },
             directory: cx.directory.clone(),
             metrics: Some(cx.metrics.clone()),
@@ -499,4 +511,10 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
     })?;
     drop(engine);
     Ok(())
+}
+
+/// Credits (a decimal number) as micro-credits; negative or absurd values
+/// become 0 or the largest amount.
+fn micro_credits(credits: f64) -> u64 {
+    (credits.max(0.0) * tessera_ledger::MICRO as f64).round() as u64
 }

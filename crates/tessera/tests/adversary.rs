@@ -182,6 +182,16 @@ fn every_kind_of_cheating_is_caught_refunded_and_quarantined() {
             .unwrap();
         assert_eq!(p["state"], "quarantined", "{mode}: {p}");
         assert_eq!(p["audits_failed"], 2);
+        // Refunded, slashed, its bond forfeited: cheating left it nothing.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while earnings(&net, &node) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: the cheater kept {}",
+                earnings(&net, &node)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         seed += 1;
         let (code, v) = ask(&net, Some(&node), seed);
         assert_eq!(code, 503, "{mode}: a quarantined provider was used: {v}");

@@ -5,11 +5,13 @@
 //! `llama-server`), [`quality`] (which quantization the default model
 //! uses), [`network`] (the network hop and the router),
 //! [`chat`] (multi-turn conversations and prefix-aware routing),
-//! [`gateway`] (concurrent streams), [`ledger`] and [`audit`]; [`stats`]
+//! [`gateway`] (concurrent streams), [`ledger`], [`audit`] and
+//! [`economics`] (what cheating earns under the policy); [`stats`]
 //! holds the order statistics they share.
 
 pub mod audit;
 pub mod chat;
+pub mod economics;
 pub mod engine;
 pub mod gateway;
 pub mod ledger;
@@ -40,6 +42,10 @@ pub enum BenchCommand {
     /// The auditor: detection per cheating mode, honest false positives,
     /// audit cost; writes the calibration data.
     Audit(audit::AuditBench),
+    /// Every cheating strategy's profit per job against honest work, under
+    /// the gateway's own audit, bond and slashing rules (simulated
+    /// providers).
+    Economics(economics::EconomicsBench),
     /// Tessera's API against llama.cpp's `llama-server`, same model,
     /// threads and slots, at several stream counts.
     Server(server::ServerBench),
@@ -67,6 +73,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Gateway(b) => gateway::run(home, b),
         BenchCommand::Ledger(b) => ledger::run(b),
         BenchCommand::Audit(b) => audit::run(home, b),
+        BenchCommand::Economics(b) => economics::run(b),
         BenchCommand::Sampling { engine } => engine::sampling(home, &engine),
     }
 }
