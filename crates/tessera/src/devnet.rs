@@ -196,6 +196,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     let endpoint = json!({
         "api_base": api_base,
         "api_key": key,
+        "operator_token": gw["operator_token"],
         "ticket": ticket,
         "gateway": { "pid": gw["pid"], "node": gw["node"], "home": gw_home },
         // `tessera account …` in this home works on the devnet's ledger.
@@ -211,8 +212,9 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     println!("  API:       {api_base}");
     println!("  API key:   {key}  (demo account, 1000 credits)");
     println!(
-        "  dashboard: {}/dashboard  (`tessera status` prints the same)",
-        api_base.trim_end_matches("/v1")
+        "  dashboard: {}/dashboard#token={}  (the operator's view; `tessera status` prints the same)",
+        api_base.trim_end_matches("/v1"),
+        gw["operator_token"].as_str().unwrap_or_default()
     );
     println!("  ticket:    {ticket}");
     for (i, p) in providers.iter().enumerate() {

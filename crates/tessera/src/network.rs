@@ -68,6 +68,11 @@ pub struct GatewayArgs {
     /// and its part fails unpaid and the answer continues elsewhere.
     #[arg(long, env = "TESSERA_FRAME_DEADLINE", default_value_t = 30.0)]
     pub frame_deadline: f64,
+    /// The token that shows the operator the audit figures in
+    /// `/api/status` and on the dashboard (`Authorization: Bearer …`);
+    /// default: a random one, written to endpoint.json (owner-only).
+    #[arg(long, env = "TESSERA_OPERATOR_TOKEN")]
+    pub operator_token: Option<String>,
     /// Ask providers to keep each answer's KV cache for the same account's
     /// next request (a chat's next turn reuses its history instead of
     /// evaluating it again). `false` only to measure what it brings
@@ -298,12 +303,25 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 },
             );
         }
+        // The operator's view of /api/status (audit figures); kept in the
+        // owner-only endpoint.json unless given.
+        let operator_token = match &args.operator_token {
+            Some(t) if !t.is_empty() => t.clone(),
+            _ => format!(
+                "op_{}",
+                tessera_core::secret_bytes::<16>()?
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ),
+        };
         let path = home.join("endpoint.json");
         write_json(
             &path,
             &json!({
                 "api_base": format!("http://{addr}/v1"),
                 "api_key": key,
+                "operator_token": operator_token,
                 "ticket": ticket.to_string(),
                 "node": gateway_id,
                 "ledger": args.db.url(home),
@@ -324,8 +342,9 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             node: gateway_id.to_string(),
             network: args.network.name.clone(),
             started: std::time::Instant::now(),
+            operator_token: Some(operator_token.clone()),
         });
-        println!("Dashboard: http://{addr}/dashboard");
+        println!("Dashboard: http://{addr}/dashboard (the operator's view: http://{addr}/dashboard#token=<operator_token in endpoint.json>)");
         let config = ApiConfig {
             body_limit: args.body_limit,
             metrics,

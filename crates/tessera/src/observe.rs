@@ -7,7 +7,13 @@
 //! - `GET /api/status`: the network as this gateway sees it, as JSON (the
 //!   fields are documented in docs/status-api.md): a summary, every
 //!   provider it has seen with its figures and earnings, ten-second traffic
-//!   buckets (the gateway's life so far, 5 to 30 minutes), recent audits;
+//!   buckets (the gateway's life so far, 5 to 30 minutes). Anything a
+//!   provider could use to tell audits or canaries from ordinary work
+//!   (per-provider audit counts, reputation, verified throughput, canary
+//!   misses, the audit totals and the recent audits) is shown only to the
+//!   operator (`Authorization: Bearer` the gateway's operator token) and,
+//!   for its own entry, to a provider signing the request with its node
+//!   key (as `tessera provider earnings` does);
 //! - `GET /dashboard`: one self-contained page (HTML, CSS and script
 //!   embedded in the binary, nothing fetched from elsewhere) that reads
 //!   `/api/status` every two seconds and draws it.
@@ -21,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -51,6 +57,71 @@ pub struct View {
     pub node: String,
     pub network: String,
     pub started: Instant,
+    /// The token that unlocks the operator's view of `/api/status`.
+    pub operator_token: Option<String>,
+}
+
+/// Who asked for the status, and so what they see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Viewer {
+    /// Everyone: no figure that moves with audits or canaries.
+    Public,
+    /// A provider, signed with its node key: its own figures too.
+    Provider(tessera_core::NodeId),
+    /// The gateway's operator: everything.
+    Operator,
+}
+
+/// Per-provider figures that move when an answer is audited or a canary
+/// runs: a provider watching them could tell audits from ordinary work.
+const PRIVATE_PROVIDER_FIELDS: [&str; 5] = [
+    "audits_passed",
+    "audits_failed",
+    "reputation",
+    "verified_tok_s",
+    "canary_misses",
+];
+
+fn viewer(view: &View, headers: &HeaderMap) -> Result<Viewer, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let (Some(given), Some(token)) = (bearer, &view.operator_token) {
+        // Every byte compared, whatever differs first.
+        let same = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            return Ok(Viewer::Operator);
+        }
+        return Err(ApiError::unauthorized(
+            "That is not this gateway's operator token.",
+        ));
+    }
+    if let Some(node) = headers.get("x-tessera-node") {
+        let node: tessera_core::NodeId = node
+            .to_str()
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| ApiError::unauthorized("X-Tessera-Node is not a node id."))?;
+        let time: u64 = headers
+            .get("x-tessera-time")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ApiError::unauthorized("X-Tessera-Time is missing or not a time."))?;
+        let signature = headers
+            .get("x-tessera-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tessera_net::receipt::verify_receipts_request(&node, time, signature)
+            .map_err(|e| ApiError::unauthorized(format!("Not signed by provider {node}: {e}.")))?;
+        return Ok(Viewer::Provider(node));
+    }
+    Ok(Viewer::Public)
 }
 
 /// `/metrics` only (for `tessera serve`).
@@ -96,7 +167,11 @@ async fn metrics(State(view): State<Arc<View>>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-async fn status(State(view): State<Arc<View>>) -> Result<Json<Value>, ApiError> {
+async fn status(
+    State(view): State<Arc<View>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let viewer = viewer(&view, &headers)?;
     let totals = view.ledger.totals().await.map_err(ledger_error)?;
     let earnings = view
         .ledger
@@ -123,6 +198,12 @@ async fn status(State(view): State<Arc<View>>) -> Result<Json<Value>, ApiError> 
                 .iter()
                 .find(|(n, _)| *n == p.node.to_string())
                 .map_or(0, |e| e.1));
+            let sees = viewer == Viewer::Operator || viewer == Viewer::Provider(p.node);
+            if let (false, Some(o)) = (sees, v.as_object_mut()) {
+                for field in PRIVATE_PROVIDER_FIELDS {
+                    o.remove(field);
+                }
+            }
             v
         })
         .collect();
@@ -148,8 +229,13 @@ async fn status(State(view): State<Arc<View>>) -> Result<Json<Value>, ApiError> 
             })
         })
         .collect();
-    Ok(Json(json!({
+    let mut status = json!({
         "unit": "micro-credits",
+        "view": match viewer {
+            Viewer::Public => "public",
+            Viewer::Provider(_) => "provider",
+            Viewer::Operator => "operator",
+        },
         "gateway": {
             "node": view.node,
             "network": view.network,
@@ -182,7 +268,17 @@ async fn status(State(view): State<Arc<View>>) -> Result<Json<Value>, ApiError> 
             "buckets": buckets,
         },
         "audits": view.metrics.recent_audits(),
-    })))
+    });
+    if viewer != Viewer::Operator {
+        if let Some(o) = status.as_object_mut() {
+            o.remove("audits");
+        }
+        if let Some(o) = status["summary"].as_object_mut() {
+            o.remove("audits");
+            o.remove("audit_pass_rate");
+        }
+    }
+    Ok(Json(status))
 }
 
 #[derive(Args, Debug)]
@@ -194,10 +290,20 @@ pub struct StatusArgs {
     /// Print the gateway's JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// The gateway's operator token, for its full view (audit figures);
+    /// default: the one in the home folder's endpoint.json when --api is
+    /// not given. `tessera provider status` signs with the node key instead.
+    #[arg(long, env = "TESSERA_OPERATOR_TOKEN")]
+    pub operator_token: Option<String>,
 }
 
 /// Fetch `/api/status` from the gateway named by `args` (or endpoint.json).
-fn fetch(home: &Path, args: &StatusArgs) -> anyhow::Result<Value> {
+fn fetch(
+    home: &Path,
+    args: &StatusArgs,
+    signer: Option<&tessera_net::SecretKey>,
+) -> anyhow::Result<Value> {
+    let mut token = args.operator_token.clone();
     let api = match &args.api {
         Some(a) => a.clone(),
         None => {
@@ -210,6 +316,10 @@ fn fetch(home: &Path, args: &StatusArgs) -> anyhow::Result<Value> {
             })?;
             let v: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not JSON", path.display()))?;
+            // The gateway of this home: its operator may see everything.
+            if token.is_none() {
+                token = v["operator_token"].as_str().map(str::to_string);
+            }
             v["api_base"]
                 .as_str()
                 .context("endpoint.json has no api_base")?
@@ -218,9 +328,28 @@ fn fetch(home: &Path, args: &StatusArgs) -> anyhow::Result<Value> {
     };
     let base = api.trim_end_matches('/').trim_end_matches("/v1");
     let url = format!("{base}/api/status");
-    let resp = reqwest::blocking::Client::new()
+    let mut request = reqwest::blocking::Client::new()
         .get(&url)
-        .timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(10));
+    match signer {
+        // A provider asks for its own figures, signed with its node key.
+        Some(key) => {
+            let time = tessera_core::now_ms();
+            request = request
+                .header("x-tessera-node", node::node_id(&key.public()).to_string())
+                .header("x-tessera-time", time.to_string())
+                .header(
+                    "x-tessera-signature",
+                    tessera_net::receipt::sign_receipts_request(key, time),
+                );
+        }
+        None => {
+            if let Some(t) = &token {
+                request = request.bearer_auth(t);
+            }
+        }
+    }
+    let resp = request
         .send()
         .with_context(|| format!("cannot reach {url}"))?;
     let code = resp.status();
@@ -251,7 +380,7 @@ fn prices(p: &Value) -> String {
 
 /// `tessera status`: the network as a gateway sees it.
 pub fn run(home: &Path, args: StatusArgs) -> anyhow::Result<()> {
-    let s = fetch(home, &args)?;
+    let s = fetch(home, &args, None)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
@@ -321,7 +450,7 @@ pub fn run(home: &Path, args: StatusArgs) -> anyhow::Result<()> {
 pub fn provider(home: &Path, args: StatusArgs) -> anyhow::Result<()> {
     let key = node::load_or_create_key(home)?;
     let me = node::node_id(&key.public());
-    let s = fetch(home, &args)?;
+    let s = fetch(home, &args, Some(&key))?;
     let Some(p) = s["providers"]
         .as_array()
         .into_iter()
@@ -352,6 +481,14 @@ pub fn provider(home: &Path, args: StatusArgs) -> anyhow::Result<()> {
         p["tok_s"].as_f64().unwrap_or(0.0),
         p["inflight"],
         p["slots"],
+    );
+    println!(
+        "  audits: {} passed, {} failed · reputation {} · verified {} tok/s · {} canaries missed in a row (shown to this provider only)",
+        p["audits_passed"],
+        p["audits_failed"],
+        p["reputation"].as_f64().map_or("–".into(), |r| format!("{r:.2}")),
+        p["verified_tok_s"].as_f64().map_or("–".into(), |t| format!("{t:.1}")),
+        p["canary_misses"],
     );
     println!(
         "  earned {} credits at this gateway (`tessera provider earnings` checks every receipt's signatures)",

@@ -122,6 +122,7 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             node: "local".into(),
             network: "local".into(),
             started: std::time::Instant::now(),
+            operator_token: None,
         });
         let accounts = Arc::new(LedgerAccounts::start(ledger, "local".into(), 0).await?);
         let _endpoint =

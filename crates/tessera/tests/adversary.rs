@@ -38,13 +38,9 @@ fn verdict(net: &Devnet, id: &str) -> Value {
     }
 }
 
+/// The status as the operator sees it (audit figures are not public).
 fn status(net: &Devnet) -> Value {
-    util::client()
-        .get(net.url("/api/status"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
+    net.operator_status()
 }
 
 fn spent(net: &Devnet) -> u64 {

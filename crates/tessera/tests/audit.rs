@@ -126,13 +126,43 @@ fn honest_providers_pass_every_audit_and_verdicts_are_private() {
         .unwrap();
     assert_eq!(resp.status(), 404);
 
-    // The status and metrics count the audits; reputations are perfect.
-    let status: Value = util::client()
+    // The public status shows nothing that moves with audits: a provider
+    // must not tell audited answers (or canaries) from the rest.
+    let public: Value = util::client()
         .get(net.url("/api/status"))
         .send()
         .unwrap()
         .json()
         .unwrap();
+    assert_eq!(public["view"], "public");
+    assert!(public.get("audits").is_none(), "{public}");
+    assert!(public["summary"].get("audits").is_none(), "{public}");
+    for p in public["providers"].as_array().unwrap() {
+        for field in [
+            "audits_passed",
+            "audits_failed",
+            "reputation",
+            "verified_tok_s",
+            "canary_misses",
+        ] {
+            assert!(p.get(field).is_none(), "{field} is public: {p}");
+        }
+    }
+    // A wrong operator token is refused, not silently downgraded.
+    let resp = util::client()
+        .get(net.url("/api/status"))
+        .bearer_auth("op_not-the-token")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // A provider signing with its node key sees its own figures only.
+    let mine = util::tessera_json(
+        &net.provider_homes[0],
+        &["provider", "status", "--api", &net.api_base],
+    );
+    assert!(mine["audits_passed"].as_u64().is_some(), "{mine}");
+    // The operator's view counts the audits; reputations are perfect.
+    let status: Value = net.operator_status();
     assert_eq!(status["summary"]["audits"]["failed"], 0, "{status}");
     assert!(status["summary"]["audits"]["passed"].as_u64().unwrap() >= 16);
     assert_eq!(status["summary"]["audit_pass_rate"], 1.0);
@@ -149,14 +179,9 @@ fn honest_providers_pass_every_audit_and_verdicts_are_private() {
     );
 }
 
-/// The gateway's `/api/status`.
+/// The gateway's `/api/status`, as its operator sees it.
 fn status(gw: &util::Gateway) -> Value {
-    util::client()
-        .get(gw.url("/api/status"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
+    gw.operator_status()
 }
 
 /// The gateway's view of one provider.

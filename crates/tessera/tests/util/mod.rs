@@ -250,6 +250,23 @@ impl Target for Devnet {
 }
 
 /// A client that sends no key (for `/health`, and to check refusals).
+/// `/api/status` of the gateway at `base` (its URL without `/v1`) as its
+/// operator sees it (with the token from the endpoint.json at `endpoint`).
+pub fn operator_status(base: &str, endpoint: &std::path::Path) -> Value {
+    let v: Value = serde_json::from_slice(&std::fs::read(endpoint).expect("endpoint.json"))
+        .expect("endpoint.json is JSON");
+    let token = v["operator_token"].as_str().expect("an operator token");
+    let s: Value = client()
+        .get(format!("{}/api/status", base.trim_end_matches("/v1")))
+        .bearer_auth(token)
+        .send()
+        .expect("status")
+        .json()
+        .expect("status JSON");
+    assert_eq!(s["view"], "operator", "{s}");
+    s
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
@@ -430,6 +447,11 @@ impl Devnet {
 
     pub fn client(&self) -> reqwest::blocking::Client {
         client_for(&self.key)
+    }
+
+    /// `/api/status` as the devnet's operator sees it (audit figures too).
+    pub fn operator_status(&self) -> Value {
+        operator_status(&self.api_base, &self.home.path().join("endpoint.json"))
     }
 
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -649,6 +671,11 @@ impl Gateway {
 
     pub fn client(&self) -> reqwest::blocking::Client {
         client_for(&self.key)
+    }
+
+    /// `/api/status` as this gateway's operator sees it.
+    pub fn operator_status(&self) -> Value {
+        operator_status(&self.api_base, &self.home.path().join("endpoint.json"))
     }
 
     /// Where this gateway keeps its ledger (another gateway may share it).
