@@ -12,6 +12,9 @@
 //! vocabulary, which would poison the next provider's prompt), `Overrun`
 //! (more tokens than `max_tokens`) and `ResetAfterMax` (streams the whole
 //! answer, then drops the stream instead of ending it with a proof).
+//! `CanaryAware` has read the canary generator's source: it answers
+//! prompts the generator could produce honestly and returns garbage to
+//! everyone else (client traffic, audited at random, catches it).
 //! `Stall` is not cheating but a wedged provider: while a file named
 //! `stall` exists in its home it takes jobs and never answers them, while
 //! its connection and heartbeats stay alive (what uptime canaries catch).
@@ -50,6 +53,9 @@ pub enum Misbehave {
     Overrun,
     /// Streams every token, then drops the stream without `JobDone`.
     ResetAfterMax,
+    /// Honest on prompts the shipped canary generator could produce,
+    /// garbage on everything else.
+    CanaryAware,
 }
 
 impl std::str::FromStr for Misbehave {
@@ -66,10 +72,14 @@ impl std::str::FromStr for Misbehave {
             "bad-token" => Misbehave::BadToken,
             "overrun" => Misbehave::Overrun,
             "reset-after-max" => Misbehave::ResetAfterMax,
+            "canary-aware" => Misbehave::CanaryAware,
             other => return Err(format!("unknown misbehaviour '{other}'")),
         })
     }
 }
+
+/// Whether a prompt (token ids) looks like one of the gateway's canaries.
+pub type PromptCheck = Arc<dyn Fn(&[Token]) -> bool + Send + Sync>;
 
 /// An honest runner with one kind of cheating on top.
 pub struct CheatingRunner {
@@ -81,6 +91,8 @@ pub struct CheatingRunner {
     pub n_vocab: usize,
     /// `Stall`: jobs hang while this file exists.
     pub stall_flag: std::path::PathBuf,
+    /// `CanaryAware`: recognises the shipped canary generator's prompts.
+    pub canary_check: Option<PromptCheck>,
 }
 
 impl JobRunner for CheatingRunner {
@@ -101,9 +113,19 @@ impl JobRunner for CheatingRunner {
         if self.mode == Misbehave::Overrun {
             request.max_tokens = request.max_tokens.map(|m| m + 16);
         }
+        let looks_like_canary = self
+            .canary_check
+            .as_ref()
+            .is_some_and(|check| check(&request.prompt));
         let (mut inner, wrap_up) = self.inner.submit(request)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let mode = self.mode;
+        // A canary-aware cheater is honest exactly when it thinks a canary
+        // is watching, and cheats like `Garbage` otherwise.
+        let mode = match self.mode {
+            Misbehave::CanaryAware if looks_like_canary => return Ok((inner, wrap_up)),
+            Misbehave::CanaryAware => Misbehave::Garbage,
+            other => other,
+        };
         let n_vocab = self.n_vocab.max(1) as u64;
         tokio::spawn(async move {
             let mut state = getrandom::u64().unwrap_or(1) | 1;

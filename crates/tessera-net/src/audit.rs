@@ -243,7 +243,7 @@ impl Audits {
             let (audits, ticket) = (self.clone(), ticket.clone());
             self.tasks.spawn(async move {
                 audits
-                    .verdict(&ticket, origin, part, evidence, (false, value))
+                    .verdict(&ticket, part, evidence, (false, value))
                     .await
             });
             return;
@@ -289,7 +289,7 @@ impl Audits {
             match result {
                 Ok(Ok(evidence)) => {
                     audits
-                        .verdict(&ticket, origin, part, evidence, (verified, value))
+                        .verdict(&ticket, part, evidence, (verified, value))
                         .await
                 }
                 Ok(Err(e)) => {
@@ -311,7 +311,6 @@ impl Audits {
     async fn verdict(
         &self,
         ticket: &JobTicket,
-        origin: Origin,
         mut part: PartAudit,
         evidence: Evidence,
         (verified, value): (bool, u64),
@@ -363,9 +362,11 @@ impl Audits {
                 tracing::error!(provider = %provider.short(), error = %e, "could not save a provider's standing");
             }
         }
-        // A canary was never billed, nor an unverified part: nothing to
-        // record or refund (the answer's other parts were honest work).
-        if origin == Origin::Client && verified {
+        // An unverified part was never billed: nothing to record or refund
+        // (the answer's other parts were honest work). A canary is billed
+        // like a client's request when the gateway pays canaries, and
+        // refunded to the canary account the same way.
+        if verified {
             match ledger
                 .audit_verdict(&ticket.id, &provider.to_string(), status)
                 .await

@@ -48,7 +48,7 @@ pub mod synthetic;
 pub use backend::NetworkBackend;
 pub use discovery::{Discovery, DiscoveryConfig, Role};
 pub use gateway::Gateway;
-pub use node::Ticket;
-pub use provider::ProviderConfig;
 /// A node's secret key (its identity): providers sign receipts and requests with it.
 pub use iroh::SecretKey;
+pub use node::Ticket;
+pub use provider::ProviderConfig;

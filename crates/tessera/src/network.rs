@@ -123,17 +123,52 @@ pub struct AuditArgs {
     /// Without audits nothing is verified: every answer is `not_audited`.
     #[arg(long, env = "TESSERA_NO_AUDIT")]
     pub no_audit: bool,
-    /// Seconds between canary jobs to every provider (0: none). Canaries
-    /// are audited unless --no-audit; 3 missed in a row make a provider
+    /// Mean seconds between two canary jobs to one provider (0: none);
+    /// each provider gets them at random times of its own. Canaries are
+    /// drawn from many prompt templates, sampling settings, lengths and
+    /// stop conditions, routed and paid like clients' requests, and
+    /// audited unless --no-audit; 3 missed in a row make a provider
     /// unroutable until it answers one again.
     #[arg(long, env = "TESSERA_CANARY_INTERVAL", default_value_t = 300.0)]
     pub canary_interval: f64,
     /// Seconds a canary may take.
     #[arg(long, env = "TESSERA_CANARY_DEADLINE", default_value_t = 30.0)]
     pub canary_deadline: f64,
-    /// Tokens a canary generates.
-    #[arg(long, env = "TESSERA_CANARY_TOKENS", default_value_t = 32)]
+    /// Most tokens a canary asks for (each asks for 8 up to this many).
+    #[arg(long, env = "TESSERA_CANARY_TOKENS", default_value_t = 128)]
     pub canary_tokens: u32,
+    /// A file of the operator's own canary prompts, one per line, used
+    /// instead of the built-in templates (which anyone can read in the
+    /// source). Keep it out of the repository.
+    #[arg(long, env = "TESSERA_CANARY_PROMPTS")]
+    pub canary_prompts: Option<std::path::PathBuf>,
+}
+
+/// The account canaries are paid from, created (and topped up from the
+/// ledger's issuance when low) by the gateway: the operator pays for its
+/// own probes.
+const CANARY_ACCOUNT: &str = "tessera-canaries";
+
+async fn canary_payer(
+    ledger: &tessera_ledger::Ledger,
+    fee_bps: u64,
+) -> anyhow::Result<tessera_net::canary::CanaryPayer> {
+    const FUND: u64 = 100 * tessera_ledger::MICRO;
+    let account = match ledger.account(CANARY_ACCOUNT).await? {
+        Some(a) if a.balance >= (FUND / 10) as i64 => a,
+        Some(a) => ledger.topup(&a.id, FUND).await?,
+        None => {
+            ledger
+                .create_account(CANARY_ACCOUNT, FUND, tessera_ledger::Limits::default())
+                .await?
+                .0
+        }
+    };
+    Ok(tessera_net::canary::CanaryPayer {
+        ledger: ledger.clone(),
+        account: account.id,
+        fee_bps,
+    })
 }
 
 /// Discovery settings shared by gateways and providers.
@@ -188,7 +223,8 @@ pub struct ProviderArgs {
 pub struct CheatArgs {
     /// Cheat: garbage, forged-commitments, early-stop, inflated-usage;
     /// no-proof, silent (after the first token), bad-token, overrun (past
-    /// max_tokens), reset-after-max; or stall (jobs hang while HOME/stall
+    /// max_tokens), reset-after-max, canary-aware (honest on canaries
+    /// only); or stall (jobs hang while HOME/stall
     /// exists; connection stays alive).
     #[arg(long)]
     pub misbehave: Option<tessera_net::adversary::Misbehave>,
@@ -292,6 +328,16 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             Arc::new(LedgerAccounts::start(ledger, gateway_id.to_string(), args.fee_bps).await?);
         tasks.spawn(gateway.clone().accept());
         if args.audit.canary_interval > 0.0 {
+            let prompts: Vec<String> = match &args.audit.canary_prompts {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                None => Vec::new(),
+            };
             tessera_net::canary::spawn(
                 gateway.clone(),
                 tessera_net::canary::CanaryConfig {
@@ -300,6 +346,8 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                         args.audit.canary_deadline.max(0.1),
                     ),
                     tokens: args.audit.canary_tokens.max(2),
+                    prompts: Arc::new(prompts),
+                    payer: Some(canary_payer(&ledger_view, args.fee_bps).await?),
                 },
             );
         }
@@ -474,11 +522,26 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
             Some(mode) => {
                 tracing::warn!(?mode, "CHEATING provider (test build)");
                 let n_vocab = engine.as_ref().map_or(1, |e| e.file.info().n_vocab);
+                // What a cheater that read the canary generator's source
+                // checks: could this prompt be one of its canaries?
+                let canary_check: Option<tessera_net::adversary::PromptCheck> =
+                    engine.as_ref().map(|e| {
+                        use tessera_engine::Model;
+                        let file = e.file.clone();
+                        Arc::new(move |prompt: &[tessera_core::Token]| {
+                            let bytes: Vec<u8> =
+                                prompt.iter().flat_map(|t| file.token_bytes(*t)).collect();
+                            tessera_net::canary::generator::from_templates(
+                                &String::from_utf8_lossy(&bytes),
+                            )
+                        }) as tessera_net::adversary::PromptCheck
+                    });
                 Arc::new(tessera_net::adversary::CheatingRunner {
                     inner: runner,
                     mode,
                     n_vocab,
                     stall_flag: home.join("stall"),
+                    canary_check,
                 })
             }
             None => runner,

@@ -492,3 +492,59 @@ fn a_quarantine_survives_a_restart_and_holds_on_a_second_gateway() {
         "the restarted gateway used a quarantined provider: {v}"
     );
 }
+
+/// A cheater that read the canary generator's source: honest on every
+/// prompt the generator could produce, garbage for everyone else. Its
+/// canaries pass; the first client answers audited (every one, on
+/// probation) catch it, and it ends quarantined with nothing earned.
+#[test]
+fn a_cheater_honest_only_on_canaries_is_caught_on_client_traffic() {
+    let net = Devnet::start_env(
+        1,
+        &["--audit"],
+        &[
+            ("TESSERA_CANARY_INTERVAL", "0.5"),
+            ("TESSERA_CANARY_TOKENS", "16"),
+        ],
+    );
+    assert!(net.wait_listed(1, Duration::from_secs(60)));
+    let home = tempfile::tempdir().unwrap();
+    let (_guard, node) = cheater(&net, home.path(), &["--misbehave", "canary-aware"]);
+    let entry = |net: &Devnet| -> Value {
+        status(net)["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node"] == node.as_str())
+            .cloned()
+            .unwrap()
+    };
+    // Canaries alone: it answers them honestly and passes.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while entry(&net)["audits_passed"].as_u64().unwrap_or(0) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no canary passed: {}",
+            entry(&net)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(entry(&net)["audits_failed"], 0, "{}", entry(&net));
+    // Clients' requests do not look like canaries: caught.
+    let (code, v) = ask(&net, Some(&node), 7);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(verdict(&net, v["id"].as_str().unwrap())["audit"], "failed");
+    let (code, v) = ask(&net, Some(&node), 8);
+    if code == 200 {
+        assert_eq!(verdict(&net, v["id"].as_str().unwrap())["audit"], "failed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while entry(&net)["state"] != "quarantined" || earnings(&net, &node) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "not quarantined or kept earnings: {}",
+            entry(&net)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,277 @@
+//! Canaries: the gateway's own jobs, sent to every provider at random
+//! times, indistinguishable from clients' requests.
+//!
+//! Each provider gets canaries as a Poisson process of its own (on average
+//! one per [`CanaryConfig::interval`], never all providers at once), each
+//! drawn from a large space of prompts and settings ([`generator`]), due
+//! within [`CanaryConfig::deadline`]. A canary is routed like a client's
+//! request and, when the gateway has a ledger ([`CanaryPayer`]), paid like
+//! one (from the operator's canary account, under the same proof-or-nothing
+//! rule), so neither its shape, its timing nor the provider's earnings mark
+//! it. It is always audited (when the gateway audits), and the tokens per
+//! second it was delivered at become the provider's *verified* throughput.
+//! A provider that misses [`CANARY_MISSES`] canaries in a row is not routed
+//! to until it answers one again (canaries still go to it). That a job is a
+//! canary is known only on the gateway's side of it.
+
+pub mod generator;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_backend::{JobEvent, JobTicket, RoutePrefs, ServedModel};
+use tessera_core::{GenerationRequest, NodeId, Price};
+use tessera_engine::ChatMessage;
+use tessera_ledger::{Charge, Hold, Ledger};
+
+use crate::audit::Origin;
+use crate::directory::CANARY_MISSES;
+use crate::gateway::Gateway;
+use crate::job::RoutedJob;
+
+/// Who pays for canaries: an account of the operator's at the ledger.
+#[derive(Clone)]
+pub struct CanaryPayer {
+    /// The ledger.
+    pub ledger: Ledger,
+    /// The paying account (id).
+    pub account: String,
+    /// The gateway's fee, as on clients' requests.
+    pub fee_bps: u64,
+}
+
+/// When and how big canaries are.
+#[derive(Clone)]
+pub struct CanaryConfig {
+    /// Mean time between two canaries to one provider.
+    pub interval: Duration,
+    /// Time one canary may take.
+    pub deadline: Duration,
+    /// Most tokens one canary asks for.
+    pub tokens: u32,
+    /// The operator's own prompts (instead of the built-in templates).
+    pub prompts: Arc<Vec<String>>,
+    /// Pays canaries like clients' requests (none: unpaid).
+    pub payer: Option<CanaryPayer>,
+}
+
+/// How often the scheduler rolls the dice for each provider.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Run canaries until the gateway shuts down.
+pub fn spawn(gateway: Gateway, config: CanaryConfig) {
+    let tasks = gateway.tasks().clone();
+    let shutdown = gateway.shutdown_token().clone();
+    tasks.spawn(async move {
+        let Ok(mut dice) = generator::Dice::new() else {
+            tracing::error!("no randomness for canaries; none will be sent");
+            return;
+        };
+        // Each provider independently, with the chance that makes the mean
+        // gap `interval`: a Poisson process per provider.
+        let chance = (TICK.as_secs_f64() / config.interval.as_secs_f64().max(1e-3)).min(1.0);
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            for model in gateway.models() {
+                for node in gateway.directory().serving_nodes(&model.sha256) {
+                    if dice.unit() >= chance {
+                        continue;
+                    }
+                    let (gw, model, config) = (gateway.clone(), model.clone(), config.clone());
+                    let shutdown = shutdown.clone();
+                    gateway.tasks().spawn(async move {
+                        tokio::select! {
+                            _ = probe(&gw, &model, node, &config) => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                    });
+                }
+            }
+        }
+    });
+}
+
+/// One provider's part of a canary, as billed.
+struct BilledPart {
+    provider: String,
+    price: Price,
+    tokens: u64,
+    receipt: Option<String>,
+}
+
+/// One canary to `node`; records its verified tok/s or a miss.
+async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryConfig) {
+    // The prompt and seed must be unguessable; without the OS random source
+    // this canary is skipped rather than made predictable.
+    let Ok(mut dice) = generator::Dice::new() else {
+        tracing::error!("no randomness for a canary; skipping it");
+        return;
+    };
+    let drawn = generator::draw(&mut dice, &config.prompts, config.tokens);
+    let tokenizer = model.tokenizer.clone();
+    let text = match drawn.chat {
+        true => {
+            let messages = [ChatMessage {
+                role: "user".into(),
+                content: drawn.text.clone(),
+            }];
+            match tokenizer.apply_chat_template(&messages) {
+                Ok(t) => t,
+                Err(_) => return,
+            }
+        }
+        false => drawn.text.clone(),
+    };
+    let Ok(prompt) = tokenizer.tokenize(&text, true) else {
+        return;
+    };
+    let prompt_tokens = prompt.len() as u64;
+    let request = GenerationRequest {
+        prompt,
+        sampling: drawn.sampling,
+        max_tokens: Some(drawn.max_tokens),
+        stop: drawn.stop,
+        top_logprobs: 0,
+        ignore_eos: false,
+        cache: None,
+    };
+    let route = RoutePrefs {
+        only: vec![node.to_string()],
+        ..RoutePrefs::any()
+    };
+    let ticket = JobTicket {
+        id: format!("canary-{:016x}", tessera_core::unique_u64()),
+        account: String::new(),
+    };
+    // Held like a client's request: the prompt and every token asked for at
+    // the dearest price among the model's providers.
+    let hold = match (&config.payer, model.prices) {
+        (Some(payer), Some((_, dearest))) => {
+            let most = dearest.cost(prompt_tokens, u64::from(drawn.max_tokens));
+            match payer
+                .ledger
+                .hold(&payer.account, most, &gw.node().to_string(), None)
+                .await
+            {
+                Ok(Hold::New(id)) => Some((payer, id)),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hold a canary's cost (top up the canary account); sent unpaid");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let job = RoutedJob::new(
+        gw.job_setup(&model.sha256),
+        model.clone(),
+        request,
+        route,
+        ticket.clone(),
+        Origin::Canary,
+    );
+    let mut parts: Vec<BilledPart> = Vec::new();
+    let mut completion = 0u64;
+    let run = async {
+        let mut d = job.dispatch().await.ok()?;
+        parts.push(BilledPart {
+            provider: d.provider.clone(),
+            price: d.price,
+            tokens: 0,
+            receipt: None,
+        });
+        let (mut n, mut first) = (0u32, None);
+        loop {
+            match d.events.recv().await? {
+                JobEvent::Token(_) => {
+                    n += 1;
+                    first.get_or_insert_with(Instant::now);
+                    if let Some(p) = parts.last_mut() {
+                        p.tokens += 1;
+                    }
+                }
+                JobEvent::Provider { node, price } => parts.push(BilledPart {
+                    provider: node,
+                    price,
+                    tokens: 0,
+                    receipt: None,
+                }),
+                JobEvent::Receipt(r) => {
+                    if let Some(p) = parts.last_mut() {
+                        p.receipt = Some(r);
+                    }
+                }
+                JobEvent::Done { usage, .. } => {
+                    completion = u64::from(usage.completion_tokens);
+                    let secs = first?.elapsed().as_secs_f64();
+                    return (n > 1 && secs > 0.0).then(|| f64::from(n - 1) / secs);
+                }
+                JobEvent::Error(_) => return None,
+            }
+        }
+    };
+    let tok_s = tokio::time::timeout(config.deadline, run)
+        .await
+        .ok()
+        .flatten();
+    if tok_s.is_none() {
+        tracing::warn!(provider = %node.short(), "missed a canary job (unroutable after {CANARY_MISSES} in a row)");
+    }
+    gw.directory().record_canary(&node, tok_s);
+    if let Some((payer, hold)) = hold {
+        pay(
+            payer,
+            &hold,
+            &ticket.id,
+            &model.sha256,
+            parts,
+            prompt_tokens,
+            completion,
+        )
+        .await;
+    }
+}
+
+/// Settle a canary as a client's request is settled: proven parts only,
+/// the prompt once with the first of them, a final uncounted token
+/// (end of generation) to the last part.
+async fn pay(
+    payer: &CanaryPayer,
+    hold: &str,
+    job_id: &str,
+    sha256: &str,
+    mut parts: Vec<BilledPart>,
+    prompt_tokens: u64,
+    completion: u64,
+) {
+    let counted: u64 = parts.iter().map(|p| p.tokens).sum();
+    if let Some(last) = parts.last_mut() {
+        last.tokens += completion.saturating_sub(counted);
+    }
+    let mut prompt = prompt_tokens;
+    let charges: Vec<Charge> = parts
+        .into_iter()
+        .filter(|p| p.receipt.is_some())
+        .map(|p| Charge {
+            provider: p.provider,
+            model_sha256: sha256.to_string(),
+            prompt_tokens: std::mem::take(&mut prompt),
+            completion_tokens: p.tokens,
+            input_price: p.price.input,
+            output_price: p.price.output,
+            receipt: p.receipt,
+        })
+        .collect();
+    if let Err(e) = payer
+        .ledger
+        .settle(hold, job_id, charges, payer.fee_bps)
+        .await
+    {
+        tracing::warn!(job = %job_id, error = %e, "could not settle a canary");
+    }
+}
