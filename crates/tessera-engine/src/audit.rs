@@ -24,9 +24,10 @@
 //! answers (BENCHMARKS.md and `calibration/`).
 
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use tessera_core::proof::CHUNK;
 use tessera_core::{FinishReason, Proof, SamplingParams, Token};
@@ -365,24 +366,74 @@ struct Request {
     reply: oneshot::Sender<Result<Evidence, EngineError>>,
 }
 
+/// Which audits go first when the auditor has a backlog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Canaries, providers on watch, audits at the base rate, unverified
+    /// parts: never kept waiting behind probation.
+    First,
+    /// New providers' probation: as many as there are, after the rest, so
+    /// a flood of new (or sybil) providers cannot starve the others.
+    Probation,
+}
+
+/// The auditor's two queues (first, then probation), and whether every
+/// handle is gone.
+#[derive(Default)]
+struct Queues {
+    state: std::sync::Mutex<(VecDeque<Request>, VecDeque<Request>)>,
+    ready: std::sync::Condvar,
+}
+
+/// The next request, first-priority ones before probation; `None` once
+/// every handle is gone and nothing is queued (`queues` is then the
+/// caller's only reference).
+fn next_request(queues: &Arc<Queues>) -> Option<Request> {
+    let mut q = queues.state.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if let Some(r) = q.0.pop_front().or_else(|| q.1.pop_front()) {
+            return Some(r);
+        }
+        if Arc::strong_count(queues) == 1 {
+            return None;
+        }
+        q = queues
+            .ready
+            .wait_timeout(q, std::time::Duration::from_millis(500))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
 /// A cheap handle to the auditor's thread.
 #[derive(Clone)]
 pub struct AuditorHandle {
-    jobs: mpsc::UnboundedSender<Request>,
+    queues: Arc<Queues>,
     waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl AuditorHandle {
     /// Queue an audit; the receiver gets its evidence.
     pub fn submit(&self, job: AuditJob) -> oneshot::Receiver<Result<Evidence, EngineError>> {
+        self.submit_with(job, Priority::First)
+    }
+
+    /// Queue an audit at `priority`; the receiver gets its evidence.
+    pub fn submit_with(
+        &self,
+        job: AuditJob,
+        priority: Priority,
+    ) -> oneshot::Receiver<Result<Evidence, EngineError>> {
         let (reply, rx) = oneshot::channel();
         self.waiting
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = self.jobs.send(Request { job, reply }) {
-            self.waiting
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            let _ = e.0.reply.send(Err(EngineError::Closed));
+        let mut queues = self.queues.state.lock().unwrap_or_else(|p| p.into_inner());
+        match priority {
+            Priority::First => queues.0.push_back(Request { job, reply }),
+            Priority::Probation => queues.1.push_back(Request { job, reply }),
         }
+        drop(queues);
+        self.queues.ready.notify_one();
         rx
     }
 
@@ -402,10 +453,11 @@ pub fn spawn_auditor<F>(
 where
     F: FnOnce() -> Result<Box<dyn Engine>, EngineError> + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
+    let queues = Arc::new(Queues::default());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = waiting.clone();
+    let theirs = queues.clone();
     thread::Builder::new()
         .name("tessera-auditor".into())
         .spawn(move || {
@@ -419,7 +471,7 @@ where
                     return;
                 }
             };
-            while let Some(r) = rx.blocking_recv() {
+            while let Some(r) = next_request(&theirs) {
                 let result = audit(engine.as_mut(), model.as_ref(), 0, &r.job, &thresholds);
                 count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = r.reply.send(result);
@@ -429,5 +481,50 @@ where
     ready_rx
         .recv()
         .map_err(|_| EngineError::Load("the auditor thread died while loading".into()))??;
-    Ok(AuditorHandle { jobs: tx, waiting })
+    Ok(AuditorHandle { queues, waiting })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(n: usize) -> AuditJob {
+        AuditJob {
+            prompt: vec![1],
+            output: vec![2; n],
+            sampling: SamplingParams::greedy(),
+            proof: None,
+            finish_reason: None,
+            stopped_by_sequence: false,
+            max_tokens: None,
+            context: 64,
+            ignore_eos: false,
+            claimed_completion_tokens: 0,
+        }
+    }
+
+    /// However many probation audits wait, a first-priority one queued
+    /// after them runs next; probation audits still all run, in order.
+    #[test]
+    fn probation_waits_behind_everything_else() {
+        let handle = AuditorHandle {
+            queues: Arc::new(Queues::default()),
+            waiting: Arc::default(),
+        };
+        for n in 1..=3 {
+            drop(handle.submit_with(job(n), Priority::Probation));
+        }
+        drop(handle.submit_with(job(9), Priority::First));
+        let order: Vec<usize> = (0..4)
+            .map(|_| next_request(&handle.queues).unwrap().job.output.len())
+            .collect();
+        assert_eq!(order, [9, 1, 2, 3]);
+        assert_eq!(handle.waiting(), 4);
+        let queues = handle.queues.clone();
+        drop(handle);
+        assert!(
+            next_request(&queues).is_none(),
+            "no handle left, nothing queued"
+        );
+    }
 }

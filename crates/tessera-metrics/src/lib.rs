@@ -167,6 +167,7 @@ pub struct Metrics {
     provider_tokens: Family<ProviderLabels, Counter>,
     provider_tok_s: Family<ProviderLabels, Gauge<f64, AtomicU64>>,
     audits: Family<VerdictLabels, Counter>,
+    audit_backlog: Gauge,
     ledger: Family<LedgerLabels, Gauge>,
     history: Mutex<VecDeque<Bucket>>,
     recent_audits: Mutex<VecDeque<AuditRecord>>,
@@ -242,6 +243,12 @@ impl Default for Metrics {
             "Answers by audit verdict (not_audited: delivered without an audit)",
             audits.clone(),
         );
+        let audit_backlog = Gauge::default();
+        registry.register(
+            "audit_backlog",
+            "Audits queued or running on this gateway's auditors",
+            audit_backlog.clone(),
+        );
         let ledger = Family::<LedgerLabels, Gauge>::default();
         registry.register(
             "ledger_micro_credits",
@@ -260,6 +267,7 @@ impl Default for Metrics {
             provider_tokens,
             provider_tok_s,
             audits,
+            audit_backlog,
             ledger,
             history: Mutex::new(VecDeque::with_capacity(BUCKETS)),
             recent_audits: Mutex::new(VecDeque::new()),
@@ -343,6 +351,16 @@ impl Metrics {
             }
             recent.push_front(r);
         }
+    }
+
+    /// Audits queued or running now.
+    pub fn set_audit_backlog(&self, n: usize) {
+        self.audit_backlog.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Audits queued or running, as last set.
+    pub fn audit_backlog(&self) -> i64 {
+        self.audit_backlog.get()
     }
 
     /// Answers counted per verdict so far.

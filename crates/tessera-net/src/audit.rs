@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tessera_backend::JobTicket;
 use tessera_core::{AuditStatus, NodeId};
-use tessera_engine::audit::{AuditJob, AuditorHandle, Evidence};
+use tessera_engine::audit::{AuditJob, AuditorHandle, Evidence, Priority};
 use tessera_ledger::Ledger;
 use tessera_metrics::{AuditRecord, Metrics, Verdict};
 use tokio_util::sync::CancellationToken;
@@ -243,7 +243,7 @@ impl Audits {
             let (audits, ticket) = (self.clone(), ticket.clone());
             self.tasks.spawn(async move {
                 audits
-                    .verdict(&ticket, part, evidence, (false, value))
+                    .verdict(&ticket, origin, part, evidence, (false, value))
                     .await
             });
             return;
@@ -277,7 +277,25 @@ impl Audits {
         }
         part.status = AuditStatus::Pending;
         self.set(&ticket.id, &ticket.account, part.clone());
-        let rx = self.auditor.submit(job);
+        // Probation waits behind everything else, so new providers (or a
+        // flood of sybils) cannot starve the audits that keep trusted
+        // providers honest.
+        let needs_bond = self.policy.bond > 0 && self.ledger.is_some();
+        let priority = match origin {
+            Origin::Client
+                if verified
+                    && self.directory.on_probation(
+                        &provider,
+                        self.policy.probation,
+                        needs_bond,
+                    ) =>
+            {
+                Priority::Probation
+            }
+            _ => Priority::First,
+        };
+        let rx = self.auditor.submit_with(job, priority);
+        self.count_backlog();
         let audits = self.clone();
         let ticket = ticket.clone();
         let shutdown = self.shutdown.clone();
@@ -289,7 +307,7 @@ impl Audits {
             match result {
                 Ok(Ok(evidence)) => {
                     audits
-                        .verdict(&ticket, part, evidence, (verified, value))
+                        .verdict(&ticket, origin, part, evidence, (verified, value))
                         .await
                 }
                 Ok(Err(e)) => {
@@ -311,10 +329,12 @@ impl Audits {
     async fn verdict(
         &self,
         ticket: &JobTicket,
+        origin: Origin,
         mut part: PartAudit,
         evidence: Evidence,
         (verified, value): (bool, u64),
     ) {
+        self.count_backlog();
         let passed = evidence.passed();
         part.status = match (passed, verified) {
             (false, _) => AuditStatus::Failed,
@@ -348,7 +368,13 @@ impl Audits {
                 reason: reason.clone(),
             }),
         );
-        let standing = self.directory.record_audit(&provider, passed);
+        // A passed canary proves nothing about clients' answers (a provider
+        // that recognises canaries answers them honestly): only failures
+        // count, never a pass toward probation or off watch.
+        let standing = match (passed, origin) {
+            (true, Origin::Canary) => Standing::Unchanged,
+            _ => self.directory.record_audit(&provider, passed),
+        };
         if !passed {
             tracing::warn!(provider = %provider.short(), job = %ticket.id, %reason, "audit failed");
         }
@@ -422,6 +448,13 @@ impl Audits {
             Err(e) => {
                 tracing::warn!(provider = %provider.short(), error = %e, "could not read a provider's bond")
             }
+        }
+    }
+
+    /// Show the auditor's backlog on `/metrics` and the operator's status.
+    fn count_backlog(&self) {
+        if let Some(m) = &self.metrics {
+            m.set_audit_backlog(self.auditor.waiting());
         }
     }
 

@@ -787,6 +787,15 @@ impl Directory {
         }
     }
 
+    /// Whether `node` is still on probation (too few audits passed, or no
+    /// bond held when one is needed), and not on watch.
+    pub fn on_probation(&self, node: &NodeId, probation: u32, needs_bond: bool) -> bool {
+        let state = self.lock();
+        state.records.get(node).is_none_or(|r| {
+            r.on_watch == 0 && (r.audits_passed < probation || (needs_bond && !r.bonded))
+        })
+    }
+
     /// Whether `node`'s account holds its bond.
     pub fn set_bonded(&self, node: &NodeId, bonded: bool) {
         if let Some(r) = self.lock().records.get_mut(node) {

@@ -260,6 +260,7 @@ async fn status(
             "refunded_requests": totals.refunded,
             "forfeited": totals.forfeited,
             "audits": {"passed": passed, "failed": failed, "not_audited": not_audited},
+            "audit_backlog": view.metrics.audit_backlog(),
             "audit_pass_rate": (passed + failed > 0).then(|| passed as f64 / (passed + failed) as f64),
         },
         "providers": providers,
@@ -276,6 +277,7 @@ async fn status(
         if let Some(o) = status["summary"].as_object_mut() {
             o.remove("audits");
             o.remove("audit_pass_rate");
+            o.remove("audit_backlog");
         }
     }
     Ok(Json(status))

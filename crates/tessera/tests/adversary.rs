@@ -383,7 +383,7 @@ fn a_client_that_leaves_mid_answer_pays_for_what_was_proven() {
         .unwrap();
     let tokens = account["usage"]["completion_tokens"].as_u64().unwrap();
     eprintln!("cut answer: {tokens} tokens, charged {charged}, provider earned {paid}");
-    assert!((10..400).contains(&tokens), "{account}");
+    assert!((1..400).contains(&tokens), "{account}");
     let report = verdict(&net, &id);
     assert_ne!(
         report["audit"], "failed",
@@ -519,9 +519,21 @@ fn a_cheater_honest_only_on_canaries_is_caught_on_client_traffic() {
             .cloned()
             .unwrap()
     };
-    // Canaries alone: it answers them honestly and passes.
+    // Canaries alone: it answers them honestly and passes them (listed
+    // among the recent audits; a passed canary earns no credit).
+    let canaries_passed = |net: &Devnet| {
+        status(net)["audits"].as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|x| {
+                    x["provider"] == node.as_str()
+                        && x["verdict"] == "passed"
+                        && x["job"].as_str().is_some_and(|j| j.starts_with("canary-"))
+                })
+                .count()
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(90);
-    while entry(&net)["audits_passed"].as_u64().unwrap_or(0) < 3 {
+    while canaries_passed(&net) < 3 {
         assert!(
             Instant::now() < deadline,
             "no canary passed: {}",

@@ -234,12 +234,20 @@ fn canaries_verify_throughput_and_bar_a_stalled_provider_until_it_answers() {
             v["node"].as_str().unwrap().to_string()
         })
         .collect();
-    // Canaries verify each provider's throughput, and are audited.
+    // Canaries verify each provider's throughput, and are audited (a
+    // passed canary is listed among the recent audits, but earns no
+    // credit toward probation: only failures count).
     for node in &nodes {
         wait_for("a verified throughput", Duration::from_secs(60), || {
             let p = provider_status(&gw, node);
-            p["verified_tok_s"].as_f64().is_some_and(|t| t > 0.0)
-                && p["audits_passed"].as_u64().is_some_and(|n| n > 0)
+            let audited = status(&gw)["audits"].as_array().is_some_and(|a| {
+                a.iter().any(|x| {
+                    x["provider"] == node.as_str()
+                        && x["verdict"] == "passed"
+                        && x["job"].as_str().is_some_and(|j| j.starts_with("canary-"))
+                })
+            });
+            p["verified_tok_s"].as_f64().is_some_and(|t| t > 0.0) && audited
         });
     }
     // Ask for an answer from `node` only: 200 and its id, or the status.
