@@ -339,7 +339,7 @@ pub fn from_templates(text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::canary::generator::{draw, from_templates, CanaryRequest, Dice};
 
     #[test]
     fn canaries_vary_in_every_respect() {
