@@ -1,21 +1,26 @@
 //! Auditing providers' answers on the gateway: which parts to audit, their
 //! verdicts, and what follows from them.
 //!
-//! When a provider's part of an answer ends with a proof, [`Audits::consider`]
-//! decides whether to audit it: every part of a provider on probation (fewer
-//! than [`AuditPolicy::probation`] passed audits), every part of one on
-//! watch after a failure, every canary, and otherwise a share
-//! [`AuditPolicy::base_rate`] of them. An audited part is `pending` until
-//! the auditor's thread (its own engine, `tessera_engine::audit`) answers.
+//! When a provider's part of an answer ends, [`Audits::consider`] decides
+//! whether to audit it. A part that ended verified (a proof of exactly what
+//! it streamed, a matching receipt: [`PartEnd::Verified`]) is audited when
+//! its provider is on probation (fewer than [`AuditPolicy::probation`]
+//! passed audits, or no bond held yet), on watch after a failure, for every
+//! canary, and otherwise at [`AuditPolicy::base_rate`]. A part that ended
+//! early without a proof ([`PartEnd::Unverified`]) was not paid and is
+//! always checked by seeded sampling alone; one that broke the protocol
+//! ([`PartEnd::Violation`]) fails as it stands. Audits run on the auditor's
+//! thread (its own engine, `tessera_engine::audit`), probation last.
 //!
-//! A verdict goes to the [`Directory`] (reputation, watch, quarantine) and,
-//! for a client's request, to the ledger as one more step of the job's
-//! lifecycle: the ledger's writer records it on the receipts and, for a
-//! failure, refunds the request — after its settlement, however the two
-//! race (the writer holds a verdict that arrives first until the
-//! settlement is in). A confirmed second failure quarantines the provider
-//! and forfeits its bond, after those refunds. Verdicts and their evidence
-//! are kept per request (the API's response id) for `GET /v1/jobs/{id}`.
+//! A verdict goes to the [`Directory`] (reputation, watch, quarantine; a
+//! passed canary earns no credit) and to the ledger as steps of the job's
+//! lifecycle, sequenced by the ledger's writer after the settlement: the
+//! verdict on the receipts, for a failure a refund of the request, a slash
+//! of `value / base_rate + slash_penalty` from the provider's account, and
+//! at a confirmed second failure (quarantine) the forfeit of the rest. The
+//! provider's standing is saved in the ledger, which every gateway on it
+//! follows ([`follow_standings`]). Verdicts and their evidence are kept per
+//! request (the API's response id) for `GET /v1/jobs/{id}`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
