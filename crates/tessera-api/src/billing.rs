@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tessera_backend::JobEvent;
+use tessera_backend::{JobEvent, Parts};
 use tessera_core::{Price, Usage};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -44,21 +44,9 @@ pub struct Caller {
     pub name: String,
 }
 
-/// One provider's stretch of an answer, as billed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Part {
-    /// Who served it (node id, or `local`).
-    pub provider: String,
-    /// At what price.
-    pub price: Price,
-    /// Prompt tokens billed to it (the first part's only).
-    pub prompt_tokens: u64,
-    /// Tokens it generated.
-    pub completion_tokens: u64,
-    /// The provider's receipt for this part, countersigned by the gateway
-    /// (JSON), when it sent one.
-    pub receipt: Option<String>,
-}
+/// One provider's stretch of an answer, as billed (see
+/// [`tessera_backend::Parts`] for the rule of what is paid).
+pub use tessera_backend::BilledPart as Part;
 
 /// What settling a request charged.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,10 +111,7 @@ pub struct Bill {
     hold: Option<String>,
     job_id: String,
     model_sha256: String,
-    prompt_tokens: u64,
-    parts: Vec<Part>,
-    /// Parts are billed only with a countersigned receipt (the network).
-    receipts_required: bool,
+    parts: Parts,
     pub settled: Option<Settled>,
 }
 
@@ -145,9 +130,7 @@ impl Bill {
             hold: Some(hold),
             job_id,
             model_sha256,
-            prompt_tokens,
-            parts: vec![],
-            receipts_required: false,
+            parts: Parts::new(prompt_tokens),
             settled: None,
         }
     }
@@ -155,70 +138,30 @@ impl Bill {
     /// Bill only parts with a countersigned receipt from now on (the
     /// backend is the network).
     pub(crate) fn require_receipts(&mut self, required: bool) {
-        self.receipts_required = required;
-    }
-
-    /// The parts the client pays for: all of them locally; on the network
-    /// only those with a receipt, the prompt going with the first of them.
-    fn payable(&self, parts: Vec<Part>) -> Vec<Part> {
-        if !self.receipts_required {
-            return parts;
-        }
-        let prompt: u64 = parts.iter().map(|p| p.prompt_tokens).sum();
-        let mut paid: Vec<Part> = parts
-            .into_iter()
-            .filter(|p| p.receipt.is_some())
-            .map(|p| Part {
-                prompt_tokens: 0,
-                ..p
-            })
-            .collect();
-        if let Some(first) = paid.first_mut() {
-            first.prompt_tokens = prompt;
-        }
-        paid
+        self.parts.require_receipts(required);
     }
 
     /// A provider starts (or takes over) the answer at `price`.
     pub(crate) fn part(&mut self, provider: String, price: Price) {
-        let prompt_tokens = if self.parts.is_empty() {
-            self.prompt_tokens
-        } else {
-            0
-        };
-        self.parts.push(Part {
-            provider,
-            price,
-            prompt_tokens,
-            completion_tokens: 0,
-            receipt: None,
-        });
+        self.parts.start(provider, price);
     }
 
     /// The current provider's countersigned receipt for its part.
     pub(crate) fn receipt(&mut self, receipt: String) {
-        if let Some(p) = self.parts.last_mut() {
-            p.receipt = Some(receipt);
-        }
+        self.parts.receipt(receipt);
     }
 
     /// One more token from the current provider.
     pub(crate) fn token(&mut self) {
-        if let Some(p) = self.parts.last_mut() {
-            p.completion_tokens += 1;
-        }
+        self.parts.token();
     }
 
     /// The answer ended: charge what `usage` reports (tokens not seen as
     /// events, such as a final end-of-generation token, go to the last part),
     /// keeping `response` (the answer, for a replay) with the charge.
     pub(crate) async fn settle(&mut self, usage: &Usage, response: Option<String>) {
-        let counted: u64 = self.parts.iter().map(|p| p.completion_tokens).sum();
-        if let Some(last) = self.parts.last_mut() {
-            last.completion_tokens += u64::from(usage.completion_tokens).saturating_sub(counted);
-        }
-        let parts = std::mem::take(&mut self.parts);
-        let parts = self.payable(parts);
+        self.parts.ended(u64::from(usage.completion_tokens));
+        let parts = self.parts.payable();
         let Some(settle) = self.close(parts, response) else {
             return;
         };
@@ -250,9 +193,7 @@ impl Bill {
             hold: self.hold.take(),
             job_id: self.job_id.clone(),
             model_sha256: self.model_sha256.clone(),
-            prompt_tokens: self.prompt_tokens,
-            parts: std::mem::take(&mut self.parts),
-            receipts_required: self.receipts_required,
+            parts: self.parts.take(),
             settled: None,
         };
         wrap_up.cancel();
@@ -316,9 +257,9 @@ impl Drop for Bill {
     /// The response went away before the end (the client disconnected):
     /// charge the tokens generated so far, in the background.
     fn drop(&mut self) {
-        let parts = std::mem::take(&mut self.parts);
         let parts: Vec<Part> = self
-            .payable(parts)
+            .parts
+            .payable()
             .into_iter()
             .filter(|p| p.completion_tokens > 0 || p.prompt_tokens > 0)
             .collect();

@@ -15,6 +15,7 @@
 //!   API maps each case to its HTTP status in one place.
 
 mod local;
+mod parts;
 mod route;
 
 use futures::future::BoxFuture;
@@ -26,6 +27,7 @@ use tessera_engine::Model;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use local::LocalBackend;
+pub use parts::{BilledPart, Parts};
 pub use route::{RoutePrefs, Sort};
 
 /// A model as the API shows it and as requests name it.

@@ -353,15 +353,13 @@ impl RoutedJob {
             // Why the part failed, and whether that breaks the protocol
             // (a provable cheat, failed without an audit) or may be an
             // honest crash (checked by seeded sampling).
-            let (failure, violated) = match frame {
-                Ok(Some(Frame::Tokens { tokens })) if self.violation(&part, &tokens).is_some() => (
-                    format!(
-                        "protocol violation: {}",
-                        self.violation(&part, &tokens).unwrap_or_default()
-                    ),
-                    true,
-                ),
-                Ok(Some(Frame::Tokens { tokens })) => {
+            let violation = match &frame {
+                Ok(Some(Frame::Tokens { tokens })) => self.violation(&part, tokens),
+                _ => None,
+            };
+            let (failure, violated) = match (frame, violation) {
+                (_, Some(why)) => (format!("protocol violation: {why}"), true),
+                (Ok(Some(Frame::Tokens { tokens })), None) => {
                     let now = Instant::now();
                     part.first_token.get_or_insert(now);
                     part.last_token = Some(now);
@@ -403,7 +401,7 @@ impl RoutedJob {
                     }
                     continue;
                 }
-                Ok(Some(Frame::JobDone(done))) => {
+                (Ok(Some(Frame::JobDone(done))), None) => {
                     // The one token a provider generates but does not
                     // stream (the end-of-generation token that stopped it)
                     // still counts; a usage claiming more is not believed
@@ -437,14 +435,16 @@ impl RoutedJob {
                     });
                     return;
                 }
-                Ok(Some(Frame::JobError(e))) => (format!("job error: {}", e.message), false),
-                Ok(Some(_)) => (
+                (Ok(Some(Frame::JobError(e))), None) => {
+                    (format!("job error: {}", e.message), false)
+                }
+                (Ok(Some(_)), None) => (
                     "protocol violation: a frame that does not belong on a job stream".into(),
                     true,
                 ),
-                Ok(None) => ("the provider closed the job stream".into(), false),
-                Err(FrameError::Io(e)) => (e.to_string(), false),
-                Err(e) => (format!("protocol violation: {e}"), true),
+                (Ok(None), None) => ("the provider closed the job stream".into(), false),
+                (Err(FrameError::Io(e)), None) => (e.to_string(), false),
+                (Err(e), None) => (format!("protocol violation: {e}"), true),
             };
             // The provider failed mid-answer: unpaid; its tokens so far are
             // checked, and the answer continues on another one.

@@ -42,19 +42,42 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
         })
 }
 
+/// The provider a request is signed by (`X-Tessera-Node`, `X-Tessera-Time`,
+/// `X-Tessera-Signature`), or why it is not.
+pub(crate) fn signed_by(headers: &HeaderMap) -> Result<tessera_core::NodeId, ApiError> {
+    let node: tessera_core::NodeId = header(headers, "x-tessera-node")?
+        .parse()
+        .map_err(|e| ApiError::unauthorized(format!("X-Tessera-Node: {e}.")))?;
+    let time: u64 = header(headers, "x-tessera-time")?.parse().map_err(|_| {
+        ApiError::invalid("X-Tessera-Time must be milliseconds since the epoch.", None)
+    })?;
+    let signature = header(headers, "x-tessera-signature")?;
+    receipt::verify_receipts_request(&node, time, signature)
+        .map_err(|e| ApiError::unauthorized(format!("Not signed by provider {node}: {e}.")))?;
+    Ok(node)
+}
+
+/// `request` signed with the provider's node `key`, as [`signed_by`]
+/// checks it.
+pub(crate) fn sign(
+    request: reqwest::blocking::RequestBuilder,
+    key: &tessera_net::SecretKey,
+) -> reqwest::blocking::RequestBuilder {
+    let time = tessera_core::now_ms();
+    request
+        .header("x-tessera-node", node::node_id(&key.public()).to_string())
+        .header("x-tessera-time", time.to_string())
+        .header(
+            "x-tessera-signature",
+            receipt::sign_receipts_request(key, time),
+        )
+}
+
 async fn receipts(
     State(ledger): State<Ledger>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let node: tessera_core::NodeId = header(&headers, "x-tessera-node")?
-        .parse()
-        .map_err(|e| ApiError::unauthorized(format!("X-Tessera-Node: {e}.")))?;
-    let time: u64 = header(&headers, "x-tessera-time")?.parse().map_err(|_| {
-        ApiError::invalid("X-Tessera-Time must be milliseconds since the epoch.", None)
-    })?;
-    let signature = header(&headers, "x-tessera-signature")?;
-    receipt::verify_receipts_request(&node, time, signature)
-        .map_err(|e| ApiError::unauthorized(format!("Not signed by provider {node}: {e}.")))?;
+    let node = signed_by(&headers)?;
     let list = ledger
         .provider_receipts(&node.to_string())
         .await
@@ -110,16 +133,8 @@ fn check(row: &Value, me: &tessera_core::NodeId) -> Result<(), String> {
 pub fn run(home: &Path, args: EarningsArgs) -> anyhow::Result<()> {
     let key = node::load_or_create_key(home)?;
     let me = node::node_id(&key.public());
-    let time = tessera_core::now_ms();
     let url = format!("{}/provider/receipts", args.api.trim_end_matches('/'));
-    let resp = reqwest::blocking::Client::new()
-        .get(&url)
-        .header("x-tessera-node", me.to_string())
-        .header("x-tessera-time", time.to_string())
-        .header(
-            "x-tessera-signature",
-            receipt::sign_receipts_request(&key, time),
-        )
+    let resp = sign(reqwest::blocking::Client::new().get(&url), &key)
         .send()
         .with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();

@@ -597,6 +597,6 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
 
 /// Credits (a decimal number) as micro-credits; negative or absurd values
 /// become 0 or the largest amount.
-fn micro_credits(credits: f64) -> u64 {
+pub(crate) fn micro_credits(credits: f64) -> u64 {
     (credits.max(0.0) * tessera_ledger::MICRO as f64).round() as u64
 }

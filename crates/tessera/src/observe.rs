@@ -102,24 +102,8 @@ fn viewer(view: &View, headers: &HeaderMap) -> Result<Viewer, ApiError> {
             "That is not this gateway's operator token.",
         ));
     }
-    if let Some(node) = headers.get("x-tessera-node") {
-        let node: tessera_core::NodeId = node
-            .to_str()
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| ApiError::unauthorized("X-Tessera-Node is not a node id."))?;
-        let time: u64 = headers
-            .get("x-tessera-time")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| ApiError::unauthorized("X-Tessera-Time is missing or not a time."))?;
-        let signature = headers
-            .get("x-tessera-signature")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        tessera_net::receipt::verify_receipts_request(&node, time, signature)
-            .map_err(|e| ApiError::unauthorized(format!("Not signed by provider {node}: {e}.")))?;
-        return Ok(Viewer::Provider(node));
+    if headers.contains_key("x-tessera-node") {
+        return Ok(Viewer::Provider(crate::earnings::signed_by(headers)?));
     }
     Ok(Viewer::Public)
 }
@@ -335,16 +319,7 @@ fn fetch(
         .timeout(Duration::from_secs(10));
     match signer {
         // A provider asks for its own figures, signed with its node key.
-        Some(key) => {
-            let time = tessera_core::now_ms();
-            request = request
-                .header("x-tessera-node", node::node_id(&key.public()).to_string())
-                .header("x-tessera-time", time.to_string())
-                .header(
-                    "x-tessera-signature",
-                    tessera_net::receipt::sign_receipts_request(key, time),
-                );
-        }
+        Some(key) => request = crate::earnings::sign(request, key),
         None => {
             if let Some(t) = &token {
                 request = request.bearer_auth(t);

@@ -19,8 +19,8 @@ pub mod generator;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_backend::{JobEvent, JobTicket, RoutePrefs, ServedModel};
-use tessera_core::{GenerationRequest, NodeId, Price};
+use tessera_backend::{JobEvent, JobTicket, Parts, RoutePrefs, ServedModel};
+use tessera_core::{GenerationRequest, NodeId};
 use tessera_engine::ChatMessage;
 use tessera_ledger::{Charge, Hold, Ledger};
 
@@ -95,14 +95,6 @@ pub fn spawn(gateway: Gateway, config: CanaryConfig) {
     });
 }
 
-/// One provider's part of a canary, as billed.
-struct BilledPart {
-    provider: String,
-    price: Price,
-    tokens: u64,
-    receipt: Option<String>,
-}
-
 /// One canary to `node`; records its verified tok/s or a miss.
 async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryConfig) {
     // The prompt and seed must be unguessable; without the OS random source
@@ -175,39 +167,24 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryC
         ticket.clone(),
         Origin::Canary,
     );
-    let mut parts: Vec<BilledPart> = Vec::new();
-    let mut completion = 0u64;
+    // Billed by the clients' rule (proof or nothing).
+    let mut parts = Parts::new(prompt_tokens);
+    parts.require_receipts(true);
     let run = async {
         let mut d = job.dispatch().await.ok()?;
-        parts.push(BilledPart {
-            provider: d.provider.clone(),
-            price: d.price,
-            tokens: 0,
-            receipt: None,
-        });
+        parts.start(d.provider.clone(), d.price);
         let (mut n, mut first) = (0u32, None);
         loop {
             match d.events.recv().await? {
                 JobEvent::Token(_) => {
                     n += 1;
                     first.get_or_insert_with(Instant::now);
-                    if let Some(p) = parts.last_mut() {
-                        p.tokens += 1;
-                    }
+                    parts.token();
                 }
-                JobEvent::Provider { node, price } => parts.push(BilledPart {
-                    provider: node,
-                    price,
-                    tokens: 0,
-                    receipt: None,
-                }),
-                JobEvent::Receipt(r) => {
-                    if let Some(p) = parts.last_mut() {
-                        p.receipt = Some(r);
-                    }
-                }
+                JobEvent::Provider { node, price } => parts.start(node, price),
+                JobEvent::Receipt(r) => parts.receipt(r),
                 JobEvent::Done { usage, .. } => {
-                    completion = u64::from(usage.completion_tokens);
+                    parts.ended(u64::from(usage.completion_tokens));
                     let secs = first?.elapsed().as_secs_f64();
                     return (n > 1 && secs > 0.0).then(|| f64::from(n - 1) / secs);
                 }
@@ -224,44 +201,21 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryC
     }
     gw.directory().record_canary(&node, tok_s);
     if let Some((payer, hold)) = hold {
-        pay(
-            payer,
-            &hold,
-            &ticket.id,
-            &model.sha256,
-            parts,
-            prompt_tokens,
-            completion,
-        )
-        .await;
+        pay(payer, &hold, &ticket.id, &model.sha256, parts).await;
     }
 }
 
-/// Settle a canary as a client's request is settled: proven parts only,
-/// the prompt once with the first of them, a final uncounted token
-/// (end of generation) to the last part.
-async fn pay(
-    payer: &CanaryPayer,
-    hold: &str,
-    job_id: &str,
-    sha256: &str,
-    mut parts: Vec<BilledPart>,
-    prompt_tokens: u64,
-    completion: u64,
-) {
-    let counted: u64 = parts.iter().map(|p| p.tokens).sum();
-    if let Some(last) = parts.last_mut() {
-        last.tokens += completion.saturating_sub(counted);
-    }
-    let mut prompt = prompt_tokens;
+/// Settle a canary as a client's request is settled: what `parts` says
+/// the client pays for.
+async fn pay(payer: &CanaryPayer, hold: &str, job_id: &str, sha256: &str, mut parts: Parts) {
     let charges: Vec<Charge> = parts
+        .payable()
         .into_iter()
-        .filter(|p| p.receipt.is_some())
         .map(|p| Charge {
             provider: p.provider,
             model_sha256: sha256.to_string(),
-            prompt_tokens: std::mem::take(&mut prompt),
-            completion_tokens: p.tokens,
+            prompt_tokens: p.prompt_tokens,
+            completion_tokens: p.completion_tokens,
             input_price: p.price.input,
             output_price: p.price.output,
             receipt: p.receipt,

@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::network::{start, Api};
@@ -89,26 +88,16 @@ async fn turn(
         .send()
         .await?
         .error_for_status()?;
-    let mut bytes = resp.bytes_stream();
-    let (mut buf, mut text, mut first) = (String::new(), String::new(), None);
-    while let Some(chunk) = bytes.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<Value>(data) else {
-                continue;
-            };
-            if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
-                if !c.is_empty() {
-                    first.get_or_insert_with(Instant::now);
-                    text.push_str(c);
-                }
+    let (mut text, mut first) = (String::new(), None);
+    super::sse::each_event(resp, |v| {
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            if !c.is_empty() {
+                first.get_or_insert_with(Instant::now);
+                text.push_str(c);
             }
         }
-    }
+    })
+    .await?;
     let first = first.context("no content in a turn")?;
     Ok(((first - start).as_secs_f64() * 1e3, text))
 }

@@ -281,7 +281,7 @@ fn simulate(b: &EconomicsBench, policy: &AuditPolicy, strategy: Strategy) -> Out
 }
 
 pub fn run(b: EconomicsBench) -> anyhow::Result<()> {
-    let micro = |c: f64| (c.max(0.0) * tessera_ledger::MICRO as f64).round() as u64;
+    let micro = crate::network::micro_credits;
     let policy = AuditPolicy {
         base_rate: b.audit_rate.clamp(1e-6, 1.0),
         probation: b.probation,

@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod network;
 pub mod quality;
 pub mod server;
+mod sse;
 pub mod stats;
 
 use std::path::Path;

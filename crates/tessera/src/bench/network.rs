@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::stats::percentile;
@@ -113,31 +112,20 @@ pub(crate) async fn stream(
         .send()
         .await?
         .error_for_status()?;
-    let mut bytes = resp.bytes_stream();
-    let mut buf = String::new();
     let mut first = None;
     let mut tokens = 0usize;
-    while let Some(chunk) = bytes.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<Value>(data) else {
-                continue;
-            };
-            let choice = &v["choices"][0];
-            if choice["delta"]["content"]
-                .as_str()
-                .is_some_and(|c| !c.is_empty())
-                || !choice["finish_reason"].is_null()
-            {
-                first.get_or_insert_with(Instant::now);
-                tokens += 1;
-            }
+    super::sse::each_event(resp, |v| {
+        let choice = &v["choices"][0];
+        if choice["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+            || !choice["finish_reason"].is_null()
+        {
+            first.get_or_insert_with(Instant::now);
+            tokens += 1;
         }
-    }
+    })
+    .await?;
     let first = first.context("no token in the stream")?;
     let rate = (tokens.saturating_sub(1)) as f64 / first.elapsed().as_secs_f64().max(1e-9);
     Ok(((first - start).as_secs_f64() * 1e3, rate))

@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::network::{start, Api};
 use super::stats::median;
@@ -220,37 +219,26 @@ async fn complete(
         .send()
         .await?
         .error_for_status()?;
-    let mut bytes = resp.bytes_stream();
-    let mut buf = String::new();
     let (mut first, mut last) = (None, None);
     let (mut chunks, mut usage) = (0usize, None);
-    while let Some(chunk) = bytes.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<Value>(data) else {
-                continue;
-            };
-            if v["choices"][0]["text"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty())
-            {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-                chunks += 1;
-            }
-            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                usage = Some((
-                    u["completion_tokens"].as_u64().unwrap_or(0) as usize,
-                    u["prompt_tokens"].as_u64().unwrap_or(0) as usize,
-                ));
-            }
+    super::sse::each_event(resp, |v| {
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = Some(now);
+            chunks += 1;
         }
-    }
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            usage = Some((
+                u["completion_tokens"].as_u64().unwrap_or(0) as usize,
+                u["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+            ));
+        }
+    })
+    .await?;
     let (first, last) = (
         first.context("no token in the stream")?,
         last.unwrap_or(start),
