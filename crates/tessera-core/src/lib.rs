@@ -11,12 +11,15 @@
 //!   [`FinishReason`], [`Usage`]: what a generation job is and what it
 //!   produces ([`generation`]).
 //! - [`Price`]: micro-credits per token, and the exact cost of tokens.
-//! - [`Proof`]: what a provider sends so that its answer can be audited.
+//! - [`Proof`]: what a provider sends so that its answer can be audited;
+//!   [`audit::AuditJob`] and [`audit::Evidence`]: what an auditor is given
+//!   and what it finds.
 //! - [`AuditStatus`], [`PartOutcome`], [`ProviderState`]: the states a job
 //!   part, an audit and a provider go through ([`status`]).
 //! - [`now_ms`], [`unique_u64`], [`secret_bytes`]: the one clock and the one
 //!   source of randomness everything uses ([`system`]).
 
+pub mod audit;
 pub mod generation;
 pub mod id;
 pub mod price;

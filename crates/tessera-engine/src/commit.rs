@@ -19,7 +19,7 @@
 //! a prefill move a few top-k entries and a mantissa bit here and there; a
 //! different model, quantization or skipped layers move far more.
 
-use serde::{Deserialize, Serialize};
+pub use tessera_core::audit::ChunkCheck;
 use tessera_core::proof::{entries_for, CHUNK, TOP_K};
 use tessera_core::Proof;
 /// The field's prime: the largest below 2^16.
@@ -132,20 +132,6 @@ pub fn commit_chunk(hidden: &[f32], tokens: usize) -> Vec<u16> {
     let mut coef: Vec<u16> = interpolate(&points).iter().map(|&c| c as u16).collect();
     coef.resize(k, 0);
     coef
-}
-
-/// How one chunk's commitment compares with the auditor's hidden states.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ChunkCheck {
-    /// The auditor's top-k entries looked up in the provider's polynomial.
-    pub compared: usize,
-    /// Of those, how many agree in sign and exponent.
-    pub exponent_matches: usize,
-    /// Mean and largest absolute difference of the 7-bit mantissas where
-    /// sign and exponent agree.
-    pub mantissa_mean: f64,
-    /// See `mantissa_mean`.
-    pub mantissa_max: u32,
 }
 
 /// Compare one chunk's commitment with the auditor's own rows for it.

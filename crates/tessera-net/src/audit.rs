@@ -10,7 +10,8 @@
 //! early without a proof ([`PartEnd::Unverified`]) was not paid and is
 //! always checked by seeded sampling alone; one that broke the protocol
 //! ([`PartEnd::Violation`]) fails as it stands. Audits run on the auditor's
-//! thread (its own engine, `tessera_engine::audit`), probation last.
+//! thread (its own engine, `tessera_engine::audit`) or on auditor processes
+//! the operator named ([`crate::auditors`]), probation last.
 //!
 //! A verdict goes to the [`Directory`] (reputation, watch, quarantine; a
 //! passed canary earns no credit) and to the ledger as steps of the job's
@@ -29,12 +30,13 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tessera_backend::JobTicket;
 use tessera_core::{AuditStatus, NodeId};
-use tessera_engine::audit::{AuditJob, AuditorHandle, Evidence, Priority};
+use tessera_engine::audit::{AuditJob, Evidence, Priority};
 use tessera_ledger::Ledger;
 use tessera_metrics::{AuditRecord, Metrics, Verdict};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auditors::AuditorPool;
 use crate::directory::{Directory, Standing};
 
 /// How often to audit, and what a failure costs.
@@ -145,7 +147,9 @@ const KEPT: usize = 100_000;
 
 /// The gateway's audits of one model.
 pub struct Audits {
-    auditor: AuditorHandle,
+    auditors: Arc<AuditorPool>,
+    /// sha256 of the model whose answers these are.
+    model: String,
     policy: AuditPolicy,
     directory: Arc<Directory>,
     requests: Mutex<(HashMap<String, Request>, VecDeque<String>)>,
@@ -173,10 +177,11 @@ pub struct AuditSetup {
 }
 
 impl Audits {
-    /// Audits by `auditor` under `setup`.
-    pub fn new(auditor: AuditorHandle, setup: AuditSetup) -> Arc<Audits> {
+    /// Audits of model `sha256`'s answers by `auditors` under `setup`.
+    pub fn new(auditors: Arc<AuditorPool>, sha256: &str, setup: AuditSetup) -> Arc<Audits> {
         Arc::new(Audits {
-            auditor,
+            auditors,
+            model: sha256.to_string(),
             policy: setup.policy,
             directory: setup.directory,
             requests: Mutex::new((HashMap::new(), VecDeque::new())),
@@ -299,7 +304,7 @@ impl Audits {
             }
             _ => Priority::First,
         };
-        let rx = self.auditor.submit_with(job, priority);
+        let rx = self.auditors.submit(&self.model, job, priority);
         self.count_backlog();
         let audits = self.clone();
         let ticket = ticket.clone();
@@ -459,7 +464,7 @@ impl Audits {
     /// Show the auditor's backlog on `/metrics` and the operator's status.
     fn count_backlog(&self) {
         if let Some(m) = &self.metrics {
-            m.set_audit_backlog(self.auditor.waiting());
+            m.set_audit_backlog(self.auditors.waiting());
         }
     }
 

@@ -1,7 +1,7 @@
 //! The gateway: its endpoint, the models it takes requests for, its
 //! directory of providers, and the accept loop that hands each incoming
-//! connection to the provider session ([`crate::session`]) or to gossip
-//! discovery.
+//! connection to the provider session ([`crate::session`]), an auditor's
+//! session ([`crate::auditors`]) or gossip discovery.
 //!
 //! Every task the gateway starts (sessions, canaries, verdicts) is tracked
 //! and stops when its shutdown token is cancelled, so a stopping process
@@ -14,10 +14,12 @@ use std::time::Duration;
 use iroh::Endpoint;
 use tessera_backend::ServedModel;
 use tessera_core::NodeId;
+use tessera_protocol::AUDIT_ALPN;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::Audits;
+use crate::auditors::AuditorPool;
 use crate::directory::Directory;
 use crate::discovery::{Discovery, GOSSIP_ALPN};
 use crate::job::JobSetup;
@@ -43,6 +45,8 @@ pub struct Gateway {
     discovery: Option<Discovery>,
     /// The auditor of each model (by sha256) this gateway audits.
     audits: Arc<HashMap<String, Arc<Audits>>>,
+    /// Where those audits run, auditor processes included.
+    auditors: Option<Arc<AuditorPool>>,
     failover_deadline: Duration,
     frame_deadline: Duration,
     prefix_cache: bool,
@@ -62,6 +66,7 @@ impl Gateway {
             directory,
             discovery: None,
             audits: Arc::default(),
+            auditors: None,
             failover_deadline: FAILOVER_DEADLINE,
             frame_deadline: FRAME_DEADLINE,
             prefix_cache: true,
@@ -71,10 +76,21 @@ impl Gateway {
         }
     }
 
-    /// Audit answers of these models (sha256 → their auditor).
-    pub fn with_audits(mut self, audits: HashMap<String, Arc<Audits>>) -> Self {
+    /// Audit answers of these models (sha256 → their audits), on
+    /// `auditors` (which auditor processes dial in to join).
+    pub fn with_audits(
+        mut self,
+        audits: HashMap<String, Arc<Audits>>,
+        auditors: Arc<AuditorPool>,
+    ) -> Self {
         self.audits = Arc::new(audits);
+        self.auditors = Some(auditors);
         self
+    }
+
+    /// Where audits run, when this gateway audits.
+    pub fn auditors(&self) -> Option<&Arc<AuditorPool>> {
+        self.auditors.as_ref()
     }
 
     /// Take part in gossip discovery (the endpoint must accept its ALPN).
@@ -195,6 +211,16 @@ impl Gateway {
                     match &gw.discovery {
                         Some(d) => d.handle(conn).await,
                         None => conn.close(1u32.into(), b"no discovery here"),
+                    }
+                    return;
+                }
+                if conn.alpn() == AUDIT_ALPN {
+                    let Some(pool) = gw.auditors.clone() else {
+                        conn.close(3u32.into(), b"this gateway does not audit");
+                        return;
+                    };
+                    if let Err(e) = pool.serve(conn, gw.node).await {
+                        tracing::warn!(error = %e, "auditor session ended");
                     }
                     return;
                 }

@@ -20,7 +20,9 @@
 //! - [`gateway`]: the endpoint, the accept loop and the shutdown of all of
 //!   the above.
 //! - [`audit`] and [`canary`]: verdicts on providers' answers, and the
-//!   gateway's own probes; both feed the directory and the ledger.
+//!   gateway's own probes; both feed the directory and the ledger;
+//!   [`auditors`]: where audits run (the gateway's engine, and auditor
+//!   processes the operator named, which dial in like providers).
 //!
 //! Nodes find each other through signed announcements on a gossip topic
 //! ([`discovery`]): a provider given one gateway's ticket learns the others
@@ -30,6 +32,7 @@
 #[cfg(feature = "adversary")]
 pub mod adversary;
 pub mod audit;
+pub mod auditors;
 pub mod backend;
 pub mod canary;
 pub mod directory;

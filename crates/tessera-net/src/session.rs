@@ -115,19 +115,8 @@ pub async fn serve(
 }
 
 /// A frame's kind, for logs (never its contents).
-fn describe(frame: Option<&Frame>) -> &'static str {
-    match frame {
-        None => "the end of the stream",
-        Some(Frame::Hello(_)) => "Hello",
-        Some(Frame::Welcome { .. }) => "Welcome",
-        Some(Frame::Refused { .. }) => "Refused",
-        Some(Frame::Heartbeat(_)) => "Heartbeat",
-        Some(Frame::JobRequest(_)) => "JobRequest",
-        Some(Frame::Tokens { .. }) => "Tokens",
-        Some(Frame::JobDone(_)) => "JobDone",
-        Some(Frame::JobError(_)) => "JobError",
-        Some(Frame::Cancel) => "Cancel",
-    }
+pub(crate) fn describe(frame: Option<&Frame>) -> &'static str {
+    frame.map_or("the end of the stream", Frame::kind)
 }
 
 /// Why none of `offers` is served here, with advice for a model an

@@ -12,6 +12,13 @@
 //! `JobDone` whose proof covers the tokens generated so far, so that work
 //! is still paid. Resetting the stream cancels the job without that.
 //!
+//! **Auditors** dial a gateway with ALPN [`AUDIT_ALPN`] and the same framing:
+//! [`Frame::AuditorHello`] on the control stream, answered `Welcome` (only
+//! when the gateway's operator named the auditor's node id) or `Refused`;
+//! then each audit is one stream opened by the gateway:
+//! [`Frame::AuditRequest`], answered by exactly one [`Frame::AuditDone`] or
+//! [`Frame::JobError`]. Audit frames are only valid on that ALPN.
+//!
 //! On the wire every frame is a 6-byte header — the magic byte `T`, the
 //! protocol version, the payload length as a big-endian `u32` — followed by
 //! the JSON payload. A frame over [`MAX_FRAME_BYTES`], a wrong magic or
@@ -19,6 +26,7 @@
 //! drops the peer, nothing panics.
 
 use serde::{Deserialize, Serialize};
+use tessera_core::audit::{AuditJob, Evidence};
 use tessera_core::{
     FinishReason, GenerationRequest, NodeId, Price, Proof, Token, TokenEvent, Usage,
 };
@@ -26,6 +34,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The ALPN of the provider protocol.
 pub const ALPN: &[u8] = b"tessera/1";
+/// The ALPN of auditor processes serving a gateway.
+pub const AUDIT_ALPN: &[u8] = b"tessera/audit/1";
 /// The version in every frame header and in `Hello`. 2: a job request
 /// carries its kind. 3: `Cancel`.
 pub const PROTOCOL_VERSION: u8 = 3;
@@ -82,6 +92,33 @@ pub struct Heartbeat {
     /// See `reused_tokens`.
     #[serde(default)]
     pub prompt_tokens: u64,
+}
+
+/// An auditor's introduction on its control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditorHello {
+    /// [`PROTOCOL_VERSION`] of the auditor.
+    pub protocol_version: u8,
+    /// sha256 of every model file it audits with.
+    pub models: Vec<String>,
+    /// Audits it runs at once (one engine each).
+    pub slots: usize,
+    /// A one-line description of the machine.
+    pub hardware: String,
+    /// `tessera x.y.z`.
+    pub software: String,
+}
+
+/// One audit sent to an auditor on its own stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRequest {
+    /// sha256 of the model the answer claims.
+    pub model_sha256: String,
+    /// A new provider's probation audit: the auditor runs it after every
+    /// other audit it holds.
+    pub probation: bool,
+    /// The answer to re-check.
+    pub job: AuditJob,
 }
 
 /// A job sent to a provider on its own stream.
@@ -222,6 +259,35 @@ pub enum Frame {
     /// Gateway → provider, on a job stream: stop now and end with a
     /// `JobDone` (and its proof) for the tokens generated so far.
     Cancel,
+    /// Auditor → gateway, first on the control stream of [`AUDIT_ALPN`].
+    AuditorHello(AuditorHello),
+    /// Gateway → auditor, first on an audit stream.
+    AuditRequest(Box<AuditRequest>),
+    /// Auditor → gateway: what the audit found.
+    AuditDone {
+        /// Every figure the verdict is drawn from.
+        evidence: Evidence,
+    },
+}
+
+impl Frame {
+    /// The frame's kind, for logs (never its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Refused { .. } => "Refused",
+            Frame::Heartbeat(_) => "Heartbeat",
+            Frame::JobRequest(_) => "JobRequest",
+            Frame::Tokens { .. } => "Tokens",
+            Frame::JobDone(_) => "JobDone",
+            Frame::JobError(_) => "JobError",
+            Frame::Cancel => "Cancel",
+            Frame::AuditorHello(_) => "AuditorHello",
+            Frame::AuditRequest(_) => "AuditRequest",
+            Frame::AuditDone { .. } => "AuditDone",
+        }
+    }
 }
 
 /// Why a frame could not be read or written.

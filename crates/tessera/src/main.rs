@@ -48,6 +48,9 @@ enum Command {
         #[command(flatten)]
         args: network::ProviderArgs,
     },
+    /// Re-check providers' answers for gateways whose operators named this
+    /// node (`tessera gateway --auditor NODEID`), on this machine's CPU.
+    Auditor(network::AuditorArgs),
     /// The network as a gateway sees it: providers, traffic, revenue,
     /// audits (the terminal twin of the gateway's /dashboard).
     Status(observe::StatusArgs),
@@ -142,6 +145,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(&cli.home, args),
         Command::Gateway(args) => network::gateway(&cli.home, args),
+        Command::Auditor(args) => network::auditor(&cli.home, args),
         Command::Provider {
             command: Some(ProviderCommand::Earnings(args)),
             ..

@@ -1,5 +1,7 @@
-//! `tessera gateway` and `tessera provider`: the two halves of the network.
+//! `tessera gateway` and `tessera provider`: the two halves of the network;
+//! `tessera auditor`: audit capacity a gateway's operator adds.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -12,12 +14,13 @@ use tessera_api::ApiConfig;
 use tessera_backend::{Backend, ServedModel};
 use tessera_engine::Model;
 use tessera_net::audit::{AuditPolicy, AuditSetup, Audits};
+use tessera_net::auditors::AuditorPool;
 use tessera_net::directory::Directory;
 use tessera_net::discovery::GOSSIP_ALPN;
 use tessera_net::node::{self, Ticket};
 use tessera_net::provider::JobRunner;
 use tessera_net::{Discovery, DiscoveryConfig, Gateway, NetworkBackend, ProviderConfig, Role};
-use tessera_protocol::{ModelOffer, ALPN};
+use tessera_protocol::{ModelOffer, ALPN, AUDIT_ALPN};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -116,6 +119,11 @@ pub struct AuditArgs {
     /// are not audited.
     #[arg(long, env = "TESSERA_AUDIT_CONTEXT", default_value_t = 4096)]
     pub audit_context: usize,
+    /// Node id of an auditor process (`tessera auditor`) allowed to dial in
+    /// and take audits off this gateway's CPU; repeatable. Any other node
+    /// that dials in as an auditor is refused.
+    #[arg(long = "auditor", env = "TESSERA_AUDITORS", value_delimiter = ',')]
+    pub auditors: Vec<tessera_core::NodeId>,
     /// Do not audit providers' answers. Audits are on by default: the
     /// gateway's own engine re-checks them (it loads a second copy of the
     /// model; an audit costs about a quarter of the answer's generation in
@@ -259,7 +267,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         let endpoint = node::bind(
             key.clone(),
             args.bind,
-            vec![ALPN.to_vec(), GOSSIP_ALPN.to_vec()],
+            vec![ALPN.to_vec(), GOSSIP_ALPN.to_vec(), AUDIT_ALPN.to_vec()],
         )
         .await?;
         let ticket = Ticket::of(&endpoint, args.public_addr);
@@ -293,7 +301,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         )
         .await?;
         let audits = match args.audit.no_audit {
-            false => start_auditors(
+            false => Some(start_auditors(
                 &files,
                 &args.audit,
                 AuditContext {
@@ -303,12 +311,11 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                     shutdown: &shutdown,
                     tasks: &tasks,
                 },
-            )?,
-            true => Default::default(),
+            )?),
+            true => None,
         };
-        let gateway = Gateway::new(endpoint.clone(), models, directory.clone())
+        let mut gateway = Gateway::new(endpoint.clone(), models, directory.clone())
             .with_discovery(discovery)
-            .with_audits(audits)
             .with_failover_deadline(std::time::Duration::from_secs_f64(
                 args.failover_deadline.clamp(0.0, 3600.0),
             ))
@@ -317,11 +324,15 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             ))
             .with_prefix_cache(args.prefix_cache, args.prefix_routing)
             .with_shutdown(shutdown.clone(), tasks.clone());
+        if let Some((audits, pool)) = audits {
+            gateway = gateway.with_audits(audits, pool);
+        }
         let key = match args.demo_account {
             true => Some(demo_key(home, &ledger).await?),
             false => None,
         };
         let gateway_id = gateway.node();
+        let auditor_pool = gateway.auditors().cloned();
         let receipts = crate::earnings::route(ledger.clone());
         let ledger_view = ledger.clone();
         let accounts =
@@ -387,6 +398,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             ledger: ledger_view,
             backend: backend.clone(),
             directory: Some(directory),
+            auditors: auditor_pool,
             node: gateway_id.to_string(),
             network: args.network.name.clone(),
             started: std::time::Instant::now(),
@@ -417,6 +429,9 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Each model's audits (by sha256), and where they run.
+type ModelAudits = (HashMap<String, Arc<Audits>>, Arc<AuditorPool>);
+
 /// What every model's auditor shares.
 struct AuditContext<'a> {
     directory: &'a Arc<Directory>,
@@ -433,25 +448,20 @@ fn start_auditors(
     files: &[(String, Arc<tessera_llama::LlamaModelFile>)],
     args: &AuditArgs,
     cx: AuditContext<'_>,
-) -> anyhow::Result<std::collections::HashMap<String, Arc<Audits>>> {
-    let mut out = std::collections::HashMap::new();
+) -> anyhow::Result<ModelAudits> {
+    let mut local = HashMap::new();
     for (sha256, file) in files {
-        let f = file.clone();
-        let config = tessera_llama::EngineConfig {
-            slots: 1,
-            context_per_slot: args.audit_context,
-            threads: args.audit_threads.max(1),
-            hidden_states: true,
-            ..tessera_llama::EngineConfig::default()
-        };
-        let handle = tessera_engine::audit::spawn_auditor(
-            file.clone() as Arc<dyn Model>,
-            tessera_engine::audit::Thresholds::default(),
-            move || {
-                Ok(Box::new(tessera_llama::LlamaEngine::new(&f, config)?)
-                    as Box<dyn tessera_engine::Engine>)
-            },
-        )?;
+        let handle = spawn_auditor(file, args.audit_threads, args.audit_context)?;
+        local.insert(sha256.clone(), handle);
+    }
+    let pool = AuditorPool::new(
+        local,
+        args.auditors.iter().copied(),
+        cx.shutdown.clone(),
+        cx.tasks.clone(),
+    );
+    let mut out = HashMap::new();
+    for (sha256, _) in files {
         let setup = AuditSetup {
             policy: AuditPolicy {
                 base_rate: args.audit_rate.clamp(0.0, 1.0),
@@ -465,9 +475,115 @@ fn start_auditors(
             shutdown: cx.shutdown.clone(),
             tasks: cx.tasks.clone(),
         };
-        out.insert(sha256.clone(), Audits::new(handle, setup));
+        out.insert(sha256.clone(), Audits::new(pool.clone(), sha256, setup));
     }
-    Ok(out)
+    Ok((out, pool))
+}
+
+/// An auditor of `file` on its own thread and engine (one slot, hidden
+/// states on).
+fn spawn_auditor(
+    file: &Arc<tessera_llama::LlamaModelFile>,
+    threads: usize,
+    context: usize,
+) -> anyhow::Result<tessera_engine::audit::AuditorHandle> {
+    let f = file.clone();
+    let config = tessera_llama::EngineConfig {
+        slots: 1,
+        context_per_slot: context,
+        threads: threads.max(1),
+        hidden_states: true,
+        ..tessera_llama::EngineConfig::default()
+    };
+    Ok(tessera_engine::audit::spawn_auditor(
+        file.clone() as Arc<dyn Model>,
+        tessera_engine::audit::Thresholds::default(),
+        move || {
+            Ok(Box::new(tessera_llama::LlamaEngine::new(&f, config)?)
+                as Box<dyn tessera_engine::Engine>)
+        },
+    )?)
+}
+
+#[derive(Args, Debug)]
+pub struct AuditorArgs {
+    /// Ticket of a gateway to audit for (NODEID@IP:PORT); repeatable. Its
+    /// operator must have named this auditor (`tessera gateway --auditor
+    /// NODEID`; `tessera auditor --print-id` shows the id).
+    #[arg(
+        long = "gateway",
+        env = "TESSERA_GATEWAY",
+        value_delimiter = ',',
+        required_unless_present = "print_id"
+    )]
+    pub gateways: Vec<Ticket>,
+    /// Print this auditor's node id (creating its key in the home folder if
+    /// needed) and exit.
+    #[arg(long)]
+    pub print_id: bool,
+    /// Models to audit (aliases or sha256); repeatable.
+    #[arg(long = "model", env = "TESSERA_MODEL", value_delimiter = ',', default_value = tessera_models::DEFAULT_MODEL.alias)]
+    pub models: Vec<String>,
+    /// Local UDP address of the auditor's iroh endpoint.
+    #[arg(long, env = "TESSERA_BIND", default_value = "0.0.0.0:0")]
+    pub bind: SocketAddr,
+    /// CPU threads of each model's audit engine (default: the physical
+    /// cores).
+    #[arg(long, env = "TESSERA_THREADS")]
+    pub threads: Option<usize>,
+    /// Positions (prompt + output) an audit can re-check.
+    #[arg(long, env = "TESSERA_AUDIT_CONTEXT", default_value_t = 4096)]
+    pub context: usize,
+}
+
+/// `tessera auditor`: re-check answers for gateways whose operators named
+/// this node, on this machine's CPU.
+pub fn auditor(home: &Path, args: AuditorArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
+    let key = node::load_or_create_key(home)?;
+    let id = node::node_id(&key.public());
+    if args.print_id {
+        println!("{id}");
+        return Ok(());
+    }
+    let threads = args
+        .threads
+        .unwrap_or_else(|| tessera_llama::EngineConfig::default().threads);
+    let mut auditors = HashMap::new();
+    let mut names = Vec::new();
+    for name in &args.models {
+        let m = crate::models::resolve_or_pull(home, name)?;
+        let file = tessera_llama::LlamaModelFile::load(&m.path)?;
+        auditors.insert(
+            m.sha256.clone(),
+            spawn_auditor(&file, threads, args.context)?,
+        );
+        names.push(m.alias);
+    }
+    let config = tessera_net::auditors::AuditorConfig {
+        gateways: args.gateways,
+        auditors,
+        hardware: format!("{threads} CPU threads, {}", std::env::consts::ARCH),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let endpoint = node::bind(key, args.bind, Vec::new()).await?;
+        let path = home.join("auditor.json");
+        write_json(&path, &json!({ "node": id, "pid": std::process::id() }))?;
+        let _file = EndpointFile(path);
+        println!("Tessera auditor {id} auditing {}", names.join(", "));
+        let result = tokio::select! {
+            r = tessera_net::auditors::run_auditor(endpoint.clone(), config) => r,
+            _ = shutdown_signal() => {
+                tracing::info!("auditor shutting down");
+                Ok(())
+            }
+        };
+        endpoint.close().await;
+        result
+    })
 }
 
 pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {

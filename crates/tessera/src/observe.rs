@@ -54,6 +54,8 @@ pub struct View {
     pub backend: Arc<dyn Backend>,
     /// The gateway's providers (`None` for `tessera serve`).
     pub directory: Option<Arc<Directory>>,
+    /// Where the gateway's audits run (the operator sees its auditors).
+    pub auditors: Option<Arc<tessera_net::auditors::AuditorPool>>,
     pub node: String,
     pub network: String,
     pub started: Instant,
@@ -253,10 +255,12 @@ async fn status(
             "buckets": buckets,
         },
         "audits": view.metrics.recent_audits(),
+        "auditors": view.auditors.as_ref().map(|p| p.describe()),
     });
     if viewer != Viewer::Operator {
         if let Some(o) = status.as_object_mut() {
             o.remove("audits");
+            o.remove("auditors");
         }
         if let Some(o) = status["summary"].as_object_mut() {
             o.remove("audits");

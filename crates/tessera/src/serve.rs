@@ -119,6 +119,7 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             ledger: ledger.clone(),
             backend: backend.clone(),
             directory: None,
+            auditors: None,
             node: "local".into(),
             network: "local".into(),
             started: std::time::Instant::now(),
