@@ -43,9 +43,18 @@ pub struct Thresholds {
     /// A token that is not the rule's pick is tolerated when the pick beats
     /// it by at most this much, in logit units (score gap × temperature).
     pub margin: f64,
+    /// Largest score gap (logit units) a disagreement beyond the margin may
+    /// have: honest arithmetic moves a logit a little, not a lot, so a
+    /// token the rule's pick beats by more was chosen, not rounded into.
+    pub max_gap: f64,
     /// How far a top-p (or, ×10 relative, min-p) filter's edge may be off
     /// before a token beyond it counts as a mismatch.
     pub filter_slack: f32,
+    /// How far (logit units) any one logit of the provider's may be from
+    /// the auditor's when deciding which tokens a top-k, top-p or min-p
+    /// filter let through: a token the filters may have cut on the
+    /// provider's side does not count against its pick ([`FilterEdges`]).
+    pub edge_logit: f32,
     /// Most tolerated disagreements, as a share of the tokens, but never
     /// fewer than `min_tolerated` (short answers: even greedy decoding meets
     /// a near-tie in ~3% of tokens, so 2 of 4 happens to honest providers).
@@ -72,7 +81,9 @@ impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
             margin: 1.0,
+            max_gap: 1e9,
             filter_slack: 0.02,
+            edge_logit: 0.25,
             max_tolerated: 0.3,
             min_tolerated: 3,
             max_mismatches: 0.03,
@@ -131,6 +142,118 @@ fn loosened(p: &SamplingParams, slack: f32) -> SamplingParams {
             0
         },
         ..p.clone()
+    }
+}
+
+/// Which tokens a provider's filters may have let through or cut, if each
+/// of its logits may differ from the auditor's by up to `delta`.
+///
+/// A token `u` may have been kept when, with every logit moved by at most
+/// `delta` against it, it still ranks within top-k, keeps min-p's share of
+/// the best token's probability and has less than top-p of the mass before
+/// it; it may have been cut when, with every logit moved by `delta` for
+/// it, one filter drops it. The provider's token is explained when it may
+/// have been kept and every token whose score beats it by more than the
+/// margin may have been cut.
+struct FilterEdges {
+    /// Logits in descending order.
+    sorted: Vec<f32>,
+    /// `prefix[i]`: the weight `exp((l - max) / T)` of the `i` best tokens.
+    prefix: Vec<f64>,
+    max: f32,
+    two_delta: f32,
+}
+
+impl FilterEdges {
+    fn new(logits: &[f32], p: &SamplingParams, delta: f32) -> FilterEdges {
+        let mut sorted = logits.to_vec();
+        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+        let max = sorted.first().copied().unwrap_or(0.0);
+        let inv_t = 1.0 / f64::from(p.temperature.max(f32::MIN_POSITIVE));
+        let mut prefix = Vec::with_capacity(sorted.len() + 1);
+        let mut acc = 0.0f64;
+        prefix.push(0.0);
+        for &l in &sorted {
+            acc += (f64::from(l - max) * inv_t).exp();
+            prefix.push(acc);
+        }
+        FilterEdges {
+            sorted,
+            prefix,
+            max,
+            two_delta: 2.0 * delta.max(0.0),
+        }
+    }
+
+    /// Tokens with a logit above `x`.
+    fn above(&self, x: f32) -> usize {
+        self.sorted.partition_point(|&l| l > x)
+    }
+
+    /// Tokens with a logit at or above `x`.
+    fn at_or_above(&self, x: f32) -> usize {
+        self.sorted.partition_point(|&l| l >= x)
+    }
+
+    /// Whether a token with logit `l` may have passed every filter.
+    fn may_keep(&self, l: f32, p: &SamplingParams) -> bool {
+        let d = self.two_delta;
+        let t = f64::from(p.temperature.max(f32::MIN_POSITIVE));
+        let spread = (f64::from(d) / t).exp();
+        let total = self.prefix[self.sorted.len()];
+        let k_ok = p.top_k == 0 || self.above(l + d) < p.top_k as usize;
+        let min_p_ok = p.min_p <= 0.0 || f64::from(l + d - self.max) / t >= f64::from(p.min_p).ln();
+        let top_p_ok =
+            p.top_p >= 1.0 || self.prefix[self.above(l + d)] / spread < f64::from(p.top_p) * total;
+        k_ok && min_p_ok && top_p_ok
+    }
+
+    /// Whether a token with logit `l` may have been cut by a filter.
+    fn may_cut(&self, l: f32, p: &SamplingParams) -> bool {
+        let d = self.two_delta;
+        let t = f64::from(p.temperature.max(f32::MIN_POSITIVE));
+        let spread = (f64::from(d) / t).exp();
+        let total = self.prefix[self.sorted.len()];
+        // The others at or above `l - d` (the token itself is one of them).
+        let rivals = self.at_or_above(l - d).saturating_sub(1);
+        let own = (f64::from(l - self.max) / t).exp();
+        let k_cut = p.top_k > 0 && rivals >= p.top_k as usize;
+        let min_p_cut = p.min_p > 0.0 && f64::from(l - d - self.max) / t < f64::from(p.min_p).ln();
+        let top_p_cut = p.top_p < 1.0
+            && (self.prefix[self.at_or_above(l - d)] - own) * spread >= f64::from(p.top_p) * total;
+        k_cut || min_p_cut || top_p_cut
+    }
+
+    /// Whether `token` may be the rule's pick under filters that cut
+    /// differently on the provider's side.
+    fn explains(
+        &self,
+        logits: &[f32],
+        p: &SamplingParams,
+        pos: u32,
+        token: Token,
+        margin: f64,
+    ) -> bool {
+        let lt = logits[token as usize];
+        if !self.may_keep(lt, p) {
+            return false;
+        }
+        let bar = score(logits, p, pos, token) + margin;
+        // The tokens that may have been kept are the best ones by logit (the
+        // conditions only loosen as the logit grows); any of them that beats
+        // the provider's token by more than the margin must be cuttable.
+        let kept = self.sorted.partition_point(|&l| self.may_keep(l, p));
+        let floor = self
+            .sorted
+            .get(kept.saturating_sub(1))
+            .copied()
+            .unwrap_or(f32::MIN);
+        logits.iter().enumerate().all(|(v, &l)| {
+            l < floor
+                || v == token as usize
+                || score(logits, p, pos, v as Token) <= bar
+                || self.may_cut(l, p)
+        })
     }
 }
 
@@ -201,6 +324,7 @@ pub fn audit(
     let mut tokens = job.prompt.clone();
     tokens.extend_from_slice(&job.output[..n - 1]);
     let mut rows: Vec<f32> = Vec::new();
+    let mut unpicked_end = false;
     let mut in_chunk = 0;
     let mut chunk_index = 0;
     let p = &job.sampling;
@@ -214,12 +338,15 @@ pub fn audit(
             // A filter's edge can move across a token when the
             // probabilities move a little: the pick under a slightly
             // looser or tighter filter is as plausible.
-            let edge = p.temperature > 0.0
-                && sampling::candidates(logits, p).is_some()
-                && edges(p, th.filter_slack)
-                    .iter()
-                    .any(|q| sampling::sample(logits, q, abs) == token);
             let gap = score(logits, p, abs, pick) - score(logits, p, abs, token);
+            let edge = gap > th.margin
+                && p.temperature > 0.0
+                && sampling::candidates(logits, p).is_some()
+                && (edges(p, th.filter_slack)
+                    .iter()
+                    .any(|q| sampling::sample(logits, q, abs) == token)
+                    || FilterEdges::new(logits, p, th.edge_logit)
+                        .explains(logits, p, abs, token, th.margin));
             if !edge {
                 ev.max_gap = ev.max_gap.max(gap);
             }
@@ -228,6 +355,9 @@ pub fn audit(
             } else {
                 ev.sampling_mismatches += 1;
                 ev.first_mismatch.get_or_insert(t);
+                if t + 1 == n && model.is_eog(token) && !job.ignore_eos {
+                    unpicked_end = true;
+                }
             }
         }
         let Some(proof) = &job.proof else {
@@ -264,6 +394,17 @@ pub fn audit(
             ev.first_mismatch.unwrap_or(0)
         ));
     }
+    if ev.sampling_mismatches > 0 && ev.max_gap > th.max_gap {
+        ev.failures.push(format!(
+            "a token the sampling rule did not pick loses to the pick by {:.2} logits \
+             (honest rounding stays within {:.1})",
+            ev.max_gap, th.max_gap
+        ));
+    }
+    if unpicked_end {
+        ev.failures
+            .push("it ends with an end-of-generation token the sampling rule did not pick".into());
+    }
     let tolerable = (th.max_tolerated * n as f64).max(th.min_tolerated as f64);
     if ev.tolerated as f64 > tolerable {
         ev.failures.push(format!(
@@ -296,6 +437,30 @@ pub fn audit(
         }
     }
     Ok(ev)
+}
+
+/// The proof of `output` after `prompt` built from one prefill, as a
+/// provider that did not decode with the model could still build it (the
+/// cheat the auditor must catch by seeded sampling alone: `tessera bench
+/// audit`'s cheaper-model and runner-up modes use it).
+pub fn prove(
+    engine: &mut dyn Engine,
+    seq: SeqId,
+    prompt: &[Token],
+    output: &[Token],
+) -> Result<tessera_core::Proof, EngineError> {
+    let mut builder = crate::commit::ProofBuilder::new();
+    if prompt.is_empty() || output.is_empty() {
+        return Ok(builder.finish());
+    }
+    let start = prompt.len() - 1;
+    let mut tokens = prompt.to_vec();
+    tokens.extend_from_slice(&output[..output.len() - 1]);
+    prefill_all(engine, seq, &tokens, start, &mut |pos, logits, hidden| {
+        let (lp, _) = sampling::logprobs(logits, output[pos - start], 0);
+        builder.push(hidden, lp);
+    })?;
+    Ok(builder.finish())
 }
 
 struct Request {
@@ -438,6 +603,41 @@ mod tests {
             ignore_eos: false,
             claimed_completion_tokens: 0,
         }
+    }
+
+    /// A token the filters may have cut on the provider's side (its logit a
+    /// hair from the top-k edge) does not count against the provider's
+    /// pick; one clearly inside the filter does.
+    #[test]
+    fn filter_edges_explain_only_what_rounding_can_move() {
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            seed: 5,
+            ..SamplingParams::default()
+        };
+        // Ranks: 0 (5.0), 1 (4.0), 2 (3.0), 3 (2.9): token 2 and 3 are 0.1
+        // apart around the top-3 edge.
+        let mut logits = vec![-10.0f32; 16];
+        logits[..4].copy_from_slice(&[5.0, 4.0, 3.0, 2.9]);
+        let edges = FilterEdges::new(&logits, &p, 0.25);
+        assert!(edges.may_keep(2.9, &p) && edges.may_cut(3.0, &p));
+        assert!(!edges.may_cut(4.0, &p), "rank 1 is well inside the top 3");
+        assert!(!edges.may_keep(-10.0, &p));
+        // Whatever the noise, a token that could only have been picked by
+        // cutting token 0 or 1 is not explained; with a huge margin, any
+        // token the filter may keep is.
+        assert!(!edges.explains(&logits, &p, 7, 3, -1e9));
+        assert!(edges.explains(&logits, &p, 7, 3, 1e9));
+        assert!(
+            !edges.explains(&logits, &p, 7, 9, 1e9),
+            "far outside the top 3"
+        );
+        // Within 0.1 of the edge, token 2 may have been cut: token 3 is
+        // explained whenever only token 2 beats it by more than the margin.
+        let beats = |t: Token| score(&logits, &p, 7, t);
+        let margin = (beats(0).max(beats(1)) - beats(3)).max(0.0) + 1e-9;
+        assert!(edges.explains(&logits, &p, 7, 3, margin));
     }
 
     /// However many probation audits wait, a first-priority one queued

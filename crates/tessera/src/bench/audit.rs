@@ -16,6 +16,16 @@
 //! (half the tokens, claimed as a stop), `inflated` (usage claims more
 //! tokens). Altered model files are written to a temporary folder.
 //!
+//! Subtler cheats, each with a proof rebuilt by one prefill of the real
+//! model so that logprobs and commitments match the tokens (only seeded
+//! sampling can tell): `cheaper-model` (decoded by the Q4_0 requantization),
+//! `fewer-layers` (decoded with two blocks' outputs zeroed),
+//! `runner-up-kK` (honest work with K tokens swapped for the rule's
+//! runner-up where the pick wins by the least, the answer continued
+//! honestly after each swap), `deciding-flip` (a 4–16-token answer's first
+//! token swapped for the runner-up), `fake-eos` (half an answer, then an
+//! end-of-generation token it did not sample, claimed as a natural stop).
+//!
 //! Both engines live in this one process and run one after the other (each
 //! phase generates, then audits), so their thread pools never compete.
 //!
@@ -170,16 +180,15 @@ struct Answer {
 }
 
 /// Generate `n` answers on `file` (an altered file keeps the model's
-/// tokenizer) with `threads` threads, `slots` at once; `shorten`: ask for
-/// half the tokens.
+/// tokenizer) with `threads` threads, `slots` at once, each asking for
+/// between `min_tokens` and `max_tokens` tokens.
 fn generate(
     file: &Arc<LlamaModelFile>,
     threads: usize,
     slots: usize,
     n: usize,
-    bench: &AuditBench,
     rng: &mut Rng,
-    shorten: bool,
+    (min_tokens, max_tokens): (u32, u32),
 ) -> anyhow::Result<Vec<Answer>> {
     let f = file.clone();
     let config = EngineConfig {
@@ -213,11 +222,8 @@ fn generate(
                     content: text,
                 }];
                 let prompt = file.tokenize(&file.apply_chat_template(&messages)?, true)?;
-                let span = (bench.max_tokens - bench.min_tokens + 1) as usize;
-                let mut max_tokens = bench.min_tokens + rng.below(span) as u32;
-                if shorten {
-                    max_tokens /= 2;
-                }
+                let span = (max_tokens.saturating_sub(min_tokens) + 1) as usize;
+                let max_tokens = min_tokens + rng.below(span) as u32;
                 let sampling = setting(rng);
                 let request = GenerationRequest {
                     prompt: prompt.clone(),
@@ -271,6 +277,187 @@ fn generate(
     drop(handle);
     scheduler.join();
     Ok(out)
+}
+
+/// What the subtler cheats need: an engine for the prefills that rebuild
+/// proofs and find runner-up tokens, and a scheduler to continue an answer
+/// honestly after a swapped token.
+struct Cheater {
+    engine: LlamaEngine,
+    scheduler: Option<Scheduler>,
+    handle: Option<tessera_engine::SchedulerHandle>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Cheater {
+    fn new(file: &Arc<LlamaModelFile>) -> Cheater {
+        let config = EngineConfig {
+            slots: 1,
+            context_per_slot: 1024,
+            threads: 2,
+            hidden_states: true,
+            ..EngineConfig::default()
+        };
+        let engine = LlamaEngine::new(file, config.clone()).expect("a second engine");
+        let f = file.clone();
+        let (scheduler, handle) =
+            Scheduler::spawn(file.clone(), SchedulerConfig::default(), move || {
+                Ok(Box::new(LlamaEngine::new(&f, config)?) as Box<dyn Engine>)
+            })
+            .expect("a scheduler");
+        Cheater {
+            engine,
+            scheduler: Some(scheduler),
+            handle: Some(handle),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime"),
+        }
+    }
+
+    fn prove(&mut self, prompt: &[Token], output: &[Token]) -> anyhow::Result<Proof> {
+        Ok(tessera_engine::audit::prove(
+            &mut self.engine,
+            0,
+            prompt,
+            output,
+        )?)
+    }
+
+    /// At each generated position from `from` on: the rule's pick, the best
+    /// other candidate, and by how much (logit units) the pick wins.
+    fn runner_ups(
+        &mut self,
+        prompt: &[Token],
+        output: &[Token],
+        p: &SamplingParams,
+    ) -> anyhow::Result<Vec<(Token, Token, f64)>> {
+        use tessera_engine::sampling;
+        let start = prompt.len() - 1;
+        let mut tokens = prompt.to_vec();
+        tokens.extend_from_slice(&output[..output.len() - 1]);
+        let mut out = Vec::with_capacity(output.len());
+        let score = |logits: &[f32], pos: u32, t: Token| {
+            let l = f64::from(logits[t as usize]);
+            match p.temperature > 0.0 {
+                true => l + f64::from(p.temperature) * sampling::gumbel(p.seed, pos, t),
+                false => l,
+            }
+        };
+        tessera_engine::prefill_all(
+            &mut self.engine,
+            0,
+            &tokens,
+            start,
+            &mut |pos, logits, _| {
+                let abs = (pos + 1) as u32;
+                let pick = sampling::sample(logits, p, abs);
+                let mut masked = logits.to_vec();
+                masked[pick as usize] = f32::NEG_INFINITY;
+                let runner = sampling::sample(&masked, p, abs);
+                out.push((
+                    pick,
+                    runner,
+                    score(logits, abs, pick) - score(logits, abs, runner),
+                ));
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Generate honestly after `prompt` (up to `max_tokens`).
+    fn continue_after(
+        &mut self,
+        prompt: Vec<Token>,
+        sampling: &SamplingParams,
+        max_tokens: u32,
+    ) -> anyhow::Result<Vec<Token>> {
+        let handle = self.handle.as_ref().context("the scheduler stopped")?;
+        let mut rx = handle
+            .submit(GenerationRequest {
+                prompt,
+                sampling: sampling.clone(),
+                max_tokens: Some(max_tokens),
+                stop: vec![],
+                top_logprobs: 0,
+                ignore_eos: false,
+                cache: None,
+            })
+            .map_err(|e| anyhow::anyhow!("submit: {e}"))?;
+        self.runtime.block_on(async {
+            let mut tokens = None;
+            while let Some(event) = rx.recv().await {
+                match event {
+                    Event::Proof { tokens: t, .. } => tokens = Some(t),
+                    Event::Done { .. } => break,
+                    Event::Error(e) => anyhow::bail!("continuing failed: {e}"),
+                    _ => {}
+                }
+            }
+            tokens.context("no tokens")
+        })
+    }
+
+    /// `a` with `k` tokens swapped for their runner-up (where the pick wins
+    /// by the least, or only the first token when `first_only`), each time
+    /// continued honestly, with a proof that matches; `None` when there was
+    /// nothing to swap.
+    fn flip(
+        &mut self,
+        file: &Arc<LlamaModelFile>,
+        mut a: Answer,
+        k: usize,
+        first_only: bool,
+    ) -> anyhow::Result<Option<Answer>> {
+        let mut from = 0;
+        for _ in 0..k {
+            if from >= a.tokens.len() {
+                break;
+            }
+            let candidates = self.runner_ups(&a.prompt, &a.tokens, &a.sampling)?;
+            let best = candidates
+                .iter()
+                .enumerate()
+                .skip(from)
+                .filter(|(t, (pick, runner, _))| pick != runner && *pick == a.tokens[*t])
+                .take(if first_only { 1 } else { usize::MAX })
+                .min_by(|x, y| x.1 .2.total_cmp(&y.1 .2))
+                .map(|(t, &(_, runner, _))| (t, runner));
+            let Some((t, runner)) = best else {
+                break;
+            };
+            a.tokens.truncate(t);
+            a.tokens.push(runner);
+            from = t + 1;
+            let left = a.max_tokens.saturating_sub(a.tokens.len() as u32);
+            if !file.is_eog(runner) && left > 0 {
+                let mut prompt = a.prompt.clone();
+                prompt.extend_from_slice(&a.tokens);
+                let more = self.continue_after(prompt, &a.sampling, left)?;
+                a.tokens.extend(more);
+            }
+        }
+        if from == 0 {
+            return Ok(None);
+        }
+        a.finish = match a.tokens.last().is_some_and(|&t| file.is_eog(t)) {
+            true => FinishReason::Stop,
+            false => FinishReason::Length,
+        };
+        a.completion_tokens = a.tokens.len() as u32;
+        a.proof = self.prove(&a.prompt, &a.tokens)?;
+        Ok(Some(a))
+    }
+}
+
+impl Drop for Cheater {
+    fn drop(&mut self) {
+        self.handle.take();
+        if let Some(s) = self.scheduler.take() {
+            s.join();
+        }
+    }
 }
 
 fn job(a: &Answer) -> AuditJob {
@@ -399,6 +586,7 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
         }
         None => configs.clone(),
     };
+    let lengths = (bench.min_tokens, bench.max_tokens);
     let mut honest = Tally::default();
     let mut alone = Tally::default();
     let mut kept: Vec<Answer> = Vec::new();
@@ -414,7 +602,7 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
             None => {
                 let n =
                     bench.answers / configs.len() + usize::from(i < bench.answers % configs.len());
-                generate(&file, threads, slots, n, &bench, &mut rng, false)?
+                generate(&file, threads, slots, n, &mut rng, lengths)?
             }
         };
         let gen_s = started.elapsed().as_secs_f64();
@@ -453,6 +641,7 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
     }
     // Cheating answers.
     let dir = tempfile::tempdir()?;
+    let mut cheaters: Option<Cheater> = None;
     let mut results: Vec<(String, Tally)> = Vec::new();
     for mode in bench.modes.iter().filter(|m| !m.is_empty()) {
         let mut t = Tally::default();
@@ -477,7 +666,7 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                     )?,
                 }
                 let cheat = cheat_file(path)?;
-                let list = generate(&cheat, 2, 8, bench.per_mode, &bench, &mut rng, false)?;
+                let list = generate(&cheat, 2, 8, bench.per_mode, &mut rng, lengths)?;
                 list.into_iter()
                     .map(|a| {
                         let j = job(&a);
@@ -485,8 +674,98 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                     })
                     .collect()
             }
+            "cheaper-model" | "fewer-layers" => {
+                // Decoded with a cheaper model; the proof built afterwards
+                // from one prefill of the real one, so logprobs and
+                // commitments match the tokens: only seeded sampling can
+                // tell.
+                let path = dir.path().join(format!("{mode}.gguf"));
+                match mode.as_str() {
+                    "fewer-layers" => {
+                        tessera_models::gguf::skip_layers(&model.path, &path, &[14, 15])?;
+                    }
+                    _ => tessera_llama::requantize(
+                        &model.path,
+                        &path,
+                        tessera_llama::Quantization::Q4_0,
+                        2,
+                    )?,
+                }
+                let cheat = cheat_file(path)?;
+                let list = generate(&cheat, 2, 8, bench.per_mode, &mut rng, lengths)?;
+                let cheater = cheaters.get_or_insert_with(|| Cheater::new(&file));
+                let mut out = Vec::new();
+                for mut a in list {
+                    a.proof = cheater.prove(&a.prompt, &a.tokens)?;
+                    let j = job(&a);
+                    out.push((a, j));
+                }
+                out
+            }
+            m if m.starts_with("runner-up-k") || m == "deciding-flip" => {
+                // Honest work with k tokens swapped for the runner-up where
+                // the rule's pick wins by the least, the rest regenerated
+                // honestly after each swap, the proof rebuilt by a prefill:
+                // the cheat that hides best. `deciding-flip`: a short
+                // answer's first token swapped (the one that decides it).
+                let (k, base): (usize, Vec<Answer>) = match m {
+                    "deciding-flip" => {
+                        (1, generate(&file, 2, 8, bench.per_mode, &mut rng, (4, 16))?)
+                    }
+                    _ => (
+                        m.trim_start_matches("runner-up-k").parse()?,
+                        kept.iter().take(bench.per_mode).cloned().collect(),
+                    ),
+                };
+                let cheater = cheaters.get_or_insert_with(|| Cheater::new(&file));
+                let mut out = Vec::new();
+                for a in base {
+                    let first_only = m == "deciding-flip";
+                    if let Some(a) = cheater.flip(&file, a, k, first_only)? {
+                        let j = job(&a);
+                        out.push((a, j));
+                    }
+                }
+                out
+            }
+            "fake-eos" => {
+                // Stops after half its tokens with an end-of-generation
+                // token it did not sample, claims a natural stop, and
+                // rebuilds the proof to match.
+                let cheater = cheaters.get_or_insert_with(|| Cheater::new(&file));
+                // The end token honest answers end with.
+                let eos = kept
+                    .iter()
+                    .find(|a| a.finish == FinishReason::Stop)
+                    .and_then(|a| a.tokens.last().copied())
+                    .or_else(|| file.info().eog_tokens.first().copied())
+                    .context("the model has no end-of-generation token")?;
+                let mut out = Vec::new();
+                for a in kept
+                    .iter()
+                    .filter(|a| a.finish == FinishReason::Length)
+                    .take(bench.per_mode)
+                {
+                    let mut a = a.clone();
+                    a.tokens.truncate(a.tokens.len() / 2);
+                    a.tokens.push(eos);
+                    a.completion_tokens = a.tokens.len() as u32;
+                    a.finish = FinishReason::Stop;
+                    a.proof = cheater.prove(&a.prompt, &a.tokens)?;
+                    let j = job(&a);
+                    out.push((a, j));
+                }
+                out
+            }
             "early-stop" => {
-                let list = generate(&file, 2, 8, bench.per_mode, &bench, &mut rng, true)?;
+                let list = generate(
+                    &file,
+                    2,
+                    8,
+                    bench.per_mode,
+                    &mut rng,
+                    (bench.min_tokens / 2, bench.max_tokens / 2),
+                )?;
                 list.into_iter()
                     .map(|a| {
                         let mut j = job(&a);
