@@ -290,7 +290,7 @@ struct Cheater {
 }
 
 impl Cheater {
-    fn new(file: &Arc<LlamaModelFile>) -> Cheater {
+    fn new(file: &Arc<LlamaModelFile>) -> anyhow::Result<Cheater> {
         let config = EngineConfig {
             slots: 1,
             context_per_slot: 1024,
@@ -298,22 +298,20 @@ impl Cheater {
             hidden_states: true,
             ..EngineConfig::default()
         };
-        let engine = LlamaEngine::new(file, config.clone()).expect("a second engine");
+        let engine = LlamaEngine::new(file, config.clone())?;
         let f = file.clone();
         let (scheduler, handle) =
             Scheduler::spawn(file.clone(), SchedulerConfig::default(), move || {
                 Ok(Box::new(LlamaEngine::new(&f, config)?) as Box<dyn Engine>)
-            })
-            .expect("a scheduler");
-        Cheater {
+            })?;
+        Ok(Cheater {
             engine,
             scheduler: Some(scheduler),
             handle: Some(handle),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-                .expect("a runtime"),
-        }
+                .build()?,
+        })
     }
 
     fn prove(&mut self, prompt: &[Token], output: &[Token]) -> anyhow::Result<Proof> {
@@ -693,7 +691,10 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                 }
                 let cheat = cheat_file(path)?;
                 let list = generate(&cheat, 2, 8, bench.per_mode, &mut rng, lengths)?;
-                let cheater = cheaters.get_or_insert_with(|| Cheater::new(&file));
+                let cheater = match &mut cheaters {
+                    Some(c) => c,
+                    None => cheaters.insert(Cheater::new(&file)?),
+                };
                 let mut out = Vec::new();
                 for mut a in list {
                     a.proof = cheater.prove(&a.prompt, &a.tokens)?;
@@ -717,7 +718,10 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                         kept.iter().take(bench.per_mode).cloned().collect(),
                     ),
                 };
-                let cheater = cheaters.get_or_insert_with(|| Cheater::new(&file));
+                let cheater = match &mut cheaters {
+                    Some(c) => c,
+                    None => cheaters.insert(Cheater::new(&file)?),
+                };
                 let mut out = Vec::new();
                 for a in base {
                     let first_only = m == "deciding-flip";
@@ -732,7 +736,10 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                 // Stops after half its tokens with an end-of-generation
                 // token it did not sample, claims a natural stop, and
                 // rebuilds the proof to match.
-                let cheater = cheaters.get_or_insert_with(|| Cheater::new(&file));
+                let cheater = match &mut cheaters {
+                    Some(c) => c,
+                    None => cheaters.insert(Cheater::new(&file)?),
+                };
                 // The end token honest answers end with.
                 let eos = kept
                     .iter()
