@@ -51,6 +51,10 @@ pub struct Evidence {
     pub max_gap: f64,
     /// Largest difference between a claimed and a recomputed logprob.
     pub logprob_max_error: f32,
+    /// The second largest (an honest provider's arithmetic slips at one
+    /// position now and then; at two, rarely enough to call it a lie).
+    #[serde(default)]
+    pub logprob_second_error: f32,
     /// Their mean difference.
     pub logprob_mean_error: f32,
     /// Each chunk's commitment check.

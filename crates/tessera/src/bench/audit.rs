@@ -487,15 +487,14 @@ struct Tally {
 pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
     let model = crate::models::resolve_or_pull(home, &bench.model)?;
     let file = LlamaModelFile::load(&model.path)?;
-    let mut auditor = LlamaEngine::new(
-        &file,
-        EngineConfig {
-            slots: 1,
-            context_per_slot: 1024,
-            hidden_states: true,
-            ..EngineConfig::default()
-        },
-    )?;
+    let audit_config = EngineConfig {
+        slots: 1,
+        context_per_slot: 1024,
+        hidden_states: true,
+        ..EngineConfig::default()
+    };
+    let audit_threads = audit_config.threads;
+    let mut auditor = LlamaEngine::new(&file, audit_config)?;
     let th = Thresholds::default();
     let mut out = match &bench.out {
         Some(p) => Some(std::io::BufWriter::new(
@@ -619,8 +618,17 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                 );
             }
         }
+        // What auditing costs next to generating, both in CPU time: the
+        // batch's wall time × its threads, the audits' × the auditor's.
+        let cost = match loaded {
+            Some(_) => String::new(),
+            None => format!(
+                "; audit CPU time {:.0}% of generation's",
+                100.0 * t.audit_ms / 1e3 * audit_threads as f64 / (gen_s * threads as f64)
+            ),
+        };
         println!(
-            "  honest {name}: {} answers, {} failed; generated in {gen_s:.0} s, audited in {:.0} s",
+            "  honest {name}: {} answers, {} failed; generated in {gen_s:.0} s, audited in {:.0} s{cost}",
             t.answers,
             t.failed,
             t.audit_ms / 1e3
