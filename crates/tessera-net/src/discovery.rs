@@ -127,17 +127,21 @@ impl Announcement {
         if a.issued_ms > now + MAX_SKEW.as_millis() as u64 {
             bail!("announcement issued in the future");
         }
-        if a.issued_ms
-            .saturating_add(a.ttl_ms.min(10 * TTL.as_millis() as u64))
-            < now
-        {
+        if !a.fresh_at(now) {
             bail!("announcement expired");
         }
         Ok(a)
     }
 
+    /// Whether it may still be believed at `now`: its TTL counts up to ten
+    /// of ours, whatever it claims.
+    fn fresh_at(&self, now: u64) -> bool {
+        let ttl = self.ttl_ms.min(10 * TTL.as_millis() as u64);
+        self.issued_ms.saturating_add(ttl) >= now
+    }
+
     fn fresh(&self) -> bool {
-        self.issued_ms.saturating_add(self.ttl_ms) >= now_ms()
+        self.fresh_at(now_ms())
     }
 
     /// A ticket to dial this node.
@@ -377,6 +381,20 @@ mod tests {
         let back = Announcement::verify(&a.sign(&key), "test").unwrap();
         assert_eq!(back, a);
         assert_eq!(back.ticket().unwrap().id, key.public());
+    }
+
+    /// An announcement claiming to live for ever is believed for at most
+    /// ten TTLs, when it arrives and every time it is looked at after.
+    #[test]
+    fn an_endless_ttl_does_not_keep_an_announcement_fresh() {
+        let key = SecretKey::generate();
+        let mut a = sample(&key);
+        a.ttl_ms = u64::MAX;
+        assert!(Announcement::verify(&a.sign(&key), "test").is_ok());
+        assert!(a.fresh());
+        a.issued_ms = now_ms() - 11 * TTL.as_millis() as u64;
+        assert!(!a.fresh(), "eleven TTLs later it is stale");
+        assert!(Announcement::verify(&a.sign(&key), "test").is_err());
     }
 
     #[test]
