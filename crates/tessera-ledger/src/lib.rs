@@ -342,6 +342,9 @@ impl Ledger {
         } else {
             format!("{url}?mode=rwc")
         };
+        if !postgres {
+            create_owner_only(&url);
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(if postgres { 8 } else { 4 })
             .after_connect(move |conn, _| {
@@ -763,4 +766,28 @@ impl Ledger {
             escrow: one("SELECT balance FROM accounts WHERE id = 'system:escrow'").await?,
         })
     }
+}
+/// A new SQLite ledger file is created empty and owner-only before SQLite
+/// opens it (its journal files take the same permissions): it holds API
+/// key hashes and every account's money, and must not depend on the umask.
+fn create_owner_only(url: &str) {
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return;
+    };
+    let path = rest.split('?').next().unwrap_or(rest);
+    if path.is_empty() || path == ":memory:" || std::path::Path::new(path).exists() {
+        return;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    // A failure here is SQLite's to report when it opens the file.
+    let _ = options.open(path);
 }

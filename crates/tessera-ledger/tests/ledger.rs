@@ -576,3 +576,29 @@ async fn a_slash_takes_at_most_its_amount_and_never_below_zero() {
         assert_eq!(ledger.totals().await.unwrap().forfeited, before, "{url}");
     }
 }
+
+/// A new ledger file holds key hashes and everyone's money: only its owner
+/// may read it, from the moment it exists, whatever the umask.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_sqlite_ledger_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let ledger = Ledger::open_file(&path).await.unwrap();
+    ledger
+        .create_account("a", MICRO, Limits::default())
+        .await
+        .unwrap();
+    for name in ["ledger.db", "ledger.db-wal", "ledger.db-shm"] {
+        let p = dir.path().join(name);
+        if let Ok(meta) = std::fs::metadata(&p) {
+            assert_eq!(
+                meta.permissions().mode() & 0o077,
+                0,
+                "{name} is readable by others"
+            );
+        }
+    }
+    assert!(path.exists());
+}

@@ -32,12 +32,21 @@ pub fn load_or_create_key(home: &Path) -> anyhow::Result<SecretKey> {
                 .with_context(|| format!("cannot create {}", home.display()))?;
             let key = SecretKey::generate();
             let tmp = home.join("node.key.tmp");
-            std::fs::write(&tmp, hex::encode(key.to_bytes()))?;
+            let _ = std::fs::remove_file(&tmp);
+            // Created owner-only, so the key is never readable by others,
+            // not even between writing and a chmod.
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
             #[cfg(unix)]
             {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
             }
+            let mut file = options
+                .open(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            std::io::Write::write_all(&mut file, hex::encode(key.to_bytes()).as_bytes())?;
+            file.sync_all()?;
             std::fs::rename(&tmp, &path)?;
             Ok(key)
         }
