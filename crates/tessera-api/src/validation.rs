@@ -15,7 +15,7 @@ use tessera_engine::ChatMessage;
 use crate::error::ApiError;
 
 /// Most stop sequences one request may carry.
-pub const MAX_STOP: usize = 16;
+pub const MAX_STOP: usize = tessera_core::generation::MAX_STOP_SEQUENCES;
 /// Most alternatives per token in `top_logprobs`.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
@@ -356,6 +356,13 @@ pub fn check_common(
     if stop.len() > MAX_STOP {
         return Err(ApiError::invalid(
             format!("At most {MAX_STOP} stop sequences are allowed."),
+            Some("stop"),
+        ));
+    }
+    let longest = tessera_core::generation::MAX_STOP_BYTES;
+    if stop.iter().any(|s| s.len() > longest || s.is_empty()) {
+        return Err(ApiError::invalid(
+            format!("Each stop sequence must be 1 to {longest} bytes long."),
             Some("stop"),
         ));
     }

@@ -46,6 +46,13 @@ impl SamplingParams {
     }
 }
 
+/// Most stop sequences one request may carry.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Longest stop sequence, in bytes: every sequence is matched against the
+/// text after every token, so their length is a cost the client imposes on
+/// the provider.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// One generation job, already templated and tokenized.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenerationRequest {

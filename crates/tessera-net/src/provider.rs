@@ -319,6 +319,20 @@ async fn serve_job(
         write_frame(&mut send, &Frame::JobError(e)).await?;
         return Ok(());
     };
+    // What the API enforces, enforced again: a gateway is a stranger too.
+    let stops_ok = generation.stop.len() <= tessera_core::generation::MAX_STOP_SEQUENCES
+        && generation
+            .stop
+            .iter()
+            .all(|s| !s.is_empty() && s.len() <= tessera_core::generation::MAX_STOP_BYTES);
+    if !stops_ok {
+        let e = JobError {
+            message: "too many or too long stop sequences".into(),
+            retryable: false,
+        };
+        write_frame(&mut send, &Frame::JobError(e)).await?;
+        return Ok(());
+    }
     let prompt_sha256 = receipt::tokens_sha256(&generation.prompt);
     let prompt_tokens = generation.prompt.len() as u64;
     let sampling = generation.sampling.clone();

@@ -133,6 +133,22 @@ fn suite(target: &dyn Target, context: usize, body_limit: usize) {
             Some("temperature"),
         ),
         (
+            "a stop sequence of 10,000 bytes",
+            chat("hi", json!({"stop": ["x".repeat(10_000)]}))
+                .to_string()
+                .into_bytes(),
+            400,
+            Some("stop"),
+        ),
+        (
+            "17 stop sequences",
+            chat("hi", json!({"stop": vec!["a"; 17]}))
+                .to_string()
+                .into_bytes(),
+            400,
+            Some("stop"),
+        ),
+        (
             "n = 3",
             chat("hi", json!({"n": 3})).to_string().into_bytes(),
             400,
