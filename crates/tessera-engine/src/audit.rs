@@ -46,6 +46,8 @@ pub struct Thresholds {
     /// Largest score gap (logit units) a disagreement beyond the margin may
     /// have: honest arithmetic moves a logit a little, not a lot, so a
     /// token the rule's pick beats by more was chosen, not rounded into.
+    /// Set to `logprob_lone`: the one slip in a provider's arithmetic that
+    /// the logprob check tolerates may decide that position's token too.
     pub max_gap: f64,
     /// How far a top-p (or, ×10 relative, min-p) filter's edge may be off
     /// before a token beyond it counts as a mismatch.
@@ -85,7 +87,7 @@ impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
             margin: 1.0,
-            max_gap: 1e9,
+            max_gap: 4.0,
             filter_slack: 0.02,
             edge_logit: 0.25,
             max_tolerated: 0.3,
