@@ -129,32 +129,71 @@ pub fn accept(
     })
 }
 
-/// What a provider signs to ask a gateway for its receipts at `time_ms`.
-fn receipts_request(node: &NodeId, time_ms: u64) -> String {
-    format!("tessera receipts {node} {time_ms}")
+/// What a provider signs to ask a gateway for `path` (its receipts, its
+/// own view of the status) at `time_ms`.
+fn signed_request(node: &NodeId, time_ms: u64, path: &str) -> String {
+    format!("tessera request {node} {time_ms} {path}")
 }
 
-/// Sign a request for this node's receipts (hex signature).
-pub fn sign_receipts_request(key: &SecretKey, time_ms: u64) -> String {
+/// How long a signed request is valid either side of now.
+const REQUEST_WINDOW_MS: u64 = 5 * 60 * 1000;
+/// Signatures remembered to refuse replays (the oldest are forgotten first,
+/// and all of them once out of the window).
+const SEEN_MAX: usize = 100_000;
+
+/// Signatures of requests already served, with when they expire.
+static SEEN: std::sync::Mutex<(
+    std::collections::BTreeSet<String>,
+    std::collections::VecDeque<(u64, String)>,
+)> = std::sync::Mutex::new((
+    std::collections::BTreeSet::new(),
+    std::collections::VecDeque::new(),
+));
+
+/// Sign a request for `path` by this node (hex signature).
+pub fn sign_request(key: &SecretKey, time_ms: u64, path: &str) -> String {
     let node = node_id(&key.public());
     hex::encode(
-        key.sign(receipts_request(&node, time_ms).as_bytes())
+        key.sign(signed_request(&node, time_ms, path).as_bytes())
             .to_bytes(),
     )
 }
 
-/// Check a provider's request for its receipts: signed by `node`, within
-/// five minutes of now.
-pub fn verify_receipts_request(node: &NodeId, time_ms: u64, signature: &str) -> anyhow::Result<()> {
-    if time_ms.abs_diff(now_ms()) > 5 * 60 * 1000 {
+/// Check a provider's signed request for `path`: signed by `node` for this
+/// path, within five minutes of now, and never seen before (a signature
+/// is good for one request: one read off the wire cannot be replayed).
+pub fn verify_request(
+    node: &NodeId,
+    time_ms: u64,
+    path: &str,
+    signature: &str,
+) -> anyhow::Result<()> {
+    let now = now_ms();
+    if time_ms.abs_diff(now) > REQUEST_WINDOW_MS {
         bail!("the request's time is more than 5 minutes off");
     }
     key_of(node)?
         .verify(
-            receipts_request(node, time_ms).as_bytes(),
+            signed_request(node, time_ms, path).as_bytes(),
             &signature_of(signature)?,
         )
-        .map_err(|_| anyhow!("the signature is not {node}'s"))
+        .map_err(|_| anyhow!("the signature is not {node}'s for {path}"))?;
+    let mut guard = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let (seen, order) = &mut *guard;
+    while order
+        .front()
+        .is_some_and(|(expiry, _)| *expiry < now || seen.len() >= SEEN_MAX)
+    {
+        if let Some((_, old)) = order.pop_front() {
+            seen.remove(&old);
+        }
+    }
+    let key = signature.to_ascii_lowercase();
+    if !seen.insert(key.clone()) {
+        bail!("this signed request was already used (sign each request afresh)");
+    }
+    order.push_back((time_ms.saturating_add(REQUEST_WINDOW_MS), key));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -186,13 +225,22 @@ mod tests {
         let key = SecretKey::generate();
         let node = node_id(&key.public());
         let t = now_ms();
-        let sig = sign_receipts_request(&key, t);
-        assert!(verify_receipts_request(&node, t, &sig).is_ok());
+        let path = "/v1/provider/receipts";
+        let sig = sign_request(&key, t, path);
         let other = node_id(&SecretKey::generate().public());
-        assert!(verify_receipts_request(&other, t, &sig).is_err());
-        assert!(verify_receipts_request(&node, t + 1, &sig).is_err());
+        assert!(verify_request(&other, t, path, &sig).is_err());
+        assert!(verify_request(&node, t + 1, path, &sig).is_err());
+        assert!(
+            verify_request(&node, t, "/api/status", &sig).is_err(),
+            "a signature for one path is not good for another"
+        );
+        assert!(verify_request(&node, t, path, &sig).is_ok());
+        assert!(
+            verify_request(&node, t, path, &sig).is_err(),
+            "a signed request seen once is refused the second time (a replay)"
+        );
         let old = t - 3_600_000;
-        assert!(verify_receipts_request(&node, old, &sign_receipts_request(&key, old)).is_err());
+        assert!(verify_request(&node, old, path, &sign_request(&key, old, path)).is_err());
     }
 
     #[test]

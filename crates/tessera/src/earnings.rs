@@ -3,8 +3,9 @@
 //! `GET /v1/provider/receipts` on a gateway lists one provider's receipts
 //! from the ledger, with their totals. It is authenticated by the provider's
 //! node key, not an API key: the request carries the node id, the time and
-//! an ed25519 signature of both (`X-Tessera-Node`, `X-Tessera-Time`,
-//! `X-Tessera-Signature`). The command fetches them and checks every
+//! an ed25519 signature of both and the path (`X-Tessera-Node`,
+//! `X-Tessera-Time`, `X-Tessera-Signature`), good for one request: the
+//! gateway refuses a signature it has seen (a replay). The command fetches them and checks every
 //! receipt's provider signature and gateway countersignature itself, so a
 //! provider need not trust the gateway's totals.
 
@@ -23,10 +24,13 @@ use tessera_net::node;
 use tessera_net::receipt;
 use tessera_protocol::Signed;
 
+/// Where a provider's receipts are.
+pub(crate) const RECEIPTS_PATH: &str = "/v1/provider/receipts";
+
 /// The gateway's receipts endpoint, to merge into its API.
 pub fn route(ledger: Ledger) -> Router {
     Router::new()
-        .route("/v1/provider/receipts", get(receipts))
+        .route(RECEIPTS_PATH, get(receipts))
         .with_state(ledger)
 }
 
@@ -42,9 +46,10 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
         })
 }
 
-/// The provider a request is signed by (`X-Tessera-Node`, `X-Tessera-Time`,
-/// `X-Tessera-Signature`), or why it is not.
-pub(crate) fn signed_by(headers: &HeaderMap) -> Result<tessera_core::NodeId, ApiError> {
+/// The provider a request for `path` is signed by (`X-Tessera-Node`,
+/// `X-Tessera-Time`, `X-Tessera-Signature`: one signature per request, for
+/// that path), or why it is not.
+pub(crate) fn signed_by(headers: &HeaderMap, path: &str) -> Result<tessera_core::NodeId, ApiError> {
     let node: tessera_core::NodeId = header(headers, "x-tessera-node")?
         .parse()
         .map_err(|e| ApiError::unauthorized(format!("X-Tessera-Node: {e}.")))?;
@@ -52,16 +57,17 @@ pub(crate) fn signed_by(headers: &HeaderMap) -> Result<tessera_core::NodeId, Api
         ApiError::invalid("X-Tessera-Time must be milliseconds since the epoch.", None)
     })?;
     let signature = header(headers, "x-tessera-signature")?;
-    receipt::verify_receipts_request(&node, time, signature)
+    receipt::verify_request(&node, time, path, signature)
         .map_err(|e| ApiError::unauthorized(format!("Not signed by provider {node}: {e}.")))?;
     Ok(node)
 }
 
-/// `request` signed with the provider's node `key`, as [`signed_by`]
-/// checks it.
+/// `request` for `path` signed with the provider's node `key`, as
+/// [`signed_by`] checks it.
 pub(crate) fn sign(
     request: reqwest::blocking::RequestBuilder,
     key: &tessera_net::SecretKey,
+    path: &str,
 ) -> reqwest::blocking::RequestBuilder {
     let time = tessera_core::now_ms();
     request
@@ -69,7 +75,7 @@ pub(crate) fn sign(
         .header("x-tessera-time", time.to_string())
         .header(
             "x-tessera-signature",
-            receipt::sign_receipts_request(key, time),
+            receipt::sign_request(key, time, path),
         )
 }
 
@@ -77,7 +83,7 @@ async fn receipts(
     State(ledger): State<Ledger>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let node = signed_by(&headers)?;
+    let node = signed_by(&headers, RECEIPTS_PATH)?;
     let list = ledger
         .provider_receipts(&node.to_string())
         .await
@@ -134,9 +140,13 @@ pub fn run(home: &Path, args: EarningsArgs) -> anyhow::Result<()> {
     let key = node::load_or_create_key(home)?;
     let me = node::node_id(&key.public());
     let url = format!("{}/provider/receipts", args.api.trim_end_matches('/'));
-    let resp = sign(reqwest::blocking::Client::new().get(&url), &key)
-        .send()
-        .with_context(|| format!("cannot reach {url}"))?;
+    let resp = sign(
+        reqwest::blocking::Client::new().get(&url),
+        &key,
+        RECEIPTS_PATH,
+    )
+    .send()
+    .with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();
     let body: Value = resp
         .json()

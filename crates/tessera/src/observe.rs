@@ -41,6 +41,9 @@ use tessera_net::node;
 
 use crate::accounts::credits;
 
+/// The gateway's status, public or (signed, or with the operator token) private.
+const STATUS_PATH: &str = "/api/status";
+
 /// The dashboard page, embedded.
 const DASHBOARD: &str = include_str!("../assets/dashboard.html");
 /// History the status shows: the gateway's life so far, at least 5 and at
@@ -105,7 +108,10 @@ fn viewer(view: &View, headers: &HeaderMap) -> Result<Viewer, ApiError> {
         ));
     }
     if headers.contains_key("x-tessera-node") {
-        return Ok(Viewer::Provider(crate::earnings::signed_by(headers)?));
+        return Ok(Viewer::Provider(crate::earnings::signed_by(
+            headers,
+            STATUS_PATH,
+        )?));
     }
     Ok(Viewer::Public)
 }
@@ -121,7 +127,7 @@ pub fn metrics_route(view: Arc<View>) -> Router {
 pub fn routes(view: Arc<View>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/api/status", get(status))
+        .route(STATUS_PATH, get(status))
         .route("/dashboard", get(|| async { Html(DASHBOARD) }))
         .route(
             "/dashboard/",
@@ -323,7 +329,7 @@ fn fetch(
         .timeout(Duration::from_secs(10));
     match signer {
         // A provider asks for its own figures, signed with its node key.
-        Some(key) => request = crate::earnings::sign(request, key),
+        Some(key) => request = crate::earnings::sign(request, key, STATUS_PATH),
         None => {
             if let Some(t) = &token {
                 request = request.bearer_auth(t);
