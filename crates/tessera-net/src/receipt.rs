@@ -141,11 +141,14 @@ const REQUEST_WINDOW_MS: u64 = 5 * 60 * 1000;
 /// and all of them once out of the window).
 const SEEN_MAX: usize = 100_000;
 
-/// Signatures of requests already served, with when they expire.
-static SEEN: std::sync::Mutex<(
+/// Signatures already served, and in the order they expire (with when).
+type Seen = (
     std::collections::BTreeSet<String>,
     std::collections::VecDeque<(u64, String)>,
-)> = std::sync::Mutex::new((
+);
+
+/// Signatures of requests already served.
+static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new((
     std::collections::BTreeSet::new(),
     std::collections::VecDeque::new(),
 ));
