@@ -357,13 +357,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-            _ => FrameError::Io(e),
-        })?;
+    // Memory grows with the bytes that arrive, not with the length a peer
+    // announces: a header claiming 4 MiB followed by one byte costs 64 KiB.
+    let mut payload = Vec::with_capacity(len.min(64 * 1024));
+    (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
+    if payload.len() < len {
+        return Err(FrameError::Truncated);
+    }
     serde_json::from_slice(&payload)
         .map(Some)
         .map_err(|e| FrameError::Malformed(e.to_string()))

@@ -55,7 +55,11 @@ pub struct EconomicsBench {
     /// generation, `bench audit`).
     #[arg(long, default_value_t = 0.13)]
     pub saved: f64,
-    /// Chance an audit catches a cheated answer.
+    /// Chance an audit catches a cheated answer. 0.99: the cheat above
+    /// (Q4_0 decode, proof from a real prefill) is caught in 99 of 100
+    /// audited answers (`bench audit --modes cheaper-model`; the one missed
+    /// was a greedy answer the Q4_0 file decoded as the real model does but
+    /// for 5 near-ties, which saved its cheater nothing in quality).
     #[arg(long, default_value_t = 0.99)]
     pub detection: f64,
     /// Jobs a provider serves between an answer and its verdict.
