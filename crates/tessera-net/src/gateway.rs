@@ -24,6 +24,7 @@ use crate::directory::Directory;
 use crate::discovery::{Discovery, GOSSIP_ALPN};
 use crate::job::JobSetup;
 use crate::node::node_id;
+use crate::session::OfferLimits;
 
 /// How long a job keeps looking for a provider after the last one failed
 /// it, by default.
@@ -49,6 +50,7 @@ pub struct Gateway {
     auditors: Option<Arc<AuditorPool>>,
     failover_deadline: Duration,
     frame_deadline: Duration,
+    offer_limits: OfferLimits,
     prefix_cache: bool,
     prefix_routing: bool,
     shutdown: CancellationToken,
@@ -69,6 +71,7 @@ impl Gateway {
             auditors: None,
             failover_deadline: FAILOVER_DEADLINE,
             frame_deadline: FRAME_DEADLINE,
+            offer_limits: OfferLimits::default(),
             prefix_cache: true,
             prefix_routing: true,
             shutdown: CancellationToken::new(),
@@ -102,6 +105,12 @@ impl Gateway {
     /// How long a job keeps looking for providers after failures.
     pub fn with_failover_deadline(mut self, deadline: Duration) -> Self {
         self.failover_deadline = deadline;
+        self
+    }
+
+    /// What providers may announce (prices, context).
+    pub fn with_offer_limits(mut self, limits: OfferLimits) -> Self {
+        self.offer_limits = limits;
         self
     }
 
@@ -226,7 +235,7 @@ impl Gateway {
                 }
                 let node = node_id(&conn.remote_id());
                 let session =
-                    crate::session::serve(&gw.directory, &gw.models, gw.node, conn.clone(), node);
+                    crate::session::serve(&gw.directory, &gw.models, &gw.offer_limits, gw.node, conn.clone(), node);
                 tokio::select! {
                     result = session => {
                         if let Err(e) = result {

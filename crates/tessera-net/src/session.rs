@@ -4,8 +4,8 @@
 //! A provider dials in and opens the control stream with `Hello`. The
 //! gateway answers `Welcome` and lists it in the [`Directory`], or
 //! `Refused` with the reason (protocol version, no model this gateway
-//! serves — with advice when the model is one an earlier release served —
-//! or no slot). The session lasts while the control stream does; each
+//! serves — with advice when the model is one an earlier release served —,
+//! no slot, or a price or context beyond [`OfferLimits`]). The session lasts while the control stream does; each
 //! heartbeat keeps the provider routable.
 
 use std::time::Duration;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use iroh::endpoint::{Connection, SendStream};
 use tessera_backend::ServedModel;
-use tessera_core::NodeId;
+use tessera_core::{NodeId, Price};
 use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
 
 use crate::directory::{Directory, Session};
@@ -23,10 +23,54 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// Longest wait for a new connection's `Hello`.
 const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 
+/// What a provider may announce: prices up to `max_price` (micro-credits
+/// per token), a context up to the model's own. A request's hold is sized
+/// at the dearest price and the largest context among eligible providers,
+/// so one provider announcing absurd figures would price every client out.
+#[derive(Clone, Copy, Debug)]
+pub struct OfferLimits {
+    /// Dearest prompt and output prices accepted.
+    pub max_price: Price,
+}
+
+impl Default for OfferLimits {
+    /// 100× the default provider prices (20 and 80 per token).
+    fn default() -> Self {
+        OfferLimits {
+            max_price: Price {
+                input: 2_000,
+                output: 8_000,
+            },
+        }
+    }
+}
+
+impl OfferLimits {
+    /// Why `offer` (of `model`) is refused, if it is.
+    pub fn refusal(&self, offer: &ModelOffer, model: &ServedModel) -> Option<String> {
+        let (p, max) = (offer.price, self.max_price);
+        if p.input > max.input || p.output > max.output {
+            return Some(format!(
+                "price {}/{} (prompt/output micro-credits per token) is above this gateway's \
+                 limit of {}/{}",
+                p.input, p.output, max.input, max.output
+            ));
+        }
+        if offer.context_length == 0 || offer.context_length > model.context_length {
+            return Some(format!(
+                "a context of {} positions is not one model {} has (1 to {})",
+                offer.context_length, model.id, model.context_length
+            ));
+        }
+        None
+    }
+}
+
 /// Run one provider's session until its connection or control stream ends.
 pub async fn serve(
     directory: &Directory,
     models: &[ServedModel],
+    limits: &OfferLimits,
     gateway: NodeId,
     conn: Connection,
     node: NodeId,
@@ -68,6 +112,13 @@ pub async fn serve(
     }
     if hello.slots == 0 {
         let reason = "a provider must offer at least one slot".to_string();
+        return refuse(&mut send, &conn, node, reason).await;
+    }
+    let refusal = known.iter().find_map(|o| {
+        let model = models.iter().find(|m| m.sha256 == o.sha256)?;
+        limits.refusal(o, model)
+    });
+    if let Some(reason) = refusal {
         return refuse(&mut send, &conn, node, reason).await;
     }
     let welcome = Frame::Welcome {

@@ -54,6 +54,15 @@ pub struct GatewayArgs {
     pub network: NetworkArgs,
     #[command(flatten)]
     pub db: DatabaseArgs,
+    /// Dearest prompt price a provider may announce (credits per million
+    /// tokens); a provider above it is refused at its Hello (a client's
+    /// hold is sized at the dearest eligible price).
+    #[arg(long, env = "TESSERA_MAX_INPUT_PRICE", default_value_t = 2_000)]
+    pub max_input_price: u64,
+    /// Dearest output price a provider may announce (credits per million
+    /// tokens).
+    #[arg(long, env = "TESSERA_MAX_OUTPUT_PRICE", default_value_t = 8_000)]
+    pub max_output_price: u64,
     /// The gateway's fee, in basis points of each charge (500 = 5%).
     #[arg(long, env = "TESSERA_FEE_BPS", default_value_t = 500)]
     pub fee_bps: u64,
@@ -323,6 +332,12 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 args.frame_deadline.clamp(0.1, 3600.0),
             ))
             .with_prefix_cache(args.prefix_cache, args.prefix_routing)
+            .with_offer_limits(tessera_net::session::OfferLimits {
+                max_price: tessera_core::Price {
+                    input: args.max_input_price,
+                    output: args.max_output_price,
+                },
+            })
             .with_shutdown(shutdown.clone(), tasks.clone());
         if let Some((audits, pool)) = audits {
             gateway = gateway.with_audits(audits, pool);
