@@ -67,7 +67,7 @@ pub struct Thresholds {
     /// Most disagreements beyond the margin (and beyond what the filters'
     /// edges explain), as a share of the tokens; one is always allowed: a
     /// batched decode's arithmetic slips at one position now and then (none
-    /// in the 1,250 honest answers the thresholds were set on, one in the
+    /// in the 1,250 honest answers the thresholds were set on, two in the
     /// 1,000 of the disjoint set), and that slip may decide a token.
     pub max_mismatches: f64,
     /// Largest difference between a claimed and a recomputed logprob at all
