@@ -735,6 +735,10 @@ mod tests {
             _: bool,
             out: &mut BatchOutput,
         ) -> Result<(), EngineError> {
+            // A step takes time, as a real engine's does: requests submitted
+            // together then meet in one batch, instead of the first finishing
+            // before the next arrives (which made the batching test flaky).
+            std::thread::sleep(std::time::Duration::from_millis(1));
             self.calls.lock().unwrap().push(b.len());
             out.logits.clear();
             for e in b.iter().filter(|e| e.output) {
