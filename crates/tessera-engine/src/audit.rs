@@ -33,7 +33,7 @@ use tessera_core::proof::CHUNK;
 use tessera_core::{FinishReason, SamplingParams, Token};
 
 use crate::commit::check_chunk;
-use crate::sampling;
+use crate::sampling::{self, score};
 use crate::{prefill_all, Engine, EngineError, Model, SeqId};
 pub use tessera_core::audit::{AuditJob, ChunkCheck, Evidence};
 
@@ -103,15 +103,6 @@ impl Default for Thresholds {
             max_mantissa_mean: 6.0,
         }
     }
-}
-
-/// The sampling rule's score of `token` at `pos`, in logit units.
-fn score(logits: &[f32], p: &SamplingParams, pos: u32, token: Token) -> f64 {
-    let l = f64::from(logits[token as usize]);
-    if p.temperature <= 0.0 {
-        return l;
-    }
-    l + f64::from(p.temperature) * sampling::gumbel(p.seed, pos, token)
 }
 
 /// `p` with its top-p and min-p filters moved by `slack` (looser when

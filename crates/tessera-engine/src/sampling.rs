@@ -235,6 +235,18 @@ pub fn candidates(logits: &[f32], p: &SamplingParams) -> Option<Vec<Token>> {
     }
 }
 
+/// The rule's score of `token` at absolute position `pos`, in logit units
+/// (`logit + T × gumbel`; the plain logit when greedy): the rule picks the
+/// best-scoring candidate, and how far another token trails it tells an
+/// auditor whether rounding could have swapped them.
+pub fn score(logits: &[f32], p: &SamplingParams, pos: u32, token: Token) -> f64 {
+    let l = f64::from(logits[token as usize]);
+    if p.temperature <= 0.0 {
+        return l;
+    }
+    l + f64::from(p.temperature) * gumbel(p.seed, pos, token)
+}
+
 /// Pick the token for absolute position `pos` from that position's logits:
 /// `argmax_i(logit_i / T + gumbel(seed, pos, i))` over the candidates, or
 /// the plain argmax when `T = 0`.

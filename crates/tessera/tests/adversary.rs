@@ -21,21 +21,7 @@ use util::{chat, Devnet, KillOnDrop};
 
 /// Poll `GET /v1/jobs/{id}` until its audit is final.
 fn verdict(net: &Devnet, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v: Value = net
-            .client()
-            .get(net.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        if v["audit"] != "pending" {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "still pending: {v}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    util::final_audit(&net.client(), &net.url(&format!("/v1/jobs/{id}")))
 }
 
 /// The status as the operator sees it (audit figures are not public).

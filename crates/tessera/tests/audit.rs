@@ -14,24 +14,7 @@ use util::{chat, client_for, tessera_json, Devnet};
 
 /// Poll `GET /v1/jobs/{id}` until its audit is no longer pending.
 fn verdict(net: &Devnet, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let resp = net
-            .client()
-            .get(net.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .unwrap();
-        assert_eq!(resp.status(), 200, "GET /v1/jobs/{id}");
-        let v: Value = resp.json().unwrap();
-        if v["audit"] != "pending" {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "audit of {id} still pending: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    util::final_audit(&net.client(), &net.url(&format!("/v1/jobs/{id}")))
 }
 
 #[test]

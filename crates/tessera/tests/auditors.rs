@@ -29,24 +29,7 @@ fn spawn_auditor(ticket: &str, home: &std::path::Path) -> Child {
 
 /// Poll `GET /v1/jobs/{id}` until its audit is no longer pending.
 fn verdict(gw: &util::Gateway, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v: Value = gw
-            .client()
-            .get(gw.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        if v["audit"] != "pending" {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "audit of {id} still pending: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    util::final_audit(&gw.client(), &gw.url(&format!("/v1/jobs/{id}")))
 }
 
 /// The auditors the operator's status lists.

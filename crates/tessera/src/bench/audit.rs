@@ -336,13 +336,6 @@ impl Cheater {
         let mut tokens = prompt.to_vec();
         tokens.extend_from_slice(&output[..output.len() - 1]);
         let mut out = Vec::with_capacity(output.len());
-        let score = |logits: &[f32], pos: u32, t: Token| {
-            let l = f64::from(logits[t as usize]);
-            match p.temperature > 0.0 {
-                true => l + f64::from(p.temperature) * sampling::gumbel(p.seed, pos, t),
-                false => l,
-            }
-        };
         tessera_engine::prefill_all(
             &mut self.engine,
             0,
@@ -357,7 +350,7 @@ impl Cheater {
                 out.push((
                     pick,
                     runner,
-                    score(logits, abs, pick) - score(logits, abs, runner),
+                    sampling::score(logits, p, abs, pick) - sampling::score(logits, p, abs, runner),
                 ));
             },
         )?;
@@ -655,7 +648,7 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
             Ok(LlamaModelFile::load(&path)?)
         };
         let answers: Vec<(Answer, AuditJob)> = match mode.as_str() {
-            "substitute" | "requantize" | "skip-layers" => {
+            "substitute" | "requantize" | "skip-layers" | "cheaper-model" | "fewer-layers" => {
                 let path = dir.path().join(format!("{mode}.gguf"));
                 match mode.as_str() {
                     "substitute" => {
@@ -664,29 +657,6 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                     "skip-layers" => {
                         tessera_models::gguf::skip_layers(&model.path, &path, &[15])?;
                     }
-                    _ => tessera_llama::requantize(
-                        &model.path,
-                        &path,
-                        tessera_llama::Quantization::Q4_0,
-                        2,
-                    )?,
-                }
-                let cheat = cheat_file(path)?;
-                let list = generate(&cheat, 2, 8, bench.per_mode, &mut rng, lengths)?;
-                list.into_iter()
-                    .map(|a| {
-                        let j = job(&a);
-                        (a, j)
-                    })
-                    .collect()
-            }
-            "cheaper-model" | "fewer-layers" => {
-                // Decoded with a cheaper model; the proof built afterwards
-                // from one prefill of the real one, so logprobs and
-                // commitments match the tokens: only seeded sampling can
-                // tell.
-                let path = dir.path().join(format!("{mode}.gguf"));
-                match mode.as_str() {
                     "fewer-layers" => {
                         tessera_models::gguf::skip_layers(&model.path, &path, &[14, 15])?;
                     }
@@ -698,18 +668,26 @@ pub fn run(home: &Path, bench: AuditBench) -> anyhow::Result<()> {
                     )?,
                 }
                 let cheat = cheat_file(path)?;
-                let list = generate(&cheat, 2, 8, bench.per_mode, &mut rng, lengths)?;
-                let cheater = match &mut cheaters {
-                    Some(c) => c,
-                    None => cheaters.insert(Cheater::new(&file)?),
-                };
-                let mut out = Vec::new();
-                for mut a in list {
-                    a.proof = cheater.prove(&a.prompt, &a.tokens)?;
-                    let j = job(&a);
-                    out.push((a, j));
+                let mut list = generate(&cheat, 2, 8, bench.per_mode, &mut rng, lengths)?;
+                if matches!(mode.as_str(), "cheaper-model" | "fewer-layers") {
+                    // Decoded with a cheaper model; the proof built
+                    // afterwards from one prefill of the real one, so
+                    // logprobs and commitments match the tokens: only
+                    // seeded sampling can tell.
+                    let cheater = match &mut cheaters {
+                        Some(c) => c,
+                        None => cheaters.insert(Cheater::new(&file)?),
+                    };
+                    for a in &mut list {
+                        a.proof = cheater.prove(&a.prompt, &a.tokens)?;
+                    }
                 }
-                out
+                list.into_iter()
+                    .map(|a| {
+                        let j = job(&a);
+                        (a, j)
+                    })
+                    .collect()
             }
             m if m.starts_with("runner-up-k") || m == "deciding-flip" => {
                 // Honest work with k tokens swapped for the runner-up where

@@ -325,6 +325,25 @@ pub fn assert_openai_error(body: &Value) -> &Value {
     e
 }
 
+/// Poll `GET {jobs_url}` (a `/v1/jobs/{id}` URL) until its audit is no
+/// longer pending (at most 120 s) and return the report.
+pub fn final_audit(client: &reqwest::blocking::Client, jobs_url: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let resp = client.get(jobs_url).send().unwrap();
+        assert_eq!(resp.status(), 200, "GET {jobs_url}");
+        let v: Value = resp.json().unwrap();
+        if v["audit"] != "pending" {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit at {jobs_url} still pending: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Gateways audit by default. A test about audits says `--audit` (taken
 /// off: it is the default); every other one runs with `--no-audit`, which
 /// keeps `make test` short on 2 cores (an auditor is a second engine).
