@@ -270,6 +270,7 @@ impl AuditorPool {
         let welcome = Frame::Welcome {
             gateway: gateway.to_string(),
             heartbeat_ms: crate::session::HEARTBEAT.as_millis() as u64,
+            certificate: None,
         };
         write_frame(&mut send, &welcome).await?;
         let remote = Arc::new(Remote {
@@ -395,6 +396,7 @@ async fn auditor_session(
         Some(Frame::Welcome {
             gateway,
             heartbeat_ms,
+            ..
         }) => {
             tracing::info!(%gateway, "auditing for gateway");
             heartbeat_ms.clamp(100, 60_000)

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 use tessera_core::{now_ms, NodeId};
 
+use crate::admission::Admission;
 use crate::node::{node_id, Ticket};
 
 /// The ALPN gossip connections use.
@@ -71,6 +73,10 @@ pub struct Announcement {
     pub issued_ms: u64,
     /// How long after `issued_ms` it may be believed.
     pub ttl_ms: u64,
+    /// A gateway's certificate from the network's operator (see
+    /// [`crate::admission`]): providers dial only gateways showing one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// The bytes on the gossip topic: the announcement's JSON and a signature
@@ -173,6 +179,15 @@ pub struct DiscoveryConfig {
     pub models: Vec<String>,
     /// Nodes to join the topic through.
     pub bootstrap: Vec<Ticket>,
+    /// A gateway's certificate, announced with it.
+    pub certificate: Option<String>,
+    /// The network's operator key and the revocations heard: a node with
+    /// one takes the operator's revocation lists off gossip and
+    /// rebroadcasts the newest.
+    pub admission: Option<Admission>,
+    /// A file holding the operator's signed revocation list (a gateway's
+    /// `--revocations`), read again at every announcement.
+    pub revocations_file: Option<PathBuf>,
 }
 
 /// A node's view of the network, kept fresh by the gossip topic.
@@ -182,6 +197,7 @@ pub struct Discovery {
     me: NodeId,
     network: String,
     known: Arc<Mutex<HashMap<NodeId, Announcement>>>,
+    admission: Option<Admission>,
 }
 
 impl Discovery {
@@ -201,6 +217,7 @@ impl Discovery {
             me: node_id(&endpoint.id()),
             network: config.network.clone(),
             known: Arc::default(),
+            admission: config.admission.clone(),
         };
         tokio::spawn(discovery.clone().run(key, config, lookup));
         discovery
@@ -233,6 +250,15 @@ impl Discovery {
         self.fresh(Role::Gateway)
             .iter()
             .filter_map(Announcement::ticket)
+            .collect()
+    }
+
+    /// The gateways announced and still fresh, each with the certificate
+    /// it showed.
+    pub fn gateway_offers(&self) -> Vec<(Ticket, Option<String>)> {
+        self.fresh(Role::Gateway)
+            .into_iter()
+            .filter_map(|a| Some((a.ticket()?, a.certificate)))
             .collect()
     }
 
@@ -300,8 +326,29 @@ impl Discovery {
                     models: config.models.clone(),
                     issued_ms: now_ms(),
                     ttl_ms: TTL.as_millis() as u64,
+                    certificate: config.certificate.clone(),
                 }
                 .sign(&key)
+            };
+            // The operator's newest revocation list, from the file a gateway
+            // was given or as heard, goes out with every announcement.
+            let revocations = || {
+                let admission = self.admission.as_ref()?;
+                if let Some(path) = &config.revocations_file {
+                    match std::fs::read_to_string(path) {
+                        Ok(text) => {
+                            if let Err(e) = admission.learn_revocations(&text) {
+                                tracing::warn!(file = %path.display(), error = %e, "ignored a revocation list");
+                            }
+                        }
+                        // None yet: nothing was revoked.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(file = %path.display(), error = %e, "cannot read the revocation list")
+                        }
+                    }
+                }
+                admission.revocations_text().map(Bytes::from)
             };
             let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
             loop {
@@ -312,6 +359,9 @@ impl Discovery {
                         }
                         if sender.broadcast(announce()).await.is_err() {
                             break;
+                        }
+                        if let Some(list) = revocations() {
+                            let _ = sender.broadcast(list).await;
                         }
                     }
                     event = receiver.next() => match event {
@@ -332,6 +382,7 @@ impl Discovery {
     fn learn(&self, bytes: &[u8], lookup: &MemoryLookup) {
         let a = match Announcement::verify(bytes, &self.network) {
             Ok(a) => a,
+            Err(_) if self.learn_revocations(bytes) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "dropped an announcement");
                 return;
@@ -358,6 +409,23 @@ impl Discovery {
     }
 }
 
+impl Discovery {
+    /// Take `bytes` as the operator's revocation list, if they are one
+    /// (a node without the operator's key ignores them).
+    fn learn_revocations(&self, bytes: &[u8]) -> bool {
+        let (Some(admission), Ok(text)) = (&self.admission, std::str::from_utf8(bytes)) else {
+            return false;
+        };
+        match admission.learn_revocations(text) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "not a revocation list of this network");
+                false
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +439,7 @@ mod tests {
             models: vec!["ab".repeat(32)],
             issued_ms: now_ms(),
             ttl_ms: TTL.as_millis() as u64,
+            certificate: None,
         }
     }
 

@@ -24,7 +24,7 @@ use crate::directory::Directory;
 use crate::discovery::{Discovery, GOSSIP_ALPN};
 use crate::job::JobSetup;
 use crate::node::node_id;
-use crate::session::OfferLimits;
+use crate::session::{GatewayIdentity, OfferLimits};
 
 /// How long a job keeps looking for a provider after the last one failed
 /// it, by default.
@@ -40,6 +40,8 @@ pub const FRAME_DEADLINE: Duration = Duration::from_secs(30);
 pub struct Gateway {
     endpoint: Endpoint,
     node: NodeId,
+    /// Its node id and certificate, as providers see them.
+    identity: Arc<GatewayIdentity>,
     /// Models this gateway knows (it needs their tokenizer to take requests).
     models: Arc<Vec<ServedModel>>,
     directory: Arc<Directory>,
@@ -63,6 +65,10 @@ impl Gateway {
     pub fn new(endpoint: Endpoint, models: Vec<ServedModel>, directory: Arc<Directory>) -> Self {
         Gateway {
             node: node_id(&endpoint.id()),
+            identity: Arc::new(GatewayIdentity {
+                node: node_id(&endpoint.id()),
+                certificate: None,
+            }),
             endpoint,
             models: Arc::new(models),
             directory,
@@ -94,6 +100,16 @@ impl Gateway {
     /// Where audits run, when this gateway audits.
     pub fn auditors(&self) -> Option<&Arc<AuditorPool>> {
         self.auditors.as_ref()
+    }
+
+    /// Show providers the network operator's certificate of this gateway
+    /// (see [`crate::admission`]).
+    pub fn with_certificate(mut self, certificate: String) -> Self {
+        self.identity = Arc::new(GatewayIdentity {
+            node: self.node,
+            certificate: Some(certificate),
+        });
+        self
     }
 
     /// Take part in gossip discovery (the endpoint must accept its ALPN).
@@ -235,7 +251,7 @@ impl Gateway {
                 }
                 let node = node_id(&conn.remote_id());
                 let session =
-                    crate::session::serve(&gw.directory, &gw.models, &gw.offer_limits, gw.node, conn.clone(), node);
+                    crate::session::serve(&gw.directory, &gw.models, &gw.offer_limits, &gw.identity, conn.clone(), node);
                 tokio::select! {
                     result = session => {
                         if let Err(e) = result {

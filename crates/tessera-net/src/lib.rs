@@ -27,8 +27,10 @@
 //! Nodes find each other through signed announcements on a gossip topic
 //! ([`discovery`]): a provider given one gateway's ticket learns the others
 //! and serves several. Every job ends with a receipt the provider signs and
-//! the gateway countersigns after checking it ([`receipt`]).
+//! the gateway countersigns after checking it ([`receipt`]). A provider
+//! serves only gateways its network's operator certified ([`admission`]).
 
+pub mod admission;
 #[cfg(feature = "adversary")]
 pub mod adversary;
 pub mod audit;

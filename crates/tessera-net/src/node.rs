@@ -17,7 +17,14 @@ use tessera_core::NodeId;
 
 /// Load the node key from `home/node.key`, creating it on first use.
 pub fn load_or_create_key(home: &Path) -> anyhow::Result<SecretKey> {
-    let path = home.join("node.key");
+    load_or_create_key_file(&home.join("node.key"))
+}
+
+/// Load an ed25519 key from `path` (hex), creating it owner-only on first
+/// use.
+pub fn load_or_create_key_file(path: &Path) -> anyhow::Result<SecretKey> {
+    let home = path.parent().unwrap_or(Path::new("."));
+    let path = path.to_path_buf();
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let bytes = hex::decode(text.trim())
@@ -31,7 +38,7 @@ pub fn load_or_create_key(home: &Path) -> anyhow::Result<SecretKey> {
             std::fs::create_dir_all(home)
                 .with_context(|| format!("cannot create {}", home.display()))?;
             let key = SecretKey::generate();
-            let tmp = home.join("node.key.tmp");
+            let tmp = path.with_extension("key.tmp");
             let _ = std::fs::remove_file(&tmp);
             // Created owner-only, so the key is never readable by others,
             // not even between writing and a chmod.
@@ -95,13 +102,18 @@ pub fn node_id(id: &EndpointId) -> NodeId {
     NodeId::from_bytes(*id.as_bytes())
 }
 
-/// How to reach a gateway: its node id and direct addresses.
+/// How to reach a gateway: its node id and direct addresses, and the key of
+/// the network's operator who certified it (`#OPERATOR`, see
+/// [`crate::admission`]), which a provider then checks every gateway
+/// against.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ticket {
     /// The gateway's endpoint id (its public key).
     pub id: EndpointId,
     /// Where it listens.
     pub addrs: Vec<SocketAddr>,
+    /// The network operator's key, when the gateway is certified.
+    pub operator: Option<NodeId>,
 }
 
 impl Ticket {
@@ -124,6 +136,7 @@ impl Ticket {
         Ticket {
             id: endpoint.id(),
             addrs,
+            operator: None,
         }
     }
 
@@ -136,7 +149,11 @@ impl Ticket {
 impl std::fmt::Display for Ticket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let addrs: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
-        write!(f, "{}@{}", node_id(&self.id), addrs.join("+"))
+        write!(f, "{}@{}", node_id(&self.id), addrs.join("+"))?;
+        match &self.operator {
+            Some(op) => write!(f, "#{op}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -144,8 +161,16 @@ impl FromStr for Ticket {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> anyhow::Result<Ticket> {
-        let (id, addrs) = s
-            .trim()
+        let (rest, operator) = match s.trim().split_once('#') {
+            Some((rest, op)) => {
+                let op: NodeId = op.parse().map_err(|_| {
+                    anyhow!("the operator key in ticket '{s}' is not 64 hex digits")
+                })?;
+                (rest, Some(op))
+            }
+            None => (s.trim(), None),
+        };
+        let (id, addrs) = rest
             .split_once('@')
             .ok_or_else(|| anyhow!("a ticket looks like NODEID@IP:PORT, got '{s}'"))?;
         let bytes: [u8; 32] = hex::decode(id)
@@ -164,7 +189,11 @@ impl FromStr for Ticket {
         if addrs.is_empty() {
             bail!("ticket '{s}' has no address");
         }
-        Ok(Ticket { id, addrs })
+        Ok(Ticket {
+            id,
+            addrs,
+            operator,
+        })
     }
 }
 
@@ -181,8 +210,15 @@ mod tests {
                 "127.0.0.1:4433".parse().unwrap(),
                 "[::1]:4433".parse().unwrap(),
             ],
+            operator: None,
         };
         assert_eq!(t.to_string().parse::<Ticket>().unwrap(), t);
+        let certified = Ticket {
+            operator: Some(node_id(&SecretKey::generate().public())),
+            ..t.clone()
+        };
+        assert_eq!(certified.to_string().parse::<Ticket>().unwrap(), certified);
+        assert!(format!("{t}#zz").parse::<Ticket>().is_err());
         assert!("nope".parse::<Ticket>().is_err());
         assert!("abcd@127.0.0.1:1".parse::<Ticket>().is_err());
         assert!(format!("{}@not-an-address", node_id(&id))

@@ -22,6 +22,7 @@ use tessera_protocol::{
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::admission::Admission;
 use crate::discovery::Discovery;
 use crate::node::{node_id, Ticket};
 use crate::receipt;
@@ -88,6 +89,10 @@ pub struct ProviderConfig {
     pub hardware: String,
     /// Most gateways to serve at once, configured and discovered together.
     pub max_gateways: usize,
+    /// The network operator's key (from the tickets given): every gateway
+    /// must show its certificate. Without one, only the given gateways are
+    /// served, never discovered ones (see [`crate::admission`]).
+    pub admission: Option<Admission>,
 }
 
 /// Serve jobs for every configured gateway, and for gateways learnt
@@ -116,9 +121,29 @@ pub async fn run(
         while tasks.join_next().await.is_some() {}
         return;
     };
+    // Gateways refused, each logged once with the reason.
+    let mut refused: HashSet<EndpointId> = HashSet::new();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        for ticket in discovery.gateways() {
+        for (ticket, certificate) in discovery.gateway_offers() {
+            if shared.serving.lock().is_ok_and(|s| s.contains(&ticket.id)) {
+                continue;
+            }
+            let verdict = match &shared.config.admission {
+                Some(admission) => admission.check(&node_id(&ticket.id), certificate.as_deref()),
+                None => Err(format!(
+                    "gateway {} was discovered, and this provider serves only the gateways it \
+                     was given (their tickets name no network operator)",
+                    node_id(&ticket.id).short()
+                )),
+            };
+            if let Err(reason) = verdict {
+                if refused.insert(ticket.id) {
+                    tracing::warn!(%reason, "not serving a discovered gateway");
+                }
+                continue;
+            }
+            refused.remove(&ticket.id);
             let new = shared.serving.lock().is_ok_and(|mut s| {
                 s.len() < shared.config.max_gateways.max(1) && s.insert(ticket.id)
             });
@@ -205,24 +230,50 @@ async fn session(shared: &Shared, ticket: &Ticket) -> anyhow::Result<()> {
         software: format!("tessera {}", env!("CARGO_PKG_VERSION")),
     };
     write_frame(&mut send, &Frame::Hello(hello)).await?;
-    let heartbeat_ms = match read_frame(&mut recv).await? {
+    let gateway = node_id(&conn.remote_id());
+    let (heartbeat_ms, certificate) = match read_frame(&mut recv).await? {
         Some(Frame::Welcome {
-            gateway,
             heartbeat_ms,
-        }) => {
-            tracing::info!(gateway = %gateway, "joined gateway");
-            heartbeat_ms.clamp(100, 60_000)
-        }
+            certificate,
+            ..
+        }) => (heartbeat_ms.clamp(100, 60_000), certificate),
         Some(Frame::Refused { reason }) => bail!("the gateway refused us: {reason}"),
-        other => bail!("expected Welcome, got {other:?}"),
+        other => bail!(
+            "expected Welcome, got {}",
+            other.as_ref().map_or("the end of the stream", Frame::kind)
+        ),
     };
+    // Serve only a gateway of our network, for as long as it stays one.
+    let admitted = || match &config.admission {
+        Some(a) => a.check(&gateway, certificate.as_deref()),
+        None => Ok(()),
+    };
+    if let Err(reason) = admitted() {
+        conn.close(4u32.into(), b"not certified by this network's operator");
+        bail!("not serving this gateway: {reason}");
+    }
+    tracing::info!(gateway = %gateway, "joined gateway");
     let beats = {
+        let conn = conn.clone();
+        let admission = config.admission.clone();
+        let certificate = certificate.clone();
         let handle = handle.clone();
         let generated = generated.clone();
         tokio::spawn(async move {
             let mut last = (Instant::now(), generated.load(Ordering::Relaxed));
             loop {
                 tokio::time::sleep(Duration::from_millis(heartbeat_ms)).await;
+                if let Some(Err(reason)) = admission
+                    .as_ref()
+                    .map(|a| a.check(&gateway, certificate.as_deref()))
+                {
+                    tracing::warn!(%reason, "leaving a gateway no longer certified");
+                    conn.close(
+                        4u32.into(),
+                        b"no longer certified by this network's operator",
+                    );
+                    return;
+                }
                 let now = (Instant::now(), generated.load(Ordering::Relaxed));
                 let tok_s = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
                 last = now;
@@ -246,7 +297,7 @@ async fn session(shared: &Shared, ticket: &Ticket) -> anyhow::Result<()> {
     };
     let signer = Signer {
         key: endpoint.secret_key().clone(),
-        gateway: node_id(&conn.remote_id()),
+        gateway,
     };
     let result = serve_jobs(&conn, handle, config, generated, signer).await;
     beats.abort();

@@ -66,12 +66,22 @@ impl OfferLimits {
     }
 }
 
+/// Who the gateway is to its providers: its node id and the operator's
+/// certificate of it (see [`crate::admission`]).
+#[derive(Clone, Debug)]
+pub struct GatewayIdentity {
+    /// The gateway's node id.
+    pub node: NodeId,
+    /// Its certificate, shown in every `Welcome`.
+    pub certificate: Option<String>,
+}
+
 /// Run one provider's session until its connection or control stream ends.
 pub async fn serve(
     directory: &Directory,
     models: &[ServedModel],
     limits: &OfferLimits,
-    gateway: NodeId,
+    gateway: &GatewayIdentity,
     conn: Connection,
     node: NodeId,
 ) -> anyhow::Result<()> {
@@ -122,8 +132,9 @@ pub async fn serve(
         return refuse(&mut send, &conn, node, reason).await;
     }
     let welcome = Frame::Welcome {
-        gateway: gateway.to_string(),
+        gateway: gateway.node.to_string(),
         heartbeat_ms: HEARTBEAT.as_millis() as u64,
+        certificate: gateway.certificate.clone(),
     };
     write_frame(&mut send, &welcome).await?;
     let id = conn.stable_id() as u64;

@@ -238,6 +238,7 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
         }],
         hardware: "test".into(),
         max_gateways: 1,
+        admission: None,
     };
     tokio::spawn(tessera_net::provider::run(
         provider_ep.clone(),
@@ -257,6 +258,7 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
         &Frame::Welcome {
             gateway: "test".into(),
             heartbeat_ms: 200,
+            certificate: None,
         },
     )
     .await

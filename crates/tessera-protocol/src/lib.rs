@@ -237,6 +237,11 @@ pub enum Frame {
         gateway: String,
         /// How often to send heartbeats.
         heartbeat_ms: u64,
+        /// The network operator's signed certificate of this gateway
+        /// (`tessera-net::admission`); providers of a network serve only
+        /// gateways showing one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        certificate: Option<String>,
     },
     /// Gateway → provider: refused, and why.
     Refused {

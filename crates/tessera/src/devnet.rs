@@ -46,6 +46,8 @@ pub struct DevnetArgs {
     /// gateway --prefix-routing`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_routing: bool,
+    #[command(flatten)]
+    pub network: crate::network::NetworkArgs,
 }
 
 /// Child processes, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
@@ -107,6 +109,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     let mut children = Children(Vec::new());
 
     let gw_home = dir("gateway")?;
+    let operator = certify_gateway(&base, &gw_home, &args.network.name)?;
     let gateway = Command::new(&exe)
         .args([
             "gateway",
@@ -121,6 +124,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         .args(args.no_audit.then_some("--no-audit"))
         .args(["--prefix-cache", &args.prefix_cache.to_string()])
         .args(["--prefix-routing", &args.prefix_routing.to_string()])
+        .args(["--network", &args.network.name])
         .env("TESSERA_HOME", &gw_home)
         .stdout(Stdio::null())
         .spawn()
@@ -156,6 +160,8 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
                 &threads.to_string(),
                 "--slots",
                 &args.slots.to_string(),
+                "--network",
+                &args.network.name,
             ])
             .env("TESSERA_HOME", &p_home)
             .stdout(Stdio::null())
@@ -217,6 +223,10 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         gw["operator_token"].as_str().unwrap_or_default()
     );
     println!("  ticket:    {ticket}");
+    println!(
+        "  operator:  {operator}  (the devnet's network key: {}; certify more gateways with `tessera network certify` there)",
+        base.join("network.key").display()
+    );
     for (i, p) in providers.iter().enumerate() {
         println!(
             "  provider {i}: pid {} node {}",
@@ -235,6 +245,27 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     println!("stopping the devnet");
     drop(children);
     outcome
+}
+
+/// The devnet is a network with its own operator (key in `base`), which
+/// certifies the devnet's gateway so that providers serve it (see
+/// `tessera_net::admission`). Returns the operator's key.
+fn certify_gateway(base: &Path, gw_home: &Path, network: &str) -> anyhow::Result<String> {
+    use tessera_net::admission::{load_or_create_operator_key, Certificate};
+    use tessera_net::node::{load_or_create_key, node_id};
+    let operator = load_or_create_operator_key(base)?;
+    let gateway = node_id(&load_or_create_key(gw_home)?.public());
+    let now = tessera_core::now_ms();
+    let certificate = Certificate {
+        network: network.to_string(),
+        operator: node_id(&operator.public()),
+        gateway,
+        issued_ms: now,
+        expires_ms: now + 30 * 86_400_000,
+    }
+    .sign(&operator);
+    crate::process::write_private(&gw_home.join("gateway.cert"), &certificate)?;
+    Ok(node_id(&operator.public()).to_string())
 }
 
 /// Wait for Ctrl-C or SIGTERM, saying so when a process of the devnet dies

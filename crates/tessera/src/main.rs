@@ -14,6 +14,7 @@ mod local;
 mod models;
 mod network;
 mod observe;
+mod operator;
 mod process;
 mod serve;
 
@@ -56,6 +57,12 @@ enum Command {
     Status(observe::StatusArgs),
     /// A gateway and N providers as separate processes on loopback.
     Devnet(devnet::DevnetArgs),
+    /// The network operator's tools: the operator key, gateway
+    /// certificates (providers serve only certified gateways), revocations.
+    Network {
+        #[command(subcommand)]
+        command: operator::NetworkCommand,
+    },
     /// Accounts and API keys in the ledger: create, top up, show, check.
     Account {
         #[command(subcommand)]
@@ -160,6 +167,7 @@ fn main() -> anyhow::Result<()> {
             args,
         } => network::provider(&cli.home, args),
         Command::Devnet(args) => devnet::run(&cli.home, args),
+        Command::Network { command } => operator::run(&cli.home, command),
         Command::Account { command } => accounts::run(&cli.home, command),
         Command::Models { command } => models::run(&cli.home, command),
         Command::Bench { command } => bench::run(&cli.home, command),

@@ -63,6 +63,22 @@ pub struct GatewayArgs {
     /// tokens).
     #[arg(long, env = "TESSERA_MAX_OUTPUT_PRICE", default_value_t = 8_000)]
     pub max_output_price: u64,
+    /// The network operator's certificate of this gateway (`tessera network
+    /// certify NODEID` prints it): providers of a network serve only
+    /// gateways showing one. Default: gateway.cert in the home folder, if
+    /// there; without one, only providers given this gateway's ticket
+    /// serve it.
+    #[arg(long, env = "TESSERA_CERTIFICATE")]
+    pub certificate: Option<std::path::PathBuf>,
+    /// The operator's signed revocation list (`tessera network revoke`
+    /// writes it), read again every few seconds and spread on gossip:
+    /// providers leave the gateways it names.
+    #[arg(long, env = "TESSERA_REVOCATIONS")]
+    pub revocations: Option<std::path::PathBuf>,
+    /// Print this gateway's node id (creating its key in the home folder if
+    /// needed), for `tessera network certify`, and exit.
+    #[arg(long)]
+    pub print_id: bool,
     /// The gateway's fee, in basis points of each charge (500 = 5%).
     #[arg(long, env = "TESSERA_FEE_BPS", default_value_t = 500)]
     pub fee_bps: u64,
@@ -252,6 +268,13 @@ pub struct CheatArgs {
 
 pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
+    if args.print_id {
+        println!(
+            "{}",
+            node::node_id(&node::load_or_create_key(home)?.public())
+        );
+        return Ok(());
+    }
     let mut models = Vec::new();
     let mut files = Vec::new();
     for name in &args.models {
@@ -269,6 +292,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         });
     }
     let key = node::load_or_create_key(home)?;
+    let certificate = gateway_certificate(home, &args, &key)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -279,7 +303,8 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             vec![ALPN.to_vec(), GOSSIP_ALPN.to_vec(), AUDIT_ALPN.to_vec()],
         )
         .await?;
-        let ticket = Ticket::of(&endpoint, args.public_addr);
+        let mut ticket = Ticket::of(&endpoint, args.public_addr);
+        ticket.operator = certificate.as_ref().map(|(c, _)| c.operator);
         let discovery = Discovery::start(
             &endpoint,
             key,
@@ -289,6 +314,11 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 addrs: ticket.addrs.clone(),
                 models: models.iter().map(|m| m.sha256.clone()).collect(),
                 bootstrap: args.join.clone(),
+                certificate: certificate.as_ref().map(|(_, text)| text.clone()),
+                admission: certificate.as_ref().map(|(c, _)| {
+                    tessera_net::admission::Admission::new(&args.network.name, c.operator)
+                }),
+                revocations_file: args.revocations.clone(),
             },
         );
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -341,6 +371,9 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             .with_shutdown(shutdown.clone(), tasks.clone());
         if let Some((audits, pool)) = audits {
             gateway = gateway.with_audits(audits, pool);
+        }
+        if let Some((_, text)) = &certificate {
+            gateway = gateway.with_certificate(text.clone());
         }
         let key = match args.demo_account {
             true => Some(demo_key(home, &ledger).await?),
@@ -686,11 +719,13 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
         price: args.price.price(),
     }];
     let models = offers.iter().map(|o| o.sha256.clone()).collect();
+    let admission = provider_admission(&args.gateways, &args.network.name)?;
     let config = ProviderConfig {
         gateways: args.gateways.clone(),
         offers,
         hardware,
         max_gateways: args.max_gateways,
+        admission: admission.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -707,6 +742,9 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
                 addrs: Ticket::of(&endpoint, None).addrs,
                 models,
                 bootstrap: args.gateways,
+                certificate: None,
+                admission,
+                revocations_file: None,
             },
         );
         tokio::spawn(discovery.clone().accept(endpoint.clone()));
@@ -724,6 +762,63 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
     })?;
     drop(engine);
     Ok(())
+}
+
+/// The operator's certificate of this gateway (from --certificate, or
+/// gateway.cert in the home folder), checked: it must name this gateway,
+/// this network, and not have expired.
+fn gateway_certificate(
+    home: &Path,
+    args: &GatewayArgs,
+    key: &tessera_net::SecretKey,
+) -> anyhow::Result<Option<(tessera_net::admission::Certificate, String)>> {
+    let default = home.join("gateway.cert");
+    let path = match &args.certificate {
+        Some(p) => p.clone(),
+        None if default.exists() => default,
+        None => {
+            tracing::info!("no certificate: only providers given this gateway's ticket serve it");
+            return Ok(None);
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the certificate {}", path.display()))?;
+    let cert = tessera_net::admission::Certificate::open(&text)
+        .with_context(|| format!("{} is not a certificate", path.display()))?;
+    let me = node::node_id(&key.public());
+    tessera_net::admission::Certificate::check(
+        &text,
+        &args.network.name,
+        &cert.operator,
+        &me,
+        tessera_core::now_ms(),
+    )
+    .with_context(|| format!("the certificate {} cannot be used", path.display()))?;
+    Ok(Some((cert, text.trim().to_string())))
+}
+
+/// The network whose gateways a provider serves: the operator key its
+/// tickets name (they must agree), or none when they name none.
+fn provider_admission(
+    tickets: &[Ticket],
+    network: &str,
+) -> anyhow::Result<Option<tessera_net::admission::Admission>> {
+    let operators: std::collections::BTreeSet<_> =
+        tickets.iter().filter_map(|t| t.operator).collect();
+    match operators.len() {
+        0 => {
+            tracing::info!("the gateways' tickets name no network operator: serving only them");
+            Ok(None)
+        }
+        1 => Ok(operators
+            .first()
+            .map(|op| tessera_net::admission::Admission::new(network, *op))),
+        _ => anyhow::bail!(
+            "the tickets given name {} different network operators: a provider serves one \
+             network (run one provider per network)",
+            operators.len()
+        ),
+    }
 }
 
 /// Credits (a decimal number) as micro-credits; negative or absurd values

@@ -70,3 +70,101 @@ fn a_price_gouger_is_refused_and_clients_keep_being_served() {
         assert_eq!(body["tessera"]["cost"].as_u64(), Some(expected), "{body}");
     }
 }
+
+/// Strangers' gateways join the network's gossip and ask for the providers'
+/// work (taking every fee): one with no certificate, one certified by an
+/// operator key of its own making. The providers hear of both and serve
+/// neither (they serve only gateways this network's operator certified),
+/// while the certified gateway keeps serving clients.
+#[test]
+fn a_rogue_gateway_gets_no_provider() {
+    let gw = util::Gateway::start(&[]);
+    let rogue = util::Gateway::start_uncertified(&["--join", &gw.ticket, "--fee-bps", "10000"]);
+    // The second rogue runs a network of its own and certifies itself.
+    let (own_operator, rogue_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    util::tessera(own_operator.path(), &["network", "init"]);
+    let node = util::tessera(rogue_home.path(), &["gateway", "--print-id"]);
+    let cert = util::tessera(own_operator.path(), &["network", "certify", node.trim()]);
+    std::fs::write(rogue_home.path().join("gateway.cert"), cert).unwrap();
+    let self_certified =
+        util::Gateway::start_in(rogue_home, &["--join", &gw.ticket, "--fee-bps", "10000"]);
+    assert!(
+        self_certified.ticket.contains('#')
+            && !self_certified
+                .ticket
+                .ends_with(gw.ticket.split('#').nth(1).unwrap()),
+        "the self-certified rogue names its own operator: {}",
+        self_certified.ticket
+    );
+    let home = tempfile::tempdir().unwrap();
+    let _children = KillOnDrop(vec![spawn_provider(&gw.ticket, home.path(), 2)]);
+    assert!(util::wait_listed(
+        &gw.url("/health"),
+        1,
+        Duration::from_secs(90)
+    ));
+    // Long enough for the provider to hear the rogues' announcements
+    // (every 3 s) and dial them, had it wanted to.
+    std::thread::sleep(Duration::from_secs(15));
+    let health: serde_json::Value = util::client()
+        .get(rogue.url("/health"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(
+        health["backend"]["discovered"]["providers"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
+        "the rogue is on the network's gossip and hears the provider: {health}"
+    );
+    assert_eq!(
+        util::listed(&rogue.url("/health")),
+        Vec::<String>::new(),
+        "the rogue gateway got a provider"
+    );
+    assert_eq!(
+        util::listed(&self_certified.url("/health")),
+        Vec::<String>::new(),
+        "the self-certified rogue gateway got a provider"
+    );
+    let resp = gw
+        .client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("Say hi.", json!({"max_tokens": 8})))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+}
+
+/// The operator revokes a certified gateway: the list spreads on gossip
+/// from the gateway given it, and providers leave the revoked gateway
+/// within seconds while they keep serving the other.
+#[test]
+fn providers_leave_a_revoked_gateway() {
+    let revocations = util::operator_home().join("revocations.json");
+    let gw = util::Gateway::start(&["--revocations", revocations.to_str().unwrap()]);
+    let other = util::Gateway::start(&["--join", &gw.ticket]);
+    let home = tempfile::tempdir().unwrap();
+    let _children = KillOnDrop(vec![spawn_provider(&gw.ticket, home.path(), 2)]);
+    let within = Duration::from_secs(90);
+    assert!(util::wait_listed(&gw.url("/health"), 1, within));
+    assert!(
+        util::wait_listed(&other.url("/health"), 1, within),
+        "the provider did not discover the second certified gateway"
+    );
+    let node = other.ticket.split('@').next().unwrap();
+    util::tessera(util::operator_home(), &["network", "revoke", node]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !util::listed(&other.url("/health")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the provider still serves the revoked gateway"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // It does not come back, and the first gateway keeps its provider.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(util::listed(&other.url("/health")).is_empty());
+    assert_eq!(util::listed(&gw.url("/health")).len(), 1);
+}

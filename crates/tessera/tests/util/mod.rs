@@ -621,10 +621,53 @@ pub struct Gateway {
     extra: Vec<String>,
 }
 
+/// The home folder of this test binary's network operator (`tessera
+/// network init` ran there once), which certifies every gateway
+/// [`Gateway::start`] starts.
+pub fn operator_home() -> &'static std::path::Path {
+    static HOME: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| {
+        let home = tempfile::tempdir().expect("operator home");
+        tessera(home.path(), &["network", "init"]);
+        home
+    })
+    .path()
+}
+
+/// Certify the gateway whose home is `home` by the test operator, through
+/// the CLI an operator uses: `tessera gateway --print-id` and `tessera
+/// network certify NODEID --out HOME/gateway.cert`.
+pub fn certify(home: &std::path::Path) {
+    let node = tessera(home, &["gateway", "--print-id"]);
+    let out = home.join("gateway.cert");
+    tessera(
+        operator_home(),
+        &[
+            "network",
+            "certify",
+            node.trim(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+}
+
 impl Gateway {
-    /// Start a gateway on loopback with extra flags (e.g. `--join TICKET`).
+    /// Start a gateway on loopback with extra flags (e.g. `--join TICKET`),
+    /// certified by the test network's operator.
     pub fn start(extra: &[&str]) -> Gateway {
         let home = tempfile::tempdir().expect("temp home");
+        certify(home.path());
+        Self::start_in(home, extra)
+    }
+
+    /// Start a gateway nobody certified (a stranger's).
+    pub fn start_uncertified(extra: &[&str]) -> Gateway {
+        Self::start_in(tempfile::tempdir().expect("temp home"), extra)
+    }
+
+    /// Start a gateway in `home` (which may hold a gateway.cert).
+    pub fn start_in(home: tempfile::TempDir, extra: &[&str]) -> Gateway {
         let extra: Vec<String> = audit_flags(extra).iter().map(|s| s.to_string()).collect();
         let (child, v) = Self::spawn(home.path(), "127.0.0.1:0", &extra);
         Gateway {
@@ -675,6 +718,7 @@ impl Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let (node, addrs) = self.ticket.split_once('@').expect("ticket");
+        let addrs = addrs.split('#').next().expect("addresses");
         let bind = addrs.split('+').next().expect("an address").to_string();
         let (child, v) = Self::spawn(self.home.path(), &bind, &self.extra);
         self.child = child;
