@@ -43,6 +43,9 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(3);
 pub const TTL: Duration = Duration::from_secs(15);
 /// How far in the future an announcement's clock may be (clock skew).
 const MAX_SKEW: Duration = Duration::from_secs(60);
+/// Most nodes of each role a node remembers (a bound on what a flood of
+/// fresh node keys can make it keep).
+pub const MAX_KNOWN: usize = 1024;
 /// Largest announcement accepted (gossip's own limit is 4 KiB).
 const MAX_ANNOUNCEMENT: usize = 4096;
 
@@ -198,6 +201,8 @@ pub struct Discovery {
     network: String,
     known: Arc<Mutex<HashMap<NodeId, Announcement>>>,
     admission: Option<Admission>,
+    /// Gateways refused lately (to say why once each).
+    refused: Arc<Mutex<std::collections::HashSet<NodeId>>>,
 }
 
 impl Discovery {
@@ -218,6 +223,7 @@ impl Discovery {
             network: config.network.clone(),
             known: Arc::default(),
             admission: config.admission.clone(),
+            refused: Arc::default(),
         };
         tokio::spawn(discovery.clone().run(key, config, lookup));
         discovery
@@ -384,28 +390,67 @@ impl Discovery {
             Ok(a) => a,
             Err(_) if self.learn_revocations(bytes) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "dropped an announcement");
+                tracing::debug!(error = %e, "dropped an announcement");
                 return;
             }
         };
         if a.node == self.me {
             return;
         }
+        // A gateway that could not be served is not worth remembering by a
+        // node that knows the network's operator.
+        if let (Role::Gateway, Some(admission)) = (a.role, &self.admission) {
+            if let Err(reason) = admission.check(&a.node, a.certificate.as_deref()) {
+                // Said once per gateway (the set is bounded: a flood of
+                // rogues is said again, never remembered without limit).
+                let first = self.refused.lock().is_ok_and(|mut r| {
+                    if r.len() >= 256 {
+                        r.clear();
+                    }
+                    r.insert(a.node)
+                });
+                if first {
+                    tracing::warn!(%reason, "a gateway this node will not serve");
+                }
+                return;
+            }
+        }
+        let Ok(mut known) = self.known.lock() else {
+            return;
+        };
+        // Forget the stale, and their addresses with them.
+        known.retain(|_, old| {
+            let keep = old.fresh();
+            if !keep {
+                if let Ok(id) = EndpointId::from_bytes(old.node.as_bytes()) {
+                    lookup.remove_endpoint_info(id);
+                }
+            }
+            keep
+        });
+        match known.get(&a.node) {
+            Some(old) if old.issued_ms >= a.issued_ms => return,
+            Some(_) => {}
+            None => {
+                // Node keys are free: a flood of fresh ones fills at most
+                // MAX_KNOWN records per role; the nodes known keep theirs.
+                let of_role = known.values().filter(|k| k.role == a.role).count();
+                if of_role >= MAX_KNOWN {
+                    tracing::debug!(node = %a.node.short(), "discovery is full: ignored a new node");
+                    return;
+                }
+                tracing::info!(node = %a.node.short(), role = ?a.role, "discovered");
+            }
+        }
         if let Some(t) = a.ticket() {
             lookup.add_endpoint_info(t.endpoint_addr());
         }
-        if let Ok(mut known) = self.known.lock() {
-            let newer = known
-                .get(&a.node)
-                .is_none_or(|old| old.issued_ms < a.issued_ms);
-            if newer {
-                if !known.contains_key(&a.node) {
-                    tracing::info!(node = %a.node.short(), role = ?a.role, "discovered");
-                }
-                known.insert(a.node, a);
-            }
-            known.retain(|_, a| a.fresh());
-        }
+        known.insert(a.node, a);
+    }
+
+    /// Nodes known now, for tests and metrics.
+    pub fn known(&self) -> usize {
+        self.known.lock().map(|k| k.len()).unwrap_or(0)
     }
 }
 
