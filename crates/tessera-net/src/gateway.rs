@@ -35,6 +35,60 @@ pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
 /// continues elsewhere.
 pub const FRAME_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Most connections a gateway holds that have not finished their handshake
+/// (a provider's or auditor's Hello): a flood of silent peers holds this
+/// many at most, the oldest being closed to make room for each newcomer,
+/// so a peer that says Hello at once always gets in.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// Most connections a gateway holds at once, of every kind (providers,
+/// auditors, gossip peers, handshakes); beyond it new ones are refused.
+pub const MAX_CONNECTIONS: usize = 2048;
+
+/// Connections still in their handshake, oldest first; a newcomer beyond
+/// [`MAX_HANDSHAKES`] closes the oldest.
+#[derive(Default)]
+pub struct Handshakes {
+    pending: std::sync::Mutex<std::collections::BTreeMap<u64, iroh::endpoint::Connection>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// One connection's place among the handshakes, given up when dropped.
+pub struct Pending {
+    handshakes: Arc<Handshakes>,
+    seq: u64,
+}
+
+impl Handshakes {
+    /// `conn` starts its handshake (closing the oldest beyond the bound).
+    pub fn begin(self: &Arc<Self>, conn: &iroh::endpoint::Connection) -> Pending {
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let oldest = self.pending.lock().ok().and_then(|mut p| {
+            let oldest = (p.len() >= MAX_HANDSHAKES)
+                .then(|| p.pop_first().map(|(_, c)| c))
+                .flatten();
+            p.insert(seq, conn.clone());
+            oldest
+        });
+        if let Some(c) = oldest {
+            tracing::debug!("too many handshakes: closed the oldest");
+            c.close(5u32.into(), b"too slow to say Hello");
+        }
+        Pending {
+            handshakes: self.clone(),
+            seq,
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.handshakes.pending.lock() {
+            p.remove(&self.seq);
+        }
+    }
+}
+
 /// A gateway: its endpoint, the models it can tokenize, its directory.
 #[derive(Clone)]
 pub struct Gateway {
@@ -57,6 +111,8 @@ pub struct Gateway {
     prefix_routing: bool,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    handshakes: Arc<Handshakes>,
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
@@ -82,6 +138,8 @@ impl Gateway {
             prefix_routing: true,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            handshakes: Arc::default(),
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         }
     }
 
@@ -223,8 +281,14 @@ impl Gateway {
             let Some(incoming) = incoming else {
                 return;
             };
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                tracing::debug!("at the connection limit: refused a connection");
+                incoming.refuse();
+                continue;
+            };
             let gw = self.clone();
             self.tasks.spawn(async move {
+                let _permit = permit;
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {
@@ -250,8 +314,16 @@ impl Gateway {
                     return;
                 }
                 let node = node_id(&conn.remote_id());
-                let session =
-                    crate::session::serve(&gw.directory, &gw.models, &gw.offer_limits, &gw.identity, conn.clone(), node);
+                let pending = gw.handshakes.begin(&conn);
+                let session = crate::session::serve(
+                    &gw.directory,
+                    &gw.models,
+                    &gw.offer_limits,
+                    &gw.identity,
+                    conn.clone(),
+                    node,
+                    pending,
+                );
                 tokio::select! {
                     result = session => {
                         if let Err(e) = result {

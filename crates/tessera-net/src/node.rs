@@ -68,6 +68,11 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Job streams one connection may carry at once.
 pub const MAX_STREAMS: u32 = 8192;
 
+/// Streams a peer may open to a gateway at once: a provider or auditor
+/// opens one control stream and gossip one more; the job streams are the
+/// gateway's own.
+pub const GATEWAY_PEER_STREAMS: u32 = 16;
+
 /// Bind an iroh endpoint with relays and discovery off. `alpns` are the
 /// protocols it accepts (a provider, which only dials, passes none).
 pub async fn bind(
@@ -75,16 +80,50 @@ pub async fn bind(
     addr: SocketAddr,
     alpns: Vec<Vec<u8>>,
 ) -> anyhow::Result<Endpoint> {
+    // Every job is a bi-stream the gateway opens: QUIC's default of 100
+    // open streams per connection would cap a provider at 100 jobs.
+    bind_with(key, addr, alpns, MAX_STREAMS, None).await
+}
+
+/// Bind a gateway's endpoint: like [`bind`], but a peer may open only
+/// [`GATEWAY_PEER_STREAMS`] streams and have 1 MiB per stream, 4 MiB per
+/// connection unread at the gateway, so a stranger's connection holds a
+/// bounded amount of its memory.
+pub async fn bind_gateway(
+    key: SecretKey,
+    addr: SocketAddr,
+    alpns: Vec<Vec<u8>>,
+) -> anyhow::Result<Endpoint> {
+    bind_with(
+        key,
+        addr,
+        alpns,
+        GATEWAY_PEER_STREAMS,
+        Some((1 << 20, 4 << 20)),
+    )
+    .await
+}
+
+async fn bind_with(
+    key: SecretKey,
+    addr: SocketAddr,
+    alpns: Vec<Vec<u8>>,
+    peer_streams: u32,
+    windows: Option<(u32, u32)>,
+) -> anyhow::Result<Endpoint> {
     let idle: IdleTimeout = IDLE_TIMEOUT
         .try_into()
         .map_err(|e| anyhow!("idle timeout: {e}"))?;
-    let transport = QuicTransportConfig::builder()
+    let mut transport = QuicTransportConfig::builder()
         .max_idle_timeout(Some(idle))
-        // Every job is a bi-stream the gateway opens: QUIC's default of 100
-        // open streams per connection would cap a provider at 100 jobs.
-        .max_concurrent_bidi_streams(MAX_STREAMS.into())
-        .keep_alive_interval(std::time::Duration::from_secs(1))
-        .build();
+        .max_concurrent_bidi_streams(peer_streams.into())
+        .keep_alive_interval(std::time::Duration::from_secs(1));
+    if let Some((stream, connection)) = windows {
+        transport = transport
+            .stream_receive_window(stream.into())
+            .receive_window(connection.into());
+    }
+    let transport = transport.build();
     Endpoint::builder(presets::Minimal)
         .secret_key(key)
         .transport_config(transport)

@@ -84,6 +84,7 @@ pub async fn serve(
     gateway: &GatewayIdentity,
     conn: Connection,
     node: NodeId,
+    pending: crate::gateway::Pending,
 ) -> anyhow::Result<()> {
     let (mut send, mut recv) = tokio::time::timeout(HELLO_DEADLINE, conn.accept_bi())
         .await
@@ -104,6 +105,8 @@ pub async fn serve(
             return Err(anyhow!("no Hello within {} s", HELLO_DEADLINE.as_secs()));
         }
     };
+    // Said Hello: no longer among the handshakes a flood may crowd out.
+    drop(pending);
     if hello.protocol_version != PROTOCOL_VERSION {
         let reason = format!(
             "protocol version {} is not supported; this gateway speaks {PROTOCOL_VERSION}",

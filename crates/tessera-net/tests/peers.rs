@@ -37,7 +37,13 @@ fn echo_info() -> ModelInfo {
 }
 
 async fn gateway() -> (Gateway, Ticket) {
-    let endpoint = loopback(vec![ALPN.to_vec()]).await;
+    let endpoint = node::bind_gateway(
+        SecretKey::generate(),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![ALPN.to_vec()],
+    )
+    .await
+    .unwrap();
     let ticket = Ticket::of(&endpoint, None);
     let info = echo_info();
     let model = ServedModel {
@@ -322,4 +328,46 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
     }
     assert_eq!(handle.active(), 0);
     provider_ep.close().await;
+}
+
+/// Slowloris: 100 strangers (fresh keys) connect, and each opens its
+/// control stream and sends a frame header announcing 4 MiB, then one
+/// byte, then nothing. The gateway holds at most its handshake bound of
+/// them (the oldest are closed to make room), and a provider that says
+/// Hello at once is welcomed in the middle of the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_flood_holds_a_bounded_number_of_handshakes() {
+    let (gw, ticket) = gateway().await;
+    let mut attackers = Vec::new();
+    for _ in 0..100 {
+        let (ep, conn) = dial(&ticket).await;
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let mut header = vec![b'T', PROTOCOL_VERSION];
+        header.extend_from_slice(&(4u32 * 1024 * 1024).to_be_bytes());
+        header.push(b'{');
+        send.write_all(&header).await.unwrap();
+        attackers.push((ep, conn, send, recv));
+    }
+    // The honest provider, dialled last.
+    let (_ep, conn) = dial(&ticket).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &hello(PROTOCOL_VERSION, SHA))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut recv))
+        .await
+        .expect("the honest provider waited for its Welcome")
+        .unwrap();
+    assert!(matches!(answer, Some(Frame::Welcome { .. })), "{answer:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open = attackers
+        .iter()
+        .filter(|(_, c, _, _)| c.close_reason().is_none())
+        .count();
+    assert!(
+        open <= tessera_net::gateway::MAX_HANDSHAKES,
+        "the gateway holds {open} silent handshakes (bound {})",
+        tessera_net::gateway::MAX_HANDSHAKES
+    );
+    assert_eq!(listed(&gw), 1);
 }

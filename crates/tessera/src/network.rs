@@ -297,7 +297,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let endpoint = node::bind(
+        let endpoint = node::bind_gateway(
             key.clone(),
             args.bind,
             vec![ALPN.to_vec(), GOSSIP_ALPN.to_vec(), AUDIT_ALPN.to_vec()],
