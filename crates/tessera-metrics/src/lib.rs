@@ -29,6 +29,10 @@ pub const BUCKET_S: u64 = 10;
 const BUCKETS: usize = 360;
 /// Audits kept for "recent audits".
 const RECENT_AUDITS: usize = 50;
+/// Providers given their own label values in the per-provider series;
+/// the rest share `provider="other"` (node keys are free, and each label
+/// value is memory for as long as the gateway runs).
+pub const MAX_PROVIDER_LABELS: usize = 256;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -165,6 +169,8 @@ pub struct Metrics {
     active: Gauge,
     provider_jobs: Family<ProviderJobLabels, Counter>,
     provider_tokens: Family<ProviderLabels, Counter>,
+    /// Providers with label values of their own.
+    labelled: Mutex<std::collections::HashSet<String>>,
     provider_tok_s: Family<ProviderLabels, Gauge<f64, AtomicU64>>,
     audits: Family<VerdictLabels, Counter>,
     audit_backlog: Gauge,
@@ -265,6 +271,7 @@ impl Default for Metrics {
             active,
             provider_jobs,
             provider_tokens,
+            labelled: Mutex::default(),
             provider_tok_s,
             audits,
             audit_backlog,
@@ -322,19 +329,33 @@ impl Metrics {
         tokens: u64,
         tok_s: Option<f64>,
     ) {
+        let provider = self.provider_label(provider);
         let label = ProviderLabels {
-            provider: provider.to_string(),
+            provider: provider.clone(),
         };
         self.provider_jobs
-            .get_or_create(&ProviderJobLabels {
-                provider: provider.to_string(),
-                outcome,
-            })
+            .get_or_create(&ProviderJobLabels { provider, outcome })
             .inc();
         self.provider_tokens.get_or_create(&label).inc_by(tokens);
         if let Some(t) = tok_s {
             self.provider_tok_s.get_or_create(&label).set(t);
         }
+    }
+
+    /// The label value of `provider`: its own while fewer than
+    /// [`MAX_PROVIDER_LABELS`] providers have one, else "other".
+    fn provider_label(&self, provider: &str) -> String {
+        let Ok(mut labelled) = self.labelled.lock() else {
+            return "other".into();
+        };
+        if labelled.contains(provider) {
+            return provider.to_string();
+        }
+        if labelled.len() < MAX_PROVIDER_LABELS {
+            labelled.insert(provider.to_string());
+            return provider.to_string();
+        }
+        "other".into()
     }
 
     /// An answer's audit verdict; real audits (not `NotAudited`) are also
@@ -622,5 +643,34 @@ mod tests {
                 (Verdict::NotAudited, 1)
             ]
         );
+    }
+
+    /// A sybil flood of providers that each served a part makes at most
+    /// MAX_PROVIDER_LABELS label values (the rest fold into "other"), and
+    /// the providers labelled first keep their own.
+    #[test]
+    fn provider_labels_are_bounded() {
+        let m = Metrics::new();
+        m.provider_part("honest", "done", 10, Some(5.0));
+        for i in 0..MAX_PROVIDER_LABELS + 300 {
+            m.provider_part(&format!("sybil-{i}"), "failed", 1, None);
+        }
+        m.provider_part("honest", "done", 10, Some(5.0));
+        let text = m.encode();
+        let values: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tessera_provider_tokens_total{"))
+            .filter_map(|l| l.split("provider=\"").nth(1)?.split('"').next())
+            .collect();
+        assert!(
+            values.len() <= MAX_PROVIDER_LABELS + 1,
+            "{} provider label values",
+            values.len()
+        );
+        assert!(
+            values.contains("honest") && values.contains("other"),
+            "{values:?}"
+        );
+        assert!(text.contains("tessera_provider_tokens_total{provider=\"honest\"} 20"));
     }
 }

@@ -152,6 +152,8 @@ struct Record {
     /// answered canary.
     canary_misses: u32,
     verified_tok_s: Option<f64>,
+    /// When its last session ended (`None`: connected, or never left).
+    left: Option<Instant>,
 }
 
 impl Record {
@@ -176,6 +178,7 @@ impl Record {
             bonded: false,
             canary_misses: 0,
             verified_tok_s: None,
+            left: None,
         }
     }
 
@@ -310,6 +313,11 @@ fn prices(offers: &[ModelOffer]) -> Vec<ModelPrice> {
         .collect()
 }
 
+/// Records of gone providers kept at most (see `State::evict_gone`).
+pub const MAX_GONE: usize = 1024;
+/// A provider gone this long is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
 /// Live sessions in a compact list (what every pick scans), an index into
 /// it, and the records.
 #[derive(Default)]
@@ -349,6 +357,46 @@ impl State {
     fn live_mut(&mut self, node: &NodeId) -> Option<&mut Live> {
         let i = *self.index.get(node)?;
         self.live.get_mut(i)
+    }
+
+    /// Forget providers gone a while, so node keys (which are free) cannot
+    /// grow the directory without limit: records of providers gone longer
+    /// than [`FORGET_AFTER`] go, and beyond [`MAX_GONE`] gone ones the
+    /// least useful go first (never served a job, then gone longest). A
+    /// provider that ever failed an audit is never forgotten here (its
+    /// standing is also in the ledger).
+    fn evict_gone(&mut self) {
+        let now = Instant::now();
+        let forgettable = |r: &Record| {
+            r.connected_since.is_none() && r.audits_failed == 0 && !r.quarantined && r.on_watch == 0
+        };
+        self.records.retain(|_, r| {
+            !(forgettable(r) && r.left.is_some_and(|t| now.duration_since(t) > FORGET_AFTER))
+        });
+        let gone = self
+            .records
+            .values()
+            .filter(|r| r.connected_since.is_none())
+            .count();
+        if gone <= MAX_GONE {
+            return;
+        }
+        let mut candidates: Vec<(bool, Instant, NodeId)> = self
+            .records
+            .iter()
+            .filter(|(_, r)| forgettable(r))
+            .map(|(n, r)| {
+                (
+                    r.done > 0 || r.audits_passed > 0,
+                    r.left.unwrap_or(r.first_seen),
+                    *n,
+                )
+            })
+            .collect();
+        candidates.sort();
+        for (_, _, node) in candidates.into_iter().take(gone - MAX_GONE) {
+            self.records.remove(&node);
+        }
     }
 
     fn remove(&mut self, node: &NodeId) -> Option<Live> {
@@ -508,7 +556,9 @@ impl Directory {
                 if let Some(since) = r.connected_since.take() {
                     r.online += since.elapsed();
                 }
+                r.left = Some(Instant::now());
             }
+            state.evict_gone();
         }
     }
 
@@ -1135,5 +1185,51 @@ mod tests {
         assert_eq!(d.audit_odds(&node, 0.05, 1, true), 1.0, "on watch");
         assert_eq!(d.record_audit(&node, false), Standing::Quarantined);
         assert_eq!(d.report()[0].state, ProviderState::Quarantined);
+    }
+
+    /// Node keys are free: a flood of providers that join and leave keeps
+    /// at most MAX_GONE records, the useful ones (jobs done, a failed
+    /// audit) outliving the sybils.
+    #[test]
+    fn records_of_gone_providers_are_bounded() {
+        let d = Arc::new(Directory::default());
+        let useful = NodeId::from_bytes([0xaa; 32]);
+        let failed = NodeId::from_bytes([0xbb; 32]);
+        for (i, node) in [useful, failed].into_iter().enumerate() {
+            d.join(Session {
+                node,
+                node_hex: node.to_string(),
+                ..session(1, 100 + i as u64, 2, 10)
+            });
+        }
+        d.record_part(&useful, PartOutcome::Done, 10, None);
+        d.record_audit(&failed, false);
+        d.leave(&useful, 100);
+        d.leave(&failed, 101);
+        for i in 0..(MAX_GONE as u32 + 500) {
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&i.to_be_bytes());
+            let node = NodeId::from_bytes(bytes);
+            d.join(Session {
+                node,
+                node_hex: node.to_string(),
+                ..session(1, 1000 + u64::from(i), 2, 10)
+            });
+            d.leave(&node, 1000 + u64::from(i));
+        }
+        let report = d.report();
+        assert!(
+            report.len() <= MAX_GONE,
+            "{} records of gone providers kept (bound {MAX_GONE})",
+            report.len()
+        );
+        assert!(
+            report.iter().any(|r| r.node == useful),
+            "the useful provider was forgotten"
+        );
+        assert!(
+            report.iter().any(|r| r.node == failed),
+            "the failed audit was forgotten"
+        );
     }
 }
