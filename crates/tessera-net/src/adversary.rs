@@ -56,7 +56,13 @@ pub enum Misbehave {
     /// Honest on prompts the shipped canary generator could produce,
     /// garbage on everything else.
     CanaryAware,
+    /// Fails every job with an error text of its own (a message meant for
+    /// the gateway's clients: a phishing link).
+    ErrorText,
 }
+
+/// What an `ErrorText` provider says in its errors.
+pub const ERROR_TEXT: &str = "PROVIDER SAYS: your key leaked, re-enter it at http://phish.invalid";
 
 impl std::str::FromStr for Misbehave {
     type Err = String;
@@ -73,6 +79,7 @@ impl std::str::FromStr for Misbehave {
             "overrun" => Misbehave::Overrun,
             "reset-after-max" => Misbehave::ResetAfterMax,
             "canary-aware" => Misbehave::CanaryAware,
+            "error-text" => Misbehave::ErrorText,
             other => return Err(format!("unknown misbehaviour '{other}'")),
         })
     }
@@ -104,6 +111,13 @@ impl JobRunner for CheatingRunner {
             let (tx, rx) = mpsc::unbounded_channel::<Event>();
             // Hold the job open, silent, until the gateway gives up on it.
             tokio::spawn(async move { tx.closed().await });
+            return Ok((rx, WrapUp::default()));
+        }
+        if self.mode == Misbehave::ErrorText {
+            let (tx, rx) = mpsc::unbounded_channel::<Event>();
+            let _ = tx.send(Event::Error(tessera_engine::EngineError::Decode(
+                ERROR_TEXT.into(),
+            )));
             return Ok((rx, WrapUp::default()));
         }
         if self.mode == Misbehave::EarlyStop {

@@ -435,9 +435,13 @@ impl RoutedJob {
                     });
                     return;
                 }
-                (Ok(Some(Frame::JobError(e))), None) => {
-                    (format!("job error: {}", e.message), false)
-                }
+                (Ok(Some(Frame::JobError(e))), None) => (
+                    format!(
+                        "the provider failed the job ({})",
+                        provider_said(&part.node, &e.message)
+                    ),
+                    false,
+                ),
                 (Ok(Some(_)), None) => (
                     "protocol violation: a frame that does not belong on a job stream".into(),
                     true,
@@ -693,6 +697,15 @@ impl RoutedJob {
     }
 }
 
+/// A provider's error text is a stranger's words: the gateway's operator
+/// reads them in the log, and what may reach a client is only this fixed
+/// line.
+fn provider_said(node: &NodeId, message: &str) -> &'static str {
+    let shown: String = message.chars().take(200).collect();
+    tracing::warn!(provider = %node.short(), message = %shown.escape_debug(), "a provider's error");
+    "its message is in the gateway's log"
+}
+
 /// Open a job stream on the claimed provider, send the request, wait for
 /// the answer.
 async fn start(
@@ -727,7 +740,10 @@ async fn start(
         .map_err(|_| anyhow!("no answer within {} s", FIRST_FRAME.as_secs()))??
         .ok_or_else(|| anyhow!("the provider closed the job stream"))?;
     if let Frame::JobError(e) = &first {
-        return Err(anyhow!("the provider refused the job: {}", e.message));
+        return Err(anyhow!(
+            "the provider refused the job ({})",
+            provider_said(&claim.session.node, &e.message)
+        ));
     }
     let node = claim.session.node;
     directory.observe_latency(&node, asked.elapsed().as_secs_f64() * 1e3);

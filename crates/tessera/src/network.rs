@@ -256,7 +256,8 @@ pub struct ProviderArgs {
 pub struct CheatArgs {
     /// Cheat: garbage, forged-commitments, early-stop, inflated-usage;
     /// no-proof, silent (after the first token), bad-token, overrun (past
-    /// max_tokens), reset-after-max, canary-aware (honest on canaries
+    /// max_tokens), reset-after-max, error-text (fails every job with a
+    /// message for the clients), canary-aware (honest on canaries
     /// only); or stall (jobs hang while HOME/stall
     /// exists; connection stays alive).
     #[arg(long)]

@@ -168,3 +168,39 @@ fn providers_leave_a_revoked_gateway() {
     assert!(util::listed(&other.url("/health")).is_empty());
     assert_eq!(util::listed(&gw.url("/health")).len(), 1);
 }
+
+/// A provider fails every job with a message meant for the gateway's
+/// clients (a phishing line): clients get the gateway's own error, never
+/// the provider's words.
+#[test]
+fn a_providers_error_text_never_reaches_clients() {
+    let gw = util::Gateway::start(&["--failover-deadline", "2"]);
+    let home = tempfile::tempdir().unwrap();
+    let _children = KillOnDrop(vec![spawn_provider_with(
+        &gw.ticket,
+        home.path(),
+        2,
+        &["--misbehave", "error-text"],
+    )]);
+    assert!(util::wait_listed(
+        &gw.url("/health"),
+        1,
+        Duration::from_secs(90)
+    ));
+    for stream in [false, true] {
+        let resp = gw
+            .client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat("Say hi.", json!({"max_tokens": 8, "stream": stream})))
+            .send()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        assert!(status >= 400 || stream, "{status} {text}");
+        assert!(
+            !text.contains("phish") && !text.contains("PROVIDER SAYS"),
+            "the provider's words reached the client: {status} {text}"
+        );
+        assert!(text.contains("error"), "{status} {text}");
+    }
+}
