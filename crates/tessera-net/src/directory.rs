@@ -68,6 +68,9 @@ struct Live {
     slots: usize,
     /// 1 ÷ slots, so a pick multiplies instead of dividing.
     per_slot: f64,
+    /// Slots it has shown it can run at once (≤ `slots`); `per_slot` is
+    /// 1 ÷ this.
+    proven: usize,
     /// Its first offer inline (most providers serve one model), the others
     /// in `more`; models interned ([`State::model_id`]).
     offer: Option<RouteOffer>,
@@ -154,6 +157,9 @@ struct Record {
     verified_tok_s: Option<f64>,
     /// When its last session ended (`None`: connected, or never left).
     left: Option<Instant>,
+    /// The most jobs it has been seen to finish with that many in flight:
+    /// its load counts against this, not the slots it announces.
+    proven_slots: usize,
 }
 
 impl Record {
@@ -179,6 +185,7 @@ impl Record {
             canary_misses: 0,
             verified_tok_s: None,
             left: None,
+            proven_slots: 1,
         }
     }
 
@@ -415,6 +422,8 @@ impl State {
         };
         if let (Some(r), Some(l)) = (self.records.get(node), self.live.get_mut(i)) {
             l.routing = r.routing(l.latency_ms);
+            l.proven = r.proven_slots.clamp(1, l.slots.max(1));
+            l.per_slot = 1.0 / l.proven as f64;
         }
     }
 }
@@ -502,6 +511,7 @@ impl Directory {
         r.slots = session.slots;
         r.hardware = session.hardware.clone();
         let routing = r.routing(0.0);
+        let proven = r.proven_slots.clamp(1, session.slots.max(1));
         let old = state.remove(&session.node);
         let mut offers: Vec<RouteOffer> = session
             .offers
@@ -522,7 +532,8 @@ impl Directory {
         state.live.push(Live {
             id: session.id,
             slots: session.slots,
-            per_slot: 1.0 / session.slots.max(1) as f64,
+            per_slot: 1.0 / proven as f64,
+            proven,
             offer,
             more: offers,
             session: session.clone(),
@@ -610,6 +621,7 @@ impl Directory {
                 unroutable: l.routing.unroutable,
                 inflight: l.inflight,
                 slots: l.session.slots,
+                proven: l.proven,
                 tok_s: l.routing.tok_s,
                 latency_ms: l.latency_ms,
                 reputation: l.routing.reputation,
@@ -793,9 +805,13 @@ impl Directory {
         let mut average = None;
         {
             let mut state = self.lock();
+            let inflight = state.live(node).map_or(0, |l| l.inflight);
             if let Some(r) = state.records.get_mut(node) {
                 match outcome {
-                    PartOutcome::Done => r.done += 1,
+                    PartOutcome::Done => {
+                        r.done += 1;
+                        r.proven_slots = r.proven_slots.max(inflight);
+                    }
                     PartOutcome::Failed => r.failed += 1,
                     PartOutcome::Cancelled => r.cancelled += 1,
                 }
@@ -1231,5 +1247,50 @@ mod tests {
             report.iter().any(|r| r.node == failed),
             "the failed audit was forgotten"
         );
+    }
+
+    /// Announced slots bound a provider's load but never make it look
+    /// idle: a dear provider announcing 64 slots, with one job in flight,
+    /// is as loaded as it has shown it can be, so the next job goes to the
+    /// honest provider a quarter loaded (before, 1/64 looked idle and won
+    /// at four times the price).
+    #[test]
+    fn huge_announced_slots_do_not_look_idle() {
+        let d = Arc::new(Directory::default());
+        d.join(session(1, 1, 4, 80));
+        d.join(session(2, 2, 64, 320));
+        let prefs = RoutePrefs::any();
+        let need = Need {
+            sha256: "m",
+            tokens: 5,
+            exclude: &[],
+            prefs: &prefs,
+            probe: false,
+            prefix: None,
+        };
+        let only = |n: u8| RoutePrefs {
+            only: vec![NodeId::from_bytes([n; 32]).to_string()],
+            ..RoutePrefs::any()
+        };
+        let (p1, p2) = (only(1), only(2));
+        let honest = d
+            .pick(&Need {
+                prefs: &p1,
+                ..need.clone()
+            })
+            .unwrap();
+        let dear = d
+            .pick(&Need {
+                prefs: &p2,
+                ..need.clone()
+            })
+            .unwrap();
+        let next = d.pick(&need).unwrap();
+        assert_eq!(
+            next.session.node,
+            NodeId::from_bytes([1; 32]),
+            "the next job went to the dear provider announcing 64 slots"
+        );
+        drop((honest, dear, next));
     }
 }

@@ -52,8 +52,12 @@ pub struct Candidate<'a> {
     pub unroutable: bool,
     /// Jobs in flight and slots.
     pub inflight: usize,
-    /// Jobs it runs at once.
+    /// Jobs it runs at once, as it announced (a bound on its load).
     pub slots: usize,
+    /// Jobs it has been seen to finish with that many in flight: its load
+    /// is counted against this, so announcing many slots never makes a
+    /// provider look idle.
+    pub proven: usize,
     /// Tokens per second per stream the gateway verified (canaries) or
     /// measured on its jobs; never what the provider says of itself.
     pub tok_s: f64,
@@ -66,9 +70,9 @@ pub struct Candidate<'a> {
 }
 
 impl Candidate<'_> {
-    /// Jobs in flight ÷ slots.
+    /// Jobs in flight ÷ the slots it has shown it can run.
     pub fn load(&self) -> f64 {
-        self.inflight as f64 / self.slots.max(1) as f64
+        self.inflight as f64 / self.proven.clamp(1, self.slots.max(1)) as f64
     }
 
     fn free(&self) -> bool {
@@ -207,6 +211,7 @@ mod tests {
             unroutable: false,
             inflight: (load * 100.0) as usize,
             slots: 100,
+            proven: 100,
             tok_s,
             latency_ms,
             reputation: 1.0,
