@@ -320,6 +320,11 @@ fn prices(offers: &[ModelOffer]) -> Vec<ModelPrice> {
         .collect()
 }
 
+/// A request naming no `provider.max_price` is held and routed within this
+/// many times the median price of trusted providers (see
+/// `State::recompute_market`).
+pub const MARKET_MULTIPLE: u64 = 4;
+
 /// Records of gone providers kept at most (see `State::evict_gone`).
 pub const MAX_GONE: usize = 1024;
 /// A provider gone this long is forgotten.
@@ -339,6 +344,9 @@ struct State {
     /// The dearest output price of each model among live providers (the
     /// default ranking weighs price in proportion to it).
     dearest: HashMap<u32, u64>,
+    /// Each model's market cap ([`MARKET_MULTIPLE`] × the median price of
+    /// trusted providers), for requests that name no `max_price`.
+    market: HashMap<u32, Price>,
 }
 
 impl State {
@@ -347,7 +355,51 @@ impl State {
         *self.models.entry(sha256.to_string()).or_insert(next)
     }
 
+    /// Each model's market cap: [`MARKET_MULTIPLE`] × the median price
+    /// (per side) of live providers that hold their bond and have passed
+    /// an audit with none failed. Node keys are free but bonds and audits
+    /// are not, so sybils cannot move it; no trusted provider, no cap (the
+    /// gateway's `--max-*-price` still bounds every offer).
+    fn recompute_market(&mut self) {
+        let mut prices: HashMap<u32, (Vec<u64>, Vec<u64>)> = HashMap::new();
+        for l in &self.live {
+            let trusted = self.records.get(&l.session.node).is_some_and(|r| {
+                r.bonded && r.audits_passed > 0 && r.audits_failed == 0 && !r.quarantined
+            });
+            if !trusted {
+                continue;
+            }
+            for o in l.offer.iter().chain(&l.more) {
+                let e = prices.entry(o.model).or_default();
+                e.0.push(o.price.input);
+                e.1.push(o.price.output);
+            }
+        }
+        let median = |v: &mut Vec<u64>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
+        self.market = prices
+            .into_iter()
+            .map(|(model, (mut input, mut output))| {
+                let cap = Price {
+                    input: median(&mut input).saturating_mul(MARKET_MULTIPLE),
+                    output: median(&mut output).saturating_mul(MARKET_MULTIPLE),
+                };
+                (model, cap)
+            })
+            .collect();
+    }
+
+    /// Whether `price` of `model` is above the market cap.
+    fn over_market(&self, model: u32, price: &Price) -> bool {
+        self.market
+            .get(&model)
+            .is_some_and(|cap| !price.within(cap))
+    }
+
     fn recompute_dearest(&mut self) {
+        self.recompute_market();
         self.dearest.clear();
         for l in &self.live {
             for o in l.offer.iter().chain(&l.more) {
@@ -548,6 +600,8 @@ impl Directory {
         });
         if old.is_some() {
             state.recompute_dearest();
+        } else {
+            state.recompute_market();
         }
         drop(state);
         if let Some(conn) = old.and_then(|o| o.session.conn.clone()) {
@@ -616,6 +670,12 @@ impl Directory {
                 session: l.session.id,
                 serves: offer.is_some_and(|o| o.context_length > tokens),
                 price: offer.map(|o| o.price).unwrap_or_default(),
+                over_market: offer.is_some_and(|o| {
+                    state
+                        .models
+                        .get(&o.sha256)
+                        .is_some_and(|m| state.over_market(*m, &o.price))
+                }),
                 healthy: l.healthy(),
                 quarantined: l.routing.quarantined,
                 unroutable: l.routing.unroutable,
@@ -697,6 +757,11 @@ impl Directory {
                 || l.routing.quarantined
                 || (l.routing.unroutable && !need.probe)
                 || !need.prefs.affords(&o.price)
+                || (need.prefs.max_price.is_none()
+                    && state
+                        .market
+                        .get(&model)
+                        .is_some_and(|cap| !o.price.within(cap)))
                 || need.exclude.contains(&l.id)
             {
                 continue;
@@ -864,8 +929,14 @@ impl Directory {
 
     /// Whether `node`'s account holds its bond.
     pub fn set_bonded(&self, node: &NodeId, bonded: bool) {
-        if let Some(r) = self.lock().records.get_mut(node) {
+        let mut state = self.lock();
+        let changed = state.records.get_mut(node).is_some_and(|r| {
+            let changed = r.bonded != bonded;
             r.bonded = bonded;
+            changed
+        });
+        if changed {
+            state.recompute_market();
         }
     }
 
@@ -899,6 +970,7 @@ impl Directory {
         }
         r.quarantined |= s.quarantined;
         state.refresh(node);
+        state.recompute_market();
     }
 
     /// An audit of `node` passed or failed; what it did to its standing.
@@ -924,6 +996,7 @@ impl Directory {
             }
         };
         state.refresh(node);
+        state.recompute_market();
         standing
     }
 
@@ -1292,5 +1365,62 @@ mod tests {
             "the next job went to the dear provider announcing 64 slots"
         );
         drop((honest, dear, next));
+    }
+
+    /// A request without `provider.max_price` is held and routed within
+    /// the market's cap: four times the median price of providers that
+    /// are bonded and passed an audit. A gouger within the gateway's
+    /// limits no longer sizes every hold at its price; sybils (unbonded,
+    /// unaudited) do not move the median; a client who names a cap may
+    /// still pick the dear provider.
+    #[test]
+    fn holds_stay_within_the_market_price() {
+        let d = Arc::new(Directory::default());
+        for n in 1..=3 {
+            d.join(session(n, u64::from(n), 2, 80));
+            let node = NodeId::from_bytes([n; 32]);
+            d.set_bonded(&node, true);
+            d.record_audit(&node, true);
+        }
+        d.join(session(9, 9, 64, 1000));
+        // Cheap sybils, neither bonded nor audited.
+        for n in 20..30 {
+            d.join(session(n, u64::from(n), 2, 1));
+        }
+        let prefs = RoutePrefs::any();
+        let need = Need {
+            sha256: "m",
+            tokens: 5,
+            exclude: &[],
+            prefs: &prefs,
+            probe: false,
+            prefix: None,
+        };
+        assert_eq!(
+            d.quote(&need),
+            Ok(Price {
+                input: 80,
+                output: 80
+            }),
+            "the hold is sized at the market's prices, not the gouger's"
+        );
+        let capped = RoutePrefs {
+            max_price: Some(Price {
+                input: 2000,
+                output: 2000,
+            }),
+            ..RoutePrefs::any()
+        };
+        assert_eq!(
+            d.quote(&Need {
+                prefs: &capped,
+                ..need.clone()
+            }),
+            Ok(Price {
+                input: 1000,
+                output: 1000
+            }),
+            "a client naming its own cap may pay the dear one"
+        );
     }
 }

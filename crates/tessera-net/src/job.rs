@@ -702,7 +702,7 @@ impl RoutedJob {
 /// line.
 fn provider_said(node: &NodeId, message: &str) -> &'static str {
     let shown: String = message.chars().take(200).collect();
-    tracing::warn!(provider = %node.short(), message = %shown.escape_debug(), "a provider's error");
+    tracing::warn!(provider = %node.short(), text = %shown.escape_debug(), "a provider's error");
     "its message is in the gateway's log"
 }
 

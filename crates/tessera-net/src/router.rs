@@ -44,6 +44,9 @@ pub struct Candidate<'a> {
     pub serves: bool,
     /// Its price for the model.
     pub price: Price,
+    /// Its price is above the market cap: only a request naming its own
+    /// `max_price` may go to it.
+    pub over_market: bool,
     /// Heartbeats recent.
     pub healthy: bool,
     /// Quarantined (caught cheating): never routed to.
@@ -89,6 +92,7 @@ pub fn eligible(c: &Candidate<'_>, need: &Need<'_>) -> bool {
         && !need.exclude.contains(&c.session)
         && need.prefs.allows(c.node)
         && need.prefs.affords(&c.price)
+        && (need.prefs.max_price.is_some() || !c.over_market)
 }
 
 /// The highest price (per side) among providers that may serve the job,
@@ -109,7 +113,7 @@ pub fn quote<'a>(
             continue;
         }
         allowed = true;
-        if need.prefs.affords(&c.price) {
+        if need.prefs.affords(&c.price) && (need.prefs.max_price.is_some() || !c.over_market) {
             best = Some(best.map_or(c.price, |b| b.max(c.price)));
         }
     }
@@ -206,6 +210,7 @@ mod tests {
             session: 0,
             serves: true,
             price: Price::default(),
+            over_market: false,
             healthy: true,
             quarantined: false,
             unroutable: false,
