@@ -129,7 +129,29 @@ pub fn router(backend: Arc<dyn Backend>, accounts: Arc<dyn Accounts>, config: Ap
         })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(middleware::from_fn(close_after_refused_body))
         .with_state(state)
+}
+
+/// A request refused with a body the server may not have read (a 401
+/// before a 4 MiB prompt, a 413) is answered with `Connection: close`:
+/// the server drops the unread rest with the connection, and a client
+/// that pools connections (the `openai` package, browsers) must not send
+/// its next request on it, or that request fails with a connection error.
+async fn close_after_refused_body(req: Request, next: Next) -> Response {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let mut response = next.run(req).await;
+    if has_body && response.status().is_client_error() {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Count every answered request by route pattern and status.
