@@ -109,8 +109,11 @@ struct Routing {
     tok_s: f64,
     reputation: f64,
     /// The reputation's share of the default ranking
-    /// ([`router::reputation_term`]), computed once per change.
+    /// ([`router::reputation_term`]) plus its trial term
+    /// ([`router::trial_term`]), computed once per change.
     penalty: f64,
+    /// The trial term alone (for the router's slow path).
+    trial: f64,
 }
 
 impl Live {
@@ -157,6 +160,8 @@ struct Record {
     verified_tok_s: Option<f64>,
     /// When its last session ended (`None`: connected, or never left).
     left: Option<Instant>,
+    /// Its parts that failed since the last one it finished.
+    fails_in_a_row: u32,
     /// The most jobs it has been seen to finish with that many in flight:
     /// its load counts against this, not the slots it announces.
     proven_slots: usize,
@@ -185,6 +190,7 @@ impl Record {
             canary_misses: 0,
             verified_tok_s: None,
             left: None,
+            fails_in_a_row: 0,
             proven_slots: 1,
         }
     }
@@ -212,12 +218,14 @@ impl Record {
 
     fn routing(&self, latency_ms: f64) -> Routing {
         let reputation = self.reputation(latency_ms);
+        let trial = router::trial_term(self.done, self.fails_in_a_row);
         Routing {
             quarantined: self.quarantined,
             unroutable: self.canary_misses >= CANARY_MISSES,
             tok_s: self.trusted_tok_s(),
             reputation,
-            penalty: router::reputation_term(reputation),
+            penalty: router::reputation_term(reputation) + trial,
+            trial,
         }
     }
 }
@@ -685,6 +693,7 @@ impl Directory {
                 tok_s: l.routing.tok_s,
                 latency_ms: l.latency_ms,
                 reputation: l.routing.reputation,
+                trial: l.routing.trial,
                 cached: ((blocks * BLOCK) as f64 / tokens.max(1) as f64).min(1.0),
             }
         })
@@ -875,9 +884,13 @@ impl Directory {
                 match outcome {
                     PartOutcome::Done => {
                         r.done += 1;
+                        r.fails_in_a_row = 0;
                         r.proven_slots = r.proven_slots.max(inflight);
                     }
-                    PartOutcome::Failed => r.failed += 1,
+                    PartOutcome::Failed => {
+                        r.failed += 1;
+                        r.fails_in_a_row += 1;
+                    }
                     PartOutcome::Cancelled => r.cancelled += 1,
                 }
                 r.tokens += tokens;

@@ -68,6 +68,8 @@ pub struct Candidate<'a> {
     pub latency_ms: f64,
     /// Audit record × uptime × latency factor, 0–1 (1 before any audit).
     pub reputation: f64,
+    /// Its [`trial_term`]: what it has yet to show.
+    pub trial: f64,
     /// Share of the prompt it keeps in its KV cache (0–1).
     pub cached: f64,
 }
@@ -134,6 +136,17 @@ pub fn default_key(load: f64, price_term: f64, reputation: f64, cached: f64) -> 
     load + price_term + reputation_term(reputation) - PREFIX_WEIGHT * cached
 }
 
+/// What a provider that has not shown it serves adds to its ranking: 1 (as
+/// much as being fully loaded) until it finishes a job, and half as much
+/// again for each part it failed since its last finished one (up to 4).
+/// Node keys are free, so a provider that says Hello and lets jobs hang
+/// gets work only when every proven provider is busy, and less after each
+/// job it fails.
+pub fn trial_term(done: u64, fails_in_a_row: u32) -> f64 {
+    let unproven = if done == 0 { 1.0 } else { 0.0 };
+    unproven + 0.5 * f64::from(fails_in_a_row.min(4))
+}
+
 /// Reputation's part of [`default_key`]: half its shortfall from 1, in
 /// hundredths.
 pub fn reputation_term(reputation: f64) -> f64 {
@@ -176,12 +189,14 @@ pub fn choose(candidates: &[Candidate<'_>], prefs: &RoutePrefs, turn: usize) -> 
         Some(Sort::Latency) if c.latency_ms > 0.0 => c.latency_ms,
         Some(Sort::Latency) => f64::MAX,
         Some(Sort::Price) => c.price.output as f64 * 1e6 + c.price.input as f64 + c.load(),
-        None => default_key(
-            c.load(),
-            per_price * c.price.output as f64,
-            c.reputation,
-            c.cached,
-        ),
+        None => {
+            default_key(
+                c.load(),
+                per_price * c.price.output as f64,
+                c.reputation,
+                c.cached,
+            ) + c.trial
+        }
     };
     // Lower is better; one pass starting at `turn`, so the first of equals
     // changes from call to call.
@@ -220,6 +235,7 @@ mod tests {
             tok_s,
             latency_ms,
             reputation: 1.0,
+            trial: 0.0,
             cached: 0.0,
         }
     }

@@ -204,3 +204,52 @@ fn a_providers_error_text_never_reaches_clients() {
         assert!(text.contains("error"), "{status} {text}");
     }
 }
+
+/// Sybil providers join a network whose one honest provider has already
+/// served: they say Hello with valid offers and then let every job hang
+/// (the connection kept alive). Honest clients keep being answered by the
+/// honest provider, within seconds: a provider that never finished a job
+/// ranks behind one that did until the proven ones are busy.
+#[test]
+fn stalling_sybil_providers_do_not_hang_honest_requests() {
+    let gw = util::Gateway::start(&[]);
+    let honest = tempfile::tempdir().unwrap();
+    let mut children = vec![spawn_provider(&gw.ticket, honest.path(), 2)];
+    assert!(util::wait_listed(
+        &gw.url("/health"),
+        1,
+        Duration::from_secs(90)
+    ));
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let ask = |i: usize| {
+        client
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&gw.key)
+            .json(&chat(&format!("Say {i}."), json!({"max_tokens": 4})))
+            .send()
+    };
+    assert_eq!(ask(0).unwrap().status().as_u16(), 200);
+    let sybils: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    for home in &sybils {
+        std::fs::write(home.path().join("stall"), b"").unwrap();
+        children.push(spawn_provider_with(
+            &gw.ticket,
+            home.path(),
+            8,
+            &["--misbehave", "stall"],
+        ));
+    }
+    let _children = KillOnDrop(children);
+    assert!(util::wait_listed(
+        &gw.url("/health"),
+        4,
+        Duration::from_secs(90)
+    ));
+    for i in 1..=8 {
+        let resp = ask(i).unwrap_or_else(|e| panic!("request {i} hung on a stalling sybil: {e}"));
+        assert_eq!(resp.status().as_u16(), 200, "request {i}");
+    }
+}
