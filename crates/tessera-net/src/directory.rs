@@ -953,6 +953,12 @@ impl Directory {
         }
     }
 
+    /// Whether `node` has never finished a job here (see
+    /// [`router::trial_term`]).
+    pub fn unproven(&self, node: &NodeId) -> bool {
+        self.lock().records.get(node).is_some_and(|r| r.done == 0)
+    }
+
     /// `node`'s standing with the auditors, to be saved in the ledger.
     pub fn standing(&self, node: &NodeId) -> Option<tessera_ledger::Standing> {
         let state = self.lock();

@@ -39,6 +39,8 @@ pub mod backend;
 pub mod canary;
 pub mod directory;
 pub mod discovery;
+#[cfg(feature = "testing")]
+pub mod flood;
 pub mod gateway;
 pub mod job;
 pub mod node;

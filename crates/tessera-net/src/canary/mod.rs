@@ -71,14 +71,23 @@ pub fn spawn(gateway: Gateway, config: CanaryConfig) {
         // gap `interval`: a Poisson process per provider.
         let chance = (TICK.as_secs_f64() / config.interval.as_secs_f64().max(1e-3)).min(1.0);
         let mut tick = tokio::time::interval(TICK);
+        // Providers sent their first canary: one that never finished a job
+        // gets one at once, so an honest newcomer proves itself to the
+        // router (see `router::trial_term`) without a client's request
+        // being its trial. Bounded: cleared when large.
+        let mut introduced: std::collections::HashSet<NodeId> = Default::default();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
+            if introduced.len() > 100_000 {
+                introduced.clear();
+            }
             for model in gateway.models() {
                 for node in gateway.directory().serving_nodes(&model.sha256) {
-                    if dice.unit() >= chance {
+                    let first = gateway.directory().unproven(&node) && introduced.insert(node);
+                    if !first && dice.unit() >= chance {
                         continue;
                     }
                     let (gw, model, config) = (gateway.clone(), model.clone(), config.clone());

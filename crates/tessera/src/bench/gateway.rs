@@ -42,7 +42,7 @@ pub struct GatewayBench {
 }
 
 /// Resident memory (KiB) and CPU seconds so far of process `pid`.
-fn usage_of(pid: u32) -> Option<(u64, f64)> {
+pub(crate) fn usage_of(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss = status
         .lines()

@@ -13,6 +13,8 @@ pub mod audit;
 pub mod chat;
 pub mod economics;
 pub mod engine;
+#[cfg(feature = "testing")]
+pub mod flood;
 pub mod gateway;
 pub mod ledger;
 pub mod network;
@@ -40,6 +42,11 @@ pub enum BenchCommand {
     Ledger(ledger::LedgerBench),
     /// Concurrent streams one gateway holds (SYNTHETIC-engine providers).
     Gateway(gateway::GatewayBench),
+    /// A gateway under a sybil flood (gossip ids, slowloris, stalling
+    /// providers): its memory and honest requests' time to first token
+    /// (builds with the `testing` feature).
+    #[cfg(feature = "testing")]
+    Flood(flood::FloodBench),
     /// The auditor: detection per cheating mode, honest false positives,
     /// audit cost; writes the calibration data.
     Audit(audit::AuditBench),
@@ -72,6 +79,8 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Chat(b) => chat::run(home, b),
         BenchCommand::Network(b) => network::run(home, b),
         BenchCommand::Gateway(b) => gateway::run(home, b),
+        #[cfg(feature = "testing")]
+        BenchCommand::Flood(b) => flood::run(home, b),
         BenchCommand::Ledger(b) => ledger::run(b),
         BenchCommand::Audit(b) => audit::run(home, b),
         BenchCommand::Economics(b) => economics::run(b),
