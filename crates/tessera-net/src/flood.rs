@@ -66,6 +66,16 @@ impl Flood {
     pub fn opened(&self) -> usize {
         self.connections.len()
     }
+
+    /// End the flood: close every connection and endpoint.
+    pub async fn close(mut self) {
+        self.tasks.abort_all();
+        for c in &self.connections {
+            c.close(0u32.into(), b"flood over");
+        }
+        let endpoints = std::mem::take(&mut self.endpoints);
+        futures::future::join_all(endpoints.iter().map(Endpoint::close)).await;
+    }
 }
 
 impl Drop for Flood {

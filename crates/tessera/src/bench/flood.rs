@@ -163,7 +163,7 @@ pub fn run(home: &Path, b: FloodBench) -> anyhow::Result<()> {
     let opened = flood.opened();
     let announced = flood.announced;
     let held_rss = usage_of(pid).map_or(0, |u| u.0);
-    drop(flood);
+    rt.block_on(flood.close());
     let mib = |kib: u64| kib as f64 / 1024.0;
     let p50 = |v: &[f64]| percentile(v.to_vec(), 0.5);
     let p90 = |v: &[f64]| percentile(v.to_vec(), 0.9);
