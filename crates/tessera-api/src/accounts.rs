@@ -1,13 +1,13 @@
 //! The API's accounts kept in the ledger: the adapter between the
 //! [`Accounts`] seam and a `tessera-ledger` [`Ledger`].
 //!
-//! [`LedgerAccounts`] looks keys up, applies a per-key rate limit (token
-//! bucket, in this process), holds credits in escrow and settles them with
+//! [`LedgerAccounts`] looks keys up, applies a per-key rate limit (per
+//! minute, across every gateway on the ledger, leased in batches), holds
+//! credits in escrow and settles them with
 //! the gateway's fee. Ledger errors become the API's 401/402/500 here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
@@ -35,28 +35,52 @@ pub fn account_json(a: &Account) -> Value {
     })
 }
 
-/// A token bucket per account: `limit` requests per minute, bursts of `limit`.
+/// Rate limits that hold across every gateway on one ledger, without a
+/// ledger write per request: a key may make `limit` requests per minute of
+/// the clock, and each gateway takes them from the ledger in batches
+/// (leases of an eighth of the limit, 1 to 64) and spends them locally. A
+/// gateway's unspent lease is lost at the minute's end, so with G gateways
+/// a key may be refused up to G batches early; never let through beyond
+/// its limit.
 #[derive(Default)]
 struct RateLimiter {
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// Per account: the minute (its start, ms) and requests left in this
+    /// gateway's lease for it.
+    leases: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 impl RateLimiter {
-    fn allow(&self, account: &str, per_minute: u64) -> bool {
-        let Ok(mut map) = self.buckets.lock() else {
-            return true;
-        };
-        let cap = per_minute as f64;
-        let now = Instant::now();
-        let (tokens, at) = map.entry(account.to_string()).or_insert((cap, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * cap / 60.0).min(cap);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+    async fn allow(
+        &self,
+        ledger: &Ledger,
+        account: &str,
+        per_minute: u64,
+    ) -> Result<bool, LedgerError> {
+        let window = tessera_core::now_ms() / 60_000 * 60_000;
+        if let Ok(mut leases) = self.leases.lock() {
+            if let Some((w, left)) = leases.get_mut(account) {
+                if *w == window && *left > 0 {
+                    *left -= 1;
+                    return Ok(true);
+                }
+            }
         }
+        let batch = (per_minute / 8).clamp(1, 64);
+        let granted = ledger.take_rate(account, window, batch, per_minute).await?;
+        if granted == 0 {
+            return Ok(false);
+        }
+        if let Ok(mut leases) = self.leases.lock() {
+            if leases.len() > 100_000 {
+                leases.retain(|_, (w, _)| *w == window);
+            }
+            let entry = leases.entry(account.to_string()).or_insert((window, 0));
+            if entry.0 != window {
+                *entry = (window, 0);
+            }
+            entry.1 += granted - 1;
+        }
+        Ok(true)
     }
 }
 
@@ -126,7 +150,11 @@ impl Accounts for LedgerAccounts {
                 .map_err(ledger_error)?
                 .ok_or_else(|| ApiError::unauthorized("Incorrect API key provided."))?;
             if let Some(limit) = account.rate_limit {
-                if !limiter.allow(&account.id, limit.max(1) as u64) {
+                let allowed = limiter
+                    .allow(&ledger, &account.id, limit.max(1) as u64)
+                    .await
+                    .map_err(ledger_error)?;
+                if !allowed {
                     return Err(ApiError::rate_limited(format!(
                         "Rate limit of {limit} requests per minute reached for this key; retry shortly."
                     )));

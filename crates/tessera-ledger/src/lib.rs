@@ -613,6 +613,56 @@ impl Ledger {
         Ok(())
     }
 
+    /// Take up to `want` of `account`'s `limit` requests in the minute of
+    /// the clock starting at `window_ms`, for every gateway on this ledger
+    /// together: returns how many were granted (`want`, 1, or 0 when the
+    /// minute's requests are used up). Each statement is atomic, so two
+    /// gateways taking at once never grant more than `limit` in all.
+    pub async fn take_rate(
+        &self,
+        account: &str,
+        window_ms: u64,
+        want: u64,
+        limit: u64,
+    ) -> Result<u64> {
+        let window = i64::try_from(window_ms).unwrap_or(i64::MAX);
+        let inserted = sqlx::query(
+            "INSERT INTO rate_windows (account, window_ms, used) VALUES ($1, $2, 0) \
+             ON CONFLICT (account, window_ms) DO NOTHING",
+        )
+        .bind(account.to_string())
+        .bind(window)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted > 0 {
+            // A new minute: forget the minutes before the last.
+            sqlx::query("DELETE FROM rate_windows WHERE window_ms < $1")
+                .bind(window - 120_000)
+                .execute(&self.pool)
+                .await?;
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        for take in [want.max(1), 1] {
+            let take = i64::try_from(take).unwrap_or(1);
+            let granted = sqlx::query(
+                "UPDATE rate_windows SET used = used + $1 \
+                 WHERE account = $2 AND window_ms = $3 AND used + $1 <= $4",
+            )
+            .bind(take)
+            .bind(account.to_string())
+            .bind(window)
+            .bind(limit)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if granted > 0 {
+                return Ok(take as u64);
+            }
+        }
+        Ok(0)
+    }
+
     /// Standings changed at or after `since_ms` (0: all), oldest first.
     pub async fn standings_since(&self, since_ms: u64) -> Result<Vec<Standing>> {
         let rows = sqlx::query(

@@ -88,6 +88,14 @@ const MIGRATIONS: &[&str] = &[
         updated_ms BIGINT NOT NULL
     )",
     "CREATE INDEX standings_updated ON standings (updated_ms)",
+    // Requests each rate-limited key made per minute of the clock, across
+    // every gateway on this ledger; gateways take them in batches (leases).
+    "CREATE TABLE rate_windows (
+        account TEXT NOT NULL,
+        window_ms BIGINT NOT NULL,
+        used BIGINT NOT NULL,
+        PRIMARY KEY (account, window_ms)
+    )",
 ];
 
 /// Apply every migration not yet applied, and create the system accounts.

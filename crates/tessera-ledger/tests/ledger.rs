@@ -602,3 +602,33 @@ async fn a_new_sqlite_ledger_is_owner_only() {
     }
     assert!(path.exists());
 }
+
+/// Rate windows: gateways taking a key's requests at once, in batches,
+/// never get more than its limit in a minute, on both stores; a new minute
+/// starts afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_leases_never_grant_beyond_the_limit() {
+    for (ledger, url, _store) in ledgers().await {
+        let window = 1_000 * 60_000;
+        let takes: Vec<_> = (0..8)
+            .map(|_| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move { ledger.take_rate("acct", window, 3, 10).await })
+            })
+            .collect();
+        let mut granted = 0;
+        for t in takes {
+            granted += t.await.unwrap().unwrap();
+        }
+        assert_eq!(granted, 10, "{url}: all ten and no more");
+        assert_eq!(ledger.take_rate("acct", window, 3, 10).await.unwrap(), 0);
+        assert_eq!(
+            ledger
+                .take_rate("acct", window + 60_000, 3, 10)
+                .await
+                .unwrap(),
+            3,
+            "{url}: the next minute"
+        );
+    }
+}

@@ -253,3 +253,47 @@ fn stalling_sybil_providers_do_not_hang_honest_requests() {
         assert_eq!(resp.status().as_u16(), 200, "request {i}");
     }
 }
+
+/// A key's rate limit holds across gateways sharing a ledger: a client
+/// spreading its requests over two gateways gets no more than its limit
+/// per minute in all.
+#[test]
+fn a_rate_limit_holds_across_gateways_sharing_a_ledger() {
+    let first = util::Gateway::start(&[]);
+    let second = util::Gateway::start(&["--database-url", &first.database_url()]);
+    let created = util::tessera_json(
+        first.home.path(),
+        &[
+            "account",
+            "create",
+            "spread",
+            "--credits",
+            "1",
+            "--rate-limit",
+            "4",
+        ],
+    );
+    let key = created["api_key"].as_str().unwrap().to_string();
+    // All requests within one minute of the clock.
+    let in_minute = tessera_core::now_ms() % 60_000;
+    if in_minute > 50_000 {
+        std::thread::sleep(Duration::from_millis(60_000 - in_minute + 200));
+    }
+    let client = util::client_for(&key);
+    let mut ok = 0;
+    let mut limited = 0;
+    for i in 0..6 {
+        let gw = if i % 2 == 0 { &first } else { &second };
+        let resp = client.get(gw.url("/v1/account")).send().unwrap();
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => limited += 1,
+            s => panic!("request {i}: {s} {}", resp.text().unwrap()),
+        }
+    }
+    assert_eq!(
+        (ok, limited),
+        (4, 2),
+        "a limit of 4 a minute, spread over two gateways"
+    );
+}
