@@ -212,6 +212,11 @@ impl AuditorPool {
         rx
     }
 
+    /// Whether the operator named `node` as an auditor.
+    pub fn admits(&self, node: &NodeId) -> bool {
+        self.allowed.contains(node)
+    }
+
     /// Run one auditor process's session: admit it only if the operator
     /// named it, then offer it audits until its connection ends.
     pub async fn serve(self: Arc<Self>, conn: Connection, gateway: NodeId) -> anyhow::Result<()> {

@@ -747,6 +747,11 @@ impl Directory {
         let mut state = self.lock();
         let model = *state.models.get(need.sha256)?;
         let per_price = 0.25 / state.dearest.get(&model).copied().unwrap_or(0).max(1) as f64;
+        // The market cap binds a request that names no price cap of its own.
+        let market = match need.prefs.max_price {
+            None => state.market.get(&model).copied(),
+            Some(_) => None,
+        };
         let kept = need
             .prefix
             .map(|(key, chain)| state.prefixes.matches(key, chain))
@@ -766,11 +771,7 @@ impl Directory {
                 || l.routing.quarantined
                 || (l.routing.unroutable && !need.probe)
                 || !need.prefs.affords(&o.price)
-                || (need.prefs.max_price.is_none()
-                    && state
-                        .market
-                        .get(&model)
-                        .is_some_and(|cap| !o.price.within(cap)))
+                || market.is_some_and(|cap| !o.price.within(&cap))
                 || need.exclude.contains(&l.id)
             {
                 continue;

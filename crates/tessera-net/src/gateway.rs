@@ -308,6 +308,11 @@ impl Gateway {
                         conn.close(3u32.into(), b"this gateway does not audit");
                         return;
                     };
+                    // A stranger dialling as an auditor is refused within
+                    // the Hello deadline; until then it counts among the
+                    // bounded handshakes.
+                    let node = node_id(&conn.remote_id());
+                    let _pending = (!pool.admits(&node)).then(|| gw.handshakes.begin(&conn));
                     if let Err(e) = pool.serve(conn, gw.node).await {
                         tracing::warn!(error = %e, "auditor session ended");
                     }
