@@ -24,7 +24,8 @@ use crate::directory::Directory;
 use crate::discovery::{Discovery, GOSSIP_ALPN};
 use crate::job::JobSetup;
 use crate::node::node_id;
-use crate::session::{GatewayIdentity, OfferLimits};
+pub use crate::session::MAX_HANDSHAKES;
+use crate::session::{GatewayIdentity, Handshakes, OfferLimits};
 
 /// How long a job keeps looking for a provider after the last one failed
 /// it, by default.
@@ -35,59 +36,9 @@ pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
 /// continues elsewhere.
 pub const FRAME_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Most connections a gateway holds that have not finished their handshake
-/// (a provider's or auditor's Hello): a flood of silent peers holds this
-/// many at most, the oldest being closed to make room for each newcomer,
-/// so a peer that says Hello at once always gets in.
-pub const MAX_HANDSHAKES: usize = 64;
-
 /// Most connections a gateway holds at once, of every kind (providers,
 /// auditors, gossip peers, handshakes); beyond it new ones are refused.
 pub const MAX_CONNECTIONS: usize = 2048;
-
-/// Connections still in their handshake, oldest first; a newcomer beyond
-/// [`MAX_HANDSHAKES`] closes the oldest.
-#[derive(Default)]
-pub struct Handshakes {
-    pending: std::sync::Mutex<std::collections::BTreeMap<u64, iroh::endpoint::Connection>>,
-    next: std::sync::atomic::AtomicU64,
-}
-
-/// One connection's place among the handshakes, given up when dropped.
-pub struct Pending {
-    handshakes: Arc<Handshakes>,
-    seq: u64,
-}
-
-impl Handshakes {
-    /// `conn` starts its handshake (closing the oldest beyond the bound).
-    pub fn begin(self: &Arc<Self>, conn: &iroh::endpoint::Connection) -> Pending {
-        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let oldest = self.pending.lock().ok().and_then(|mut p| {
-            let oldest = (p.len() >= MAX_HANDSHAKES)
-                .then(|| p.pop_first().map(|(_, c)| c))
-                .flatten();
-            p.insert(seq, conn.clone());
-            oldest
-        });
-        if let Some(c) = oldest {
-            tracing::debug!("too many handshakes: closed the oldest");
-            c.close(5u32.into(), b"too slow to say Hello");
-        }
-        Pending {
-            handshakes: self.clone(),
-            seq,
-        }
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.handshakes.pending.lock() {
-            p.remove(&self.seq);
-        }
-    }
-}
 
 /// A gateway: its endpoint, the models it can tokenize, its directory.
 #[derive(Clone)]

@@ -8,6 +8,7 @@
 //! no slot, or a price or context beyond [`OfferLimits`]). The session lasts while the control stream does; each
 //! heartbeat keeps the provider routable.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -22,6 +23,56 @@ use crate::directory::{Directory, Session};
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// Longest wait for a new connection's `Hello`.
 const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Most connections a gateway holds that have not finished their handshake
+/// (a provider's or auditor's Hello): a flood of silent peers holds this
+/// many at most, the oldest being closed to make room for each newcomer,
+/// so a peer that says Hello at once always gets in.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// Connections still in their handshake, oldest first; a newcomer beyond
+/// [`MAX_HANDSHAKES`] closes the oldest.
+#[derive(Default)]
+pub struct Handshakes {
+    pending: std::sync::Mutex<std::collections::BTreeMap<u64, iroh::endpoint::Connection>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// One connection's place among the handshakes, given up when dropped.
+pub struct Pending {
+    handshakes: Arc<Handshakes>,
+    seq: u64,
+}
+
+impl Handshakes {
+    /// `conn` starts its handshake (closing the oldest beyond the bound).
+    pub fn begin(self: &Arc<Self>, conn: &iroh::endpoint::Connection) -> Pending {
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let oldest = self.pending.lock().ok().and_then(|mut p| {
+            let oldest = (p.len() >= MAX_HANDSHAKES)
+                .then(|| p.pop_first().map(|(_, c)| c))
+                .flatten();
+            p.insert(seq, conn.clone());
+            oldest
+        });
+        if let Some(c) = oldest {
+            tracing::debug!("too many handshakes: closed the oldest");
+            c.close(5u32.into(), b"too slow to say Hello");
+        }
+        Pending {
+            handshakes: self.clone(),
+            seq,
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.handshakes.pending.lock() {
+            p.remove(&self.seq);
+        }
+    }
+}
 
 /// What a provider may announce: prices up to `max_price` (micro-credits
 /// per token), a context up to the model's own. A request's hold is sized
@@ -84,7 +135,7 @@ pub async fn serve(
     gateway: &GatewayIdentity,
     conn: Connection,
     node: NodeId,
-    pending: crate::gateway::Pending,
+    pending: Pending,
 ) -> anyhow::Result<()> {
     let (mut send, mut recv) = tokio::time::timeout(HELLO_DEADLINE, conn.accept_bi())
         .await
