@@ -198,6 +198,35 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Every newcomer gets a canary at once (unless canaries are off): wait
+    // for those, so the devnet is up with providers the router already
+    // trusts to answer (a provider that never finished a job ranks like a
+    // full one).
+    let canaries_off = std::env::var("TESSERA_CANARY_INTERVAL")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .is_some_and(|v| v <= 0.0);
+    if !canaries_off {
+        let status = format!("{}/api/status", api_base.trim_end_matches("/v1"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let proven = reqwest::blocking::get(&status)
+                .ok()
+                .and_then(|r| r.json::<Value>().ok())
+                .and_then(|v| {
+                    v["providers"].as_array().map(|ps| {
+                        ps.iter()
+                            .filter(|p| p["jobs_done"].as_u64().is_some_and(|n| n > 0))
+                            .count()
+                    })
+                })
+                .unwrap_or(0);
+            if proven >= args.providers || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let path = home.join("endpoint.json");
     let endpoint = json!({
         "api_base": api_base,

@@ -78,6 +78,25 @@ fn a_provider_that_joins_later_receives_work() {
         .into_iter()
         .find(|n| *n != net.providers[0].1)
         .unwrap();
+    // Its first canary proves it answers (until then it ranks like a full
+    // provider).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = net.operator_status();
+        let done = status["providers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["node"] == late_node.as_str()))
+            .and_then(|p| p["jobs_done"].as_u64())
+            .unwrap_or(0);
+        if done > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late provider never answered its first canary: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let served: Vec<String> = (0..6)
         .map(|i| provider_of(&ask(&net, &format!("Name {i} colors."))))
         .collect();
