@@ -17,7 +17,14 @@
 //! first paid part; a continuation's re-read of the prompt is the
 //! network's cost. A part cut off because the client went away is
 //! unverifiable too, and so free: the provider's loss, bounded by what it
-//! generated before the gateway stopped it. Local answers (`tessera serve`)
+//! generated before the gateway stopped it. An answer that ends in an
+//! error is released, charging nothing: its last part failed, and so did
+//! every part before it (a part ends verifiable only with its proof, which
+//! a provider sends when it finishes or is asked to wrap up, and neither
+//! leads to an error but a gateway shutting down mid-answer, which charges
+//! nothing), so releasing is exactly this rule — a client pinned
+//! to a provider that fails mid-answer gets that partial answer free, and
+//! the provider, not the network, bears it. Local answers (`tessera serve`)
 //! have no receipts and are always billed.
 
 use std::sync::Arc;
