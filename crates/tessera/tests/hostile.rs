@@ -214,7 +214,7 @@ fn a_providers_error_text_never_reaches_clients() {
 fn stalling_sybil_providers_do_not_hang_honest_requests() {
     let gw = util::Gateway::start(&[]);
     let honest = tempfile::tempdir().unwrap();
-    let mut children = vec![spawn_provider(&gw.ticket, honest.path(), 2)];
+    let mut children = KillOnDrop(vec![spawn_provider(&gw.ticket, honest.path(), 2)]);
     assert!(util::wait_listed(
         &gw.url("/health"),
         1,
@@ -235,14 +235,13 @@ fn stalling_sybil_providers_do_not_hang_honest_requests() {
     let sybils: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     for home in &sybils {
         std::fs::write(home.path().join("stall"), b"").unwrap();
-        children.push(spawn_provider_with(
+        children.0.push(spawn_provider_with(
             &gw.ticket,
             home.path(),
             8,
             &["--misbehave", "stall"],
         ));
     }
-    let _children = KillOnDrop(children);
     assert!(util::wait_listed(
         &gw.url("/health"),
         4,

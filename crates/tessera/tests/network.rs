@@ -68,7 +68,8 @@ fn requests_spread_over_providers_and_a_killed_provider_stops_receiving_work() {
 fn a_provider_that_joins_later_receives_work() {
     let net = Devnet::start(1);
     let home = tempfile::tempdir().unwrap();
-    let mut late = util::spawn_provider(&net.ticket, home.path(), 2);
+    // Killed if the test fails before it stops it.
+    let mut late = util::KillOnDrop(vec![util::spawn_provider(&net.ticket, home.path(), 2)]);
     assert!(
         net.wait_listed(2, Duration::from_secs(60)),
         "the late provider never joined"
@@ -106,8 +107,8 @@ fn a_provider_that_joins_later_receives_work() {
     );
 
     // And when it leaves cleanly it stops receiving work at once.
-    util::signal(late.id(), "-TERM");
-    let _ = late.wait();
+    util::signal(late.0[0].id(), "-TERM");
+    let _ = late.0[0].wait();
     assert!(net.wait_listed(1, Duration::from_secs(15)));
     for i in 0..3 {
         assert_ne!(provider_of(&ask(&net, &format!("Say {i}."))), late_node);
