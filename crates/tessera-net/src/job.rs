@@ -57,6 +57,11 @@ use crate::router::Need;
 
 /// Longest wait for a provider's first answer to a job.
 const FIRST_FRAME: Duration = Duration::from_secs(120);
+/// The same for a provider on trial (it never finished a job here, see
+/// `router::trial_term`): node keys are free, so one that says Hello and
+/// lets jobs hang may hold a client's request this long at most before
+/// the request fails over.
+const TRIAL_FIRST_FRAME: Duration = Duration::from_secs(30);
 /// Most tokens one `Tokens` frame may carry (providers send one or a few).
 pub const MAX_FRAME_TOKENS: usize = 64;
 /// How long a provider asked to wrap up (`Cancel`) has to send its proof.
@@ -735,9 +740,13 @@ async fn start(
     };
     write_frame(&mut send, &Frame::JobRequest(job)).await?;
     let asked = Instant::now();
-    let first = tokio::time::timeout(FIRST_FRAME, read_frame(&mut recv))
+    let wait = match directory.unproven(&claim.session.node) {
+        true => TRIAL_FIRST_FRAME,
+        false => FIRST_FRAME,
+    };
+    let first = tokio::time::timeout(wait, read_frame(&mut recv))
         .await
-        .map_err(|_| anyhow!("no answer within {} s", FIRST_FRAME.as_secs()))??
+        .map_err(|_| anyhow!("no answer within {} s", wait.as_secs()))??
         .ok_or_else(|| anyhow!("the provider closed the job stream"))?;
     if let Frame::JobError(e) = &first {
         return Err(anyhow!(

@@ -296,3 +296,59 @@ fn a_rate_limit_holds_across_gateways_sharing_a_ledger() {
         "a limit of 4 a minute, spread over two gateways"
     );
 }
+
+/// When the proven provider is busy, a request may spill onto a stalling
+/// sybil (it never finished a job, so it is on trial): the gateway gives a
+/// provider on trial 30 s for its first frame, not 120 s, and the request
+/// fails over to the honest provider once it is free.
+#[test]
+fn a_request_spilled_onto_a_stalling_sybil_fails_over_within_its_trial_deadline() {
+    let gw = util::Gateway::start(&["--canary-interval", "0"]);
+    let honest = tempfile::tempdir().unwrap();
+    let mut children = KillOnDrop(vec![spawn_provider(&gw.ticket, honest.path(), 1)]);
+    assert!(util::wait_listed(
+        &gw.url("/health"),
+        1,
+        Duration::from_secs(90)
+    ));
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(75))
+        .build()
+        .unwrap();
+    let ask = |content: &str, max_tokens: u32| {
+        client
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&gw.key)
+            .json(&chat(content, json!({"max_tokens": max_tokens})))
+            .send()
+    };
+    assert_eq!(ask("Say hi.", 4).unwrap().status().as_u16(), 200);
+    let sybil = tempfile::tempdir().unwrap();
+    std::fs::write(sybil.path().join("stall"), b"").unwrap();
+    children.0.push(spawn_provider_with(
+        &gw.ticket,
+        sybil.path(),
+        8,
+        &["--misbehave", "stall"],
+    ));
+    assert!(util::wait_listed(
+        &gw.url("/health"),
+        2,
+        Duration::from_secs(90)
+    ));
+    // The honest provider's one slot is busy with a long answer; the next
+    // request goes to the sybil.
+    std::thread::scope(|s| {
+        let long = s.spawn(|| ask("Write a long story about the sea.", 400));
+        std::thread::sleep(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let spilled = ask("Say hello.", 4).unwrap_or_else(|e| {
+            panic!(
+                "the spilled request hung on the stalling sybil for {:?}: {e}",
+                started.elapsed()
+            )
+        });
+        assert_eq!(spilled.status().as_u16(), 200);
+        assert_eq!(long.join().unwrap().unwrap().status().as_u16(), 200);
+    });
+}
