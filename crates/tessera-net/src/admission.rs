@@ -113,16 +113,35 @@ impl Certificate {
         open(text, "certificate", |c: &Certificate| c.operator)
     }
 
-    /// Check a signed certificate for `gateway` in `network` under the
-    /// operator key `operator`, at `now`.
-    pub fn check(
-        text: &str,
+    /// The operator's certificate of `gateway` in `network`, valid from
+    /// now for `valid_for`, signed with `operator`'s key.
+    pub fn issue(
+        operator: &SecretKey,
+        network: &str,
+        gateway: NodeId,
+        valid_for: std::time::Duration,
+    ) -> String {
+        let now = now_ms();
+        Certificate {
+            network: network.to_string(),
+            operator: crate::node::node_id(&operator.public()),
+            gateway,
+            issued_ms: now,
+            expires_ms: now.saturating_add(valid_for.as_millis() as u64),
+        }
+        .sign(operator)
+    }
+
+    /// Check an opened certificate: for `gateway` in `network`, under the
+    /// operator key `operator`, not expired at `now`.
+    pub fn validate(
+        &self,
         network: &str,
         operator: &NodeId,
         gateway: &NodeId,
         now: u64,
-    ) -> anyhow::Result<Certificate> {
-        let c = Certificate::open(text)?;
+    ) -> anyhow::Result<()> {
+        let c = self;
         if c.operator != *operator {
             bail!(
                 "certified by operator {}, not this network's {}",
@@ -143,7 +162,7 @@ impl Certificate {
         if c.expires_ms <= now {
             bail!("the certificate expired");
         }
-        Ok(c)
+        Ok(())
     }
 }
 
@@ -232,7 +251,8 @@ impl Admission {
                 self.network
             ));
         };
-        Certificate::check(text, &self.network, &self.operator, gateway, now_ms())
+        Certificate::open(text)
+            .and_then(|c| c.validate(&self.network, &self.operator, gateway, now_ms()))
             .map_err(|e| format!("gateway {}: {e}", gateway.short()))?;
         if self.is_revoked(gateway) {
             return Err(format!(

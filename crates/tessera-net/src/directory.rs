@@ -210,6 +210,12 @@ impl Record {
         self.audit_score.unwrap_or(1.0) * self.uptime() * latency
     }
 
+    /// Whether its price counts toward the market cap: it holds its bond
+    /// and passed an audit with none failed (see `State::recompute_market`).
+    fn trusted(&self) -> bool {
+        self.bonded && self.audits_passed > 0 && self.audits_failed == 0 && !self.quarantined
+    }
+
     /// The throughput routing may trust: verified by canaries, else measured
     /// by this gateway on its jobs.
     fn trusted_tok_s(&self) -> f64 {
@@ -371,10 +377,11 @@ impl State {
     fn recompute_market(&mut self) {
         let mut prices: HashMap<u32, (Vec<u64>, Vec<u64>)> = HashMap::new();
         for l in &self.live {
-            let trusted = self.records.get(&l.session.node).is_some_and(|r| {
-                r.bonded && r.audits_passed > 0 && r.audits_failed == 0 && !r.quarantined
-            });
-            if !trusted {
+            if !self
+                .records
+                .get(&l.session.node)
+                .is_some_and(Record::trusted)
+            {
                 continue;
             }
             for o in l.offer.iter().chain(&l.more) {
@@ -397,6 +404,16 @@ impl State {
                 (model, cap)
             })
             .collect();
+    }
+
+    /// `node`'s record changed, and it was `trusted_before`: recompute the
+    /// market cap only if a live provider's trust changed (the cap is
+    /// O(providers) to compute; audits and bonds change often, trust rarely).
+    fn trust_changed(&mut self, node: &NodeId, trusted_before: bool) {
+        let trusted = self.records.get(node).is_some_and(Record::trusted);
+        if trusted != trusted_before && self.index.contains_key(node) {
+            self.recompute_market();
+        }
     }
 
     /// Whether `price` of `model` is above the market cap.
@@ -609,7 +626,8 @@ impl Directory {
         if old.is_some() {
             state.recompute_dearest();
         } else {
-            state.recompute_market();
+            // A newcomer moves the market only if it is trusted already.
+            state.trust_changed(&session.node, false);
         }
         drop(state);
         if let Some(conn) = old.and_then(|o| o.session.conn.clone()) {
@@ -944,14 +962,12 @@ impl Directory {
     /// Whether `node`'s account holds its bond.
     pub fn set_bonded(&self, node: &NodeId, bonded: bool) {
         let mut state = self.lock();
-        let changed = state.records.get_mut(node).is_some_and(|r| {
-            let changed = r.bonded != bonded;
-            r.bonded = bonded;
-            changed
-        });
-        if changed {
-            state.recompute_market();
-        }
+        let Some(r) = state.records.get_mut(node) else {
+            return;
+        };
+        let before = r.trusted();
+        r.bonded = bonded;
+        state.trust_changed(node, before);
     }
 
     /// Whether `node` has never finished a job here (see
@@ -983,6 +999,7 @@ impl Directory {
             .records
             .entry(*node)
             .or_insert_with(|| Record::new(Instant::now()));
+        let before = r.trusted();
         r.audits_passed = r.audits_passed.max(s.audits_passed);
         if s.audits_failed > r.audits_failed {
             r.audits_failed = s.audits_failed;
@@ -990,7 +1007,7 @@ impl Directory {
         }
         r.quarantined |= s.quarantined;
         state.refresh(node);
-        state.recompute_market();
+        state.trust_changed(node, before);
     }
 
     /// An audit of `node` passed or failed; what it did to its standing.
@@ -999,6 +1016,7 @@ impl Directory {
         let Some(r) = state.records.get_mut(node) else {
             return Standing::Unchanged;
         };
+        let before = r.trusted();
         let x = if passed { 1.0 } else { 0.0 };
         r.audit_score = Some(r.audit_score.map_or(x, |old| 0.8 * old + 0.2 * x));
         let standing = if passed {
@@ -1016,7 +1034,7 @@ impl Directory {
             }
         };
         state.refresh(node);
-        state.recompute_market();
+        state.trust_changed(node, before);
         standing
     }
 
@@ -1147,6 +1165,18 @@ mod tests {
     use super::*;
     use tessera_backend::RoutePrefs;
 
+    /// A plain job of model "m" with a 5-token prompt, under `prefs`.
+    fn need_of(prefs: &RoutePrefs) -> Need<'_> {
+        Need {
+            sha256: "m",
+            tokens: 5,
+            exclude: &[],
+            prefs,
+            probe: false,
+            prefix: None,
+        }
+    }
+
     fn session(n: u8, id: u64, slots: usize, price: u64) -> Session {
         let node = NodeId::from_bytes([n; 32]);
         Session {
@@ -1173,14 +1203,7 @@ mod tests {
         let d = Arc::new(Directory::default());
         d.join(session(1, 1, 2, 10));
         let prefs = RoutePrefs::any();
-        let need = Need {
-            sha256: "m",
-            tokens: 5,
-            exclude: &[],
-            prefs: &prefs,
-            probe: false,
-            prefix: None,
-        };
+        let need = need_of(&prefs);
         let a = d.pick(&need).expect("a free slot");
         let b = d.pick(&need).expect("a second slot");
         assert!(d.pick(&need).is_none(), "both slots taken");
@@ -1210,14 +1233,7 @@ mod tests {
         let d = Arc::new(Directory::default());
         d.join(session(1, 1, 1, 10));
         let prefs = RoutePrefs::any();
-        let need = Need {
-            sha256: "m",
-            tokens: 5,
-            exclude: &[],
-            prefs: &prefs,
-            probe: false,
-            prefix: None,
-        };
+        let need = need_of(&prefs);
         let old = d.pick(&need).expect("slot");
         d.join(session(1, 2, 1, 10));
         let new = d.pick(&need).expect("the new session's slot");
@@ -1241,14 +1257,7 @@ mod tests {
             d.join(session(n, u64::from(n), 4, 10));
         }
         let prefs = RoutePrefs::any();
-        let need = Need {
-            sha256: "m",
-            tokens: 5,
-            exclude: &[],
-            prefs: &prefs,
-            probe: false,
-            prefix: None,
-        };
+        let need = need_of(&prefs);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..30 {
             let c = d.pick(&need).unwrap();
@@ -1353,14 +1362,7 @@ mod tests {
         d.join(session(1, 1, 4, 80));
         d.join(session(2, 2, 64, 320));
         let prefs = RoutePrefs::any();
-        let need = Need {
-            sha256: "m",
-            tokens: 5,
-            exclude: &[],
-            prefs: &prefs,
-            probe: false,
-            prefix: None,
-        };
+        let need = need_of(&prefs);
         let only = |n: u8| RoutePrefs {
             only: vec![NodeId::from_bytes([n; 32]).to_string()],
             ..RoutePrefs::any()
@@ -1408,14 +1410,7 @@ mod tests {
             d.join(session(n, u64::from(n), 2, 1));
         }
         let prefs = RoutePrefs::any();
-        let need = Need {
-            sha256: "m",
-            tokens: 5,
-            exclude: &[],
-            prefs: &prefs,
-            probe: false,
-            prefix: None,
-        };
+        let need = need_of(&prefs);
         assert_eq!(
             d.quote(&need),
             Ok(Price {

@@ -452,9 +452,7 @@ impl Discovery {
     pub fn known(&self) -> usize {
         self.known.lock().map(|k| k.len()).unwrap_or(0)
     }
-}
 
-impl Discovery {
     /// Take `bytes` as the operator's revocation list, if they are one
     /// (a node without the operator's key ignores them).
     fn learn_revocations(&self, bytes: &[u8]) -> bool {

@@ -37,6 +37,8 @@ pub struct FloodConfig {
     pub network: String,
     /// Fresh node ids announced on gossip.
     pub sybils: usize,
+    /// What they announce themselves as.
+    pub role: Role,
     /// Connections opened to the gateway, each from a fresh node id.
     pub connections: usize,
     /// The model the stalling providers offer (sha256).
@@ -131,7 +133,7 @@ pub async fn start(target: &Ticket, config: FloodConfig) -> anyhow::Result<Flood
         let key = SecretKey::generate();
         let a = Announcement {
             network: config.network.clone(),
-            role: Role::Provider,
+            role: config.role,
             node: node_id(&key.public()),
             addrs: vec!["127.0.0.1:9".parse()?],
             models: vec![config.model_sha256.clone()],

@@ -4,15 +4,17 @@
 //! and a node that knows the network's operator keeps no uncertified
 //! gateway at all.
 
+// The flooder is `tessera_net::flood`, built with the `testing` feature
+// (as `make test` builds the workspace).
+#![cfg(feature = "testing")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use iroh::SecretKey;
-use iroh_gossip::Gossip;
-use tessera_core::now_ms;
 use tessera_net::admission::Admission;
-use tessera_net::discovery::{self, Announcement, Role, GOSSIP_ALPN, MAX_KNOWN};
+use tessera_net::discovery::{Role, GOSSIP_ALPN, MAX_KNOWN};
+use tessera_net::flood::{self, Flood, FloodConfig};
 use tessera_net::node::{self, node_id, Ticket};
 use tessera_net::{Discovery, DiscoveryConfig};
 
@@ -26,54 +28,21 @@ async fn loopback() -> iroh::Endpoint {
     .unwrap()
 }
 
-fn announcement(key: &SecretKey, role: Role) -> bytes::Bytes {
-    Announcement {
-        network: "flood".into(),
-        role,
-        node: node_id(&key.public()),
-        addrs: vec!["127.0.0.1:9".parse().unwrap()],
-        models: vec!["ab".repeat(32)],
-        issued_ms: now_ms(),
-        ttl_ms: discovery::TTL.as_millis() as u64,
-        certificate: None,
-    }
-    .sign(key)
-}
-
-/// Join `target`'s topic from a fresh endpoint and broadcast `n`
-/// announcements of `role`, each from a fresh key.
-async fn flood(target: &Ticket, n: usize, role: Role) -> iroh::Endpoint {
-    let ep = loopback().await;
-    let gossip = Gossip::builder().spawn(ep.clone());
-    {
-        let (ep, gossip) = (ep.clone(), gossip.clone());
-        tokio::spawn(async move {
-            while let Some(incoming) = ep.accept().await {
-                if let Ok(conn) = incoming.await {
-                    let _ = gossip.handle_connection(conn).await;
-                }
-            }
-        });
-    }
-    if let Ok(lookup) = ep.address_lookup() {
-        let memory = iroh::address_lookup::memory::MemoryLookup::new();
-        memory.add_endpoint_info(target.endpoint_addr());
-        lookup.add(memory);
-    }
-    let topic = gossip
-        .subscribe_and_join(discovery::topic("flood"), vec![target.id])
-        .await
-        .unwrap();
-    let (sender, _receiver) = topic.split();
-    for _ in 0..n {
-        sender
-            .broadcast(announcement(&SecretKey::generate(), role))
-            .await
-            .unwrap();
-    }
-    // Keep the flooder's endpoint (and its gossip) alive for the caller.
-    std::mem::forget(gossip);
-    ep
+/// `n` announcements of `role`, each from a fresh key, broadcast on the
+/// topic of `target`'s network by the benchmark's flooder (no connections).
+async fn flood(target: &Ticket, n: usize, role: Role) -> Flood {
+    flood::start(
+        target,
+        FloodConfig {
+            network: "flood".into(),
+            sybils: n,
+            role,
+            connections: 0,
+            model_sha256: "ab".repeat(32),
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn node(admission: Option<Admission>) -> (Discovery, Ticket) {

@@ -284,15 +284,12 @@ fn certify_gateway(base: &Path, gw_home: &Path, network: &str) -> anyhow::Result
     use tessera_net::node::{load_or_create_key, node_id};
     let operator = load_or_create_operator_key(base)?;
     let gateway = node_id(&load_or_create_key(gw_home)?.public());
-    let now = tessera_core::now_ms();
-    let certificate = Certificate {
-        network: network.to_string(),
-        operator: node_id(&operator.public()),
+    let certificate = Certificate::issue(
+        &operator,
+        network,
         gateway,
-        issued_ms: now,
-        expires_ms: now + 30 * 86_400_000,
-    }
-    .sign(&operator);
+        Duration::from_secs(30 * 86_400),
+    );
     crate::process::write_private(&gw_home.join("gateway.cert"), &certificate)?;
     Ok(node_id(&operator.public()).to_string())
 }

@@ -786,12 +786,10 @@ fn gateway_certificate(
         .with_context(|| format!("cannot read the certificate {}", path.display()))?;
     let cert = tessera_net::admission::Certificate::open(&text)
         .with_context(|| format!("{} is not a certificate", path.display()))?;
-    let me = node::node_id(&key.public());
-    tessera_net::admission::Certificate::check(
-        &text,
+    cert.validate(
         &args.network.name,
         &cert.operator,
-        &me,
+        &node::node_id(&key.public()),
         tessera_core::now_ms(),
     )
     .with_context(|| format!("the certificate {} cannot be used", path.display()))?;

@@ -79,15 +79,12 @@ pub fn run(home: &Path, command: NetworkCommand) -> anyhow::Result<()> {
             if !(args.days > 0.0 && args.days <= 3650.0) {
                 anyhow::bail!("--days must be between 0 and 3650, got {}", args.days);
             }
-            let now = now_ms();
-            let cert = Certificate {
-                network: args.network.name.clone(),
-                operator: node_id(&key.public()),
-                gateway: args.node,
-                issued_ms: now,
-                expires_ms: now + (args.days * 86_400_000.0) as u64,
-            }
-            .sign(&key);
+            let cert = Certificate::issue(
+                &key,
+                &args.network.name,
+                args.node,
+                std::time::Duration::from_secs_f64(args.days * 86_400.0),
+            );
             match &args.out {
                 Some(path) => crate::process::write_private(path, &cert)?,
                 None => println!("{cert}"),

@@ -115,7 +115,7 @@ pub fn run(home: &Path, b: FloodBench) -> anyhow::Result<()> {
     let body = json!({"model": model.alias,
         "messages": [{"role": "user", "content": "Name three colours."}],
         "max_tokens": 16, "stream": true});
-    let honest = |label: &str| -> anyhow::Result<(Vec<f64>, usize, u64)> {
+    let honest = |label: &str| -> (Vec<f64>, usize, u64) {
         let mut ttft = Vec::new();
         let mut failed = 0;
         let mut peak_rss = 0;
@@ -129,13 +129,13 @@ pub fn run(home: &Path, b: FloodBench) -> anyhow::Result<()> {
             }
             peak_rss = peak_rss.max(usage_of(pid).map_or(0, |u| u.0));
         }
-        Ok((ttft, failed, peak_rss))
+        (ttft, failed, peak_rss)
     };
     // Warm up, then the quiet phase.
-    let _ = honest("warm-up")?;
+    let _ = honest("warm-up");
     std::thread::sleep(Duration::from_secs(2));
     let idle_rss = usage_of(pid).context("cannot read the gateway's memory")?.0;
-    let (quiet, quiet_failed, quiet_rss) = honest("quiet")?;
+    let (quiet, quiet_failed, quiet_rss) = honest("quiet");
     // The flood, held while the second phase runs.
     let started = Instant::now();
     let sha = model.sha256.clone();
@@ -147,13 +147,14 @@ pub fn run(home: &Path, b: FloodBench) -> anyhow::Result<()> {
                 .unwrap_or("tessera")
                 .to_string(),
             sybils: b.sybils,
+            role: tessera_net::discovery::Role::Provider,
             connections: b.connections,
             model_sha256: sha,
         },
     ))?;
     let flood_s = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
-    let (during, during_failed, during_rss) = honest("flood")?;
+    let (during, during_failed, during_rss) = honest("flood");
     let view = health(&api.base).unwrap_or_default();
     let listed = view["backend"]["providers"].as_array().map_or(0, Vec::len);
     let discovered = view["backend"]["discovered"]["providers"]
