@@ -81,22 +81,12 @@ fn a_provider_that_joins_later_receives_work() {
         .unwrap();
     // Its first canary proves it answers (until then it ranks like a full
     // provider).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = net.operator_status();
-        let done = status["providers"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["node"] == late_node.as_str()))
-            .and_then(|p| p["jobs_done"].as_u64())
-            .unwrap_or(0);
-        if done > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the late provider never answered its first canary: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    if let Err(status) = util::wait_proven(
+        || net.operator_status(),
+        std::slice::from_ref(&late_node),
+        Duration::from_secs(60),
+    ) {
+        panic!("the late provider never answered its first canary: {status}");
     }
     let served: Vec<String> = (0..6)
         .map(|i| provider_of(&ask(&net, &format!("Name {i} colors."))))
@@ -427,7 +417,9 @@ fn providers_discover_a_second_gateway_and_survive_losing_the_first() {
     let mut first = Gateway::start(&[]);
     // The second gateway knows only the first; the providers know only the
     // first too. Everything else they learn through gossip.
+    // The second one audits, so its canaries prove each provider there.
     let second = Gateway::start(&[
+        "--audit",
         "--join",
         &first.ticket,
         "--database-url",
@@ -464,6 +456,14 @@ fn providers_discover_a_second_gateway_and_survive_losing_the_first() {
             .any(|g| first.ticket.starts_with(g["node"].as_str().unwrap()))),
         "the second gateway did not hear the first: {health}"
     );
+
+    // Both have answered the second gateway's first canary, so neither is
+    // on trial there (a provider on trial ranks like a full one, and these
+    // requests come one at a time).
+    let nodes: Vec<String> = providers.iter().cloned().collect();
+    if let Err(status) = util::wait_proven(|| second.operator_status(), &nodes, within) {
+        panic!("the providers never answered the second gateway's canaries: {status}");
+    }
 
     util::signal(first.child.id(), "-KILL");
     let _ = first.child.wait();

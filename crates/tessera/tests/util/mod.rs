@@ -267,6 +267,35 @@ pub fn operator_status(base: &str, endpoint: &std::path::Path) -> Value {
     s
 }
 
+/// Wait until each of `nodes` has finished a job (its first canary, at
+/// least) according to the operator status `status` returns; until then a
+/// provider is on trial and ranks like a full one, so sequential requests
+/// would not reach it. Returns the last status when time runs out.
+pub fn wait_proven(
+    status: impl Fn() -> Value,
+    nodes: &[String],
+    within: Duration,
+) -> Result<(), Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = status();
+        let done = |node: &String| {
+            s["providers"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["node"] == node.as_str()))
+                .and_then(|p| p["jobs_done"].as_u64())
+                .is_some_and(|n| n > 0)
+        };
+        if nodes.iter().all(done) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
