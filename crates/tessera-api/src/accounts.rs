@@ -199,6 +199,11 @@ impl Accounts for LedgerAccounts {
         })
     }
 
+    fn raise(&self, hold: String, to: u64) -> BoxFuture<'static, Result<(), ApiError>> {
+        let ledger = self.ledger.clone();
+        Box::pin(async move { ledger.raise(&hold, to).await.map_err(ledger_error) })
+    }
+
     fn settle(
         &self,
         hold: String,

@@ -27,12 +27,12 @@
 //! the provider, not the network, bears it. Local answers (`tessera serve`)
 //! have no receipts and are always billed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tessera_backend::{JobEvent, Parts};
+use tessera_backend::{Budget, JobEvent, Parts};
 use tessera_core::{Price, Usage};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -92,6 +92,10 @@ pub trait Accounts: Send + Sync + 'static {
         amount: u64,
         idempotency_key: Option<String>,
     ) -> BoxFuture<'static, Result<Held, ApiError>>;
+    /// Raise an open hold to `to` micro-credits in all (the route the
+    /// router took is dearer than the one the hold was sized by): 402 when
+    /// credits or the spending limit do not cover the difference.
+    fn raise(&self, hold: String, to: u64) -> BoxFuture<'static, Result<(), ApiError>>;
     /// Charge `parts` against the hold and return the rest (no parts:
     /// release it all). `response`, the answer the charge is for, is kept
     /// with it when given (requests with an idempotency key), in the same
@@ -106,6 +110,66 @@ pub trait Accounts: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Settled, ApiError>>;
     /// The caller's account as `GET /v1/account` shows it.
     fn account(&self, caller: &Caller) -> BoxFuture<'static, Result<Value, ApiError>>;
+}
+
+/// One request's hold as the router sees it: sized by the route quoted
+/// before the job, raised (for the whole request: its prompt and every
+/// token it may generate) when the provider the router takes is dearer.
+pub(crate) struct HoldBudget {
+    accounts: Arc<dyn Accounts>,
+    hold: String,
+    prompt_tokens: u64,
+    max_tokens: u64,
+    covers: Arc<Mutex<Price>>,
+}
+
+impl HoldBudget {
+    /// The budget of `hold`, which covers `price` for `prompt_tokens` and
+    /// `max_tokens`.
+    pub(crate) fn new(
+        accounts: Arc<dyn Accounts>,
+        hold: String,
+        price: Price,
+        prompt_tokens: u64,
+        max_tokens: u64,
+    ) -> HoldBudget {
+        HoldBudget {
+            accounts,
+            hold,
+            prompt_tokens,
+            max_tokens,
+            covers: Arc::new(Mutex::new(price)),
+        }
+    }
+}
+
+impl Budget for HoldBudget {
+    fn covers(&self) -> Price {
+        *self.covers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn raise(&self, price: Price) -> BoxFuture<'static, bool> {
+        let price = self.covers().max(price);
+        let to = price.cost(self.prompt_tokens, self.max_tokens);
+        let (accounts, hold, covers) = (
+            self.accounts.clone(),
+            self.hold.clone(),
+            self.covers.clone(),
+        );
+        Box::pin(async move {
+            match accounts.raise(hold, to).await {
+                Ok(()) => {
+                    let mut c = covers.lock().unwrap_or_else(|e| e.into_inner());
+                    *c = c.max(price);
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(message = %e.message, "the hold could not be raised for a dearer provider");
+                    false
+                }
+            }
+        })
+    }
 }
 
 /// One request's escrow and usage so far; settles exactly once.

@@ -197,6 +197,7 @@ impl From<JobError> for ApiError {
             | JobError::Busy
             | JobError::ShuttingDown
             | JobError::Cancelled => ApiError::unavailable(message),
+            JobError::Unaffordable => ApiError::payment_required(message, "insufficient_credits"),
             JobError::FailoverExhausted { .. } => {
                 ApiError::unavailable(message).with_code("failover_exhausted")
             }

@@ -334,24 +334,37 @@ async fn run(
         }
         .into());
     }
-    // Escrow: hold the most this request can cost, at the highest price of
-    // any provider that may serve it, and keep the router within that price.
-    let price = api.backend.quote(&model, &checked.route)?;
-    checked.route.max_price = Some(price);
+    // Escrow: hold the most this request can cost on the route the router
+    // would take now (or, when the account cannot cover that, at the
+    // cheapest provider's price); the router goes no higher than the
+    // quote's ceiling, and to a dearer provider than the hold covers only
+    // after raising it (`HoldBudget`).
+    let quote = api.backend.quote(&model, &checked.route)?;
+    checked.route.max_price = Some(quote.ceiling);
     let room = limit - prompt.len();
     let max_out = checked.max_tokens.map_or(room, |m| (m as usize).min(room));
-    let most = price.cost(prompt.len() as u64, max_out as u64);
+    let most = |price: tessera_core::Price| price.cost(prompt.len() as u64, max_out as u64);
+    let mut held_at = quote.hold;
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
     } else {
         "cmpl"
     };
     let id = format!("{prefix}-{:016x}", tessera_core::unique_u64());
-    let hold = match api
+    let mut held = api
         .accounts
-        .hold(&caller, most, idempotency.clone())
-        .await?
+        .hold(&caller, most(held_at), idempotency.clone())
+        .await;
+    if matches!(&held, Err(e) if e.status == StatusCode::PAYMENT_REQUIRED)
+        && most(quote.cheapest) < most(held_at)
     {
+        held_at = quote.cheapest;
+        held = api
+            .accounts
+            .hold(&caller, most(held_at), idempotency.clone())
+            .await;
+    }
+    let hold = match held? {
         Held::New(hold) => hold,
         // The retry of an answer that was charged: the same answer again,
         // never a second charge.
@@ -383,6 +396,13 @@ async fn run(
             ));
         }
     };
+    let budget = billing::HoldBudget::new(
+        api.accounts.clone(),
+        hold.clone(),
+        held_at,
+        prompt.len() as u64,
+        max_out as u64,
+    );
     let mut bill = billing::Bill::new(
         api.accounts.clone(),
         api.config.tasks.clone(),
@@ -404,6 +424,7 @@ async fn run(
     let ticket = JobTicket {
         id: id.clone(),
         account: caller.account.clone(),
+        budget: Some(Arc::new(budget)),
     };
     let dispatch = match api
         .backend

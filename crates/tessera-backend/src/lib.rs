@@ -10,6 +10,9 @@
 //! - [`ServedModel`]: a model that can be requested, with its tokenizer.
 //! - [`RoutePrefs`]: the client's provider preferences (OpenRouter's
 //!   `provider` object), already validated.
+//! - [`Quote`] and [`Budget`]: what the request's hold is sized by (the
+//!   route the router would take now) and how the router raises it when
+//!   the route it actually takes is dearer.
 //! - [`Dispatch`]: an accepted job, a stream of [`JobEvent`]s.
 //! - [`JobError`]: why a job could not run or finish, typed, so that the
 //!   API maps each case to its HTTP status in one place.
@@ -47,13 +50,56 @@ pub struct ServedModel {
     pub prices: Option<(Price, Price)>,
 }
 
-/// Who a job is for: the API's response id and the paying account.
-#[derive(Clone, Debug)]
+/// Who a job is for: the API's response id, the paying account and its
+/// hold.
+#[derive(Clone)]
 pub struct JobTicket {
     /// The response id the client sees (`chatcmpl-…`).
     pub id: String,
     /// The paying account.
     pub account: String,
+    /// The escrow behind the job, when it has one (a client's request): the
+    /// router takes a provider dearer than it covers only after raising it.
+    /// Without one the router stays within `RoutePrefs::max_price`.
+    pub budget: Option<Arc<dyn Budget>>,
+}
+
+impl std::fmt::Debug for JobTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobTicket")
+            .field("id", &self.id)
+            .field("account", &self.account)
+            .field("budget", &self.budget.as_ref().map(|b| b.covers()))
+            .finish()
+    }
+}
+
+/// What a request's hold is sized by: the price of the provider the router
+/// would choose now, the cheapest that may serve it (held instead when the
+/// account cannot cover the first: the router then keeps to what it can
+/// pay), and the dearest price it may go to (the client's `max_price`, or
+/// the dearest provider within the market cap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quote {
+    /// Hold at this price.
+    pub hold: Price,
+    /// The cheapest provider's price (by output, then input price).
+    pub cheapest: Price,
+    /// Never route above this price (per side).
+    pub ceiling: Price,
+}
+
+/// The escrow behind one request, as the router sees it. The hold starts
+/// at the quoted route's price; when the provider the router takes (first,
+/// or after a failure) is dearer, the router asks to raise it to that
+/// price for the whole request and takes the provider only if that
+/// succeeds; otherwise it keeps to providers the hold covers.
+pub trait Budget: Send + Sync {
+    /// The price (per side) the hold covers for the whole request.
+    fn covers(&self) -> Price;
+    /// Raise the hold to cover `price` (per side) for the whole request;
+    /// `false` when the account cannot afford it or the hold is closed.
+    fn raise(&self, price: Price) -> BoxFuture<'static, bool>;
 }
 
 /// What a running job reports, in order: tokens (with provider changes
@@ -113,6 +159,13 @@ pub enum JobError {
     /// Providers exist, but none within `provider.max_price` (503).
     #[error("No provider of this model is available within the request's provider.max_price.")]
     OverPriceCap,
+    /// The providers that could take the job are dearer than the request's
+    /// hold, and the account could not raise it (402).
+    #[error(
+        "The providers able to take this request now are dearer than your credits or spending \
+         limit allow for it; add credits, lower max_tokens, or retry shortly."
+    )]
+    Unaffordable,
     /// The client's `provider` preferences exclude every provider (503).
     #[error("No provider matches the request's provider preferences (order, only, ignore).")]
     Excluded,
@@ -210,9 +263,9 @@ pub enum Health {
 pub trait Backend: Send + Sync + 'static {
     /// Every model that can be requested now.
     fn models(&self) -> Vec<ServedModel>;
-    /// The highest price among providers that may serve this request
-    /// (within `route.max_price`): what the hold is sized by.
-    fn quote(&self, model: &ServedModel, route: &RoutePrefs) -> Result<Price, JobError>;
+    /// What this request's hold is sized by (see [`Quote`]), within
+    /// `route.max_price`; an error when no provider may serve it.
+    fn quote(&self, model: &ServedModel, route: &RoutePrefs) -> Result<Quote, JobError>;
     /// Start a generation of `model`. The future resolves once a provider
     /// has accepted the job (a network backend tries others before that),
     /// so a job nobody can take fails as an HTTP error, not a broken stream.

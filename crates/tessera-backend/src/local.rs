@@ -7,7 +7,9 @@ use tessera_core::{GenerationRequest, Price};
 use tessera_engine::{Event, Model, SchedulerHandle};
 use tokio::sync::mpsc;
 
-use crate::{Backend, Dispatch, Health, JobError, JobEvent, JobTicket, RoutePrefs, ServedModel};
+use crate::{
+    Backend, Dispatch, Health, JobError, JobEvent, JobTicket, Quote, RoutePrefs, ServedModel,
+};
 
 /// `Backend` over one local scheduler (`tessera serve`): one provider, so
 /// preferences have nothing to choose between except the price cap.
@@ -79,9 +81,13 @@ impl Backend for LocalBackend {
         vec![self.served.clone()]
     }
 
-    fn quote(&self, _model: &ServedModel, route: &RoutePrefs) -> Result<Price, JobError> {
+    fn quote(&self, _model: &ServedModel, route: &RoutePrefs) -> Result<Quote, JobError> {
         if route.affords(&self.price) {
-            Ok(self.price)
+            Ok(Quote {
+                hold: self.price,
+                cheapest: self.price,
+                ceiling: self.price,
+            })
         } else {
             Err(JobError::OverPriceCap)
         }

@@ -470,6 +470,17 @@ impl Ledger {
         .await
     }
 
+    /// Raise an open hold to `to` micro-credits in all (the route chosen for
+    /// its request turned out dearer than what was held), taking the
+    /// difference from the account: the errors of [`Ledger::hold`] when the
+    /// balance or spending limit does not cover it, `HoldClosed` when the
+    /// hold was settled or released. A hold already at `to` or above is left
+    /// as it is.
+    pub async fn raise(&self, hold: &str, to: u64) -> Result<()> {
+        let hold = hold.to_string();
+        self.write(|reply| Op::Raise { hold, to, reply }).await
+    }
+
     /// Settle a hold: charge `charges` (each provider paid its cost less
     /// `fee_bps`/10,000), return the rest. No charges releases the hold.
     pub async fn settle(

@@ -52,6 +52,11 @@ pub(crate) enum Op {
         idempotency_key: Option<String>,
         reply: oneshot::Sender<Result<Hold>>,
     },
+    Raise {
+        hold: String,
+        to: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Settle {
         hold: String,
         job_id: String,
@@ -96,6 +101,10 @@ enum Work {
         amount: u64,
         gateway: String,
         idempotency_key: Option<String>,
+    },
+    Raise {
+        hold: String,
+        to: u64,
     },
     Settle {
         hold: String,
@@ -186,6 +195,7 @@ impl Op {
                 },
                 Reply::Settle(reply),
             ),
+            Op::Raise { hold, to, reply } => (Work::Raise { hold, to }, Reply::Unit(reply)),
             Op::Refund { receipt, reply } => (Work::Refund { receipt }, Reply::Refund(reply)),
             Op::Forfeit {
                 provider,
@@ -515,12 +525,20 @@ async fn apply_batch(
     let rank = |w: &Work| match w {
         Work::CreateAccount { .. } | Work::Topup { .. } => 0,
         Work::Settle { .. } | Work::Refund { .. } | Work::Forfeit { .. } => 1,
-        Work::Hold { .. } => 2,
+        Work::Hold { .. } | Work::Raise { .. } => 2,
     };
     for pass in 0..3 {
         if pass == 2 {
             batch.flush_clients(&mut tx).await?;
             holds(&mut tx, &mut batch, works, &mut out).await?;
+            for (i, work) in works.iter().enumerate() {
+                if let Work::Raise { hold, to } = work {
+                    match raise(&mut tx, &mut batch, hold, *to).await {
+                        Err(LedgerError::Db(e)) => return Err(e),
+                        other => out[i] = Some(other),
+                    }
+                }
+            }
             continue;
         }
         for (i, work) in works.iter().enumerate().filter(|(_, w)| rank(w) == pass) {
@@ -895,6 +913,7 @@ async fn apply(tx: &mut Tx, batch: &mut Batch, work: &Work) -> Result<Outcome> {
             )
             .await
         }
+        Work::Raise { hold, to } => raise(tx, batch, hold, *to).await,
         Work::Settle {
             hold,
             job_id,
@@ -1083,27 +1102,61 @@ async fn hold(
     // More than any balance can hold is simply more than this one has.
     let held = i64::try_from(held).unwrap_or(i64::MAX);
     if !take(tx, account, held).await? {
-        let row =
-            sqlx::query("SELECT balance, held, spent, spend_limit FROM accounts WHERE id = $1")
-                .bind(account.to_string())
-                .fetch_optional(&mut **tx)
-                .await?
-                .ok_or_else(|| LedgerError::NoAccount(account.to_string()))?;
-        let balance: i64 = row.try_get("balance")?;
-        if balance < held {
-            return Err(LedgerError::Insufficient {
-                needed: held as u64,
-                available: balance.max(0) as u64,
-            });
-        }
-        let limit: Option<i64> = row.try_get("spend_limit")?;
-        let used = row.try_get::<i64, _>("spent")? + row.try_get::<i64, _>("held")?;
-        return Err(LedgerError::SpendLimit {
-            limit: limit.unwrap_or(0).max(0) as u64,
-            used: used.max(0) as u64,
-        });
+        return Err(shortfall(tx, account, held).await?);
     }
     Ok(record_hold(batch, account, held, gateway, key))
+}
+
+/// Why `account` cannot hold `needed` more: its balance or its spending
+/// limit.
+async fn shortfall(tx: &mut Tx, account: &str, needed: i64) -> Result<LedgerError> {
+    let row = sqlx::query("SELECT balance, held, spent, spend_limit FROM accounts WHERE id = $1")
+        .bind(account.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| LedgerError::NoAccount(account.to_string()))?;
+    let balance: i64 = row.try_get("balance")?;
+    if balance < needed {
+        return Ok(LedgerError::Insufficient {
+            needed: needed as u64,
+            available: balance.max(0) as u64,
+        });
+    }
+    let limit: Option<i64> = row.try_get("spend_limit")?;
+    let used = row.try_get::<i64, _>("spent")? + row.try_get::<i64, _>("held")?;
+    Ok(LedgerError::SpendLimit {
+        limit: limit.unwrap_or(0).max(0) as u64,
+        used: used.max(0) as u64,
+    })
+}
+
+/// Raise an open hold to `to` micro-credits in all, taking the difference
+/// from its account (never lowered: a hold at or above `to` is left as it
+/// is).
+async fn raise(tx: &mut Tx, batch: &mut Batch, hold: &str, to: u64) -> Result<Outcome> {
+    let row = sqlx::query("SELECT account_id, amount FROM holds WHERE id = $1 AND state = 'open'")
+        .bind(hold.to_string())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| LedgerError::HoldClosed(hold.to_string()))?;
+    let account: String = row.try_get("account_id")?;
+    let held: i64 = row.try_get("amount")?;
+    let to = i64::try_from(to).unwrap_or(i64::MAX);
+    let extra = to.saturating_sub(held);
+    if extra <= 0 {
+        return Ok(Outcome::Unit);
+    }
+    if !take(tx, &account, extra).await? {
+        return Err(shortfall(tx, &account, extra).await?);
+    }
+    sqlx::query("UPDATE holds SET amount = $1 WHERE id = $2")
+        .bind(to)
+        .bind(hold.to_string())
+        .execute(&mut **tx)
+        .await?;
+    batch.add(ESCROW, extra);
+    batch.entry("raise", Some(hold), &[(&account, -extra), (ESCROW, extra)]);
+    Ok(Outcome::Unit)
 }
 
 /// The rows of a hold whose credits were taken.

@@ -231,6 +231,70 @@ async fn short_balances_and_spend_limits_refuse_the_hold_and_write_nothing() {
     }
 }
 
+/// A request whose route turned out dearer than its hold raises it: the
+/// difference comes from the balance (or the raise is refused and nothing
+/// changes), the settlement charges against the raised amount and returns
+/// the rest, and a closed hold cannot be raised.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hold_is_raised_only_as_far_as_the_account_allows() {
+    for (ledger, url, _store) in ledgers().await {
+        let limits = Limits {
+            spend_limit: Some(9_000),
+            rate_limit: None,
+        };
+        let (acct, _) = ledger.create_account("bob", 10_000, limits).await.unwrap();
+        let h = new_hold(ledger.hold(&acct.id, 2_000, "gw", None).await.unwrap());
+        ledger.raise(&h, 5_000).await.unwrap();
+        let a = ledger.account(&acct.id).await.unwrap().unwrap();
+        assert_eq!((a.balance, a.held), (5_000, 5_000), "{url}");
+        // Never lowered.
+        ledger.raise(&h, 1_000).await.unwrap();
+        assert_eq!(ledger.account(&acct.id).await.unwrap().unwrap().held, 5_000);
+        // The spending limit (9,000) and then the balance refuse more, and
+        // a refused raise changes nothing.
+        let before = ledger.check().await.unwrap();
+        assert!(
+            matches!(
+                ledger.raise(&h, 9_500).await,
+                Err(LedgerError::SpendLimit {
+                    limit: 9_000,
+                    used: 5_000
+                })
+            ),
+            "{url}"
+        );
+        let other = new_hold(ledger.hold(&acct.id, 2_000, "gw", None).await.unwrap());
+        ledger.settle(&other, "j0", vec![], 0).await.unwrap();
+        assert_eq!(ledger.check().await.unwrap().open_held, before.open_held);
+        // Charges above the original hold but within the raised one settle.
+        let s = ledger
+            .settle(&h, "j1", vec![charge("p", 10, 40, 100, 100)], 0)
+            .await
+            .unwrap();
+        assert_eq!(s.cost, 5_000, "{url}");
+        let a = ledger.account(&acct.id).await.unwrap().unwrap();
+        assert_eq!((a.balance, a.held, a.spent), (5_000, 0, 5_000), "{url}");
+        assert!(
+            matches!(
+                ledger.raise(&h, 6_000).await,
+                Err(LedgerError::HoldClosed(_))
+            ),
+            "{url}"
+        );
+        let poor = new_hold(ledger.hold(&acct.id, 1_000, "gw", None).await.unwrap());
+        assert!(
+            matches!(
+                ledger.raise(&poor, 6_000).await,
+                Err(LedgerError::Insufficient { .. }) | Err(LedgerError::SpendLimit { .. })
+            ),
+            "{url}"
+        );
+        let check = ledger.check().await.unwrap();
+        assert!(check.ok(), "{url}: {check:?}");
+        assert_eq!(check.open_held, 1_000, "{url}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idempotency_key_never_charges_twice_and_crashed_holds_are_released() {
     for (ledger, url, _store) in ledgers().await {

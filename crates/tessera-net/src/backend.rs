@@ -3,8 +3,10 @@
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use tessera_backend::{Backend, Dispatch, Health, JobError, JobTicket, RoutePrefs, ServedModel};
-use tessera_core::{AuditStatus, GenerationRequest, Price};
+use tessera_backend::{
+    Backend, Dispatch, Health, JobError, JobTicket, Quote, RoutePrefs, ServedModel,
+};
+use tessera_core::{AuditStatus, GenerationRequest};
 
 use crate::audit::Origin;
 use crate::gateway::Gateway;
@@ -41,7 +43,7 @@ impl Backend for NetworkBackend {
             .collect()
     }
 
-    fn quote(&self, model: &ServedModel, route: &RoutePrefs) -> Result<Price, JobError> {
+    fn quote(&self, model: &ServedModel, route: &RoutePrefs) -> Result<Quote, JobError> {
         self.gateway.directory().quote(&Need {
             sha256: &model.sha256,
             tokens: 0,

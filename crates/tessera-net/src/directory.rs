@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use iroh::endpoint::Connection;
 use serde::Serialize;
-use tessera_backend::JobError;
+use tessera_backend::{JobError, Quote};
 use tessera_core::{NodeId, PartOutcome, Price, ProviderState};
 use tessera_metrics::Metrics;
 use tessera_protocol::ModelOffer;
@@ -845,12 +845,20 @@ impl Directory {
         any
     }
 
-    /// The highest price among providers that may serve the job: what its
-    /// hold is sized by.
-    pub fn quote(&self, need: &Need<'_>) -> Result<Price, JobError> {
-        let state = self.lock();
-        let quote = router::quote(Self::candidates(&state, need.sha256, 0, None), need);
-        quote
+    /// What the job's hold is sized by: the price of the provider the
+    /// router would choose now (a preview: its slot is taken and given
+    /// back), or, with none free, the cheapest that may serve it; and the
+    /// ceiling, the highest price among those that may (see
+    /// [`router::quote`]).
+    pub fn quote(self: &Arc<Self>, need: &Need<'_>) -> Result<Quote, JobError> {
+        let mut quote = {
+            let state = self.lock();
+            router::quote(Self::candidates(&state, need.sha256, 0, None), need)?
+        };
+        if let Some(claim) = self.pick(need) {
+            quote.hold = claim.price;
+        }
+        Ok(quote)
     }
 
     /// `node` keeps the KV cache of the finished part `tag` (of cache
@@ -1219,13 +1227,48 @@ mod tests {
             .is_none(),
             "context too small"
         );
+        let price = Price {
+            input: 10,
+            output: 10,
+        };
         assert_eq!(
             d.quote(&need),
-            Ok(Price {
-                input: 10,
-                output: 10
+            Ok(Quote {
+                hold: price,
+                cheapest: price,
+                ceiling: price
             })
         );
+    }
+
+    /// The hold is sized by the route the router would take now, not by
+    /// the dearest provider; the ceiling is the dearest. The preview takes
+    /// no slot.
+    #[test]
+    fn the_quote_holds_at_the_route_the_router_would_take() {
+        let d = Arc::new(Directory::default());
+        d.join(session(1, 1, 1, 10));
+        d.join(session(2, 2, 1, 90));
+        let prefs = RoutePrefs::any();
+        let need = need_of(&prefs);
+        let at = |p: u64| Price {
+            input: p,
+            output: p,
+        };
+        let quote = d.quote(&need).unwrap();
+        assert_eq!(
+            (quote.hold, quote.cheapest, quote.ceiling),
+            (at(10), at(10), at(90))
+        );
+        let cheap = d.pick(&need).expect("the cheap one is free");
+        assert_eq!(cheap.price, at(10), "the preview took no slot");
+        // The cheap one busy: the route now is the dear one.
+        let quote = d.quote(&need).unwrap();
+        assert_eq!((quote.hold, quote.cheapest), (at(90), at(10)));
+        let dear = d.pick(&need).expect("the dear one is free");
+        // Both busy: the cheapest that may serve (the job waits for a slot).
+        assert_eq!(d.quote(&need).unwrap().hold, at(10));
+        drop((cheap, dear));
     }
 
     #[test]
@@ -1412,12 +1455,12 @@ mod tests {
         let prefs = RoutePrefs::any();
         let need = need_of(&prefs);
         assert_eq!(
-            d.quote(&need),
+            d.quote(&need).map(|q| q.ceiling),
             Ok(Price {
                 input: 80,
                 output: 80
             }),
-            "the hold is sized at the market's prices, not the gouger's"
+            "the router is held to the market's prices, not the gouger's"
         );
         let capped = RoutePrefs {
             max_price: Some(Price {
@@ -1430,7 +1473,8 @@ mod tests {
             d.quote(&Need {
                 prefs: &capped,
                 ..need.clone()
-            }),
+            })
+            .map(|q| q.ceiling),
             Ok(Price {
                 input: 1000,
                 output: 1000

@@ -280,6 +280,9 @@ impl RoutedJob {
         let deadline = Instant::now() + self.setup.failover_deadline;
         let mut last_error: Option<String> = None;
         let mut tried = 0usize;
+        // A dearer provider was passed over because the hold could not be
+        // raised to its price.
+        let mut priced_out = false;
         loop {
             let need = Need {
                 sha256: &self.model.sha256,
@@ -307,9 +310,22 @@ impl RoutedJob {
                         deadline_s: self.setup.failover_deadline.as_secs(),
                         last,
                     },
+                    None if priced_out => JobError::Unaffordable,
                     None => JobError::NoProvider,
                 });
             };
+            // The hold covers the route quoted before the job; a dearer
+            // provider is taken only once the hold is raised to its price,
+            // else the job keeps to providers the hold covers.
+            if let Some(budget) = &self.ticket.budget {
+                let covers = budget.covers();
+                if !claim.price.within(&covers) && !budget.raise(covers.max(claim.price)).await {
+                    drop(claim);
+                    priced_out = true;
+                    self.route.max_price = Some(covers);
+                    continue;
+                }
+            }
             tried += 1;
             let (node, session) = (claim.session.node, claim.session.id);
             match start(

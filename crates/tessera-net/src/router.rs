@@ -4,7 +4,7 @@
 //! the [`crate::directory::Directory`] builds the candidates under its lock
 //! and claims the chosen one's slot in the same breath.
 
-use tessera_backend::{JobError, RoutePrefs, Sort};
+use tessera_backend::{JobError, Quote, RoutePrefs, Sort};
 use tessera_core::Price;
 
 /// What a job needs from a provider.
@@ -97,15 +97,18 @@ pub fn eligible(c: &Candidate<'_>, need: &Need<'_>) -> bool {
         && (need.prefs.max_price.is_some() || !c.over_market)
 }
 
-/// The highest price (per side) among providers that may serve the job,
-/// slots aside: what the client's hold is sized by, and the router is then
-/// held to it. The error says why none may.
+/// The prices among providers that may serve the job, slots aside: the
+/// highest (per side) is the ceiling the router is then held to; the
+/// cheapest one's (by output, then input price) is what the hold is sized
+/// by when no provider is free to preview the route with
+/// (`Directory::quote`). The error says why none may.
 pub fn quote<'a>(
     candidates: impl IntoIterator<Item = Candidate<'a>>,
     need: &Need<'_>,
-) -> Result<Price, JobError> {
+) -> Result<Quote, JobError> {
     let (mut serving, mut allowed) = (false, false);
     let mut best: Option<Price> = None;
+    let mut cheapest: Option<Price> = None;
     for c in candidates {
         if !(c.serves && c.healthy && !c.quarantined && (need.probe || !c.unroutable)) {
             continue;
@@ -117,10 +120,21 @@ pub fn quote<'a>(
         allowed = true;
         if need.prefs.affords(&c.price) && (need.prefs.max_price.is_some() || !c.over_market) {
             best = Some(best.map_or(c.price, |b| b.max(c.price)));
+            let key = |p: &Price| (p.output, p.input);
+            if cheapest.is_none_or(|k| key(&c.price) < key(&k)) {
+                cheapest = Some(c.price);
+            }
         }
     }
     match (best, serving, allowed) {
-        (Some(p), _, _) => Ok(p),
+        (Some(ceiling), _, _) => {
+            let cheapest = cheapest.unwrap_or(ceiling);
+            Ok(Quote {
+                hold: cheapest,
+                cheapest,
+                ceiling,
+            })
+        }
         (None, false, _) => Err(JobError::NoProvider),
         (None, true, false) => Err(JobError::Excluded),
         (None, true, true) => Err(JobError::OverPriceCap),
@@ -427,9 +441,19 @@ mod tests {
         };
         assert_eq!(
             quote([dear.clone(), cheap.clone()], &need),
-            Ok(Price {
-                input: 50,
-                output: 90
+            Ok(Quote {
+                hold: Price {
+                    input: 10,
+                    output: 20
+                },
+                cheapest: Price {
+                    input: 10,
+                    output: 20
+                },
+                ceiling: Price {
+                    input: 50,
+                    output: 90
+                }
             })
         );
         let capped = RoutePrefs {
@@ -443,11 +467,16 @@ mod tests {
             prefs: &capped,
             ..need.clone()
         };
+        let within = Price {
+            input: 10,
+            output: 20,
+        };
         assert_eq!(
             quote([dear.clone(), cheap], &capped_need),
-            Ok(Price {
-                input: 10,
-                output: 20
+            Ok(Quote {
+                hold: within,
+                cheapest: within,
+                ceiling: within
             })
         );
         assert_eq!(

@@ -75,9 +75,10 @@ impl Drop for Pending {
 }
 
 /// What a provider may announce: prices up to `max_price` (micro-credits
-/// per token), a context up to the model's own. A request's hold is sized
-/// at the dearest price and the largest context among eligible providers,
-/// so one provider announcing absurd figures would price every client out.
+/// per token), a context up to the model's own. The router may go up to the
+/// dearest price among eligible providers (raising the request's hold), so
+/// one provider announcing absurd figures would take every client without a
+/// price cap once honest providers are busy.
 #[derive(Clone, Copy, Debug)]
 pub struct OfferLimits {
     /// Dearest prompt and output prices accepted.

@@ -373,6 +373,182 @@ fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
     }
 }
 
+/// A request's hold is sized by the route the router takes, not by the
+/// dearest provider: a client whose credits cover the cheap provider's
+/// price but not the dear one's ten times higher is served by the cheap one
+/// (with the hold at the dearest price it got 402). When the cheap provider dies
+/// mid-answer, the answer continues on the dear one only for a client whose
+/// hold can be raised to that price; the other's answer ends with an error
+/// and costs it nothing, and the books balance.
+#[test]
+fn a_hold_follows_the_route_taken_and_is_raised_only_for_a_client_who_can_pay() {
+    use std::io::{BufRead, BufReader};
+    let gw = Gateway::start(&["--fee-bps", "0"]);
+    let homes = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let prices = [("20", "80"), ("200", "800")];
+    let children = util::KillOnDrop(
+        homes
+            .iter()
+            .zip(prices)
+            .map(|(h, (i, o))| {
+                util::spawn_provider_with(
+                    &gw.ticket,
+                    h.path(),
+                    2,
+                    &["--input-price", i, "--output-price", o],
+                )
+            })
+            .collect(),
+    );
+    assert!(util::wait_listed(
+        &gw.url("/health"),
+        2,
+        Duration::from_secs(90)
+    ));
+    let node_of = |home: &std::path::Path| -> String {
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(home.join("provider.json")).unwrap()).unwrap();
+        v["node"].as_str().unwrap().to_string()
+    };
+    let (cheap, dear) = (node_of(homes[0].path()), node_of(homes[1].path()));
+    // The cheap one finishes a job first, so neither request below finds it
+    // on trial (where it would rank like a full provider).
+    let resp = gw
+        .client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(
+            "Say hi.",
+            json!({"max_tokens": 4, "provider": {"only": [&cheap]}}),
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    // Its slot is given back once the part's receipt is countersigned,
+    // which may come just after the answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = gw.operator_status();
+        let idle = status["providers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["node"] == cheap.as_str()))
+            .is_some_and(|p| p["inflight"] == 0 && p["jobs_done"].as_u64() >= Some(1));
+        if idle {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cheap provider's first job never ended: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // 0.05 credits: this answer's most at the cheap price (about 13,500
+    // micro-credits) fits, at the dear price (about 135,000) it does not.
+    let created = util::tessera_json(
+        gw.home.path(),
+        &["account", "create", "thrifty", "--credits", "0.05"],
+    );
+    let thrifty = created["api_key"].as_str().unwrap().to_string();
+    let body = |extra: Value| {
+        let mut options = json!({
+            "max_tokens": 160, "ignore_eos": true, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true}
+        });
+        options
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        chat("Write a long story about a lighthouse.", options)
+    };
+    let open = |client: reqwest::blocking::Client, body: Value| {
+        let resp = client
+            .post(gw.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = resp.status().as_u16();
+        assert_eq!(status, 200, "{}", resp.text().unwrap_or_default());
+        BufReader::new(resp)
+    };
+    // Events of a stream until `until` of them came (or it ended).
+    let read = |r: &mut BufReader<reqwest::blocking::Response>, out: &mut Vec<String>, until| {
+        let mut line = String::new();
+        while out.len() < until && out.last().map(String::as_str) != Some("[DONE]") {
+            line.clear();
+            if r.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                out.push(data.to_string());
+            }
+        }
+    };
+    // The client who can pay asks for the cheap provider first (it may
+    // continue elsewhere); the other names none: the router may prefer the
+    // dear one (the cheap one is loaded, and its first answer's latency
+    // counts against it), and then keeps to the cheap one the hold covers.
+    let mut rich = open(gw.client(), body(json!({"provider": {"order": [&cheap]}})));
+    let mut poor = open(util::client_for(&thrifty), body(json!({})));
+    let (mut rich_events, mut poor_events) = (Vec::new(), Vec::new());
+    read(&mut rich, &mut rich_events, 2);
+    read(&mut poor, &mut poor_events, 2);
+    for events in [&rich_events, &poor_events] {
+        let first: Value = serde_json::from_str(&events[0]).unwrap();
+        assert_eq!(
+            first["tessera"]["provider"], cheap,
+            "both answers start on the cheap provider (dear is {dear})"
+        );
+    }
+    util::signal(children.0[0].id(), "-KILL");
+    read(&mut rich, &mut rich_events, usize::MAX);
+    read(&mut poor, &mut poor_events, usize::MAX);
+
+    // The client who can pay: continued on the dear provider, whose part
+    // (and the prompt) it pays at the dear price; the killed part is free.
+    let cut = read_stream(&rich_events);
+    assert_eq!(cut.providers, vec![cheap.clone(), dear.clone()]);
+    assert_eq!(cut.usage["completion_tokens"], 160);
+    let prompt = cut.usage["prompt_tokens"].as_u64().unwrap();
+    let continued = cut.cost.checked_sub(200 * prompt).unwrap_or_else(|| {
+        panic!(
+            "cost {} does not include the prompt at the dear price",
+            cut.cost
+        )
+    });
+    assert!(
+        continued.is_multiple_of(800) && continued > 0 && continued < 800 * 160,
+        "the continued part at 800 per token: cost {}",
+        cut.cost
+    );
+
+    // The client who cannot: no dear part, an error, nothing charged.
+    let errors: Vec<Value> = poor_events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| v.get("error").is_some())
+        .collect();
+    assert_eq!(errors.len(), 1, "{poor_events:?}");
+    assert!(
+        poor_events.iter().all(|e| !e.contains(&dear)),
+        "the dear provider served a client who could not pay it"
+    );
+    let account: Value = util::client_for(&thrifty)
+        .get(gw.url("/v1/account"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        (account["balance"].as_u64(), account["held"].as_u64()),
+        (Some(50_000), Some(0)),
+        "{account}"
+    );
+    let check = util::tessera_json(gw.home.path(), &["account", "check"]);
+    assert_eq!(check["unbalanced_entries"], 0, "{check}");
+    assert_eq!(check["mismatched_accounts"], 0, "{check}");
+    assert_eq!(check["escrow"], check["open_held"], "{check}");
+}
+
 #[test]
 fn provider_preferences_steer_routing() {
     let net = Devnet::start(2);

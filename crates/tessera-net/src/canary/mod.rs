@@ -147,6 +147,7 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryC
     let ticket = JobTicket {
         id: format!("canary-{:016x}", tessera_core::unique_u64()),
         account: String::new(),
+        budget: None,
     };
     // Held like a client's request: the prompt and every token asked for at
     // the dearest price among the model's providers.
