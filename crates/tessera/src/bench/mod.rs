@@ -6,7 +6,8 @@
 //! uses), [`network`] (the network hop and the router),
 //! [`chat`] (multi-turn conversations and prefix-aware routing),
 //! [`gateway`] (concurrent streams), [`ledger`], [`audit`] and
-//! [`economics`] (what cheating earns under the policy); [`stats`]
+//! [`economics`] (what cheating earns under the policy), [`train`] (a
+//! training step and federated rounds in one process); [`stats`]
 //! holds the order statistics they share.
 
 pub mod audit;
@@ -22,6 +23,7 @@ pub mod quality;
 pub mod server;
 mod sse;
 pub mod stats;
+pub mod train;
 
 use std::path::Path;
 
@@ -60,6 +62,9 @@ pub enum BenchCommand {
     /// Candidate quantizations of the default model: quality against the
     /// published file and speed, with llama.cpp's own tools.
     Quality(quality::QualityBench),
+    /// A training step on 1 and 2 threads, and federated rounds of the
+    /// digits set in one process against centralized training.
+    Train(train::TrainBench),
     /// Cost of Tessera's sampling rule per token, on real logits.
     Sampling {
         #[command(flatten)]
@@ -84,6 +89,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ledger(b) => ledger::run(b),
         BenchCommand::Audit(b) => audit::run(home, b),
         BenchCommand::Economics(b) => economics::run(b),
+        BenchCommand::Train(b) => train::run(b),
         BenchCommand::Sampling { engine } => engine::sampling(home, &engine),
     }
 }

@@ -1,0 +1,130 @@
+//! `tessera bench train`: what training costs on this machine, in one
+//! process (no network yet).
+//!
+//! 1. One epoch of the digits MLP (64-64-10, batches of 32) on candle's CPU
+//!    backend with 1 and 2 threads: the trainer's thread count is set per
+//!    trainer, and on few cores one thread is faster (candle's threads spin).
+//! 2. Federated rounds over `--clients` shards of the digits set (IID and
+//!    Dirichlet(`--alpha`)), FedAvg, every client every round, against
+//!    centralized training on the same data for as many passes over it:
+//!    final accuracy on a held-out fifth, bytes per client and round, time.
+
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::json;
+use tessera_train::simulate::{centralized, federate, Federation};
+use tessera_train::{
+    data, train_locally, Aggregation, CandleTrainer, ModelSpec, Recipe, Split, Strategy,
+};
+
+use super::stats::percentile;
+
+#[derive(Args)]
+pub struct TrainBench {
+    /// Clients the training data is split over.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Federated rounds.
+    #[arg(long, default_value_t = 150)]
+    pub rounds: u32,
+    /// Passes over its shard each client makes per round.
+    #[arg(long, default_value_t = 2)]
+    pub local_epochs: u32,
+    /// Dirichlet α of the non-IID split.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Timed epochs per thread count.
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Hidden units of the MLP.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+}
+
+pub fn run(b: TrainBench) -> anyhow::Result<()> {
+    let spec = ModelSpec::Mlp {
+        inputs: 64,
+        hidden: b.hidden.max(1),
+        classes: 10,
+    };
+    let (train, test) = data::digits()?.split(0.2, 42);
+    let recipe = Recipe {
+        epochs: 1,
+        batch_size: 32,
+        learning_rate: 0.1,
+        proximal: 0.0,
+        seed: 0,
+    };
+    println!(
+        "training step: one epoch of the digits MLP ({} parameters, {} samples, batches of 32)",
+        spec.parameters(),
+        train.len()
+    );
+    for threads in [1, 2] {
+        let trainer = CandleTrainer::new(spec, threads)?;
+        let w = spec.init(1);
+        let mut ms = Vec::with_capacity(b.epochs);
+        for e in 0..=b.epochs {
+            let t = Instant::now();
+            train_locally(
+                &trainer,
+                &w,
+                &train,
+                &Recipe {
+                    seed: e as u64,
+                    ..recipe
+                },
+            )?;
+            // The first epoch warms up (allocations, pool start).
+            if e > 0 {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let (p50, p90) = (percentile(ms.clone(), 0.5), percentile(ms, 0.9));
+        println!("  {threads} thread(s): p50 {p50:.2} ms, p90 {p90:.2} ms per epoch");
+        println!(
+            "{}",
+            json!({"bench": "train_epoch", "threads": threads, "p50_ms": p50, "p90_ms": p90, "epochs": b.epochs})
+        );
+    }
+    let trainer = CandleTrainer::new(spec, 1)?;
+    let clients = b.clients.max(1);
+    for split in [Split::Iid, Split::Dirichlet(b.alpha)] {
+        let parts = data::partition(&train, clients, split, 7);
+        let shards: Vec<_> = parts.iter().map(|p| train.subset(p)).collect();
+        let fed = Federation {
+            spec,
+            strategy: Strategy::FedAvg,
+            aggregation: Aggregation::WeightedMean,
+            rounds: b.rounds,
+            clients_per_round: 0,
+            recipe: Recipe {
+                epochs: b.local_epochs.max(1),
+                ..recipe
+            },
+            seed: 1,
+        };
+        let t = Instant::now();
+        let (_, reports) = federate(&trainer, &shards, &test, &fed)?;
+        let secs = t.elapsed().as_secs_f64();
+        // As many passes over all the data as the federation made.
+        let passes = b.rounds * b.local_epochs.max(1);
+        let central = centralized(&trainer, &train, &test, spec, &recipe, passes, 1)?;
+        let last = reports.last().map(|r| r.eval.accuracy).unwrap_or(0.0);
+        let bytes = reports.first().map(|r| r.bytes_per_client).unwrap_or(0);
+        println!(
+            "FedAvg, {clients} clients, {split:?}, {} rounds of {} local epochs: accuracy {last:.3} (centralized, {passes} epochs: {:.3}), {bytes} bytes per client and round, {secs:.2} s",
+            b.rounds, b.local_epochs, central.accuracy
+        );
+        println!(
+            "{}",
+            json!({
+                "bench": "federated", "split": format!("{split:?}"), "clients": clients,
+                "rounds": b.rounds, "local_epochs": b.local_epochs, "accuracy": last, "centralized_accuracy": central.accuracy,
+                "bytes_per_client_round": bytes, "seconds": secs,
+            })
+        );
+    }
+    Ok(())
+}
