@@ -16,6 +16,8 @@
 //!   IID and Dirichlet(α) splits over clients.
 //! - [`privacy`]: clipping, Gaussian noise (distributed through SecAgg, or
 //!   local) and a Rényi-DP accountant reporting ε at δ.
+//! - [`secagg`]: SecAgg+ — the aggregator learns only the sum of the
+//!   clients' vectors, and the round survives clients that drop out.
 //! - [`simulate`]: rounds run in one process, the reference the networked
 //!   runs and the benchmarks compare against (and centralized training,
 //!   the baseline federated accuracy is measured against).
@@ -24,6 +26,7 @@ mod candle;
 pub mod data;
 pub mod privacy;
 mod rng;
+pub mod secagg;
 pub mod simulate;
 mod strategy;
 mod trainer;
