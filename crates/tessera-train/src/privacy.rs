@@ -22,6 +22,43 @@
 
 use crate::rng::Rng;
 
+/// Where the noise is added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseAt {
+    /// Each of the round's `m` clients adds N(0, (σC)²/m): the sum carries
+    /// the central mechanism's noise (meant with SecAgg).
+    Distributed,
+    /// Each client adds N(0, (σC)²) to its own update.
+    Local,
+}
+
+/// A task's differential-privacy settings.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DpSettings {
+    /// L2 norm each client's update is clipped to (C).
+    pub clip: f64,
+    /// Noise standard deviation ÷ C (σ).
+    pub noise_multiplier: f64,
+    /// Where the noise is added.
+    pub noise_at: NoiseAt,
+    /// δ the reported ε is at.
+    pub delta: f64,
+    /// Stop before a round that would take ε past this.
+    pub budget: Option<f64>,
+}
+
+impl DpSettings {
+    /// The noise one of `clients` clients adds to its clipped update.
+    pub fn client_std(&self, clients: usize) -> f64 {
+        let central = self.noise_multiplier * self.clip;
+        match self.noise_at {
+            NoiseAt::Distributed => central / (clients.max(1) as f64).sqrt(),
+            NoiseAt::Local => central,
+        }
+    }
+}
+
 /// Scale `update` down to L2 norm `max_norm` if it is longer; returns its
 /// norm before.
 pub fn clip(update: &mut [f32], max_norm: f64) -> f64 {

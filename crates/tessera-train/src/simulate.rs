@@ -7,6 +7,7 @@
 use serde::Serialize;
 
 use crate::data::Dataset;
+use crate::privacy::{self, Accountant, DpSettings};
 use crate::rng::Rng;
 use crate::strategy::{Aggregation, ClientUpdate, Server, Strategy};
 use crate::trainer::{train_locally, Evaluation, ModelSpec, Recipe, Trainer};
@@ -30,6 +31,12 @@ pub struct Federation {
     pub recipe: Recipe,
     /// Seed of the initial parameters and of client sampling.
     pub seed: u64,
+    /// Differential privacy: updates clipped and noised, ε accounted
+    /// (client-level, q = clients per round ÷ clients), rounds stopped at
+    /// the budget. With it the aggregate is the plain mean of the clipped,
+    /// noised updates (a fixed weight per client bounds the sensitivity),
+    /// whatever `aggregation` says.
+    pub privacy: Option<DpSettings>,
 }
 
 /// What one round did.
@@ -45,6 +52,8 @@ pub struct RoundReport {
     pub eval: Evaluation,
     /// Bytes each client fetched and sent (the parameters, f32, each way).
     pub bytes_per_client: usize,
+    /// ε spent so far at the task's δ (with differential privacy).
+    pub epsilon: Option<f64>,
 }
 
 /// The seed of `client`'s local training in `round`.
@@ -67,7 +76,8 @@ pub fn sample_clients(seed: u64, round: u32, clients: usize, per_round: usize) -
 }
 
 /// Run `fed` over `shards` (one per client), evaluating on `test` after
-/// every round. Returns the final parameters and the rounds' reports.
+/// every round. Returns the final parameters and the rounds' reports (fewer
+/// than `fed.rounds` when the privacy budget stopped the task).
 pub fn federate(
     trainer: &dyn Trainer,
     shards: &[Dataset],
@@ -76,8 +86,16 @@ pub fn federate(
 ) -> Result<(Vec<f32>, Vec<RoundReport>), TrainError> {
     let mut server = Server::new(fed.strategy, fed.spec.init(fed.seed));
     let mut reports = Vec::with_capacity(fed.rounds as usize);
+    let mut accountant = Accountant::default();
     for round in 1..=fed.rounds {
         let clients = sample_clients(fed.seed, round, shards.len(), fed.clients_per_round);
+        let q = clients.len() as f64 / shards.len().max(1) as f64;
+        if let Some(dp) = &fed.privacy {
+            let next = accountant.epsilon_after(q, dp.noise_multiplier, 1, dp.delta);
+            if dp.budget.is_some_and(|b| next > b) {
+                break;
+            }
+        }
         let mut updates = Vec::with_capacity(clients.len());
         let (mut loss, mut samples) = (0.0, 0usize);
         for &c in &clients {
@@ -86,21 +104,50 @@ pub fn federate(
                 proximal: fed.strategy.proximal(),
                 ..fed.recipe
             };
-            let u = train_locally(trainer, server.parameters(), &shards[c], &recipe)?;
+            let mut u = train_locally(trainer, server.parameters(), &shards[c], &recipe)?;
             loss += u.loss * u.samples as f64;
             samples += u.samples;
+            if let Some(dp) = &fed.privacy {
+                // Clip and noise the update (the difference from the
+                // global parameters), as the client does before sending.
+                let mut delta: Vec<f32> = u
+                    .parameters
+                    .iter()
+                    .zip(server.parameters())
+                    .map(|(p, g)| p - g)
+                    .collect();
+                privacy::clip(&mut delta, dp.clip);
+                let mut rng = Rng::new(round_seed(fed.seed ^ 0xD1FF, round, c));
+                privacy::add_gaussian(&mut delta, dp.client_std(clients.len()), &mut rng);
+                u.parameters = server
+                    .parameters()
+                    .iter()
+                    .zip(&delta)
+                    .map(|(g, d)| g + d)
+                    .collect();
+                u.samples = 1;
+            }
             updates.push(ClientUpdate {
                 parameters: u.parameters,
                 samples: u.samples,
             });
         }
-        server.apply(&updates, fed.aggregation)?;
+        let rule = match fed.privacy {
+            Some(_) => Aggregation::WeightedMean,
+            None => fed.aggregation,
+        };
+        server.apply(&updates, rule)?;
+        let epsilon = fed.privacy.map(|dp| {
+            accountant.compose(q, dp.noise_multiplier, 1);
+            accountant.epsilon(dp.delta).0
+        });
         reports.push(RoundReport {
             round,
             clients,
             train_loss: loss / samples.max(1) as f64,
             eval: trainer.evaluate(server.parameters(), test)?,
             bytes_per_client: 2 * 4 * fed.spec.parameters(),
+            epsilon,
         });
     }
     Ok((server.parameters().to_vec(), reports))

@@ -38,6 +38,7 @@ fn federation(strategy: Strategy, rounds: u32) -> Federation {
             seed: 0,
         },
         seed: 1,
+        privacy: None,
     }
 }
 
@@ -170,4 +171,48 @@ fn a_run_is_reproducible_from_its_seed() {
     assert_eq!(ra, rb);
     let other = Federation { seed: 2, ..fed };
     assert_ne!(federate(&trainer, &shards, &test, &other).unwrap().0, a);
+}
+
+/// With differential privacy every round reports the ε spent, ε only
+/// grows, a budget stops the task before a round would pass it, and
+/// moderate noise still learns.
+#[test]
+fn differential_privacy_reports_epsilon_and_stops_at_the_budget() {
+    use tessera_train::privacy::{DpSettings, NoiseAt};
+    let trainer = CandleTrainer::new(MLP, 1).unwrap();
+    let (shards, _, test) = shards(4, Split::Iid);
+    let dp = DpSettings {
+        clip: 1.0,
+        noise_multiplier: 0.5,
+        noise_at: NoiseAt::Distributed,
+        delta: 1e-5,
+        budget: None,
+    };
+    let fed = Federation {
+        privacy: Some(dp),
+        ..federation(Strategy::FedAvg, 20)
+    };
+    let (_, reports) = federate(&trainer, &shards, &test, &fed).unwrap();
+    assert_eq!(reports.len(), 20);
+    let eps: Vec<f64> = reports.iter().map(|r| r.epsilon.unwrap()).collect();
+    assert!(eps.windows(2).all(|w| w[1] > w[0]), "{eps:?}");
+    let acc = reports.last().unwrap().eval.accuracy;
+    eprintln!(
+        "DP σ 0.5, C 1, 4 clients, 20 rounds: ε {:.1} at δ 1e-5, accuracy {acc:.3}",
+        eps[19]
+    );
+    // Chance is 0.1; four clients carry a lot of noise each (σC/√4).
+    assert!(acc >= 0.6, "accuracy {acc}");
+
+    let budget = eps[9] + 0.5 * (eps[10] - eps[9]);
+    let capped = Federation {
+        privacy: Some(DpSettings {
+            budget: Some(budget),
+            ..dp
+        }),
+        ..fed
+    };
+    let (_, stopped) = federate(&trainer, &shards, &test, &capped).unwrap();
+    assert_eq!(stopped.len(), 10, "the 11th round would pass ε {budget}");
+    assert!(stopped.last().unwrap().epsilon.unwrap() <= budget);
 }
