@@ -18,6 +18,8 @@
 //!   local) and a Rényi-DP accountant reporting ε at δ.
 //! - [`secagg`]: SecAgg+ — the aggregator learns only the sum of the
 //!   clients' vectors, and the round survives clients that drop out.
+//! - [`verify`]: checking trainers nobody trusts — commit before reveal,
+//!   plausibility, re-execution within a tolerance.
 //! - [`simulate`]: rounds run in one process, the reference the networked
 //!   runs and the benchmarks compare against (and centralized training,
 //!   the baseline federated accuracy is measured against).
@@ -30,11 +32,12 @@ pub mod secagg;
 pub mod simulate;
 mod strategy;
 mod trainer;
+pub mod verify;
 
 pub use crate::candle::CandleTrainer;
 pub use data::{Dataset, Split};
 pub use rng::Rng;
-pub use strategy::{Aggregation, ClientUpdate, Server, Strategy};
+pub use strategy::{outliers, Aggregation, ClientUpdate, Server, Strategy};
 pub use trainer::{train_locally, Evaluation, LocalUpdate, ModelSpec, Recipe, Trainer};
 
 /// Why training could not go on.

@@ -143,6 +143,38 @@ impl Aggregation {
     }
 }
 
+/// The updates that stand out (indices into `updates`): those whose
+/// distance to the coordinate-wise median is more than `factor` times the
+/// median of those distances. The robust rules neutralise such updates;
+/// this names them, so the task can strike their senders and not pay them.
+pub fn outliers(updates: &[ClientUpdate], factor: f64) -> Vec<usize> {
+    if updates.len() < 3 {
+        return Vec::new();
+    }
+    let Ok(median) = Aggregation::Median.combine(updates) else {
+        return Vec::new();
+    };
+    let dist: Vec<f64> = updates
+        .iter()
+        .map(|u| {
+            u.parameters
+                .iter()
+                .zip(&median)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let mut sorted = dist.clone();
+    sorted.sort_unstable_by(f64::total_cmp);
+    let typical = sorted[sorted.len() / 2].max(f64::MIN_POSITIVE);
+    dist.iter()
+        .enumerate()
+        .filter(|(_, d)| **d > factor * typical)
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// The server side of a federated strategy.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "strategy", rename_all = "snake_case")]
