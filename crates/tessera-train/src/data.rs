@@ -126,6 +126,98 @@ pub fn digits() -> Result<Dataset, TrainError> {
     Dataset::new(x, y, d.num_features, 10)
 }
 
+/// The file a provider's local training data lives in, inside the folder
+/// given to `--train-data DIR`.
+pub const DATA_FILE: &str = "train.csv";
+
+/// Most samples and values per sample a data folder may hold (a provider's
+/// memory, and a bound on what a malformed file can cost).
+pub const MAX_SAMPLES: usize = 1_000_000;
+/// See [`MAX_SAMPLES`].
+pub const MAX_FEATURES: usize = 100_000;
+
+/// Read a provider's training data: `DIR/train.csv`, one sample per line —
+/// its class label (an integer from 0), then its values, comma-separated;
+/// blank lines and lines starting with `#` are skipped. Every line must have
+/// the same number of values. `classes` is the task's class count (labels
+/// must be below it). Errors name the line at fault; nothing panics.
+pub fn load_dir(dir: &std::path::Path, classes: usize) -> Result<Dataset, TrainError> {
+    let path = dir.join(DATA_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+    parse_csv(&text, classes).map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))
+}
+
+/// Parse the text of a `train.csv` (see [`load_dir`]).
+pub fn parse_csv(text: &str, classes: usize) -> Result<Dataset, String> {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut features: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = n + 1;
+        let mut fields = line.split(',').map(str::trim);
+        let label = fields.next().unwrap_or_default();
+        let label: u32 = label
+            .parse()
+            .map_err(|_| format!("line {at}: label '{label}' is not a class number"))?;
+        if label as usize >= classes {
+            return Err(format!(
+                "line {at}: label {label} is not below the task's {classes} classes"
+            ));
+        }
+        let start = x.len();
+        for f in fields {
+            let v: f32 = f
+                .parse()
+                .map_err(|_| format!("line {at}: '{f}' is not a number"))?;
+            if !v.is_finite() {
+                return Err(format!("line {at}: '{f}' is not a finite number"));
+            }
+            x.push(v);
+            if x.len() - start > MAX_FEATURES {
+                return Err(format!("line {at}: more than {MAX_FEATURES} values"));
+            }
+        }
+        let count = x.len() - start;
+        match features {
+            None if count == 0 => return Err(format!("line {at}: a label and no values")),
+            None => features = Some(count),
+            Some(f) if f != count => {
+                return Err(format!(
+                    "line {at}: {count} values where earlier lines have {f}"
+                ))
+            }
+            Some(_) => {}
+        }
+        y.push(label);
+        if y.len() > MAX_SAMPLES {
+            return Err(format!("more than {MAX_SAMPLES} samples"));
+        }
+    }
+    let features = features.ok_or("no sample")?;
+    Dataset::new(x, y, features, classes).map_err(|e| e.to_string())
+}
+
+/// Write `data` in the `train.csv` format into `dir` (created if missing):
+/// how the demo hands each provider its shard.
+pub fn write_dir(data: &Dataset, dir: &std::path::Path) -> Result<(), TrainError> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(data.x.len() * 6);
+    for i in 0..data.len() {
+        let _ = write!(out, "{}", data.y[i]);
+        for v in data.row(i) {
+            let _ = write!(out, ",{v}");
+        }
+        out.push('\n');
+    }
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join(DATA_FILE), out))
+        .map_err(|e| TrainError::Data(format!("{}: {e}", dir.display())))
+}
+
 /// How a data set is shared over clients.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Split {
@@ -233,6 +325,34 @@ mod tests {
         let iid = skew(&partition(&d, 10, Split::Iid, 3));
         let non_iid = skew(&partition(&d, 10, Split::Dirichlet(0.5), 3));
         assert!(iid < 0.1 && non_iid > 0.3, "iid {iid}, dirichlet {non_iid}");
+    }
+
+    #[test]
+    fn a_data_folder_round_trips_and_bad_files_name_their_line() {
+        let dir = std::env::temp_dir().join(format!("tessera-train-{}", std::process::id()));
+        let d = digits().unwrap().subset(&[0, 5, 17]);
+        write_dir(&d, &dir).unwrap();
+        assert_eq!(load_dir(&dir, 10).unwrap(), d);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(load_dir(&dir, 10).is_err(), "a missing folder");
+        let ok = parse_csv("# a comment\n1, 0.5, 2\n\n0,1,-3e2\n", 2).unwrap();
+        assert_eq!((ok.len(), ok.features, ok.y.clone()), (2, 2, vec![1, 0]));
+        for (text, says) in [
+            ("x,1,2\n", "line 1: label 'x'"),
+            ("-1,1,2\n", "line 1: label '-1'"),
+            ("5,1,2\n", "line 1: label 5 is not below"),
+            (
+                "1,1,2\n0,1\n",
+                "line 2: 1 values where earlier lines have 2",
+            ),
+            ("1,1,nan\n", "line 1: 'nan' is not a finite"),
+            ("1,1,abc\n", "line 1: 'abc' is not a number"),
+            ("1\n", "line 1: a label and no values"),
+            ("# nothing\n", "no sample"),
+        ] {
+            let e = parse_csv(text, 2).unwrap_err();
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
     }
 
     #[test]
