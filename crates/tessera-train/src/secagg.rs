@@ -672,7 +672,12 @@ impl Server {
                 self.inputs.entry(m.id).or_insert(m.masked);
             }
         }
-        let survivors: Vec<u32> = self.inputs.keys().copied().collect();
+        self.outcome()
+    }
+
+    /// Who sent a masked input, and who shared keys but sent none.
+    fn outcome(&self) -> (Vec<u32>, Vec<u32>) {
+        let survivors = self.inputs.keys().copied().collect();
         let dropped = self
             .shared
             .keys()
@@ -685,13 +690,7 @@ impl Server {
     /// Stage 4 ends: rebuild the survivors' seeds and the dropped clients'
     /// mask keys from the revealed shares, strip every mask, dequantize.
     pub fn finish(&self, unmaskings: &[Unmasking]) -> Result<Aggregate, TrainError> {
-        let survivors: Vec<u32> = self.inputs.keys().copied().collect();
-        let dropped: Vec<u32> = self
-            .shared
-            .keys()
-            .filter(|c| !self.inputs.contains_key(c))
-            .copied()
-            .collect();
+        let (survivors, dropped) = self.outcome();
         if survivors.len() < self.config.threshold {
             return Err(Config::err(format!(
                 "{} survivors; {} are needed",

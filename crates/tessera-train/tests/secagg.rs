@@ -41,9 +41,38 @@ fn vectors(config: &Config) -> BTreeMap<u32, Vec<f32>> {
 /// Everything the server received, for inspection.
 #[derive(Default)]
 struct Seen {
-    shares: Vec<EncryptedShare>,
     inputs: Vec<MaskedInput>,
     unmaskings: Vec<Unmasking>,
+}
+
+/// Stages 1 and 2 of a round: the server, every client, and the shares the
+/// server relays (ciphertexts under keys it never has).
+struct Shared {
+    server: Server,
+    clients: BTreeMap<u32, Client>,
+    relayed: Vec<EncryptedShare>,
+}
+
+fn share_keys(config: &Config) -> Shared {
+    let mut server = Server::new(config.clone()).unwrap();
+    let mut clients = BTreeMap::new();
+    let mut ads = Vec::new();
+    for &id in &config.clients {
+        let (c, k) = Client::new(config.clone(), id).unwrap();
+        clients.insert(id, c);
+        ads.push(k);
+    }
+    let keys = server.collect_keys(ads);
+    let mut sent = Vec::new();
+    for c in clients.values_mut() {
+        sent.extend(c.share_keys(&keys).unwrap());
+    }
+    let relayed = server.collect_shares(sent);
+    Shared {
+        server,
+        clients,
+        relayed,
+    }
 }
 
 /// One round; the clients in `vanish` die after sharing keys.
@@ -55,22 +84,12 @@ fn round(
     Result<tessera_train::secagg::Aggregate, tessera_train::TrainError>,
     Seen,
 ) {
+    let Shared {
+        mut server,
+        mut clients,
+        relayed,
+    } = share_keys(config);
     let mut seen = Seen::default();
-    let mut server = Server::new(config.clone()).unwrap();
-    let mut clients = BTreeMap::new();
-    let mut ads = Vec::new();
-    for &id in &config.clients {
-        let (c, k) = Client::new(config.clone(), id).unwrap();
-        clients.insert(id, c);
-        ads.push(k);
-    }
-    let relayed = server.collect_keys(ads);
-    let mut shares = Vec::new();
-    for c in clients.values_mut() {
-        shares.extend(c.share_keys(&relayed).unwrap());
-    }
-    seen.shares = shares.clone();
-    let relayed = server.collect_shares(shares);
     for id in vanish {
         clients.remove(id);
     }
@@ -198,20 +217,12 @@ fn too_few_survivors_give_no_sum() {
     config.threshold = 4;
     let values = vectors(&config);
     // Three of six left: fewer than the threshold of four.
-    let mut server = Server::new(config.clone()).unwrap();
-    let mut clients: BTreeMap<u32, Client> = BTreeMap::new();
-    let mut ads = Vec::new();
-    for &id in &config.clients {
-        let (c, k) = Client::new(config.clone(), id).unwrap();
-        clients.insert(id, c);
-        ads.push(k);
-    }
-    let relayed = server.collect_keys(ads);
-    let mut shares = Vec::new();
-    for c in clients.values_mut() {
-        shares.extend(c.share_keys(&relayed).unwrap());
-    }
-    let relayed = server.collect_shares(shares);
+    let Shared {
+        mut server,
+        mut clients,
+        relayed,
+        ..
+    } = share_keys(&config);
     let mut inputs = Vec::new();
     for id in [100, 101, 102] {
         inputs.push(
@@ -235,20 +246,11 @@ fn too_few_survivors_give_no_sum() {
 fn a_greedy_server_and_a_tampered_share_are_refused() {
     let config = config(5, 4);
     let values = vectors(&config);
-    let mut server = Server::new(config.clone()).unwrap();
-    let mut clients: BTreeMap<u32, Client> = BTreeMap::new();
-    let mut ads = Vec::new();
-    for &id in &config.clients {
-        let (c, k) = Client::new(config.clone(), id).unwrap();
-        clients.insert(id, c);
-        ads.push(k);
-    }
-    let relayed = server.collect_keys(ads);
-    let mut shares = Vec::new();
-    for c in clients.values_mut() {
-        shares.extend(c.share_keys(&relayed).unwrap());
-    }
-    let relayed = server.collect_shares(shares);
+    let Shared {
+        mut clients,
+        relayed,
+        ..
+    } = share_keys(&config);
 
     // A share altered in transit: its recipient refuses it.
     let mut tampered = relayed.clone();

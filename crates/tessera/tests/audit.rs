@@ -210,12 +210,7 @@ fn canaries_verify_throughput_and_bar_a_stalled_provider_until_it_answers() {
     assert!(util::wait_listed(&health, 2, Duration::from_secs(60)));
     let nodes: Vec<String> = homes
         .iter()
-        .map(|h| {
-            let v: Value =
-                serde_json::from_slice(&std::fs::read(h.path().join("provider.json")).unwrap())
-                    .unwrap();
-            v["node"].as_str().unwrap().to_string()
-        })
+        .map(|h| util::provider_node(h.path()))
         .collect();
     // Canaries verify each provider's throughput, and are audited (a
     // passed canary is listed among the recent audits, but earns no

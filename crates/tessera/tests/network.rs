@@ -230,12 +230,10 @@ fn an_answer_continues_on_another_provider_when_its_provider_is_killed() {
         2,
         Duration::from_secs(90)
     ));
-    let node_of = |home: &std::path::Path| -> String {
-        let v: Value =
-            serde_json::from_slice(&std::fs::read(home.join("provider.json")).unwrap()).unwrap();
-        v["node"].as_str().unwrap().to_string()
-    };
-    let nodes: Vec<String> = homes.iter().map(|h| node_of(h.path())).collect();
+    let nodes: Vec<String> = homes
+        .iter()
+        .map(|h| util::provider_node(h.path()))
+        .collect();
     let pids: Vec<(u32, String)> = children.iter().map(|c| c.id()).zip(nodes.clone()).collect();
     let body = chat(
         "Write a long story about a lighthouse.",
@@ -405,12 +403,10 @@ fn a_hold_follows_the_route_taken_and_is_raised_only_for_a_client_who_can_pay() 
         2,
         Duration::from_secs(90)
     ));
-    let node_of = |home: &std::path::Path| -> String {
-        let v: Value =
-            serde_json::from_slice(&std::fs::read(home.join("provider.json")).unwrap()).unwrap();
-        v["node"].as_str().unwrap().to_string()
-    };
-    let (cheap, dear) = (node_of(homes[0].path()), node_of(homes[1].path()));
+    let (cheap, dear) = (
+        util::provider_node(homes[0].path()),
+        util::provider_node(homes[1].path()),
+    );
     // The cheap one finishes a job first, so neither request below finds it
     // on trial (where it would rank like a full provider).
     let resp = gw

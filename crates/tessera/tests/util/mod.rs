@@ -296,6 +296,13 @@ pub fn wait_proven(
     }
 }
 
+/// The node id a provider started in `home` wrote to its `provider.json`.
+pub fn provider_node(home: &std::path::Path) -> String {
+    let v: Value = serde_json::from_slice(&std::fs::read(home.join("provider.json")).unwrap())
+        .expect("provider.json is JSON");
+    v["node"].as_str().expect("a node id").to_string()
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
