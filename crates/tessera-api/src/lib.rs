@@ -21,6 +21,7 @@ pub mod accounts;
 mod billing;
 pub mod error;
 mod response;
+mod training;
 pub mod validation;
 
 use std::sync::Arc;
@@ -81,6 +82,8 @@ pub struct ApiConfig {
     /// Tracks every answer in flight and every bill still closing, so the
     /// process can wait until nothing is held before it exits.
     pub tasks: TaskTracker,
+    /// Federated training tasks, when this gateway runs them.
+    pub training: Option<Arc<dyn tessera_backend::Training>>,
 }
 
 impl Default for ApiConfig {
@@ -90,6 +93,7 @@ impl Default for ApiConfig {
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            training: None,
         }
     }
 }
@@ -115,6 +119,13 @@ pub fn router(backend: Arc<dyn Backend>, accounts: Arc<dyn Accounts>, config: Ap
         .route("/v1/models/{*id}", get(get_model))
         .route("/v1/account", get(account))
         .route("/v1/jobs/{id}", get(job_report))
+        .route(
+            "/v1/training/tasks",
+            post(training::create).get(training::list),
+        )
+        .route("/v1/training/tasks/{id}", get(training::status))
+        .route("/v1/training/tasks/{id}/cancel", post(training::cancel))
+        .route("/v1/training/tasks/{id}/model", get(training::model))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(paid)

@@ -16,10 +16,13 @@
 //! - [`Dispatch`]: an accepted job, a stream of [`JobEvent`]s.
 //! - [`JobError`]: why a job could not run or finish, typed, so that the
 //!   API maps each case to its HTTP status in one place.
+//! - [`Training`]: federated training tasks (create, watch, cancel, fetch
+//!   the model), for the gateway's training routes.
 
 mod local;
 mod parts;
 mod route;
+mod training;
 
 use futures::future::BoxFuture;
 use serde::Serialize;
@@ -32,6 +35,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 pub use local::LocalBackend;
 pub use parts::{BilledPart, Parts};
 pub use route::{RoutePrefs, Sort};
+pub use training::{Training, TrainingError};
 
 /// A model as the API shows it and as requests name it.
 #[derive(Clone)]

@@ -16,6 +16,7 @@
 //!   and what it finds.
 //! - [`AuditStatus`], [`PartOutcome`], [`ProviderState`]: the states a job
 //!   part, an audit and a provider go through ([`status`]).
+//! - [`train`]: a training round's model, recipe and parameters on the wire.
 //! - [`now_ms`], [`unique_u64`], [`secret_bytes`]: the one clock and the one
 //!   source of randomness everything uses ([`system`]).
 
@@ -26,6 +27,7 @@ pub mod price;
 pub mod proof;
 pub mod status;
 pub mod system;
+pub mod train;
 
 pub use generation::{
     FinishReason, GenerationRequest, PrefixCache, SamplingParams, Token, TokenEvent, Usage,

@@ -218,6 +218,7 @@ async fn misbehave(kind: usize, conn: Connection, sha256: String) -> Option<Task
                 slots: 8,
                 hardware: "sybil".into(),
                 software: "sybil".into(),
+                training: None,
             });
             write_frame(&mut send, &hello).await.ok()?;
             Some(Box::pin(async move {

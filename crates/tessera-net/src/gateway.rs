@@ -22,6 +22,7 @@ use crate::audit::Audits;
 use crate::auditors::AuditorPool;
 use crate::directory::Directory;
 use crate::discovery::{Discovery, GOSSIP_ALPN};
+use crate::federated::Trainers;
 use crate::job::JobSetup;
 use crate::node::node_id;
 pub use crate::session::MAX_HANDSHAKES;
@@ -50,6 +51,8 @@ pub struct Gateway {
     /// Models this gateway knows (it needs their tokenizer to take requests).
     models: Arc<Vec<ServedModel>>,
     directory: Arc<Directory>,
+    /// Providers that train (federated tasks run on them).
+    trainers: Arc<Trainers>,
     discovery: Option<Discovery>,
     /// The auditor of each model (by sha256) this gateway audits.
     audits: Arc<HashMap<String, Arc<Audits>>>,
@@ -79,6 +82,7 @@ impl Gateway {
             endpoint,
             models: Arc::new(models),
             directory,
+            trainers: Arc::default(),
             discovery: None,
             audits: Arc::default(),
             auditors: None,
@@ -104,6 +108,11 @@ impl Gateway {
         self.audits = Arc::new(audits);
         self.auditors = Some(auditors);
         self
+    }
+
+    /// The providers connected now that train.
+    pub fn trainers(&self) -> &Arc<Trainers> {
+        &self.trainers
     }
 
     /// Where audits run, when this gateway audits.
@@ -273,6 +282,7 @@ impl Gateway {
                 let pending = gw.handshakes.begin(&conn);
                 let session = crate::session::serve(
                     &gw.directory,
+                    &gw.trainers,
                     &gw.models,
                     &gw.offer_limits,
                     &gw.identity,

@@ -24,6 +24,10 @@
 //!   [`auditors`]: where audits run (the gateway's engine, and auditor
 //!   processes the operator named, which dial in like providers).
 //!
+//! Federated training ([`federated`]): providers that hold training data
+//! say so in their `Hello`; the gateway's coordinator runs a task's rounds
+//! on them as jobs, checks every update and pays per verified round.
+//!
 //! Nodes find each other through signed announcements on a gossip topic
 //! ([`discovery`]): a provider given one gateway's ticket learns the others
 //! and serves several. Every job ends with a receipt the provider signs and
@@ -39,6 +43,7 @@ pub mod backend;
 pub mod canary;
 pub mod directory;
 pub mod discovery;
+pub mod federated;
 #[cfg(feature = "testing")]
 pub mod flood;
 pub mod gateway;

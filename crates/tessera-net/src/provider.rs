@@ -93,6 +93,8 @@ pub struct ProviderConfig {
     /// must show its certificate. Without one, only the given gateways are
     /// served, never discovered ones (see [`crate::admission`]).
     pub admission: Option<Admission>,
+    /// Training data it trains on for federated tasks, if any.
+    pub training: Option<Arc<crate::federated::client::TrainingData>>,
 }
 
 /// Serve jobs for every configured gateway, and for gateways learnt
@@ -228,6 +230,7 @@ async fn session(shared: &Shared, ticket: &Ticket) -> anyhow::Result<()> {
         slots: handle.max_sequences(),
         hardware: config.hardware.clone(),
         software: format!("tessera {}", env!("CARGO_PKG_VERSION")),
+        training: config.training.as_ref().map(|t| t.offer()),
     };
     write_frame(&mut send, &Frame::Hello(hello)).await?;
     let gateway = node_id(&conn.remote_id());
@@ -323,8 +326,18 @@ async fn serve_jobs(
             generated.clone(),
             signer.clone(),
         );
+        let training = config.training.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_job(send, recv, &handle, &offers, &generated, &signer).await {
+            let served = serve_job(
+                send,
+                recv,
+                &handle,
+                &offers,
+                training.as_ref(),
+                &generated,
+                &signer,
+            );
+            if let Err(e) = served.await {
                 tracing::debug!(error = %e, "job stream ended early");
             }
         });
@@ -338,6 +351,7 @@ async fn serve_job(
     mut recv: RecvStream,
     handle: &Arc<dyn JobRunner>,
     offers: &[ModelOffer],
+    training: Option<&Arc<crate::federated::client::TrainingData>>,
     generated: &AtomicU64,
     signer: &Signer,
 ) -> anyhow::Result<()> {
@@ -358,10 +372,15 @@ async fn serve_job(
         }
     };
     let job_id = job.job_id;
-    let JobKind::Inference {
-        model_sha256,
-        generation,
-    } = job.kind;
+    let (model_sha256, generation) = match job.kind {
+        JobKind::Inference {
+            model_sha256,
+            generation,
+        } => (model_sha256, generation),
+        JobKind::TrainRound(round) => {
+            return crate::federated::client::serve_round(send, recv, *round, training).await
+        }
+    };
     let Some(offer) = offers.iter().find(|o| o.sha256 == model_sha256) else {
         let e = JobError {
             message: format!("this provider does not serve model {model_sha256}"),

@@ -18,6 +18,7 @@ use tessera_core::{NodeId, Price};
 use tessera_protocol::{read_frame, write_frame, Frame, ModelOffer, PROTOCOL_VERSION};
 
 use crate::directory::{Directory, Session};
+use crate::federated::{Trainer, Trainers};
 
 /// How often providers are asked to send a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -83,6 +84,8 @@ impl Drop for Pending {
 pub struct OfferLimits {
     /// Dearest prompt and output prices accepted.
     pub max_price: Price,
+    /// Dearest price of a training round accepted (micro-credits).
+    pub max_round_price: u64,
 }
 
 impl Default for OfferLimits {
@@ -93,11 +96,33 @@ impl Default for OfferLimits {
                 input: 2_000,
                 output: 8_000,
             },
+            max_round_price: tessera_ledger::MICRO,
         }
     }
 }
 
 impl OfferLimits {
+    /// Why a training offer is refused, if it is: no data, a shape beyond
+    /// what a round can carry, a price above the limit.
+    pub fn training_refusal(&self, t: &tessera_protocol::TrainingOffer) -> Option<String> {
+        if t.samples == 0 || t.inputs == 0 || t.classes < 2 {
+            return Some("a training offer needs samples, inputs and at least 2 classes".into());
+        }
+        if t.inputs > 1_000_000 || t.classes > 100_000 {
+            return Some(format!(
+                "training data of {} values and {} classes is beyond what a round carries",
+                t.inputs, t.classes
+            ));
+        }
+        if t.price > self.max_round_price {
+            return Some(format!(
+                "a round price of {} micro-credits is above this gateway's limit of {}",
+                t.price, self.max_round_price
+            ));
+        }
+        None
+    }
+
     /// Why `offer` (of `model`) is refused, if it is.
     pub fn refusal(&self, offer: &ModelOffer, model: &ServedModel) -> Option<String> {
         let (p, max) = (offer.price, self.max_price);
@@ -129,8 +154,10 @@ pub struct GatewayIdentity {
 }
 
 /// Run one provider's session until its connection or control stream ends.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     directory: &Directory,
+    trainers: &Trainers,
     models: &[ServedModel],
     limits: &OfferLimits,
     gateway: &GatewayIdentity,
@@ -172,10 +199,16 @@ pub async fn serve(
         .filter(|o| models.iter().any(|m| m.sha256 == o.sha256))
         .cloned()
         .collect();
-    if known.is_empty() {
+    if let Some(t) = &hello.training {
+        if let Some(reason) = limits.training_refusal(t) {
+            return refuse(&mut send, &conn, node, reason).await;
+        }
+    }
+    let trains = hello.training.is_some() && hello.models.is_empty();
+    if known.is_empty() && !trains {
         return refuse(&mut send, &conn, node, unknown_models(&hello.models)).await;
     }
-    if hello.slots == 0 {
+    if hello.slots == 0 && !known.is_empty() {
         let reason = "a provider must offer at least one slot".to_string();
         return refuse(&mut send, &conn, node, reason).await;
     }
@@ -193,16 +226,27 @@ pub async fn serve(
     };
     write_frame(&mut send, &welcome).await?;
     let id = conn.stable_id() as u64;
-    directory.join(Session {
-        node,
-        node_hex: node.to_string(),
-        id,
-        conn: Some(conn.clone()),
-        offers: known,
-        slots: hello.slots,
-        hardware: hello.hardware,
-    });
-    tracing::info!(provider = %node.short(), slots = hello.slots, "provider joined");
+    let serves = !known.is_empty();
+    if serves {
+        directory.join(Session {
+            node,
+            node_hex: node.to_string(),
+            id,
+            conn: Some(conn.clone()),
+            offers: known,
+            slots: hello.slots,
+            hardware: hello.hardware,
+        });
+    }
+    if let Some(offer) = hello.training {
+        trainers.join(Trainer {
+            node,
+            session: id,
+            conn: conn.clone(),
+            offer,
+        });
+    }
+    tracing::info!(provider = %node.short(), slots = hello.slots, trains = hello.training.is_some(), "provider joined");
     let result = loop {
         match read_frame(&mut recv).await {
             Ok(Some(Frame::Heartbeat(beat))) => {
@@ -226,7 +270,10 @@ pub async fn serve(
             }
         }
     };
-    directory.leave(&node, id);
+    if serves {
+        directory.leave(&node, id);
+    }
+    trainers.leave(&node, id);
     tracing::info!(provider = %node.short(), "provider left");
     result
 }

@@ -78,6 +78,7 @@ fn hello(version: u8, sha: &str) -> Frame {
         slots: 2,
         hardware: "test".into(),
         software: "test".into(),
+        training: None,
     })
 }
 
@@ -245,6 +246,7 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
         hardware: "test".into(),
         max_gateways: 1,
         admission: None,
+        training: None,
     };
     tokio::spawn(tessera_net::provider::run(
         provider_ep.clone(),

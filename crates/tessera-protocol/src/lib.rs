@@ -12,6 +12,16 @@
 //! `JobDone` whose proof covers the tokens generated so far, so that work
 //! is still paid. Resetting the stream cancels the job without that.
 //!
+//! A **training round** (federated learning, `tessera-net::federated`) is a
+//! job too: [`JobKind::TrainRound`] carries the global parameters, the
+//! local recipe, a deadline and the round's price; the provider trains on
+//! its own data and answers [`Frame::TrainCommit`] (a commitment to its
+//! result, never the data); once every sampled provider has committed, the
+//! gateway sends [`Frame::Reveal`] and the provider answers
+//! [`Frame::TrainDone`] with the parameters that open the commitment. A
+//! provider that trains says so in `Hello` ([`TrainingOffer`]: its sample
+//! count and data shape, its price per round) and may serve no model.
+//!
 //! **Auditors** dial a gateway with ALPN [`AUDIT_ALPN`] and the same framing:
 //! [`Frame::AuditorHello`] on the control stream, answered `Welcome` (only
 //! when the gateway's operator named the auditor's node id) or `Refused`;
@@ -27,6 +37,7 @@
 
 use serde::{Deserialize, Serialize};
 use tessera_core::audit::{AuditJob, Evidence};
+use tessera_core::train::{ModelSpec, Recipe, Weights};
 use tessera_core::{
     FinishReason, GenerationRequest, NodeId, Price, Proof, Token, TokenEvent, Usage,
 };
@@ -37,8 +48,8 @@ pub const ALPN: &[u8] = b"tessera/1";
 /// The ALPN of auditor processes serving a gateway.
 pub const AUDIT_ALPN: &[u8] = b"tessera/audit/1";
 /// The version in every frame header and in `Hello`. 2: a job request
-/// carries its kind. 3: `Cancel`.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// carries its kind. 3: `Cancel`. 4: training rounds.
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest payload accepted; a longer frame is garbage or an attack.
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 const MAGIC: u8 = b'T';
@@ -70,6 +81,68 @@ pub struct Hello {
     pub hardware: String,
     /// `tessera x.y.z`.
     pub software: String,
+    /// What it offers for federated training, when it holds training data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingOffer>,
+}
+
+/// A provider's training data as it describes it (never the data itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainingOffer {
+    /// Labelled samples it holds (the weight of its updates).
+    pub samples: u64,
+    /// Values per sample.
+    pub inputs: usize,
+    /// Classes its labels range over.
+    pub classes: usize,
+    /// What it charges for one round (micro-credits).
+    pub price: u64,
+}
+
+/// One round of a federated task, sent to one provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainRound {
+    /// The task's id.
+    pub task: String,
+    /// The round's number (from 1).
+    pub round: u32,
+    /// The model.
+    pub spec: ModelSpec,
+    /// The global parameters to start from.
+    pub global: Weights,
+    /// How to train locally (its seed is this provider's for this round).
+    pub recipe: Recipe,
+    /// Milliseconds since the epoch by which the commitment must arrive.
+    pub deadline_ms: u64,
+    /// What the round pays when verified (micro-credits).
+    pub price: u64,
+}
+
+/// A provider's commitment to its round's result (before it is revealed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainCommit {
+    /// `tessera_train::verify::commitment` of the parameters, sample count
+    /// and loss, under the nonce revealed with them (hex).
+    pub commitment: String,
+    /// Samples it trained on.
+    pub samples: u64,
+    /// Its mean training loss.
+    pub loss: f64,
+}
+
+/// A provider's round result, revealed after every commitment arrived.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainDone {
+    /// Its parameters after local training.
+    pub parameters: Weights,
+    /// The commitment's nonce (hex, 32 bytes).
+    pub nonce: String,
+    /// Samples it trained on (as committed).
+    pub samples: u64,
+    /// Its mean training loss (as committed).
+    pub loss: f64,
+    /// SGD steps it took.
+    pub steps: u64,
 }
 
 /// Periodic load report on the control stream.
@@ -143,6 +216,8 @@ pub enum JobKind {
         /// Prompt, sampling and limits.
         generation: GenerationRequest,
     },
+    /// Train one round of a federated task on the provider's own data.
+    TrainRound(Box<TrainRound>),
 }
 
 /// The end of a job.
@@ -264,6 +339,13 @@ pub enum Frame {
     /// Gateway → provider, on a job stream: stop now and end with a
     /// `JobDone` (and its proof) for the tokens generated so far.
     Cancel,
+    /// Provider → gateway, on a training round's stream: the commitment.
+    TrainCommit(TrainCommit),
+    /// Gateway → provider, on a training round's stream: every sampled
+    /// provider committed; reveal.
+    Reveal,
+    /// Provider → gateway, on a training round's stream: the result.
+    TrainDone(Box<TrainDone>),
     /// Auditor → gateway, first on the control stream of [`AUDIT_ALPN`].
     AuditorHello(AuditorHello),
     /// Gateway → auditor, first on an audit stream.
@@ -288,6 +370,9 @@ impl Frame {
             Frame::JobDone(_) => "JobDone",
             Frame::JobError(_) => "JobError",
             Frame::Cancel => "Cancel",
+            Frame::TrainCommit(_) => "TrainCommit",
+            Frame::Reveal => "Reveal",
+            Frame::TrainDone(_) => "TrainDone",
             Frame::AuditorHello(_) => "AuditorHello",
             Frame::AuditRequest(_) => "AuditRequest",
             Frame::AuditDone { .. } => "AuditDone",

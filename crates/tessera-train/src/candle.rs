@@ -163,6 +163,7 @@ impl Trainer for CandleTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trainer::Initialize;
 
     /// The gradients candle computes match central finite differences of
     /// the loss, for both models.

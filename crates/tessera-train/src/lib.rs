@@ -20,12 +20,14 @@
 //!   clients' vectors, and the round survives clients that drop out.
 //! - [`verify`]: checking trainers nobody trusts — commit before reveal,
 //!   plausibility, re-execution within a tolerance.
+//! - [`export`]: a trained model as a safetensors file.
 //! - [`simulate`]: rounds run in one process, the reference the networked
 //!   runs and the benchmarks compare against (and centralized training,
 //!   the baseline federated accuracy is measured against).
 
 mod candle;
 pub mod data;
+pub mod export;
 pub mod privacy;
 mod rng;
 pub mod secagg;
@@ -38,7 +40,7 @@ pub use crate::candle::CandleTrainer;
 pub use data::{Dataset, Split};
 pub use rng::Rng;
 pub use strategy::{outliers, Aggregation, ClientUpdate, Server, Strategy};
-pub use trainer::{train_locally, Evaluation, LocalUpdate, ModelSpec, Recipe, Trainer};
+pub use trainer::{train_locally, Evaluation, Initialize, LocalUpdate, ModelSpec, Recipe, Trainer};
 
 /// Why training could not go on.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

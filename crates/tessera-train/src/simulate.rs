@@ -10,7 +10,7 @@ use crate::data::Dataset;
 use crate::privacy::{self, Accountant, DpSettings};
 use crate::rng::Rng;
 use crate::strategy::{Aggregation, ClientUpdate, Server, Strategy};
-use crate::trainer::{train_locally, Evaluation, ModelSpec, Recipe, Trainer};
+use crate::trainer::{train_locally, Evaluation, Initialize, ModelSpec, Recipe, Trainer};
 use crate::TrainError;
 
 /// A federated task's settings.

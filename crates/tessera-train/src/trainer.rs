@@ -8,77 +8,20 @@
 //! so every implementation trains the same way from the same seed.
 
 use serde::{Deserialize, Serialize};
+pub use tessera_core::train::{ModelSpec, Recipe};
 
 use crate::data::Dataset;
 use crate::rng::Rng;
 use crate::TrainError;
 
-/// A model's architecture.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ModelSpec {
-    /// Multinomial logistic regression: one linear layer and softmax.
-    Logistic {
-        /// Values per sample.
-        inputs: usize,
-        /// Classes.
-        classes: usize,
-    },
-    /// One hidden ReLU layer.
-    Mlp {
-        /// Values per sample.
-        inputs: usize,
-        /// Hidden units.
-        hidden: usize,
-        /// Classes.
-        classes: usize,
-    },
+/// Seeded initial parameters of a [`ModelSpec`].
+pub trait Initialize {
+    /// Weights uniform in ±√(6 / (fan in + fan out)) (Glorot), biases zero.
+    fn init(&self, seed: u64) -> Vec<f32>;
 }
 
-impl ModelSpec {
-    /// Shapes of its parameter tensors, in the flat vector's order
-    /// (weights as inputs × outputs, then biases, layer by layer).
-    pub fn shapes(&self) -> Vec<Vec<usize>> {
-        match *self {
-            ModelSpec::Logistic { inputs, classes } => vec![vec![inputs, classes], vec![classes]],
-            ModelSpec::Mlp {
-                inputs,
-                hidden,
-                classes,
-            } => vec![
-                vec![inputs, hidden],
-                vec![hidden],
-                vec![hidden, classes],
-                vec![classes],
-            ],
-        }
-    }
-
-    /// Number of parameters.
-    pub fn parameters(&self) -> usize {
-        self.shapes()
-            .iter()
-            .map(|s| s.iter().product::<usize>())
-            .sum()
-    }
-
-    /// Values per sample it takes.
-    pub fn inputs(&self) -> usize {
-        match *self {
-            ModelSpec::Logistic { inputs, .. } | ModelSpec::Mlp { inputs, .. } => inputs,
-        }
-    }
-
-    /// Classes it tells apart.
-    pub fn classes(&self) -> usize {
-        match *self {
-            ModelSpec::Logistic { classes, .. } | ModelSpec::Mlp { classes, .. } => classes,
-        }
-    }
-
-    /// Seeded initial parameters: weights uniform in ±√(6 / (fan in + fan
-    /// out)) (Glorot), biases zero.
-    pub fn init(&self, seed: u64) -> Vec<f32> {
+impl Initialize for ModelSpec {
+    fn init(&self, seed: u64) -> Vec<f32> {
         let mut rng = Rng::new(seed);
         let mut out = Vec::with_capacity(self.parameters());
         for shape in self.shapes() {
@@ -121,34 +64,6 @@ pub trait Trainer: Send {
     ) -> Result<(f32, Vec<f32>), TrainError>;
     /// Loss and accuracy of the model with `parameters` on `data`.
     fn evaluate(&self, parameters: &[f32], data: &Dataset) -> Result<Evaluation, TrainError>;
-}
-
-/// How a client trains locally in one round.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Recipe {
-    /// Passes over the local data.
-    pub epochs: u32,
-    /// Samples per step.
-    pub batch_size: usize,
-    /// SGD step size.
-    pub learning_rate: f32,
-    /// FedProx's proximal term μ (0: plain local SGD): each step also pulls
-    /// the parameters toward the round's global ones by μ·(w − w_global).
-    pub proximal: f32,
-    /// Seed of the shuffles (a round's seed, so the round can be re-executed).
-    pub seed: u64,
-}
-
-impl Default for Recipe {
-    fn default() -> Self {
-        Recipe {
-            epochs: 1,
-            batch_size: 32,
-            learning_rate: 0.1,
-            proximal: 0.0,
-            seed: 0,
-        }
-    }
 }
 
 /// What a client's local training produced.

@@ -7,8 +7,8 @@
 
 use tessera_train::simulate::{centralized, federate, round_seed, Federation};
 use tessera_train::{
-    data, train_locally, Aggregation, CandleTrainer, ClientUpdate, Dataset, ModelSpec, Recipe,
-    Server, Split, Strategy, Trainer,
+    data, train_locally, Aggregation, CandleTrainer, ClientUpdate, Dataset, Initialize, ModelSpec,
+    Recipe, Server, Split, Strategy, Trainer,
 };
 
 const MLP: ModelSpec = ModelSpec::Mlp {

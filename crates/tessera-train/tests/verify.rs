@@ -9,8 +9,8 @@
 use tessera_train::simulate::round_seed;
 use tessera_train::verify::{commitment, plausible, reexecute};
 use tessera_train::{
-    data, outliers, train_locally, Aggregation, CandleTrainer, ClientUpdate, ModelSpec, Recipe,
-    Rng, Server, Split, Strategy,
+    data, outliers, train_locally, Aggregation, CandleTrainer, ClientUpdate, Initialize, ModelSpec,
+    Recipe, Rng, Server, Split, Strategy,
 };
 
 const MLP: ModelSpec = ModelSpec::Mlp {

@@ -244,9 +244,34 @@ pub struct ProviderArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub price: PriceArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
     #[cfg(feature = "adversary")]
     #[command(flatten)]
     pub cheat: CheatArgs,
+}
+
+/// Federated training on the provider's own data (README, "Training").
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Train on the data in DIR for federated tasks: DIR/train.csv, one
+    /// sample a line, its label (0 to --train-classes − 1) then its values,
+    /// comma-separated. Only its sample count and shape are ever sent.
+    #[arg(long, env = "TESSERA_TRAIN_DATA", value_name = "DIR")]
+    pub train_data: Option<std::path::PathBuf>,
+    /// Classes the labels of --train-data range over.
+    #[arg(long, env = "TESSERA_TRAIN_CLASSES", default_value_t = 10)]
+    pub train_classes: usize,
+    /// What one training round costs (micro-credits).
+    #[arg(long, env = "TESSERA_TRAIN_PRICE", default_value_t = 1_000)]
+    pub train_price: u64,
+    /// Threads training uses, apart from inference's --threads; rounds
+    /// run one at a time.
+    #[arg(long, env = "TESSERA_TRAIN_THREADS", default_value_t = 1)]
+    pub train_threads: usize,
+    /// Load no inference model: only train (needs --train-data).
+    #[arg(long, requires = "train_data")]
+    pub train_only: bool,
 }
 
 /// TEST BUILDS ONLY (feature `adversary`): ways to cheat, for the
@@ -265,6 +290,10 @@ pub struct CheatArgs {
     /// Cheat: run this (altered) model file while announcing --model's hash.
     #[arg(long)]
     pub misbehave_model: Option<std::path::PathBuf>,
+    /// Cheat at training: flip (the step reversed and scaled ×10), scale
+    /// (×10) or random parameters.
+    #[arg(long)]
+    pub poison: Option<tessera_net::federated::client::Poison>,
 }
 
 pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
@@ -368,6 +397,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                     input: args.max_input_price,
                     output: args.max_output_price,
                 },
+                ..Default::default()
             })
             .with_shutdown(shutdown.clone(), tasks.clone());
         if let Some((audits, pool)) = audits {
@@ -382,6 +412,15 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         };
         let gateway_id = gateway.node();
         let auditor_pool = gateway.auditors().cloned();
+        let training: Arc<dyn tessera_backend::Training> =
+            Arc::new(tessera_net::federated::Coordinator::new(
+                gateway.trainers().clone(),
+                ledger.clone(),
+                gateway_id.to_string(),
+                args.fee_bps,
+                shutdown.clone(),
+                tasks.clone(),
+            ));
         let receipts = crate::earnings::route(ledger.clone());
         let ledger_view = ledger.clone();
         let accounts =
@@ -457,6 +496,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         let config = ApiConfig {
             body_limit: args.body_limit,
             metrics,
+            training: Some(training),
             ..ApiConfig::default()
         };
         let (stop, in_flight) = (config.shutdown.clone(), config.tasks.clone());
@@ -637,6 +677,26 @@ pub fn auditor(home: &Path, args: AuditorArgs) -> anyhow::Result<()> {
 
 pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
     let key = node::load_or_create_key(home)?;
+    #[allow(unused_mut)]
+    let mut training = match &args.train.train_data {
+        Some(dir) => {
+            let data = tessera_train::data::load_dir(dir, args.train.train_classes)?;
+            Some(tessera_net::federated::client::TrainingData::new(
+                data,
+                args.train.train_price,
+                args.train.train_threads,
+            ))
+        }
+        None => None,
+    };
+    #[cfg(feature = "adversary")]
+    if let Some(t) = training.as_mut() {
+        t.poison = args.cheat.poison;
+    }
+    let training = training.map(Arc::new);
+    if args.train.train_only {
+        return train_only(home, key, args, training);
+    }
     // The engine (or the synthetic stand-in), kept alive for the whole run.
     let mut engine = None;
     #[cfg(feature = "testing")]
@@ -727,6 +787,7 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
         hardware,
         max_gateways: args.max_gateways,
         admission: admission.clone(),
+        training,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -763,6 +824,63 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
     })?;
     drop(engine);
     Ok(())
+}
+
+/// A provider that loads no model and only trains (`--train-only`).
+fn train_only(
+    home: &Path,
+    key: tessera_net::SecretKey,
+    args: ProviderArgs,
+    training: Option<Arc<tessera_net::federated::client::TrainingData>>,
+) -> anyhow::Result<()> {
+    let samples = training.as_ref().map_or(0, |t| t.data.len());
+    let admission = provider_admission(&args.gateways, &args.network.name)?;
+    let config = ProviderConfig {
+        gateways: args.gateways.clone(),
+        offers: Vec::new(),
+        hardware: format!(
+            "training only, {} thread(s), {}",
+            args.train.train_threads,
+            std::env::consts::ARCH
+        ),
+        max_gateways: args.max_gateways,
+        admission: admission.clone(),
+        training,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let endpoint = node::bind(key.clone(), args.bind, vec![GOSSIP_ALPN.to_vec()]).await?;
+        let id = node::node_id(&endpoint.id());
+        let discovery = Discovery::start(
+            &endpoint,
+            key,
+            DiscoveryConfig {
+                network: args.network.name.clone(),
+                role: Role::Provider,
+                addrs: Ticket::of(&endpoint, None).addrs,
+                models: Vec::new(),
+                bootstrap: args.gateways,
+                certificate: None,
+                admission,
+                revocations_file: None,
+            },
+        );
+        tokio::spawn(discovery.clone().accept(endpoint.clone()));
+        let path = home.join("provider.json");
+        write_json(&path, &json!({ "node": id, "pid": std::process::id() }))?;
+        let _file = EndpointFile(path);
+        println!("Tessera provider {id} training on {samples} samples (no inference model)");
+        let runner = Arc::new(tessera_net::federated::client::NoInference);
+        let serve = tessera_net::provider::run(endpoint.clone(), runner, config, Some(discovery));
+        tokio::select! {
+            _ = serve => {}
+            _ = shutdown_signal() => tracing::info!("provider shutting down"),
+        }
+        endpoint.close().await;
+        anyhow::Ok(())
+    })
 }
 
 /// The operator's certificate of this gateway (from --certificate, or

@@ -22,7 +22,7 @@ use serde_json::json;
 use tessera_train::privacy::{DpSettings, NoiseAt};
 use tessera_train::simulate::{centralized, federate, Federation};
 use tessera_train::{
-    data, train_locally, Aggregation, CandleTrainer, ModelSpec, Recipe, Split, Strategy,
+    data, train_locally, Aggregation, CandleTrainer, Initialize, ModelSpec, Recipe, Split, Strategy,
 };
 
 use super::stats::percentile;

@@ -1,0 +1,242 @@
+//! The gateway's training tasks behind the API's `Training` seam.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tessera_backend::{Training, TrainingError};
+use tessera_ledger::{Hold, Ledger, LedgerError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::pool::Trainers;
+use super::task::{self, State, Status, Task, TaskRequest};
+
+/// Most tasks one account may have running at once.
+pub const MAX_TASKS_PER_ACCOUNT: usize = 8;
+
+/// Runs federated tasks on the providers in [`Trainers`], paying them from
+/// the task owners' escrow in the ledger.
+pub struct Coordinator {
+    trainers: Arc<Trainers>,
+    ledger: Ledger,
+    gateway: String,
+    fee_bps: u64,
+    tasks: Mutex<HashMap<String, Arc<Task>>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Coordinator {
+    /// Tasks of this gateway (node id `gateway`, taking `fee_bps` of each
+    /// payment), run on `tracker` and cancelled with `shutdown` (their
+    /// unspent escrow released).
+    pub fn new(
+        trainers: Arc<Trainers>,
+        ledger: Ledger,
+        gateway: String,
+        fee_bps: u64,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Coordinator {
+        Coordinator {
+            trainers,
+            ledger,
+            gateway,
+            fee_bps,
+            tasks: Mutex::default(),
+            shutdown,
+            tracker,
+        }
+    }
+
+    fn task(&self, account: &str, id: &str) -> Result<Arc<Task>, TrainingError> {
+        self.tasks
+            .lock()
+            .ok()
+            .and_then(|t| t.get(id).cloned())
+            .filter(|t| t.account == account)
+            .ok_or_else(|| TrainingError::NotFound(id.to_string()))
+    }
+
+    /// Release holds taken for a task that could not start.
+    async fn release(&self, holds: Vec<String>) {
+        for h in holds {
+            if let Err(e) = self.ledger.settle(&h, "", vec![], 0).await {
+                tracing::warn!(error = %e, "cannot release a training hold");
+            }
+        }
+    }
+}
+
+fn ledger_error(e: LedgerError) -> TrainingError {
+    match e {
+        LedgerError::Insufficient { .. } | LedgerError::SpendLimit { .. } => {
+            TrainingError::Insufficient(format!(
+                "The task's escrow cannot be held: {e}. Top up, or ask for fewer rounds, \
+                 clients or a lower max_price_per_round."
+            ))
+        }
+        other => TrainingError::Unavailable(format!("the ledger failed: {other}")),
+    }
+}
+
+impl Training for Coordinator {
+    fn create(&self, account: &str, body: Value) -> BoxFuture<'_, Result<Value, TrainingError>> {
+        let account = account.to_string();
+        Box::pin(async move {
+            let request: TaskRequest = serde_json::from_value(body)
+                .map_err(|e| TrainingError::Invalid(format!("Invalid training task: {e}.")))?;
+            let test = request
+                .validate()
+                .map_err(|e| TrainingError::Invalid(format!("Invalid training task: {e}.")))?;
+            let running = self.tasks.lock().map_or(0, |t| {
+                t.values()
+                    .filter(|t| t.account == account)
+                    .filter(|t| {
+                        t.state
+                            .lock()
+                            .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
+                    })
+                    .count()
+            });
+            if running >= MAX_TASKS_PER_ACCOUNT {
+                return Err(TrainingError::Conflict(format!(
+                    "This account has {running} tasks running (at most {MAX_TASKS_PER_ACCOUNT}); \
+                     wait for one to end or cancel one."
+                )));
+            }
+            let id = format!(
+                "train-{}",
+                hex::encode(
+                    tessera_core::secret_bytes::<8>()
+                        .map_err(|e| TrainingError::Unavailable(e.to_string()))?
+                )
+            );
+            // The escrow, held before the first round: one hold per round.
+            let per_round = request.round_escrow();
+            let mut holds = Vec::with_capacity(request.rounds as usize);
+            for round in 1..=request.rounds {
+                let key = format!("{id}-r{round}");
+                match self
+                    .ledger
+                    .hold(&account, per_round, &self.gateway, Some(&key))
+                    .await
+                {
+                    Ok(Hold::New(h)) => holds.push(h),
+                    Ok(Hold::Duplicate { .. }) => {
+                        self.release(holds).await;
+                        return Err(TrainingError::Unavailable(
+                            "a task id was reused; try again".into(),
+                        ));
+                    }
+                    Err(e) => {
+                        self.release(holds).await;
+                        return Err(ledger_error(e));
+                    }
+                }
+            }
+            let initial = tessera_train::Initialize::init(&request.model, request.seed);
+            let task = Arc::new(Task {
+                id: id.clone(),
+                account: account.clone(),
+                test: test.map(Arc::new),
+                created_ms: tessera_core::now_ms(),
+                cancel: self.shutdown.child_token(),
+                state: Mutex::new(State {
+                    status: Status::Waiting,
+                    error: None,
+                    parameters: initial,
+                    rounds: Vec::new(),
+                    holds: holds.into_iter().map(Some).collect(),
+                    escrow: per_round * u64::from(request.rounds),
+                    spent: 0,
+                    refunded: 0,
+                    earnings: Default::default(),
+                }),
+                request,
+            });
+            if let Ok(mut t) = self.tasks.lock() {
+                t.insert(id.clone(), task.clone());
+            }
+            tracing::info!(task = %id, account = %account, "training task created");
+            self.tracker.spawn(task::run(
+                task.clone(),
+                self.trainers.clone(),
+                self.ledger.clone(),
+                self.fee_bps,
+            ));
+            Ok(task.status(false))
+        })
+    }
+
+    fn status(&self, account: &str, id: &str) -> Result<Value, TrainingError> {
+        Ok(self.task(account, id)?.status(true))
+    }
+
+    fn list(&self, account: &str) -> Vec<Value> {
+        let mut tasks: Vec<Arc<Task>> = self.tasks.lock().map_or_else(
+            |_| Vec::new(),
+            |t| {
+                t.values()
+                    .filter(|t| t.account == account)
+                    .cloned()
+                    .collect()
+            },
+        );
+        tasks.sort_by_key(|t| std::cmp::Reverse(t.created_ms));
+        tasks.iter().map(|t| t.status(false)).collect()
+    }
+
+    fn cancel(&self, account: &str, id: &str) -> BoxFuture<'_, Result<Value, TrainingError>> {
+        let (account, id) = (account.to_string(), id.to_string());
+        Box::pin(async move {
+            let task = self.task(&account, &id)?;
+            let over = task
+                .state
+                .lock()
+                .map(|s| !matches!(s.status, Status::Waiting | Status::Running))
+                .unwrap_or(true);
+            if over {
+                return Err(TrainingError::Conflict(format!(
+                    "Task {id} is already over."
+                )));
+            }
+            task.cancel.cancel();
+            // The runner releases the unspent escrow as it stops.
+            for _ in 0..200 {
+                let stopped = task
+                    .state
+                    .lock()
+                    .is_ok_and(|s| !matches!(s.status, Status::Waiting | Status::Running));
+                if stopped {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Ok(task.status(false))
+        })
+    }
+
+    fn model(&self, account: &str, id: &str) -> Result<Vec<u8>, TrainingError> {
+        let task = self.task(account, id)?;
+        let (params, rounds, accuracy) = task
+            .state
+            .lock()
+            .map(|s| {
+                (
+                    s.parameters.clone(),
+                    s.rounds.len(),
+                    s.rounds.last().and_then(|r| r.accuracy),
+                )
+            })
+            .map_err(|_| TrainingError::Unavailable("the task's state is unavailable".into()))?;
+        let mut meta = vec![("task", id.to_string()), ("rounds", rounds.to_string())];
+        if let Some(a) = accuracy {
+            meta.push(("accuracy", format!("{a:.4}")));
+        }
+        tessera_train::export::safetensors(&task.request.model, &params, &meta)
+            .map_err(|e| TrainingError::Unavailable(e.to_string()))
+    }
+}

@@ -1,0 +1,824 @@
+//! A federated task: what a client asks for ([`TaskRequest`]), its state,
+//! and the loop that runs its rounds.
+//!
+//! Each round: wait until `min_clients` providers that fit the model are
+//! connected (at most `wait_for_clients_s`), sample up to
+//! `clients_per_round` of them (seeded by the task's seed and the round),
+//! send each the global parameters and its recipe on a job stream, collect
+//! their commitments until the round's deadline, then ask every committed
+//! provider to reveal, check each update (see [`super`]), aggregate the
+//! verified ones by the task's rule and take the strategy's step, evaluate
+//! on the task's test data, and settle the round's hold: each verified
+//! provider is paid its round price, the rest of the hold goes back.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iroh::endpoint::{RecvStream, SendStream};
+use serde::{Deserialize, Serialize};
+use tessera_core::train::{ModelSpec, Recipe, Weights};
+use tessera_core::NodeId;
+use tessera_ledger::{Charge, Ledger};
+use tessera_protocol::{
+    read_frame, write_frame, Frame, JobKind, JobRequest, TrainCommit, TrainDone, TrainRound,
+};
+use tessera_train::simulate::{round_seed, sample_clients};
+use tessera_train::{
+    outliers, Aggregation, CandleTrainer, ClientUpdate, Dataset, Initialize, Server, Strategy,
+    Trainer as _,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::client::{MAX_EPOCHS, MAX_PARAMETERS};
+use super::pool::{Trainer, Trainers};
+
+/// How long a committed provider has to reveal.
+const REVEAL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A client's training task, as `POST /v1/training/tasks` takes it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequest {
+    /// The model (`{"kind": "mlp", "inputs": 64, "hidden": 64, "classes": 10}`
+    /// or `{"kind": "logistic", …}`).
+    pub model: ModelSpec,
+    /// The server's strategy (FedAvg by default).
+    #[serde(default = "fed_avg")]
+    pub strategy: Strategy,
+    /// How updates are combined (the weighted mean by default; median,
+    /// trimmed mean or Krum resist poisoning).
+    #[serde(default = "weighted_mean")]
+    pub aggregation: Aggregation,
+    /// Rounds to run.
+    pub rounds: u32,
+    /// Providers sampled each round.
+    #[serde(default = "ten")]
+    pub clients_per_round: usize,
+    /// Fewest providers a round runs with.
+    #[serde(default = "two")]
+    pub min_clients: usize,
+    /// Each provider's local training.
+    #[serde(default)]
+    pub recipe: LocalRecipe,
+    /// Seed of the initial model, the sampling and the shuffles.
+    #[serde(default)]
+    pub seed: u64,
+    /// Most a provider may charge for one round (micro-credits); the
+    /// escrow is rounds × clients per round × this.
+    #[serde(default = "default_price")]
+    pub max_price_per_round: u64,
+    /// Seconds a sampled provider has to commit to its round's result.
+    #[serde(default = "default_deadline")]
+    pub round_deadline_s: f64,
+    /// Seconds a round waits for `min_clients` providers before the task
+    /// fails.
+    #[serde(default = "default_wait")]
+    pub wait_for_clients_s: f64,
+    /// What to evaluate the model on after each round: `"digits"` (the
+    /// held-out fifth of the 8×8 digits set) or `{"csv": "label,v1,…\n…"}`.
+    #[serde(default)]
+    pub test: Option<TestData>,
+    /// SecAgg+ (not yet over the network: a task asking for it is refused).
+    #[serde(default)]
+    pub secagg: bool,
+    /// An update further from the round's median than this many times the
+    /// typical distance is an outlier: left out and not paid.
+    #[serde(default = "default_outlier")]
+    pub outlier_factor: f64,
+    /// Largest L2 norm of one update's step.
+    #[serde(default = "default_norm")]
+    pub max_update_norm: f64,
+}
+
+/// Each provider's local training in a round.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRecipe {
+    /// Passes over its data.
+    pub epochs: u32,
+    /// Samples per step.
+    pub batch_size: usize,
+    /// SGD step size.
+    pub learning_rate: f32,
+}
+
+impl Default for LocalRecipe {
+    fn default() -> Self {
+        LocalRecipe {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.1,
+        }
+    }
+}
+
+/// Test data of a task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TestData {
+    /// A data set the gateway has: `"digits"`.
+    Named(String),
+    /// Samples in `train.csv`'s format.
+    Csv {
+        /// The lines.
+        csv: String,
+    },
+}
+
+fn fed_avg() -> Strategy {
+    Strategy::FedAvg
+}
+fn weighted_mean() -> Aggregation {
+    Aggregation::WeightedMean
+}
+fn ten() -> usize {
+    10
+}
+fn two() -> usize {
+    2
+}
+fn default_price() -> u64 {
+    10_000
+}
+fn default_deadline() -> f64 {
+    120.0
+}
+fn default_wait() -> f64 {
+    600.0
+}
+fn default_outlier() -> f64 {
+    3.0
+}
+fn default_norm() -> f64 {
+    100.0
+}
+
+impl TaskRequest {
+    /// The task checked, with its test data loaded; the message names
+    /// what is wrong.
+    pub fn validate(&self) -> Result<Option<Dataset>, String> {
+        let spec = self.model;
+        let hidden_ok = match spec {
+            ModelSpec::Mlp { hidden, .. } => hidden >= 1,
+            ModelSpec::Logistic { .. } => true,
+        };
+        if spec.inputs() == 0 || spec.classes() < 2 || !hidden_ok {
+            return Err("model: inputs and hidden must be at least 1, classes at least 2".into());
+        }
+        if spec.parameters() > MAX_PARAMETERS {
+            return Err(format!(
+                "model: {} parameters; at most {MAX_PARAMETERS} are trained over the network",
+                spec.parameters()
+            ));
+        }
+        if self.rounds == 0 || self.rounds > 10_000 {
+            return Err("rounds: 1 to 10000".into());
+        }
+        if self.clients_per_round == 0 || self.clients_per_round > 1_000 {
+            return Err("clients_per_round: 1 to 1000".into());
+        }
+        if self.min_clients == 0 || self.min_clients > self.clients_per_round {
+            return Err("min_clients: 1 to clients_per_round".into());
+        }
+        let r = &self.recipe;
+        if r.epochs == 0 || r.epochs > MAX_EPOCHS {
+            return Err(format!("recipe.epochs: 1 to {MAX_EPOCHS}"));
+        }
+        if r.batch_size == 0 || r.batch_size > 65_536 {
+            return Err("recipe.batch_size: 1 to 65536".into());
+        }
+        if !(r.learning_rate.is_finite() && r.learning_rate > 0.0 && r.learning_rate <= 10.0) {
+            return Err("recipe.learning_rate: above 0, at most 10".into());
+        }
+        let finite = |v: f32| v.is_finite() && v >= 0.0;
+        let strategy_ok = match self.strategy {
+            Strategy::FedAvg => true,
+            Strategy::FedProx { mu } => finite(mu) && mu <= 100.0,
+            Strategy::FedAvgM {
+                server_lr,
+                momentum,
+            } => finite(server_lr) && finite(momentum) && momentum < 1.0,
+            Strategy::FedAdam {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            } => {
+                finite(server_lr)
+                    && finite(beta1)
+                    && finite(beta2)
+                    && beta1 < 1.0
+                    && beta2 < 1.0
+                    && tau.is_finite()
+                    && tau > 0.0
+            }
+        };
+        if !strategy_ok {
+            return Err(
+                "strategy: rates must be finite and non-negative, β below 1, τ above 0".into(),
+            );
+        }
+        match self.aggregation {
+            Aggregation::TrimmedMean { trim } if !(0.0..0.5).contains(&trim) => {
+                return Err("aggregation.trim: 0 to below 0.5".into())
+            }
+            Aggregation::Krum { byzantine } if self.min_clients < 2 * byzantine + 3 => {
+                return Err(format!(
+                    "aggregation: Krum tolerating {byzantine} needs min_clients of at least {}",
+                    2 * byzantine + 3
+                ))
+            }
+            _ => {}
+        }
+        if self.secagg {
+            return Err(
+                "secagg: SecAgg+ is not yet run over the network (it is built and tested in \
+                 tessera-train); create the task with \"secagg\": false"
+                    .into(),
+            );
+        }
+        let secs_ok = |s: f64| s.is_finite() && (1.0..=86_400.0).contains(&s);
+        if !secs_ok(self.round_deadline_s) || !secs_ok(self.wait_for_clients_s) {
+            return Err("round_deadline_s and wait_for_clients_s: 1 to 86400".into());
+        }
+        if !(self.outlier_factor.is_finite() && self.outlier_factor >= 1.0) {
+            return Err("outlier_factor: at least 1".into());
+        }
+        if !(self.max_update_norm.is_finite() && self.max_update_norm > 0.0) {
+            return Err("max_update_norm: above 0".into());
+        }
+        self.clients_per_round
+            .checked_mul(self.rounds as usize)
+            .and_then(|n| (n as u64).checked_mul(self.max_price_per_round))
+            .ok_or("max_price_per_round: the escrow overflows")?;
+        let test = match &self.test {
+            None => None,
+            Some(TestData::Named(name)) if name == "digits" => Some(
+                tessera_train::data::digits_split()
+                    .map_err(|e| e.to_string())?
+                    .1,
+            ),
+            Some(TestData::Named(name)) => {
+                return Err(format!(
+                    "test: no data set named {name:?} here (\"digits\")"
+                ))
+            }
+            Some(TestData::Csv { csv }) => Some(
+                tessera_train::data::parse_csv(csv, spec.classes())
+                    .map_err(|e| format!("test.csv: {e}"))?,
+            ),
+        };
+        if let Some(t) = &test {
+            if t.features != spec.inputs() {
+                return Err(format!(
+                    "test: {} values a sample for a model of {} inputs",
+                    t.features,
+                    spec.inputs()
+                ));
+            }
+        }
+        Ok(test)
+    }
+
+    /// Micro-credits held for one round.
+    pub fn round_escrow(&self) -> u64 {
+        self.clients_per_round as u64 * self.max_price_per_round
+    }
+}
+
+/// Where a task is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting for enough providers.
+    Waiting,
+    /// Running rounds.
+    Running,
+    /// Every round ran.
+    Completed,
+    /// Stopped by its owner.
+    Cancelled,
+    /// Stopped by a failure (see `error`).
+    Failed,
+}
+
+/// One round as the task's status shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundReport {
+    /// Its number (from 1).
+    pub round: u32,
+    /// Providers sampled.
+    pub sampled: usize,
+    /// Providers whose update was verified and aggregated.
+    pub aggregated: usize,
+    /// Providers paid (node id → their round price, micro-credits).
+    pub paid: BTreeMap<String, u64>,
+    /// Providers whose update failed a check, and why.
+    pub rejected: BTreeMap<String, String>,
+    /// Providers that did not finish (error, deadline, gone), and why.
+    pub dropped: BTreeMap<String, String>,
+    /// Mean training loss the verified providers reported.
+    pub train_loss: Option<f64>,
+    /// Loss and accuracy of the new global model on the test data.
+    pub loss: Option<f64>,
+    /// See `loss`.
+    pub accuracy: Option<f64>,
+    /// Bytes on the wire per sampled provider (both directions, frames).
+    pub bytes_per_client: u64,
+    /// Seconds the round took.
+    pub seconds: f64,
+    /// Micro-credits paid for it.
+    pub cost: u64,
+}
+
+/// A task and everything known about it.
+pub(crate) struct Task {
+    pub id: String,
+    pub account: String,
+    pub request: TaskRequest,
+    pub test: Option<Arc<Dataset>>,
+    pub created_ms: u64,
+    pub cancel: CancellationToken,
+    pub state: Mutex<State>,
+}
+
+/// What changes as the task runs.
+pub(crate) struct State {
+    pub status: Status,
+    pub error: Option<String>,
+    pub parameters: Vec<f32>,
+    pub rounds: Vec<RoundReport>,
+    /// Each round's hold, until settled.
+    pub holds: Vec<Option<String>>,
+    pub escrow: u64,
+    pub spent: u64,
+    pub refunded: u64,
+    /// Per provider: rounds paid, micro-credits earned.
+    pub earnings: BTreeMap<String, (u32, u64)>,
+}
+
+impl Task {
+    /// Its status as the API shows it; `rounds` with every round's report.
+    pub fn status(&self, rounds: bool) -> serde_json::Value {
+        let Ok(s) = self.state.lock() else {
+            return serde_json::json!({ "id": self.id, "error": "state unavailable" });
+        };
+        let last = s.rounds.last();
+        let moved: u64 = s.rounds.iter().map(|r| r.bytes_per_client).sum();
+        let mut out = serde_json::json!({
+            "id": self.id,
+            "object": "training.task",
+            "created_ms": self.created_ms,
+            "status": s.status,
+            "error": s.error,
+            "model": self.request.model,
+            "parameters": self.request.model.parameters(),
+            "strategy": self.request.strategy,
+            "aggregation": self.request.aggregation,
+            "rounds": self.request.rounds,
+            "rounds_done": s.rounds.len(),
+            "clients_per_round": self.request.clients_per_round,
+            "min_clients": self.request.min_clients,
+            "loss": last.and_then(|r| r.loss),
+            "accuracy": last.and_then(|r| r.accuracy),
+            "bytes_per_client_round": (!s.rounds.is_empty()).then(|| moved / s.rounds.len() as u64),
+            "escrow": { "held": s.escrow, "spent": s.spent, "refunded": s.refunded },
+            "providers": s.earnings.iter().map(|(node, (rounds, earned))| {
+                (node.clone(), serde_json::json!({ "rounds_paid": rounds, "earned": earned }))
+            }).collect::<serde_json::Map<_, _>>(),
+        });
+        if rounds {
+            out["history"] = serde_json::to_value(&s.rounds).unwrap_or_default();
+        }
+        out
+    }
+}
+
+/// What a round's stream carried, for the byte count.
+fn frame_bytes(frame: &Frame) -> u64 {
+    serde_json::to_vec(frame).map_or(0, |v| v.len() as u64 + 6)
+}
+
+/// A provider that committed, waiting for the reveal.
+struct Committed {
+    trainer: Trainer,
+    send: SendStream,
+    recv: RecvStream,
+    commit: TrainCommit,
+    bytes: u64,
+}
+
+/// Send one provider its round and wait for its commitment.
+async fn commit_phase(trainer: Trainer, job: JobRequest) -> Result<Committed, (Trainer, String)> {
+    let deadline = match &job.kind {
+        JobKind::TrainRound(r) => r.deadline_ms,
+        JobKind::Inference { .. } => 0,
+    };
+    let left = Duration::from_millis(deadline.saturating_sub(tessera_core::now_ms()));
+    let conn = trainer.conn.clone();
+    let attempt = async move {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let frame = Frame::JobRequest(job);
+        let mut bytes = frame_bytes(&frame);
+        write_frame(&mut send, &frame)
+            .await
+            .map_err(|e| e.to_string())?;
+        match read_frame(&mut recv).await {
+            Ok(Some(f @ Frame::TrainCommit(_))) => {
+                bytes += frame_bytes(&f);
+                let Frame::TrainCommit(commit) = f else {
+                    unreachable!()
+                };
+                Ok((send, recv, commit, bytes))
+            }
+            Ok(Some(Frame::JobError(e))) => Err(format!("failed: {}", e.message)),
+            Ok(other) => Err(format!(
+                "sent {} instead of a commitment",
+                other.as_ref().map_or("nothing", Frame::kind)
+            )),
+            Err(e) => Err(format!("garbage on the round's stream: {e}")),
+        }
+    };
+    match tokio::time::timeout(left, attempt).await {
+        Ok(Ok((send, recv, commit, bytes))) => Ok(Committed {
+            trainer,
+            send,
+            recv,
+            commit,
+            bytes,
+        }),
+        Ok(Err(reason)) => Err((trainer, reason)),
+        Err(_) => Err((trainer, "no commitment by the round's deadline".into())),
+    }
+}
+
+/// Ask a committed provider to reveal; its result and the bytes moved.
+async fn reveal_phase(mut c: Committed) -> (Committed, Result<TrainDone, String>) {
+    let attempt = async {
+        write_frame(&mut c.send, &Frame::Reveal)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.bytes += frame_bytes(&Frame::Reveal);
+        match read_frame(&mut c.recv).await {
+            Ok(Some(f @ Frame::TrainDone(_))) => {
+                c.bytes += frame_bytes(&f);
+                let Frame::TrainDone(done) = f else {
+                    unreachable!()
+                };
+                Ok(*done)
+            }
+            Ok(other) => Err(format!(
+                "sent {} instead of its result",
+                other.as_ref().map_or("nothing", Frame::kind)
+            )),
+            Err(e) => Err(format!("garbage instead of its result: {e}")),
+        }
+    };
+    let result = match tokio::time::timeout(REVEAL_DEADLINE, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err("no reveal within its deadline".into()),
+    };
+    (c, result)
+}
+
+/// Whether a revealed result is the committed one and as announced.
+fn opens(c: &Committed, round: u32, done: &TrainDone) -> Result<(), String> {
+    let commitment = hex::decode(&c.commit.commitment)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or("a commitment that is not 32 bytes of hex")?;
+    let nonce = hex::decode(&done.nonce)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or("a nonce that is not 32 bytes of hex")?;
+    if done.samples != c.commit.samples || done.loss.to_bits() != c.commit.loss.to_bits() {
+        return Err("revealed a sample count or loss other than committed".into());
+    }
+    if done.samples == 0 || done.samples > c.trainer.offer.samples {
+        return Err(format!(
+            "claims {} samples; its Hello announced {}",
+            done.samples, c.trainer.offer.samples
+        ));
+    }
+    let opened = tessera_train::verify::Commitment(commitment).opens(
+        u64::from(round),
+        &nonce,
+        &done.parameters.0,
+        done.samples as usize,
+        done.loss,
+    );
+    if !opened {
+        return Err("the revealed update does not open its commitment".into());
+    }
+    Ok(())
+}
+
+/// Run every round of `task`, then settle what is left of its escrow.
+pub(crate) async fn run(task: Arc<Task>, trainers: Arc<Trainers>, ledger: Ledger, fee_bps: u64) {
+    let req = task.request.clone();
+    let mut server = Server::new(req.strategy, req.model.init(req.seed));
+    let mut struck: HashSet<NodeId> = HashSet::new();
+    let outcome = 'rounds: {
+        for round in 1..=req.rounds {
+            // Enough providers, or the task fails.
+            let wait_until = Instant::now() + Duration::from_secs_f64(req.wait_for_clients_s);
+            let eligible = loop {
+                let e: Vec<Trainer> = trainers
+                    .eligible(
+                        req.model.inputs(),
+                        req.model.classes(),
+                        req.max_price_per_round,
+                    )
+                    .into_iter()
+                    .filter(|t| !struck.contains(&t.node))
+                    .collect();
+                if e.len() >= req.min_clients {
+                    break e;
+                }
+                if Instant::now() > wait_until {
+                    break 'rounds Err(format!(
+                        "round {round}: {} of the {} providers needed were connected within {} s",
+                        e.len(),
+                        req.min_clients,
+                        req.wait_for_clients_s
+                    ));
+                }
+                set_status(&task, Status::Waiting);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = task.cancel.cancelled() => break 'rounds Ok(Status::Cancelled),
+                }
+            };
+            set_status(&task, Status::Running);
+            let report = tokio::select! {
+                r = run_round(&task, &mut server, &eligible, round, &mut struck) => r,
+                _ = task.cancel.cancelled() => break 'rounds Ok(Status::Cancelled),
+            };
+            let cost = settle_round(&task, &ledger, fee_bps, round, &report).await;
+            let mut report = report;
+            match cost {
+                Ok(c) => report.cost = c,
+                Err(e) => {
+                    record(&task, report, server.parameters());
+                    break 'rounds Err(format!("round {round} could not be paid: {e}"));
+                }
+            }
+            tracing::info!(
+                task = %task.id, round, aggregated = report.aggregated,
+                accuracy = ?report.accuracy, "training round done"
+            );
+            record(&task, report, server.parameters());
+            if task.cancel.is_cancelled() {
+                break 'rounds Ok(Status::Cancelled);
+            }
+        }
+        Ok(Status::Completed)
+    };
+    // Release every hold not settled (rounds not run).
+    let open: Vec<String> = task
+        .state
+        .lock()
+        .map(|mut s| s.holds.iter_mut().filter_map(Option::take).collect())
+        .unwrap_or_default();
+    let mut refunded = 0;
+    for hold in open {
+        match ledger.settle(&hold, "", vec![], 0).await {
+            Ok(_) => refunded += req.round_escrow(),
+            Err(e) => tracing::warn!(task = %task.id, error = %e, "cannot release a round's hold"),
+        }
+    }
+    if let Ok(mut s) = task.state.lock() {
+        s.refunded += refunded;
+        match outcome {
+            Ok(status) => s.status = status,
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "training task failed");
+                s.status = Status::Failed;
+                s.error = Some(e);
+            }
+        }
+    }
+}
+
+fn set_status(task: &Task, status: Status) {
+    if let Ok(mut s) = task.state.lock() {
+        s.status = status;
+    }
+}
+
+fn record(task: &Task, report: RoundReport, parameters: &[f32]) {
+    if let Ok(mut s) = task.state.lock() {
+        s.spent += report.cost;
+        s.refunded += task.request.round_escrow().saturating_sub(report.cost);
+        for (node, price) in &report.paid {
+            let e = s.earnings.entry(node.clone()).or_default();
+            e.0 += 1;
+            e.1 += price;
+        }
+        s.parameters = parameters.to_vec();
+        s.rounds.push(report);
+    }
+}
+
+/// Pay the round's verified providers from its hold; the rest goes back.
+async fn settle_round(
+    task: &Task,
+    ledger: &Ledger,
+    fee_bps: u64,
+    round: u32,
+    report: &RoundReport,
+) -> Result<u64, String> {
+    let hold = task
+        .state
+        .lock()
+        .ok()
+        .and_then(|mut s| s.holds.get_mut(round as usize - 1).and_then(Option::take))
+        .ok_or("its hold is gone")?;
+    // A round is billed as one unit at the provider's round price.
+    let charges: Vec<Charge> = report
+        .paid
+        .iter()
+        .map(|(node, price)| Charge {
+            provider: node.clone(),
+            model_sha256: format!("train:{}", task.id),
+            prompt_tokens: 0,
+            completion_tokens: 1,
+            input_price: 0,
+            output_price: *price,
+            receipt: None,
+        })
+        .collect();
+    let job = format!("{}-r{round}", task.id);
+    ledger
+        .settle(&hold, &job, charges, fee_bps)
+        .await
+        .map(|s| s.cost)
+        .map_err(|e| e.to_string())
+}
+
+/// One round: sample, train, commit, reveal, verify, aggregate, evaluate.
+async fn run_round(
+    task: &Task,
+    server: &mut Server,
+    eligible: &[Trainer],
+    round: u32,
+    struck: &mut HashSet<NodeId>,
+) -> RoundReport {
+    let started = Instant::now();
+    let req = &task.request;
+    // Providers are numbered by their place among the eligible (in node-id
+    // order): the number seeds their shuffles, as `simulate::federate`
+    // seeds its clients', so a run over the network can be replayed in one
+    // process.
+    let chosen: Vec<(usize, Trainer)> = sample_clients(
+        req.seed,
+        round,
+        eligible.len(),
+        req.clients_per_round.min(eligible.len()),
+    )
+    .into_iter()
+    .map(|i| (i, eligible[i].clone()))
+    .collect();
+    let deadline_ms = tessera_core::now_ms() + (req.round_deadline_s * 1000.0).round() as u64;
+    let global = server.parameters().to_vec();
+    let commits = futures::future::join_all(chosen.iter().map(|(i, t)| {
+        let i = *i;
+        let job = JobRequest {
+            job_id: format!("{}-r{round}-{}", task.id, t.node.short()),
+            kind: JobKind::TrainRound(Box::new(TrainRound {
+                task: task.id.clone(),
+                round,
+                spec: req.model,
+                global: Weights(global.clone()),
+                recipe: Recipe {
+                    epochs: req.recipe.epochs,
+                    batch_size: req.recipe.batch_size,
+                    learning_rate: req.recipe.learning_rate,
+                    proximal: req.strategy.proximal(),
+                    seed: round_seed(req.seed, round, i),
+                },
+                deadline_ms,
+                price: t.offer.price,
+            })),
+        };
+        commit_phase(t.clone(), job)
+    }))
+    .await;
+    let mut dropped = BTreeMap::new();
+    let mut committed = Vec::new();
+    for c in commits {
+        match c {
+            Ok(c) => committed.push(c),
+            Err((t, reason)) => {
+                dropped.insert(t.node.to_string(), reason);
+            }
+        }
+    }
+    // Every commitment is in (or its deadline passed): reveal.
+    let revealed = futures::future::join_all(committed.into_iter().map(reveal_phase)).await;
+    let mut bytes: u64 = 0;
+    let mut rejected = BTreeMap::new();
+    let mut results: Vec<(Trainer, TrainDone)> = Vec::new();
+    for (c, result) in revealed {
+        bytes += c.bytes;
+        let node = c.trainer.node.to_string();
+        let done = match result {
+            Ok(done) => done,
+            Err(reason) => {
+                dropped.insert(node, reason);
+                continue;
+            }
+        };
+        match opens(&c, round, &done) {
+            Ok(()) => results.push((c.trainer, done)),
+            Err(reason) => {
+                struck.insert(c.trainer.node);
+                rejected.insert(node, reason);
+            }
+        }
+    }
+    // Plausibility against the round's median direction.
+    let updates: Vec<ClientUpdate> = results
+        .iter()
+        .map(|(_, d)| ClientUpdate {
+            parameters: d.parameters.0.clone(),
+            samples: d.samples as usize,
+        })
+        .collect();
+    let consensus = (updates.len() >= 3)
+        .then(|| Aggregation::Median.combine(&updates).ok())
+        .flatten();
+    let mut verified: Vec<usize> = Vec::new();
+    for (i, (t, d)) in results.iter().enumerate() {
+        match tessera_train::verify::plausible(
+            &global,
+            &d.parameters.0,
+            d.loss,
+            req.max_update_norm,
+            consensus.as_deref(),
+        ) {
+            Ok(()) => verified.push(i),
+            Err(reason) => {
+                struck.insert(t.node);
+                rejected.insert(t.node.to_string(), format!("implausible: {reason}"));
+            }
+        }
+    }
+    // Outliers among the plausible: left out, not paid.
+    let plausible: Vec<ClientUpdate> = verified.iter().map(|&i| updates[i].clone()).collect();
+    let out: HashSet<usize> = outliers(&plausible, req.outlier_factor)
+        .into_iter()
+        .map(|k| verified[k])
+        .collect();
+    for &i in &out {
+        rejected.insert(
+            results[i].0.node.to_string(),
+            "an outlier: far from the round's median update".into(),
+        );
+    }
+    let kept: Vec<usize> = verified.into_iter().filter(|i| !out.contains(i)).collect();
+    let kept_updates: Vec<ClientUpdate> = kept.iter().map(|&i| updates[i].clone()).collect();
+    let aggregated = if kept_updates.len() >= req.min_clients {
+        match server.apply(&kept_updates, req.aggregation) {
+            Ok(()) => kept_updates.len(),
+            Err(e) => {
+                tracing::warn!(task = %task.id, round, error = %e, "round not aggregated");
+                0
+            }
+        }
+    } else {
+        0
+    };
+    let train_loss = (!kept.is_empty())
+        .then(|| kept.iter().map(|&i| results[i].1.loss).sum::<f64>() / kept.len() as f64);
+    let eval = match &task.test {
+        Some(test) => {
+            let (spec, params, test) = (req.model, server.parameters().to_vec(), test.clone());
+            tokio::task::spawn_blocking(move || {
+                CandleTrainer::new(spec, 1).and_then(|t| t.evaluate(&params, &test))
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+        }
+        None => None,
+    };
+    RoundReport {
+        round,
+        sampled: chosen.len(),
+        aggregated,
+        paid: kept
+            .iter()
+            .map(|&i| (results[i].0.node.to_string(), results[i].0.offer.price))
+            .collect(),
+        rejected,
+        dropped,
+        train_loss,
+        loss: eval.map(|e| e.loss),
+        accuracy: eval.map(|e| e.accuracy),
+        bytes_per_client: bytes / chosen.len().max(1) as u64,
+        seconds: started.elapsed().as_secs_f64(),
+        cost: 0,
+    }
+}
