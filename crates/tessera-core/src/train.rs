@@ -139,9 +139,163 @@ impl<'de> Deserialize<'de> for Weights {
     }
 }
 
+/// SecAgg+'s messages as they cross the wire (the protocol is in
+/// `tessera_train::secagg`): keys hex, byte strings and masked vectors
+/// base64 (4 bytes a value, as compact as the plain update).
+pub mod secagg {
+    use serde::{Deserialize, Serialize};
+
+    /// Limbs of a shared 32-byte secret (7 bytes each, below the prime).
+    pub const SHARE_LIMBS: usize = 5;
+
+    /// Stage 1: a client's public keys.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct AdvertiseKeys {
+        /// The client.
+        pub id: u32,
+        /// Key the shares it receives are encrypted to.
+        #[serde(with = "hex32")]
+        pub c_pk: [u8; 32],
+        /// Key its pairwise masks are agreed with.
+        #[serde(with = "hex32")]
+        pub s_pk: [u8; 32],
+    }
+
+    impl AdvertiseKeys {
+        /// What the client's node key signs: round, id and both keys.
+        pub fn signed_bytes(&self, round: u64) -> Vec<u8> {
+            let mut b = b"tessera secagg v1 keys".to_vec();
+            b.extend_from_slice(&round.to_le_bytes());
+            b.extend_from_slice(&self.id.to_le_bytes());
+            b.extend_from_slice(&self.c_pk);
+            b.extend_from_slice(&self.s_pk);
+            b
+        }
+    }
+
+    /// Stage 2: one share pair, encrypted from `from` to `to`.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct EncryptedShare {
+        /// Sender.
+        pub from: u32,
+        /// Recipient.
+        pub to: u32,
+        /// ChaCha20 ciphertext of the two shares.
+        #[serde(with = "b64_bytes")]
+        pub ciphertext: Vec<u8>,
+        /// BLAKE3 keyed MAC over nonce, ends and ciphertext.
+        #[serde(with = "hex32")]
+        pub tag: [u8; 32],
+    }
+
+    /// Stage 3: a client's masked, quantized vector.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MaskedInput {
+        /// The client.
+        pub id: u32,
+        /// Its vector plus its masks, modulo 2^32.
+        #[serde(with = "b64_u32")]
+        pub masked: Vec<u32>,
+    }
+
+    /// A Shamir share of a 32-byte secret: the holder's x and five limbs.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Share {
+        /// The evaluation point (the holder's id + 1).
+        pub x: u64,
+        /// The polynomial's values, one per limb.
+        pub y: [u64; SHARE_LIMBS],
+    }
+
+    /// Stage 4: what one survivor reveals.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Unmasking {
+        /// The client revealing.
+        pub id: u32,
+        /// Shares of survivors' self-mask seeds, by owner.
+        pub seed_shares: Vec<(u32, Share)>,
+        /// Shares of dropped clients' mask keys, by owner.
+        pub key_shares: Vec<(u32, Share)>,
+    }
+
+    mod hex32 {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&hex::encode(v))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+            let text = String::deserialize(d)?;
+            hex::decode(text)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| serde::de::Error::custom("expected 32 bytes of hex"))
+        }
+    }
+
+    mod b64_bytes {
+        use base64::Engine as _;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+            let text = String::deserialize(d)?;
+            base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(serde::de::Error::custom)
+        }
+    }
+
+    mod b64_u32 {
+        use serde::{Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &[u32], s: S) -> Result<S::Ok, S::Error> {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            super::b64_bytes::serialize(&bytes, s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+            let bytes = super::b64_bytes::deserialize(d)?;
+            if bytes.len() % 4 != 0 {
+                return Err(serde::de::Error::custom("a whole number of u32 values"));
+            }
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secagg_messages_round_trip_compactly() {
+        use super::secagg::*;
+        let m = MaskedInput {
+            id: 3,
+            masked: vec![0, u32::MAX, 7],
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.len() < 40, "{text}");
+        assert_eq!(serde_json::from_str::<MaskedInput>(&text).unwrap(), m);
+        let k = AdvertiseKeys {
+            id: 1,
+            c_pk: [7; 32],
+            s_pk: [9; 32],
+        };
+        let text = serde_json::to_string(&k).unwrap();
+        assert_eq!(serde_json::from_str::<AdvertiseKeys>(&text).unwrap(), k);
+        assert!(
+            serde_json::from_str::<AdvertiseKeys>(r#"{"id":1,"c_pk":"07","s_pk":"09"}"#).is_err()
+        );
+    }
 
     #[test]
     fn weights_round_trip_exactly_and_refuse_a_torn_vector() {

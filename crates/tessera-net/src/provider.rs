@@ -378,7 +378,8 @@ async fn serve_job(
             generation,
         } => (model_sha256, generation),
         JobKind::TrainRound(round) => {
-            return crate::federated::client::serve_round(send, recv, *round, training).await
+            return crate::federated::client::serve_round(send, recv, *round, training, &signer.key)
+                .await
         }
     };
     let Some(offer) = offers.iter().find(|o| o.sha256 == model_sha256) else {

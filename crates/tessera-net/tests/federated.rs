@@ -478,3 +478,237 @@ async fn impossible_and_unaffordable_tasks_are_refused_and_hold_nothing() {
     );
     assert!(net.ledger.check().await.unwrap().ok());
 }
+
+/// The parameters in a safetensors file (in the flat vector's order).
+fn parameters_of(bytes: &[u8]) -> Vec<f32> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + n..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[cfg(feature = "adversary")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secagg_over_the_network_sums_exactly_what_plain_fedavg_would_and_survives_a_third_vanishing(
+) {
+    let (shards, _, test) = shards(10, Split::Iid);
+    let task = |rounds: u32| {
+        json!({
+            "model": {"kind": "mlp", "inputs": 64, "hidden": 32, "classes": 10},
+            "rounds": rounds,
+            "clients_per_round": 10,
+            "min_clients": 5,
+            "recipe": {"epochs": 1, "batch_size": 32, "learning_rate": 0.1},
+            "seed": 5,
+            "secagg": true,
+            "max_price_per_round": PRICE,
+            "test": "digits",
+        })
+    };
+    // 1. One round, everyone present: the unmasked sum is plain FedAvg's
+    // to quantization precision.
+    let mut net = network().await;
+    for (key, shard) in keys(10).into_iter().zip(shards.clone()) {
+        net.provider(key, shard, |_| {}).await;
+    }
+    net.wait_for_trainers(10).await;
+    let status = net.coordinator.create(&net.account, task(1)).await.unwrap();
+    let id = status["id"].as_str().unwrap().to_string();
+    let done = net.finish(&id).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    let secure = parameters_of(&net.coordinator.model(&net.account, &id).unwrap());
+    let trainer = CandleTrainer::new(MLP, 1).unwrap();
+    let fed = Federation {
+        spec: MLP,
+        strategy: Strategy::FedAvg,
+        aggregation: Aggregation::WeightedMean,
+        rounds: 1,
+        clients_per_round: 10,
+        recipe: Recipe {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.1,
+            proximal: 0.0,
+            seed: 0,
+        },
+        seed: 5,
+        privacy: None,
+    };
+    let (plain, _) = federate(&trainer, &shards, &test, &fed).unwrap();
+    let worst = secure
+        .iter()
+        .zip(&plain)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "SecAgg's aggregate is off plain FedAvg's by {worst}"
+    );
+    // The gateway never held t shares of both secrets of any provider.
+    let round = &done["history"][0];
+    let t = round["secagg"]["threshold"].as_u64().unwrap();
+    let held = round["secagg"]["shares_held"].as_object().unwrap();
+    assert_eq!(held.len(), 10, "{round:#}");
+    for (node, counts) in held {
+        let (seed, key) = (counts[0].as_u64().unwrap(), counts[1].as_u64().unwrap());
+        assert!(
+            seed >= t && key == 0,
+            "{node}: {seed} seed and {key} key shares, t = {t}"
+        );
+    }
+    // Canaries before the first paid round: everyone passed.
+    assert_eq!(round["rejected"], json!({}), "{round:#}");
+    assert_eq!(round["paid"].as_object().unwrap().len(), 10);
+    assert!(
+        round["bytes_per_client"].as_u64().unwrap() < 4 * (MLP.parameters() as u64 * 4),
+        "{round:#}"
+    );
+
+    // 2. Eight rounds, with and without three of the ten vanishing right
+    // after sharing their keys in every round.
+    let mut accuracy = Vec::new();
+    for vanishing in [0, 3] {
+        let mut net = network().await;
+        let keys = keys(10);
+        for (k, (key, shard)) in keys.iter().zip(shards.clone()).enumerate() {
+            net.provider(key.clone(), shard, |t| {
+                if k < vanishing {
+                    t.vanish = Some(Arc::new(|| {}));
+                }
+            })
+            .await;
+        }
+        net.wait_for_trainers(10).await;
+        let status = net.coordinator.create(&net.account, task(8)).await.unwrap();
+        let done = net.finish(status["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "completed", "{done:#}");
+        for r in done["history"].as_array().unwrap() {
+            assert_eq!(
+                r["aggregated"],
+                10 - vanishing,
+                "every round completes: {r:#}"
+            );
+            assert_eq!(r["dropped"].as_object().unwrap().len(), vanishing);
+            let held = r["secagg"]["shares_held"].as_object().unwrap();
+            let t = r["secagg"]["threshold"].as_u64().unwrap();
+            for counts in held.values() {
+                let (seed, key) = (counts[0].as_u64().unwrap(), counts[1].as_u64().unwrap());
+                assert!(
+                    !(seed >= t && key >= t),
+                    "both secrets of one provider: {r:#}"
+                );
+            }
+        }
+        for (k, key) in keys.iter().enumerate() {
+            let earned = net.earned(key).await;
+            assert_eq!(earned > 0, k >= vanishing, "provider {k} earned {earned}");
+        }
+        assert!(net.ledger.check().await.unwrap().ok());
+        accuracy.push(done["accuracy"].as_f64().unwrap());
+    }
+    assert!(
+        accuracy[1] > accuracy[0] - 0.01,
+        "30% dropout costs less than a point: {accuracy:?}"
+    );
+}
+
+#[cfg(feature = "adversary")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_a_secagg_task_a_provider_that_does_not_train_honestly_fails_its_canary_and_is_not_paid()
+{
+    use tessera_net::federated::client::Poison;
+    let mut net = network().await;
+    let (shards, _, _) = shards(4, Split::Iid);
+    let keys = keys(4);
+    for (k, (key, shard)) in keys.iter().zip(shards).enumerate() {
+        net.provider(key.clone(), shard, |t| {
+            if k == 1 {
+                t.poison = Some(Poison::Random);
+            }
+        })
+        .await;
+    }
+    net.wait_for_trainers(4).await;
+    let status = net
+        .coordinator
+        .create(
+            &net.account,
+            json!({
+                "model": {"kind": "logistic", "inputs": 64, "classes": 10},
+                "rounds": 3,
+                "clients_per_round": 4,
+                "min_clients": 3,
+                "secagg": true,
+                "max_price_per_round": PRICE,
+            }),
+        )
+        .await
+        .unwrap();
+    let done = net.finish(status["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    let cheater = node_id(&keys[1].public()).to_string();
+    let first = &done["history"][0];
+    let why = first["rejected"][&cheater].as_str().unwrap_or_default();
+    assert!(why.starts_with("canary:"), "{first:#}");
+    for r in done["history"].as_array().unwrap() {
+        assert!(r["paid"].get(&cheater).is_none(), "{r:#}");
+        assert_eq!(r["aggregated"], 3, "{r:#}");
+    }
+    assert_eq!(net.earned(&keys[1]).await, 0);
+    assert!(net.ledger.check().await.unwrap().ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_with_a_privacy_budget_reports_epsilon_each_round_and_stops_at_the_budget() {
+    let mut net = network().await;
+    let (shards, _, _) = shards(4, Split::Iid);
+    for (key, shard) in keys(4).into_iter().zip(shards) {
+        net.provider(key, shard, |_| {}).await;
+    }
+    net.wait_for_trainers(4).await;
+    let dp = json!({"clip": 1.0, "noise_multiplier": 1.0, "noise_at": "distributed",
+                    "delta": 1e-5, "budget": 6.0});
+    let status = net
+        .coordinator
+        .create(
+            &net.account,
+            json!({
+                "model": {"kind": "logistic", "inputs": 64, "classes": 10},
+                "rounds": 50,
+                "clients_per_round": 2,
+                "min_clients": 2,
+                "dp": dp,
+                "max_price_per_round": PRICE,
+            }),
+        )
+        .await
+        .unwrap();
+    let done = net.finish(status["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    let history = done["history"].as_array().unwrap();
+    let eps: Vec<f64> = history
+        .iter()
+        .map(|r| r["epsilon"].as_f64().unwrap())
+        .collect();
+    assert!(
+        eps.windows(2).all(|w| w[1] > w[0]),
+        "ε grows each round: {eps:?}"
+    );
+    // The accountant's figure for this many rounds at q = 1/2, σ = 1.
+    let mut a = tessera_train::privacy::Accountant::default();
+    a.compose(0.5, 1.0, eps.len() as u32);
+    assert!((a.epsilon(1e-5).0 - eps[eps.len() - 1]).abs() < 1e-9);
+    assert!(
+        eps.len() < 50 && *eps.last().unwrap() <= 6.0,
+        "stopped at the budget: {eps:?}"
+    );
+    assert!(
+        done["error"].as_str().unwrap().contains("budget"),
+        "{done:#}"
+    );
+    // The rounds not run are refunded.
+    let owner = net.ledger.account(&net.account).await.unwrap().unwrap();
+    assert_eq!(owner.held, 0);
+    assert!(net.ledger.check().await.unwrap().ok());
+}

@@ -19,7 +19,10 @@
 //! result, never the data); once every sampled provider has committed, the
 //! gateway sends [`Frame::Reveal`] and the provider answers
 //! [`Frame::TrainDone`] with the parameters that open the commitment. A
-//! provider that trains says so in `Hello` ([`TrainingOffer`]: its sample
+//! In a SecAgg+ round ([`TrainRound::secagg`]) the commitment is replaced
+//! by the protocol's four stages ([`SecAggMessage`]): keys, shares, masked
+//! step, unmasking, each relayed by the gateway, which learns only the sum.
+//! A provider that trains says so in `Hello` ([`TrainingOffer`]: its sample
 //! count and data shape, its price per round) and may serve no model.
 //!
 //! **Auditors** dial a gateway with ALPN [`AUDIT_ALPN`] and the same framing:
@@ -37,6 +40,7 @@
 
 use serde::{Deserialize, Serialize};
 use tessera_core::audit::{AuditJob, Evidence};
+use tessera_core::train::secagg::{AdvertiseKeys, EncryptedShare, MaskedInput, Unmasking};
 use tessera_core::train::{ModelSpec, Recipe, Weights};
 use tessera_core::{
     FinishReason, GenerationRequest, NodeId, Price, Proof, Token, TokenEvent, Usage,
@@ -116,6 +120,98 @@ pub struct TrainRound {
     pub deadline_ms: u64,
     /// What the round pays when verified (micro-credits).
     pub price: u64,
+    /// SecAgg+: the provider's part in the round's secure aggregation (then
+    /// no commitment: the round goes on in [`Frame::SecAgg`] messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg: Option<SecAggRound>,
+    /// Differential privacy: what the provider does to its step before it
+    /// leaves (clip, then Gaussian noise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<RoundPrivacy>,
+    /// A canary round: train on these samples (`train.csv`'s format),
+    /// which the gateway supplies and re-executes, instead of the
+    /// provider's own data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+}
+
+/// A provider's part in a round's SecAgg+ (see `tessera_train::secagg`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SecAggRound {
+    /// Its id in the round (its place in `members`).
+    pub id: u32,
+    /// The node ids of the round's providers, by id: each advertisement is
+    /// checked against its sender's node key.
+    pub members: Vec<NodeId>,
+    /// Neighbours each provider shares its secrets with (k).
+    pub neighbours: usize,
+    /// Shares that rebuild a secret (t).
+    pub threshold: usize,
+    /// Values are clipped to ±clip before quantization.
+    pub clip: f32,
+    /// Each step is weighted by samples ÷ this (the round's largest sample
+    /// count), and the weight summed with it.
+    pub weight_scale: f64,
+}
+
+/// Differential privacy in a round: clip the step to L2 norm `clip`, then
+/// add N(0, std²) to every value.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundPrivacy {
+    /// L2 norm the step is clipped to.
+    pub clip: f64,
+    /// Standard deviation of the noise each value gets.
+    pub std: f64,
+}
+
+/// A SecAgg+ advertisement signed with its sender's node key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignedKeys {
+    /// The keys.
+    pub keys: AdvertiseKeys,
+    /// ed25519 over `keys.signed_bytes(round)` (hex).
+    pub signature: String,
+}
+
+/// One stage of a round's SecAgg+, on its job stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
+pub enum SecAggMessage {
+    /// Provider → gateway: its keys.
+    Keys(SignedKeys),
+    /// Gateway → provider: every advertisement that arrived in time.
+    Peers {
+        /// The advertisements.
+        keys: Vec<SignedKeys>,
+    },
+    /// Provider → gateway: its encrypted shares for its neighbours;
+    /// gateway → provider: the shares its neighbours sent it.
+    Shares {
+        /// The shares.
+        shares: Vec<EncryptedShare>,
+    },
+    /// Provider → gateway: its masked step.
+    Masked {
+        /// The masked, quantized vector.
+        input: MaskedInput,
+        /// Samples it trained on.
+        samples: u64,
+        /// Its mean training loss.
+        loss: f64,
+    },
+    /// Gateway → provider: who sent a masked step, who dropped.
+    Unmask {
+        /// Survivors.
+        survivors: Vec<u32>,
+        /// Dropped after sharing keys.
+        dropped: Vec<u32>,
+    },
+    /// Provider → gateway: its shares of the survivors' seeds and the
+    /// dropped providers' keys.
+    Unmasking {
+        /// The shares.
+        unmasking: Unmasking,
+    },
 }
 
 /// A provider's commitment to its round's result (before it is revealed).
@@ -346,6 +442,8 @@ pub enum Frame {
     Reveal,
     /// Provider → gateway, on a training round's stream: the result.
     TrainDone(Box<TrainDone>),
+    /// Either way, on a SecAgg+ round's stream: one stage's message.
+    SecAgg(Box<SecAggMessage>),
     /// Auditor → gateway, first on the control stream of [`AUDIT_ALPN`].
     AuditorHello(AuditorHello),
     /// Gateway → auditor, first on an audit stream.
@@ -373,6 +471,7 @@ impl Frame {
             Frame::TrainCommit(_) => "TrainCommit",
             Frame::Reveal => "Reveal",
             Frame::TrainDone(_) => "TrainDone",
+            Frame::SecAgg(_) => "SecAgg",
             Frame::AuditorHello(_) => "AuditorHello",
             Frame::AuditRequest(_) => "AuditRequest",
             Frame::AuditDone { .. } => "AuditDone",

@@ -204,6 +204,14 @@ pub fn parse_csv(text: &str, classes: usize) -> Result<Dataset, String> {
 /// Write `data` in the `train.csv` format into `dir` (created if missing):
 /// how the demo hands each provider its shard.
 pub fn write_dir(data: &Dataset, dir: &std::path::Path) -> Result<(), TrainError> {
+    let out = to_csv(data);
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join(DATA_FILE), out))
+        .map_err(|e| TrainError::Data(format!("{}: {e}", dir.display())))
+}
+
+/// `data` in `train.csv`'s format (what [`parse_csv`] reads back exactly).
+pub fn to_csv(data: &Dataset) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(data.x.len() * 6);
     for i in 0..data.len() {
@@ -213,9 +221,7 @@ pub fn write_dir(data: &Dataset, dir: &std::path::Path) -> Result<(), TrainError
         }
         out.push('\n');
     }
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::write(dir.join(DATA_FILE), out))
-        .map_err(|e| TrainError::Data(format!("{}: {e}", dir.display())))
+    out
 }
 
 /// How a data set is shared over clients.

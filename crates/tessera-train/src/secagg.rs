@@ -44,6 +44,10 @@ use chacha20::cipher::{KeyIvInit, StreamCipher};
 use chacha20::ChaCha20;
 use curve25519_dalek::montgomery::MontgomeryPoint;
 
+pub use tessera_core::train::secagg::{
+    AdvertiseKeys, EncryptedShare, MaskedInput, Share, Unmasking, SHARE_LIMBS,
+};
+
 use crate::TrainError;
 
 /// Sums are computed modulo 2^32 (u32 wrapping arithmetic).
@@ -53,7 +57,7 @@ pub const MODULUS_BITS: u32 = 32;
 pub const FIELD_PRIME: u64 = (1 << 61) - 1;
 
 /// Limbs of a 32-byte secret (7 bytes each, below the prime).
-const LIMBS: usize = 5;
+const LIMBS: usize = SHARE_LIMBS;
 
 /// One round's settings, the same at the server and every client.
 #[derive(Clone, Debug, PartialEq)]
@@ -141,71 +145,6 @@ impl Config {
     pub fn precision(&self, count: usize) -> f32 {
         (count as f64 * f64::from(self.clip) / self.levels() as f64) as f32
     }
-}
-
-/// Stage 1: a client's public keys.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AdvertiseKeys {
-    /// The client.
-    pub id: u32,
-    /// Key the shares it receives are encrypted to.
-    pub c_pk: [u8; 32],
-    /// Key its pairwise masks are agreed with.
-    pub s_pk: [u8; 32],
-}
-
-impl AdvertiseKeys {
-    /// What the client's node key signs: round, id and both keys.
-    pub fn signed_bytes(&self, round: u64) -> Vec<u8> {
-        let mut b = b"tessera secagg v1 keys".to_vec();
-        b.extend_from_slice(&round.to_le_bytes());
-        b.extend_from_slice(&self.id.to_le_bytes());
-        b.extend_from_slice(&self.c_pk);
-        b.extend_from_slice(&self.s_pk);
-        b
-    }
-}
-
-/// Stage 2: one share pair, encrypted from `from` to `to`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EncryptedShare {
-    /// Sender.
-    pub from: u32,
-    /// Recipient.
-    pub to: u32,
-    /// ChaCha20 ciphertext of the two shares.
-    pub ciphertext: Vec<u8>,
-    /// BLAKE3 keyed MAC over nonce, ends and ciphertext.
-    pub tag: [u8; 32],
-}
-
-/// Stage 3: a client's masked, quantized vector.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MaskedInput {
-    /// The client.
-    pub id: u32,
-    /// Its vector plus its masks, modulo 2^32.
-    pub masked: Vec<u32>,
-}
-
-/// A Shamir share of a 32-byte secret: the holder's x and five limbs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Share {
-    /// The evaluation point (the holder's id + 1).
-    pub x: u64,
-    /// The polynomial's values, one per limb.
-    pub y: [u64; LIMBS],
-}
-
-/// Stage 4: what one survivor reveals.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unmasking {
-    /// The client revealing.
-    pub id: u32,
-    /// Shares of survivors' self-mask seeds, by owner.
-    pub seed_shares: Vec<(u32, Share)>,
-    /// Shares of dropped clients' mask keys, by owner.
-    pub key_shares: Vec<(u32, Share)>,
 }
 
 fn random32() -> Result<[u8; 32], TrainError> {

@@ -13,10 +13,12 @@ use std::time::Duration;
 use anyhow::bail;
 use iroh::endpoint::{RecvStream, SendStream};
 use tessera_core::train::Weights;
+use tessera_core::NodeId;
 use tessera_protocol::{
-    read_frame, write_frame, Frame, JobError, TrainCommit, TrainDone, TrainRound, TrainingOffer,
+    read_frame, write_frame, Frame, JobError, RoundPrivacy, SecAggMessage, SecAggRound, SignedKeys,
+    TrainCommit, TrainDone, TrainRound, TrainingOffer,
 };
-use tessera_train::{train_locally, CandleTrainer, Dataset};
+use tessera_train::{privacy, secagg, train_locally, CandleTrainer, Dataset};
 
 /// Largest model a round may carry: what fits a frame as base64 with room
 /// to spare (fetching parameters by hash is not built).
@@ -58,10 +60,15 @@ pub struct TrainingData {
     /// Threads of the training pool.
     pub threads: usize,
     /// One round at a time.
-    gate: tokio::sync::Semaphore,
+    gate: Arc<tokio::sync::Semaphore>,
     /// Tampering, in test builds.
     #[cfg(feature = "adversary")]
     pub poison: Option<Poison>,
+    /// Called right after the provider sent its shares in a SecAgg round
+    /// (test builds: the binary SIGKILLs itself; the round's stream is
+    /// reset in any case).
+    #[cfg(feature = "adversary")]
+    pub vanish: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for TrainingData {
@@ -80,9 +87,11 @@ impl TrainingData {
             data: Arc::new(data),
             price,
             threads: threads.max(1),
-            gate: tokio::sync::Semaphore::new(1),
+            gate: Arc::new(tokio::sync::Semaphore::new(1)),
             #[cfg(feature = "adversary")]
             poison: None,
+            #[cfg(feature = "adversary")]
+            vanish: None,
         }
     }
 
@@ -150,6 +159,7 @@ pub(crate) async fn serve_round(
     mut recv: RecvStream,
     round: TrainRound,
     training: Option<&Arc<TrainingData>>,
+    key: &iroh::SecretKey,
 ) -> anyhow::Result<()> {
     let Some(training) = training else {
         return fail(&mut send, "this provider does not train".into(), false).await;
@@ -157,23 +167,45 @@ pub(crate) async fn serve_round(
     if let Some(reason) = training.refusal(&round) {
         return fail(&mut send, reason, false).await;
     }
+    let data = match &round.canary {
+        None => training.data.clone(),
+        Some(csv) => match tessera_train::data::parse_csv(csv, round.spec.classes()) {
+            Ok(d) if d.features == round.spec.inputs() => Arc::new(d),
+            Ok(_) => return fail(&mut send, "canary data of another shape".into(), false).await,
+            Err(e) => return fail(&mut send, format!("canary data: {e}"), false).await,
+        },
+    };
     let left = Duration::from_millis(round.deadline_ms.saturating_sub(tessera_core::now_ms()));
-    let Ok(Ok(_permit)) = tokio::time::timeout(left, training.gate.acquire()).await else {
+    let Ok(Ok(permit)) = tokio::time::timeout(left, training.gate.clone().acquire_owned()).await
+    else {
         return fail(&mut send, "busy until the round's deadline".into(), true).await;
     };
-    let (data, threads, spec) = (training.data.clone(), training.threads, round.spec);
+    let (threads, spec) = (training.threads, round.spec);
     let (global, recipe) = (round.global.0.clone(), round.recipe);
+    // Training starts at once; a SecAgg round exchanges keys meanwhile.
     let trained = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let trainer = CandleTrainer::new(spec, threads)?;
         train_locally(&trainer, &global, &data, &recipe)
-    })
-    .await;
-    #[cfg_attr(not(feature = "adversary"), allow(unused_mut))]
-    let mut update = match trained {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => return fail(&mut send, e.to_string(), false).await,
-        Err(e) => return fail(&mut send, format!("training stopped: {e}"), false).await,
+    });
+    let trained = async move {
+        match trained.await {
+            Ok(Ok(u)) => Ok(u),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("training stopped: {e}")),
+        }
     };
+    if let Some(sa) = round.secagg.clone() {
+        return secagg_round(send, recv, &round, sa, trained, training, key).await;
+    }
+    #[cfg_attr(not(feature = "adversary"), allow(unused_mut))]
+    let mut update = match trained.await {
+        Ok(u) => u,
+        Err(e) => return fail(&mut send, e, false).await,
+    };
+    if let Some(p) = round.privacy {
+        update.parameters = privatize(&round.global.0, &update.parameters, p, 1.0)?;
+    }
     #[cfg(feature = "adversary")]
     if let Some(poison) = training.poison {
         poison_update(poison, &round.global.0, &mut update.parameters, round.round);
@@ -211,6 +243,180 @@ pub(crate) async fn serve_round(
     let _ = send.finish();
     let _ = send.stopped().await;
     Ok(())
+}
+
+/// The step from `global` to `parameters`, clipped to L2 norm `p.clip` and
+/// noised with N(0, p.std²) from the OS's random source, times `weight`.
+fn privatize(
+    global: &[f32],
+    parameters: &[f32],
+    p: RoundPrivacy,
+    weight: f32,
+) -> anyhow::Result<Vec<f32>> {
+    let mut delta: Vec<f32> = parameters.iter().zip(global).map(|(a, g)| a - g).collect();
+    if p.clip.is_finite() && p.clip > 0.0 {
+        privacy::clip(&mut delta, p.clip);
+    }
+    if p.std.is_finite() && p.std > 0.0 {
+        let seed = u64::from_le_bytes(tessera_core::secret_bytes::<8>()?);
+        privacy::add_gaussian(&mut delta, p.std, &mut tessera_train::Rng::new(seed));
+    }
+    Ok(global
+        .iter()
+        .zip(&delta)
+        .map(|(g, d)| g + d * weight)
+        .collect())
+}
+
+async fn next_secagg(recv: &mut RecvStream, deadline_ms: u64) -> anyhow::Result<SecAggMessage> {
+    let left = Duration::from_millis(deadline_ms.saturating_sub(tessera_core::now_ms()));
+    match tokio::time::timeout(left, read_frame(recv)).await {
+        Ok(Ok(Some(Frame::SecAgg(m)))) => Ok(*m),
+        Ok(Ok(other)) => bail!(
+            "expected a SecAgg message, got {}",
+            other.as_ref().map_or("the end of the stream", Frame::kind)
+        ),
+        Ok(Err(e)) => bail!("garbage on the round's stream: {e}"),
+        Err(_) => bail!("the gateway sent nothing by the round's deadline"),
+    }
+}
+
+async fn send_secagg(send: &mut SendStream, m: SecAggMessage) -> anyhow::Result<()> {
+    write_frame(send, &Frame::SecAgg(Box::new(m))).await?;
+    Ok(())
+}
+
+/// A SecAgg+ round: advertise signed keys, share secrets with the
+/// neighbours whose advertisements are signed by their node keys, send the
+/// masked (weighted) step, reveal shares for the unmasking.
+async fn secagg_round(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    round: &TrainRound,
+    sa: SecAggRound,
+    trained: impl std::future::Future<Output = Result<tessera_train::LocalUpdate, String>>,
+    training: &TrainingData,
+    key: &iroh::SecretKey,
+) -> anyhow::Result<()> {
+    let n = round.global.0.len();
+    // The gateway's deadline for the whole round, with room for the
+    // unmasking after the masked step.
+    let deadline = round.deadline_ms + 120_000;
+    let config = secagg::Config {
+        round: u64::from(round.round),
+        clients: (0..sa.members.len() as u32).collect(),
+        neighbours: sa.neighbours,
+        threshold: sa.threshold,
+        clip: sa.clip,
+        length: n + 1,
+    };
+    let (mut client, keys) = match secagg::Client::new(config.clone(), sa.id) {
+        Ok(c) => c,
+        Err(e) => return fail(&mut send, e.to_string(), false).await,
+    };
+    let signature = hex::encode(key.sign(&keys.signed_bytes(config.round)).to_bytes());
+    send_secagg(
+        &mut send,
+        SecAggMessage::Keys(SignedKeys { keys, signature }),
+    )
+    .await?;
+    let SecAggMessage::Peers { keys } = next_secagg(&mut recv, deadline).await? else {
+        bail!("expected the peers' keys");
+    };
+    // Only advertisements signed by the node the round names for that id.
+    let signed: Vec<secagg::AdvertiseKeys> = keys
+        .into_iter()
+        .filter(|k| signed_by_member(k, &sa.members, config.round))
+        .map(|k| k.keys)
+        .collect();
+    let shares = match client.share_keys(&signed) {
+        Ok(s) => s,
+        Err(e) => return fail(&mut send, e.to_string(), false).await,
+    };
+    send_secagg(&mut send, SecAggMessage::Shares { shares }).await?;
+    #[cfg(feature = "adversary")]
+    if let Some(vanish) = &training.vanish {
+        tracing::warn!("VANISHING after sharing keys (test build)");
+        vanish();
+        let _ = send.reset(9u32.into());
+        bail!("vanished after sharing keys");
+    }
+    let SecAggMessage::Shares { shares: mine } = next_secagg(&mut recv, deadline).await? else {
+        bail!("expected the neighbours' shares");
+    };
+    let update = match trained.await {
+        Ok(u) => u,
+        Err(e) => return fail(&mut send, e, false).await,
+    };
+    // With differential privacy every step weighs the same (the noise is
+    // calibrated to a mean of equals).
+    let weight = match round.privacy {
+        Some(_) => 1.0,
+        None => (update.samples as f64 / sa.weight_scale.max(1.0)).min(1.0) as f32,
+    };
+    let mut values = match round.privacy {
+        Some(p) => privatize(&round.global.0, &update.parameters, p, weight)?,
+        None => update.parameters.clone(),
+    };
+    // The weighted step (not the parameters: steps are small, so they
+    // quantize finely within ±clip), then the weight.
+    for (v, g) in values.iter_mut().zip(&round.global.0) {
+        *v = if round.privacy.is_some() {
+            *v - g
+        } else {
+            (*v - g) * weight
+        };
+    }
+    #[cfg(feature = "adversary")]
+    if let Some(poison) = training.poison {
+        let zero = vec![0.0; n];
+        poison_update(poison, &zero, &mut values, round.round);
+    }
+    values.push(weight);
+    let input = match client.masked_input(&mine, &values) {
+        Ok(m) => m,
+        Err(e) => return fail(&mut send, e.to_string(), false).await,
+    };
+    let masked = SecAggMessage::Masked {
+        input,
+        samples: update.samples as u64,
+        loss: update.loss,
+    };
+    send_secagg(&mut send, masked).await?;
+    let SecAggMessage::Unmask { survivors, dropped } = next_secagg(&mut recv, deadline).await?
+    else {
+        bail!("expected the unmasking request");
+    };
+    let unmasking = match client.unmask(&survivors, &dropped) {
+        Ok(u) => u,
+        Err(e) => return fail(&mut send, e.to_string(), false).await,
+    };
+    send_secagg(&mut send, SecAggMessage::Unmasking { unmasking }).await?;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+/// Whether `k` is signed by the node `members` names for its id.
+pub(crate) fn signed_by_member(k: &SignedKeys, members: &[NodeId], round: u64) -> bool {
+    let Some(node) = members.get(k.keys.id as usize) else {
+        return false;
+    };
+    let Ok(public) = iroh::PublicKey::from_bytes(node.as_bytes()) else {
+        return false;
+    };
+    let Some(sig) = hex::decode(&k.signature)
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+    else {
+        return false;
+    };
+    public
+        .verify(
+            &k.keys.signed_bytes(round),
+            &iroh::Signature::from_bytes(&sig),
+        )
+        .is_ok()
 }
 
 #[cfg(feature = "adversary")]

@@ -24,8 +24,10 @@
 //! task owner ships the data) and SecAgg over the network are not built
 //! yet; `tessera_train::secagg` and `tessera_train::verify::reexecute` are.
 
+mod canary;
 pub mod client;
 mod pool;
+mod secure;
 mod service;
 mod task;
 

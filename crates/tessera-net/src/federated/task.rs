@@ -79,9 +79,26 @@ pub struct TaskRequest {
     /// held-out fifth of the 8×8 digits set) or `{"csv": "label,v1,…\n…"}`.
     #[serde(default)]
     pub test: Option<TestData>,
-    /// SecAgg+ (not yet over the network: a task asking for it is refused).
+    /// SecAgg+: the gateway sees only the sum of each round's steps (then
+    /// the aggregation is the weighted mean, and providers are verified by
+    /// canary rounds).
     #[serde(default)]
     pub secagg: bool,
+    /// SecAgg+'s threshold t (shares that rebuild a secret; by default
+    /// half the neighbours and one).
+    #[serde(default)]
+    pub secagg_threshold: Option<usize>,
+    /// SecAgg+ clips each value of a step to ±this before quantizing.
+    #[serde(default = "default_secagg_clip")]
+    pub secagg_clip: f32,
+    /// SecAgg tasks: the share of rounds in which a provider also gets a
+    /// canary round (every provider gets one before its first paid round).
+    #[serde(default = "default_canary_rate")]
+    pub canary_rate: f64,
+    /// Differential privacy: `{"clip": C, "noise_multiplier": σ,
+    /// "noise_at": "distributed" | "local", "delta": δ, "budget": ε}`.
+    #[serde(default)]
+    pub dp: Option<tessera_train::privacy::DpSettings>,
     /// An update further from the round's median than this many times the
     /// typical distance is an outlier: left out and not paid.
     #[serde(default = "default_outlier")]
@@ -146,6 +163,12 @@ fn default_deadline() -> f64 {
 }
 fn default_wait() -> f64 {
     600.0
+}
+fn default_secagg_clip() -> f32 {
+    4.0
+}
+fn default_canary_rate() -> f64 {
+    0.1
 }
 fn default_outlier() -> f64 {
     3.0
@@ -232,11 +255,38 @@ impl TaskRequest {
             _ => {}
         }
         if self.secagg {
-            return Err(
-                "secagg: SecAgg+ is not yet run over the network (it is built and tested in \
-                 tessera-train); create the task with \"secagg\": false"
-                    .into(),
-            );
+            if self.aggregation != Aggregation::WeightedMean {
+                return Err(
+                    "aggregation: with secagg only the weighted mean (robust rules need \
+                            to see each update)"
+                        .into(),
+                );
+            }
+            if self.min_clients < 3 {
+                return Err("min_clients: at least 3 with secagg".into());
+            }
+            if !(self.secagg_clip.is_finite() && self.secagg_clip > 0.0) {
+                return Err("secagg_clip: above 0".into());
+            }
+            if !(0.0..=1.0).contains(&self.canary_rate) {
+                return Err("canary_rate: 0 to 1".into());
+            }
+        }
+        if let Some(dp) = &self.dp {
+            let ok = dp.clip.is_finite()
+                && dp.clip > 0.0
+                && dp.noise_multiplier.is_finite()
+                && dp.noise_multiplier > 0.0
+                && dp.delta > 0.0
+                && dp.delta < 1.0
+                && dp.budget.is_none_or(|b| b.is_finite() && b > 0.0);
+            if !ok {
+                return Err(
+                    "dp: clip and noise_multiplier above 0, delta in (0, 1), budget \
+                            above 0"
+                        .into(),
+                );
+            }
         }
         let secs_ok = |s: f64| s.is_finite() && (1.0..=86_400.0).contains(&s);
         if !secs_ok(self.round_deadline_s) || !secs_ok(self.wait_for_clients_s) {
@@ -330,6 +380,13 @@ pub struct RoundReport {
     pub seconds: f64,
     /// Micro-credits paid for it.
     pub cost: u64,
+    /// ε spent so far at the task's δ (tasks with differential privacy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// SecAgg: the threshold, and per provider how many shares of its
+    /// self-mask seed and of its mask key the gateway held after the round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secagg: Option<serde_json::Value>,
 }
 
 /// A task and everything known about it.
@@ -401,7 +458,7 @@ fn frame_bytes(frame: &Frame) -> u64 {
 }
 
 /// A provider that committed, waiting for the reveal.
-struct Committed {
+pub(crate) struct Committed {
     trainer: Trainer,
     send: SendStream,
     recv: RecvStream,
@@ -410,7 +467,10 @@ struct Committed {
 }
 
 /// Send one provider its round and wait for its commitment.
-async fn commit_phase(trainer: Trainer, job: JobRequest) -> Result<Committed, (Trainer, String)> {
+pub(crate) async fn commit_phase(
+    trainer: Trainer,
+    job: JobRequest,
+) -> Result<Committed, (Trainer, String)> {
     let deadline = match &job.kind {
         JobKind::TrainRound(r) => r.deadline_ms,
         JobKind::Inference { .. } => 0,
@@ -454,7 +514,7 @@ async fn commit_phase(trainer: Trainer, job: JobRequest) -> Result<Committed, (T
 }
 
 /// Ask a committed provider to reveal; its result and the bytes moved.
-async fn reveal_phase(mut c: Committed) -> (Committed, Result<TrainDone, String>) {
+pub(crate) async fn reveal_phase(mut c: Committed) -> (Committed, Result<TrainDone, String>) {
     let attempt = async {
         write_frame(&mut c.send, &Frame::Reveal)
             .await
@@ -483,7 +543,7 @@ async fn reveal_phase(mut c: Committed) -> (Committed, Result<TrainDone, String>
 }
 
 /// Whether a revealed result is the committed one and as announced.
-fn opens(c: &Committed, round: u32, done: &TrainDone) -> Result<(), String> {
+pub(crate) fn opens(c: &Committed, round: u32, done: &TrainDone) -> Result<(), String> {
     let commitment = hex::decode(&c.commit.commitment)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -519,6 +579,8 @@ pub(crate) async fn run(task: Arc<Task>, trainers: Arc<Trainers>, ledger: Ledger
     let req = task.request.clone();
     let mut server = Server::new(req.strategy, req.model.init(req.seed));
     let mut struck: HashSet<NodeId> = HashSet::new();
+    let mut canaried: HashSet<NodeId> = HashSet::new();
+    let mut accountant = tessera_train::privacy::Accountant::default();
     let outcome = 'rounds: {
         for round in 1..=req.rounds {
             // Enough providers, or the task fails.
@@ -551,12 +613,38 @@ pub(crate) async fn run(task: Arc<Task>, trainers: Arc<Trainers>, ledger: Ledger
                 }
             };
             set_status(&task, Status::Running);
+            // Differential privacy: stop before a round that would spend
+            // more than the budget.
+            let q = req.clients_per_round.min(eligible.len()) as f64 / eligible.len() as f64;
+            if let Some(dp) = &req.dp {
+                let next = accountant.epsilon_after(q, dp.noise_multiplier, 1, dp.delta);
+                if dp.budget.is_some_and(|b| next > b) {
+                    if let Ok(mut s) = task.state.lock() {
+                        s.error = Some(format!(
+                            "stopped before round {round}: it would take ε to {next:.3}, past \
+                             the budget of {}",
+                            dp.budget.unwrap_or_default()
+                        ));
+                    }
+                    break 'rounds Ok(Status::Completed);
+                }
+            }
             let report = tokio::select! {
-                r = run_round(&task, &mut server, &eligible, round, &mut struck) => r,
+                r = async {
+                    if req.secagg {
+                        run_secure_round(&task, &mut server, &eligible, round, &mut struck, &mut canaried).await
+                    } else {
+                        run_round(&task, &mut server, &eligible, round, &mut struck).await
+                    }
+                } => r,
                 _ = task.cancel.cancelled() => break 'rounds Ok(Status::Cancelled),
             };
-            let cost = settle_round(&task, &ledger, fee_bps, round, &report).await;
             let mut report = report;
+            if let Some(dp) = &req.dp {
+                accountant.compose(q, dp.noise_multiplier, 1);
+                report.epsilon = Some(accountant.epsilon(dp.delta).0);
+            }
+            let cost = settle_round(&task, &ledger, fee_bps, round, &report).await;
             match cost {
                 Ok(c) => report.cost = c,
                 Err(e) => {
@@ -700,6 +788,9 @@ async fn run_round(
                 },
                 deadline_ms,
                 price: t.offer.price,
+                secagg: None,
+                privacy: round_privacy(req, chosen.len()),
+                canary: None,
             })),
         };
         commit_phase(t.clone(), job)
@@ -739,11 +830,17 @@ async fn run_round(
         }
     }
     // Plausibility against the round's median direction.
+    // With differential privacy every update weighs the same (the noise
+    // is calibrated to a mean of equals).
     let updates: Vec<ClientUpdate> = results
         .iter()
         .map(|(_, d)| ClientUpdate {
             parameters: d.parameters.0.clone(),
-            samples: d.samples as usize,
+            samples: if req.dp.is_some() {
+                1
+            } else {
+                d.samples as usize
+            },
         })
         .collect();
     let consensus = (updates.len() >= 3)
@@ -792,18 +889,7 @@ async fn run_round(
     };
     let train_loss = (!kept.is_empty())
         .then(|| kept.iter().map(|&i| results[i].1.loss).sum::<f64>() / kept.len() as f64);
-    let eval = match &task.test {
-        Some(test) => {
-            let (spec, params, test) = (req.model, server.parameters().to_vec(), test.clone());
-            tokio::task::spawn_blocking(move || {
-                CandleTrainer::new(spec, 1).and_then(|t| t.evaluate(&params, &test))
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-        }
-        None => None,
-    };
+    let eval = evaluate(task, server.parameters()).await;
     RoundReport {
         round,
         sampled: chosen.len(),
@@ -820,5 +906,171 @@ async fn run_round(
         bytes_per_client: bytes / chosen.len().max(1) as u64,
         seconds: started.elapsed().as_secs_f64(),
         cost: 0,
+        epsilon: None,
+        secagg: None,
     }
+}
+
+/// What each provider of a round of `clients` does for differential
+/// privacy.
+fn round_privacy(req: &TaskRequest, clients: usize) -> Option<tessera_protocol::RoundPrivacy> {
+    req.dp.map(|dp| tessera_protocol::RoundPrivacy {
+        clip: dp.clip,
+        std: dp.client_std(clients),
+    })
+}
+
+/// The model's loss and accuracy on the task's test data.
+async fn evaluate(task: &Task, parameters: &[f32]) -> Option<tessera_train::Evaluation> {
+    let test = task.test.clone()?;
+    let (spec, params) = (task.request.model, parameters.to_vec());
+    tokio::task::spawn_blocking(move || {
+        CandleTrainer::new(spec, 1).and_then(|t| t.evaluate(&params, &test))
+    })
+    .await
+    .ok()
+    .and_then(Result::ok)
+}
+
+/// One SecAgg+ round: canary rounds for the providers due one, then the
+/// masked round over those that passed; the survivors that passed are
+/// paid.
+async fn run_secure_round(
+    task: &Task,
+    server: &mut Server,
+    eligible: &[Trainer],
+    round: u32,
+    struck: &mut HashSet<NodeId>,
+    canaried: &mut HashSet<NodeId>,
+) -> RoundReport {
+    let started = Instant::now();
+    let req = &task.request;
+    let picked: Vec<(usize, Trainer)> = sample_clients(
+        req.seed,
+        round,
+        eligible.len(),
+        req.clients_per_round.min(eligible.len()),
+    )
+    .into_iter()
+    .map(|i| (i, eligible[i].clone()))
+    .collect();
+    let deadline_ms = tessera_core::now_ms() + (req.round_deadline_s * 1000.0).round() as u64;
+    let global = server.parameters().to_vec();
+    let recipe = |i: usize| Recipe {
+        epochs: req.recipe.epochs,
+        batch_size: req.recipe.batch_size,
+        learning_rate: req.recipe.learning_rate,
+        proximal: req.strategy.proximal(),
+        seed: round_seed(req.seed, round, i),
+    };
+    // Canaries: before a provider's first masked round, then at random.
+    let mut dice = tessera_train::Rng::new(u64::from_le_bytes(
+        tessera_core::secret_bytes::<8>().unwrap_or_default(),
+    ));
+    let due: Vec<&(usize, Trainer)> = picked
+        .iter()
+        .filter(|(_, t)| !canaried.contains(&t.node) || dice.uniform() < req.canary_rate)
+        .collect();
+    let verdicts = futures::future::join_all(due.iter().map(|(i, t)| {
+        super::canary::check(
+            t,
+            format!("{}-r{round}-canary-{}", task.id, t.node.short()),
+            round,
+            req.model,
+            &global,
+            Recipe {
+                seed: recipe(*i).seed ^ 0xC0FFEE,
+                ..recipe(*i)
+            },
+            deadline_ms,
+        )
+    }))
+    .await;
+    let mut rejected = BTreeMap::new();
+    for ((_, t), verdict) in due.iter().zip(verdicts) {
+        match verdict {
+            Ok(()) => {
+                canaried.insert(t.node);
+            }
+            Err(why) => {
+                struck.insert(t.node);
+                rejected.insert(t.node.to_string(), why);
+            }
+        }
+    }
+    let chosen: Vec<(usize, Trainer)> = picked
+        .into_iter()
+        .filter(|(_, t)| !rejected.contains_key(&t.node.to_string()))
+        .collect();
+    let mut report = RoundReport {
+        round,
+        sampled: chosen.len() + rejected.len(),
+        aggregated: 0,
+        paid: BTreeMap::new(),
+        rejected,
+        dropped: BTreeMap::new(),
+        train_loss: None,
+        loss: None,
+        accuracy: None,
+        bytes_per_client: 0,
+        seconds: 0.0,
+        cost: 0,
+        epsilon: None,
+        secagg: None,
+    };
+    if chosen.len() < req.min_clients {
+        report.seconds = started.elapsed().as_secs_f64();
+        return report;
+    }
+    let trainers: Vec<Trainer> = chosen.iter().map(|(_, t)| t.clone()).collect();
+    let settings = super::secure::Settings {
+        task: task.id.clone(),
+        round,
+        spec: req.model,
+        global: global.clone(),
+        recipes: chosen.iter().map(|(i, _)| recipe(*i)).collect(),
+        deadline_ms,
+        threshold: req.secagg_threshold,
+        clip: req.secagg_clip,
+        privacy: round_privacy(req, chosen.len()),
+    };
+    let out = super::secure::round(settings, &trainers).await;
+    report.dropped = out.dropped;
+    report.train_loss = out.train_loss;
+    report.bytes_per_client = out.bytes_per_client;
+    report.secagg = Some(serde_json::json!({
+        "threshold": out.threshold,
+        "survivors": out.completed.len(),
+        "shares_held": out.shares_held,
+    }));
+    match out.step {
+        Ok(step) => {
+            let next: Vec<f32> = global.iter().zip(&step).map(|(g, d)| g + d).collect();
+            let update = ClientUpdate {
+                parameters: next,
+                samples: 1,
+            };
+            if let Err(e) = server.apply(&[update], Aggregation::WeightedMean) {
+                tracing::warn!(task = %task.id, round, error = %e, "round not aggregated");
+            } else {
+                report.aggregated = out.completed.len();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(task = %task.id, round, error = %e, "secure round not unmasked");
+            report.dropped.insert("round".into(), e);
+        }
+    }
+    // Paid: every survivor that sent its unmasking shares (its canary
+    // passed), whether or not the round as a whole unmasked.
+    report.paid = out
+        .completed
+        .iter()
+        .map(|t| (t.node.to_string(), t.offer.price))
+        .collect();
+    let eval = evaluate(task, server.parameters()).await;
+    report.loss = eval.map(|e| e.loss);
+    report.accuracy = eval.map(|e| e.accuracy);
+    report.seconds = started.elapsed().as_secs_f64();
+    report
 }
