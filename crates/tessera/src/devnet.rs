@@ -48,6 +48,45 @@ pub struct DevnetArgs {
     pub prefix_routing: bool,
     #[command(flatten)]
     pub network: crate::network::NetworkArgs,
+    #[command(flatten)]
+    pub train: TrainDemoArgs,
+}
+
+/// The training demo: federated learning on the digits set.
+#[derive(Args, Debug)]
+pub struct TrainDemoArgs {
+    /// Train instead of serving: each provider holds one shard of the 8×8
+    /// digits set and loads no model, and a federated task (an MLP
+    /// 64-64-10) trains to completion; the dashboard shows it.
+    #[arg(long)]
+    pub train_demo: bool,
+    /// --train-demo: split the data non-IID, by Dirichlet(ALPHA) label
+    /// shares (IID by default).
+    #[arg(long, value_name = "ALPHA")]
+    pub non_iid: Option<f64>,
+    /// --train-demo: SecAgg+ (the gateway sees only each round's sum).
+    #[arg(long)]
+    pub secagg: bool,
+    /// --train-demo: fedavg, fedprox or fedavgm.
+    #[arg(long, default_value = "fedavg")]
+    pub strategy: String,
+    /// --train-demo: rounds.
+    #[arg(long, default_value_t = 150)]
+    pub rounds: u32,
+    /// --train-demo: local epochs per round.
+    #[arg(long, default_value_t = 2)]
+    pub local_epochs: u32,
+    /// --train-demo: end by printing one JSON line (accuracy,
+    /// centralized_accuracy, rounds, bytes_per_client_round, …) and stop
+    /// the devnet.
+    #[arg(long)]
+    pub json: bool,
+    /// TEST BUILDS ONLY (feature `adversary`): this many providers SIGKILL
+    /// themselves right after sharing their keys in their first SecAgg
+    /// round.
+    #[cfg(feature = "adversary")]
+    #[arg(long, default_value_t = 0)]
+    pub vanish: usize,
 }
 
 /// Child processes, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
@@ -121,7 +160,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
             "--model",
         ])
         .arg(&model.path)
-        .args(args.no_audit.then_some("--no-audit"))
+        .args((args.no_audit || args.train.train_demo).then_some("--no-audit"))
         .args(["--prefix-cache", &args.prefix_cache.to_string()])
         .args(["--prefix-routing", &args.prefix_routing.to_string()])
         .args(["--network", &args.network.name])
@@ -143,26 +182,49 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     let key = gw["api_key"].as_str().unwrap_or_default().to_string();
 
     let mut providers = Vec::new();
-    for i in 0..args.providers {
-        let p_home = dir(&format!("provider-{i}"))?;
-        let child = Command::new(&exe)
-            .args([
-                "provider",
-                "--gateway",
-                &ticket,
-                "--bind",
-                "127.0.0.1:0",
-                "--model",
-            ])
-            .arg(&model.path)
-            .args([
-                "--threads",
-                &threads.to_string(),
-                "--slots",
-                &args.slots.to_string(),
-                "--network",
-                &args.network.name,
-            ])
+    let shards = match args.train.train_demo {
+        true => Some(demo_shards(args.providers, args.train.non_iid)?),
+        false => None,
+    };
+    // Training: shard k goes to the provider whose node id is k-th in
+    // order, the order the gateway numbers providers by, so that the demo
+    // replays `tessera bench train`'s one-process federation bit for bit.
+    let mut homes: Vec<PathBuf> = (0..args.providers)
+        .map(|i| dir(&format!("provider-{i}")))
+        .collect::<anyhow::Result<_>>()?;
+    if shards.is_some() {
+        let mut keyed = Vec::with_capacity(homes.len());
+        for h in homes {
+            let node =
+                tessera_net::node::node_id(&tessera_net::node::load_or_create_key(&h)?.public());
+            keyed.push((node, h));
+        }
+        keyed.sort_by_key(|(node, _)| *node);
+        homes = keyed.into_iter().map(|(_, h)| h).collect();
+    }
+    for (i, p_home) in homes.into_iter().enumerate() {
+        let mut command = Command::new(&exe);
+        command.args(["provider", "--gateway", &ticket, "--bind", "127.0.0.1:0"]);
+        match &shards {
+            Some(shards) => {
+                let data = p_home.join("train-data");
+                tessera_train::data::write_dir(&shards[i], &data)?;
+                command.args(["--train-only", "--train-data"]).arg(&data);
+                #[cfg(feature = "adversary")]
+                if i < args.train.vanish {
+                    command.arg("--vanish-after-keys");
+                }
+            }
+            None => {
+                command
+                    .arg("--model")
+                    .arg(&model.path)
+                    .args(["--threads", &threads.to_string()])
+                    .args(["--slots", &args.slots.to_string()]);
+            }
+        }
+        let child = command
+            .args(["--network", &args.network.name])
             .env("TESSERA_HOME", &p_home)
             .stdout(Stdio::null())
             .spawn()
@@ -177,6 +239,11 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         providers.push(json!({ "pid": info["pid"], "node": info["node"], "home": p_home }));
     }
 
+    if args.train.train_demo {
+        return train_demo(
+            home, &args, &api_base, &key, &gw, &ticket, providers, children,
+        );
+    }
     // Wait until the gateway lists every provider.
     let health = format!("{}/health", api_base.trim_end_matches("/v1"));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -324,4 +391,172 @@ async fn watch(children: &mut Children) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The digits set's training part, split over `providers` (IID, or
+/// Dirichlet(α) label shares), seeded as the benchmark splits it.
+fn demo_shards(
+    providers: usize,
+    alpha: Option<f64>,
+) -> anyhow::Result<Vec<tessera_train::Dataset>> {
+    use tessera_train::data::{digits_split, partition, Split};
+    let (train, _) = digits_split()?;
+    let split = match alpha {
+        Some(a) if a.is_finite() && a > 0.0 => Split::Dirichlet(a),
+        Some(a) => bail!("--non-iid {a}: α must be above 0"),
+        None => Split::Iid,
+    };
+    let parts = partition(&train, providers.max(1), split, 7);
+    Ok(parts.iter().map(|p| train.subset(p)).collect())
+}
+
+/// `devnet --train-demo`: one federated task over the providers, watched
+/// to completion, compared with the same model trained centrally.
+#[allow(clippy::too_many_arguments)]
+fn train_demo(
+    home: &Path,
+    args: &DevnetArgs,
+    api_base: &str,
+    key: &str,
+    gw: &Value,
+    ticket: &str,
+    providers: Vec<Value>,
+    mut children: Children,
+) -> anyhow::Result<()> {
+    use tessera_train::{simulate, CandleTrainer, ModelSpec, Recipe};
+    let t = &args.train;
+    let n = args.providers.max(1);
+    let strategy = match t.strategy.as_str() {
+        "fedavg" => json!({"strategy": "fed_avg"}),
+        "fedprox" => json!({"strategy": "fed_prox", "mu": 0.01}),
+        "fedavgm" => json!({"strategy": "fed_avg_m", "server_lr": 1.0, "momentum": 0.5}),
+        other => bail!("--strategy {other}: fedavg, fedprox or fedavgm"),
+    };
+    // Every provider takes part in every round; a round goes on with at
+    // least 60% of them (SecAgg: at least 3).
+    let min_clients = ((n * 3).div_ceil(5))
+        .max(if t.secagg { 3 } else { 1 })
+        .min(n);
+    let task = json!({
+        "model": {"kind": "mlp", "inputs": 64, "hidden": 64, "classes": 10},
+        "strategy": strategy,
+        "rounds": t.rounds,
+        "clients_per_round": n,
+        "min_clients": min_clients,
+        "recipe": {"epochs": t.local_epochs, "batch_size": 32, "learning_rate": 0.1},
+        "seed": 1,
+        "secagg": t.secagg,
+        "max_price_per_round": 1_000,
+        "round_deadline_s": 60,
+        "wait_for_clients_s": 120,
+        "test": "digits",
+    });
+    // Every provider in before the first round.
+    let status_url = format!("{}/api/status", api_base.trim_end_matches("/v1"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let joined = reqwest::blocking::get(&status_url)
+            .ok()
+            .and_then(|r| r.json::<Value>().ok())
+            .and_then(|v| v["training"]["providers"].as_u64())
+            .unwrap_or(0);
+        if joined as usize >= n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {joined} of {n} training providers joined within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let path = home.join("endpoint.json");
+    crate::process::write_json(
+        &path,
+        &json!({
+            "api_base": api_base, "api_key": key, "operator_token": gw["operator_token"],
+            "ticket": ticket,
+            "gateway": { "pid": gw["pid"], "node": gw["node"] },
+            "ledger": gw["ledger"], "providers": providers,
+        }),
+    )?;
+    let _endpoint_file = EndpointFile(path);
+    let started = Instant::now();
+    let created = crate::training::create(api_base, key, &task)?;
+    let id = created["id"].as_str().unwrap_or_default().to_string();
+    if !t.json {
+        println!(
+            "Tessera devnet: {n} providers training an MLP on shards of the digits set ({}{})",
+            match t.non_iid {
+                Some(a) => format!("non-IID, Dirichlet α = {a}"),
+                None => "IID".into(),
+            },
+            if t.secagg { ", SecAgg+" } else { "" }
+        );
+        println!(
+            "  dashboard: {}/dashboard  task {id}",
+            api_base.trim_end_matches("/v1")
+        );
+    }
+    let done = crate::training::watch(api_base, key, &id, t.json)?;
+    let seconds = started.elapsed().as_secs_f64();
+    // The same model trained on all the data in one place, for as many
+    // passes over it as the federation made.
+    let spec = ModelSpec::Mlp {
+        inputs: 64,
+        hidden: 64,
+        classes: 10,
+    };
+    let (train, test) = tessera_train::data::digits_split()?;
+    let trainer = CandleTrainer::new(spec, 1)?;
+    let recipe = Recipe {
+        epochs: 1,
+        batch_size: 32,
+        learning_rate: 0.1,
+        proximal: 0.0,
+        seed: 0,
+    };
+    let passes = done["rounds_done"].as_u64().unwrap_or(0) as u32 * t.local_epochs.max(1);
+    let central = simulate::centralized(&trainer, &train, &test, spec, &recipe, passes.max(1), 1)?;
+    let history = done["history"].as_array().cloned().unwrap_or_default();
+    let dropped: usize = history
+        .iter()
+        .map(|r| r["dropped"].as_object().map_or(0, |d| d.len()))
+        .sum();
+    let summary = json!({
+        "task": id,
+        "status": done["status"],
+        "providers": n,
+        "split": match t.non_iid { Some(a) => format!("dirichlet({a})"), None => "iid".into() },
+        "secagg": t.secagg,
+        "strategy": t.strategy,
+        "rounds": done["rounds_done"],
+        "local_epochs": t.local_epochs,
+        "accuracy": done["accuracy"],
+        "centralized_accuracy": central.accuracy,
+        "bytes_per_client_round": done["bytes_per_client_round"],
+        "seconds": seconds,
+        "seconds_per_round": seconds / history.len().max(1) as f64,
+        "rounds_completed": history.iter().filter(|r| r["aggregated"].as_u64().unwrap_or(0) > 0).count(),
+        "dropped": dropped,
+        "escrow": done["escrow"],
+    });
+    if t.json {
+        println!("{summary}");
+        drop(children);
+        return Ok(());
+    }
+    println!(
+        "done: accuracy {:.2}% after {} rounds (centralized: {:.2}%), {} bytes per provider per round, {seconds:.1} s",
+        done["accuracy"].as_f64().unwrap_or(0.0) * 100.0,
+        done["rounds_done"],
+        central.accuracy * 100.0,
+        done["bytes_per_client_round"],
+    );
+    println!("`tessera train fetch {id}` saves the model; Ctrl-C stops the devnet.");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(watch(&mut children));
+    println!("stopping the devnet");
+    drop(children);
+    outcome
 }

@@ -17,6 +17,7 @@ mod observe;
 mod operator;
 mod process;
 mod serve;
+mod training;
 
 use std::path::PathBuf;
 
@@ -62,6 +63,12 @@ enum Command {
     Network {
         #[command(subcommand)]
         command: operator::NetworkCommand,
+    },
+    /// Federated training tasks at a gateway: create (escrow held), watch,
+    /// cancel (unspent escrow refunded), fetch the model (safetensors).
+    Train {
+        #[command(subcommand)]
+        command: training::TrainCommand,
     },
     /// Accounts and API keys in the ledger: create, top up, show, check.
     Account {
@@ -168,6 +175,7 @@ fn main() -> anyhow::Result<()> {
         } => network::provider(&cli.home, args),
         Command::Devnet(args) => devnet::run(&cli.home, args),
         Command::Network { command } => operator::run(&cli.home, command),
+        Command::Train { command } => training::run(&cli.home, command),
         Command::Account { command } => accounts::run(&cli.home, command),
         Command::Models { command } => models::run(&cli.home, command),
         Command::Bench { command } => bench::run(&cli.home, command),

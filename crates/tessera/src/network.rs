@@ -294,6 +294,9 @@ pub struct CheatArgs {
     /// (×10) or random parameters.
     #[arg(long)]
     pub poison: Option<tessera_net::federated::client::Poison>,
+    /// Die (SIGKILL) right after sharing keys in a SecAgg round.
+    #[arg(long)]
+    pub vanish_after_keys: bool,
 }
 
 pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
@@ -412,8 +415,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         };
         let gateway_id = gateway.node();
         let auditor_pool = gateway.auditors().cloned();
-        let training: Arc<dyn tessera_backend::Training> =
-            Arc::new(tessera_net::federated::Coordinator::new(
+        let coordinator = Arc::new(tessera_net::federated::Coordinator::new(
                 gateway.trainers().clone(),
                 ledger.clone(),
                 gateway_id.to_string(),
@@ -421,6 +423,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 shutdown.clone(),
                 tasks.clone(),
             ));
+        let training: Arc<dyn tessera_backend::Training> = coordinator.clone();
         let receipts = crate::earnings::route(ledger.clone());
         let ledger_view = ledger.clone();
         let accounts =
@@ -491,6 +494,7 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
             network: args.network.name.clone(),
             started: std::time::Instant::now(),
             operator_token: Some(operator_token.clone()),
+            training: Some(coordinator),
         });
         println!("Dashboard: http://{addr}/dashboard (the operator's view: http://{addr}/dashboard#token=<operator_token in endpoint.json>)");
         let config = ApiConfig {
@@ -692,6 +696,14 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
     #[cfg(feature = "adversary")]
     if let Some(t) = training.as_mut() {
         t.poison = args.cheat.poison;
+        if args.cheat.vanish_after_keys {
+            t.vanish = Some(Arc::new(|| {
+                // A real SIGKILL: no clean-up, no goodbye on the connection.
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &std::process::id().to_string()])
+                    .status();
+            }));
+        }
     }
     let training = training.map(Arc::new);
     if args.train.train_only {

@@ -64,6 +64,8 @@ pub struct View {
     pub started: Instant,
     /// The token that unlocks the operator's view of `/api/status`.
     pub operator_token: Option<String>,
+    /// Federated training tasks (a gateway's).
+    pub training: Option<Arc<tessera_net::federated::Coordinator>>,
 }
 
 /// Who asked for the status, and so what they see.
@@ -262,6 +264,10 @@ async fn status(
         },
         "audits": view.metrics.recent_audits(),
         "auditors": view.auditors.as_ref().map(|p| p.describe()),
+        "training": view.training.as_ref().map(|c| json!({
+            "providers": c.trainers(),
+            "tasks": c.overview(),
+        })),
     });
     if viewer != Viewer::Operator {
         if let Some(o) = status.as_object_mut() {

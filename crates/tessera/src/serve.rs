@@ -124,6 +124,7 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             network: "local".into(),
             started: std::time::Instant::now(),
             operator_token: None,
+            training: None,
         });
         let accounts = Arc::new(LedgerAccounts::start(ledger, "local".into(), 0).await?);
         let _endpoint =

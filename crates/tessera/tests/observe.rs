@@ -12,8 +12,8 @@
 mod util;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use util::{chat, sse_data, Devnet};
@@ -55,70 +55,6 @@ fn value(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter(|s| labels.iter().all(|(k, v)| s["labels"][*k] == *v))
         .map(|s| s["value"].as_f64().unwrap_or(0.0))
         .sum()
-}
-
-/// Debian's chromium (or another Chromium on PATH).
-fn chromium() -> PathBuf {
-    for name in ["chromium", "chromium-browser", "google-chrome"] {
-        if let Ok(out) = Command::new("sh")
-            .args(["-c", &format!("command -v {name}")])
-            .output()
-        {
-            let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if out.status.success() && !path.is_empty() {
-                return PathBuf::from(path);
-            }
-        }
-    }
-    panic!("no Chromium found: `make test` installs Debian's `chromium` (scripts/deps.sh)");
-}
-
-/// Run headless Chromium on `url` with the flags a sandboxed root machine
-/// needs, letting the page's script run for a while first; returns stdout.
-fn headless(url: &str, extra: &[&str]) -> String {
-    let profile = tempfile::tempdir().expect("profile dir");
-    let mut child = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--window-size=1400,1000",
-            "--virtual-time-budget=6000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(extra)
-        .arg(url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chromium");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            assert!(status.success(), "chromium failed: {status}");
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    reader.join().expect("reader")
 }
 
 /// The opening tag of the element with `id` in `html`.
@@ -366,7 +302,7 @@ fn metrics_status_and_the_dashboard_show_the_traffic_that_flowed() {
     assert!(text.contains("2 online"), "{text}");
 
     // The dashboard, rendered by Chromium.
-    let dom = headless(&net.url("/dashboard"), &["--dump-dom"]);
+    let dom = util::headless(&net.url("/dashboard"), &["--dump-dom"]);
     assert!(
         dom.contains("data-ready=\"1\""),
         "the dashboard never rendered its data:\n{dom}"
@@ -411,7 +347,7 @@ fn metrics_status_and_the_dashboard_show_the_traffic_that_flowed() {
 
     let shot = artifacts().join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
-    headless(
+    util::headless(
         &net.url("/dashboard"),
         &[&format!("--screenshot={}", shot.display())],
     );

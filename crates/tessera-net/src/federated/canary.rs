@@ -36,7 +36,8 @@ pub(crate) fn data(spec: ModelSpec, seed: u64) -> Dataset {
     })
 }
 
-/// Run a canary round on `trainer`; `Err` says how it failed.
+/// Run a canary round on `trainer`: the bytes it moved, and `Err` saying
+/// how it failed.
 pub(crate) async fn check(
     trainer: &Trainer,
     job_id: String,
@@ -45,6 +46,32 @@ pub(crate) async fn check(
     global: &[f32],
     recipe: Recipe,
     deadline_ms: u64,
+) -> (u64, Result<(), String>) {
+    let mut bytes = 0;
+    let verdict = run(
+        trainer,
+        job_id,
+        round,
+        spec,
+        global,
+        recipe,
+        deadline_ms,
+        &mut bytes,
+    )
+    .await;
+    (bytes, verdict)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    trainer: &Trainer,
+    job_id: String,
+    round: u32,
+    spec: ModelSpec,
+    global: &[f32],
+    recipe: Recipe,
+    deadline_ms: u64,
+    bytes: &mut u64,
 ) -> Result<(), String> {
     let data = Arc::new(data(spec, recipe.seed ^ 0xCA4A));
     let job = JobRequest {
@@ -66,6 +93,7 @@ pub(crate) async fn check(
         .await
         .map_err(|(_, why)| format!("canary: {why}"))?;
     let (c, done) = reveal_phase(committed).await;
+    *bytes = c.bytes;
     let done = done.map_err(|why| format!("canary: {why}"))?;
     opens(&c, round, &done).map_err(|why| format!("canary: {why}"))?;
     let global = global.to_vec();

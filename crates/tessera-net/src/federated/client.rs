@@ -295,7 +295,7 @@ async fn secagg_round(
     round: &TrainRound,
     sa: SecAggRound,
     trained: impl std::future::Future<Output = Result<tessera_train::LocalUpdate, String>>,
-    training: &TrainingData,
+    #[cfg_attr(not(feature = "adversary"), allow(unused_variables))] training: &TrainingData,
     key: &iroh::SecretKey,
 ) -> anyhow::Result<()> {
     let n = round.global.0.len();

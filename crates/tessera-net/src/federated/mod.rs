@@ -16,13 +16,27 @@
 //! revealed and the reveal opens the commitment; its sample count and loss
 //! are the committed ones and no more samples than its `Hello` announced;
 //! the update passes `tessera_train::verify::plausible` (finite, within the
-//! task's norm bound, not against the round's median direction); and it is
-//! not one of the round's outliers (`tessera_train::outliers`). An update
-//! that fails any of these is left out of the aggregate and not paid; a
-//! provider whose update fails the commitment or plausibility is not
-//! sampled again in that task. Re-executing rounds (possible only when the
-//! task owner ships the data) and SecAgg over the network are not built
-//! yet; `tessera_train::secagg` and `tessera_train::verify::reexecute` are.
+//! task's norm bound, a finite non-negative loss); and it is not one of the
+//! round's outliers (`tessera_train::outliers`: further from the median
+//! update than `outlier_factor` times the typical distance). An update that
+//! fails any of these is left out of the aggregate and not paid; a provider
+//! whose update fails the commitment or plausibility is also not sampled
+//! again in that task (an outlier is only left out of that round: honest
+//! providers with unusual data can be one now and then). The direction
+//! test of `plausible` is not used: honest steps point up to 114° from the
+//! round's median near convergence.
+//!
+//! With SecAgg no update is visible, so none of that applies: a provider
+//! is verified by canary rounds (`canary`) on data the gateway supplies
+//! and re-executes, before its first paid round of a task and then in a
+//! random `canary_rate` share of rounds. That shows it trains as asked,
+//! not that it used its private data in the masked rounds; a poisoning
+//! provider in a SecAgg task is not caught (robust rules need each
+//! update). Re-executing a provider's own rounds (possible only when the
+//! task owner ships the data) is not built over the network;
+//! `tessera_train::verify::reexecute` is what the canaries use.
+//!
+//! - `secure`: the gateway's side of a SecAgg+ round.
 
 mod canary;
 pub mod client;

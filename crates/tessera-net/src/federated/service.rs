@@ -51,6 +51,22 @@ impl Coordinator {
         }
     }
 
+    /// Providers connected now that train.
+    pub fn trainers(&self) -> usize {
+        self.trainers.len()
+    }
+
+    /// Every task, newest first, as the dashboard shows it: progress and
+    /// each round's loss and accuracy; no account, no money.
+    pub fn overview(&self) -> Vec<Value> {
+        let mut tasks: Vec<Arc<Task>> = self
+            .tasks
+            .lock()
+            .map_or_else(|_| Vec::new(), |t| t.values().cloned().collect());
+        tasks.sort_by_key(|t| std::cmp::Reverse(t.created_ms));
+        tasks.iter().take(20).map(|t| t.overview()).collect()
+    }
+
     fn task(&self, account: &str, id: &str) -> Result<Arc<Task>, TrainingError> {
         self.tasks
             .lock()

@@ -100,7 +100,9 @@ pub struct TaskRequest {
     #[serde(default)]
     pub dp: Option<tessera_train::privacy::DpSettings>,
     /// An update further from the round's median than this many times the
-    /// typical distance is an outlier: left out and not paid.
+    /// typical distance is an outlier: left out and not paid that round.
+    /// Honest steps of the digits MLP reach 2.1 times (10 providers, IID
+    /// and Dirichlet(0.5), 150 rounds); a step scaled ×10 is far beyond.
     #[serde(default = "default_outlier")]
     pub outlier_factor: f64,
     /// Largest L2 norm of one update's step.
@@ -171,7 +173,7 @@ fn default_canary_rate() -> f64 {
     0.1
 }
 fn default_outlier() -> f64 {
-    3.0
+    4.0
 }
 fn default_norm() -> f64 {
     100.0
@@ -416,6 +418,32 @@ pub(crate) struct State {
 }
 
 impl Task {
+    /// What the dashboard shows of it: progress and each round's figures.
+    pub fn overview(&self) -> serde_json::Value {
+        let Ok(s) = self.state.lock() else {
+            return serde_json::json!({ "id": self.id });
+        };
+        serde_json::json!({
+            "id": self.id,
+            "status": s.status,
+            "model": self.request.model,
+            "strategy": self.request.strategy,
+            "secagg": self.request.secagg,
+            "dp": self.request.dp.is_some(),
+            "rounds": self.request.rounds,
+            "rounds_done": s.rounds.len(),
+            "series": s.rounds.iter().map(|r| serde_json::json!({
+                "round": r.round,
+                "loss": r.loss,
+                "accuracy": r.accuracy,
+                "train_loss": r.train_loss,
+                "epsilon": r.epsilon,
+                "aggregated": r.aggregated,
+                "bytes_per_client": r.bytes_per_client,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
     /// Its status as the API shows it; `rounds` with every round's report.
     pub fn status(&self, rounds: bool) -> serde_json::Value {
         let Ok(s) = self.state.lock() else {
@@ -463,7 +491,8 @@ pub(crate) struct Committed {
     send: SendStream,
     recv: RecvStream,
     commit: TrainCommit,
-    bytes: u64,
+    /// Bytes on the wire so far (both directions).
+    pub bytes: u64,
 }
 
 /// Send one provider its round and wait for its commitment.
@@ -843,17 +872,19 @@ async fn run_round(
             },
         })
         .collect();
-    let consensus = (updates.len() >= 3)
-        .then(|| Aggregation::Median.combine(&updates).ok())
-        .flatten();
     let mut verified: Vec<usize> = Vec::new();
     for (i, (t, d)) in results.iter().enumerate() {
+        // No direction test here: honest steps point up to 114° away from
+        // the round's median near convergence (IID and non-IID, measured
+        // over 150 rounds of the digits MLP), so direction cannot tell a
+        // flipped step from an honest one; the outlier test below catches
+        // steps far from the rest.
         match tessera_train::verify::plausible(
             &global,
             &d.parameters.0,
             d.loss,
             req.max_update_norm,
-            consensus.as_deref(),
+            None,
         ) {
             Ok(()) => verified.push(i),
             Err(reason) => {
@@ -987,7 +1018,9 @@ async fn run_secure_round(
     }))
     .await;
     let mut rejected = BTreeMap::new();
-    for ((_, t), verdict) in due.iter().zip(verdicts) {
+    let mut canary_bytes = 0;
+    for ((_, t), (bytes, verdict)) in due.iter().zip(verdicts) {
+        canary_bytes += bytes;
         match verdict {
             Ok(()) => {
                 canaried.insert(t.node);
@@ -1037,7 +1070,8 @@ async fn run_secure_round(
     let out = super::secure::round(settings, &trainers).await;
     report.dropped = out.dropped;
     report.train_loss = out.train_loss;
-    report.bytes_per_client = out.bytes_per_client;
+    // The canary rounds' bytes count too, shared over the round's providers.
+    report.bytes_per_client = out.bytes_per_client + canary_bytes / report.sampled.max(1) as u64;
     report.secagg = Some(serde_json::json!({
         "threshold": out.threshold,
         "survivors": out.completed.len(),
