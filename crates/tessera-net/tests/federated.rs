@@ -562,9 +562,10 @@ async fn secagg_over_the_network_sums_exactly_what_plain_fedavg_would_and_surviv
     assert_eq!(round["paid"].as_object().unwrap().len(), 10);
     // The global model out and the masked step back (base64, 5.33 bytes a
     // value each way), the keys and shares, and this first round's canary
-    // (a plain round on 48 supplied samples) for every provider.
+    // (a plain round on 48 supplied samples, ~16 KB of CSV) for every
+    // provider: about 8 raw updates.
     assert!(
-        round["bytes_per_client"].as_u64().unwrap() < 8 * (MLP.parameters() as u64 * 4),
+        round["bytes_per_client"].as_u64().unwrap() < 10 * (MLP.parameters() as u64 * 4),
         "{round:#}"
     );
 

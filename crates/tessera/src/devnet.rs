@@ -536,6 +536,8 @@ fn train_demo(
         "seconds": seconds,
         "seconds_per_round": seconds / history.len().max(1) as f64,
         "rounds_completed": history.iter().filter(|r| r["aggregated"].as_u64().unwrap_or(0) > 0).count(),
+        // Rounds to reach 95% on the held-out digits (null: never).
+        "rounds_to_95": history.iter().find(|r| r["accuracy"].as_f64().unwrap_or(0.0) >= 0.95).map(|r| r["round"].clone()),
         "dropped": dropped,
         "escrow": done["escrow"],
     });

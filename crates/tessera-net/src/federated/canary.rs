@@ -18,11 +18,14 @@ use super::task::{commit_phase, opens, reveal_phase};
 /// Samples in a canary round.
 pub(crate) const SAMPLES: usize = 48;
 
-/// Seeded random samples of a model's shape (values 0–16, as the digits').
+/// Seeded random samples of a model's shape: values k/16 for k in 0–16,
+/// the range of normalized inputs such as the digits' pixels ÷ 16 (so the
+/// task's learning rate trains on them as on its own data), and short in
+/// the round's CSV.
 pub(crate) fn data(spec: ModelSpec, seed: u64) -> Dataset {
     let mut rng = Rng::new(seed);
     let x: Vec<f32> = (0..SAMPLES * spec.inputs())
-        .map(|_| (rng.uniform() * 16.0).floor() as f32)
+        .map(|_| rng.below(17) as f32 / 16.0)
         .collect();
     let y: Vec<u32> = (0..SAMPLES)
         .map(|_| rng.below(spec.classes()) as u32)

@@ -89,7 +89,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ledger(b) => ledger::run(b),
         BenchCommand::Audit(b) => audit::run(home, b),
         BenchCommand::Economics(b) => economics::run(b),
-        BenchCommand::Train(b) => train::run(b),
+        BenchCommand::Train(b) => train::run(home, b),
         BenchCommand::Sampling { engine } => engine::sampling(home, &engine),
     }
 }

@@ -1,5 +1,5 @@
 //! `tessera bench train`: what training costs on this machine, in one
-//! process (no network yet).
+//! process, and (`--network`) over real provider processes.
 //!
 //! 1. One epoch of the digits MLP (64-64-10, batches of 32) on candle's CPU
 //!    backend with 1 and 2 threads: the trainer's thread count is set per
@@ -14,6 +14,10 @@
 //! 4. Accuracy against ε: the IID federation with half the clients each
 //!    round, updates clipped and noised (distributed noise, as through
 //!    SecAgg) for each `--dp-sigmas`, ε at δ = 10⁻⁵ after `--dp-rounds`.
+//! 5. With `--network`: the same federation as a devnet (`tessera devnet
+//!    --train-demo --json`, one provider process per client over iroh),
+//!    IID and non-IID, with and without SecAgg+: time per round, bytes per
+//!    provider per round, rounds to 95%, accuracy against centralized.
 
 use std::time::Instant;
 
@@ -57,9 +61,13 @@ pub struct TrainBench {
     /// Rounds of the differential-privacy runs.
     #[arg(long, default_value_t = 50)]
     pub dp_rounds: u32,
+    /// Also run the federation over provider processes (devnets on
+    /// loopback, port 18080): plain and SecAgg+, IID and non-IID.
+    #[arg(long)]
+    pub network: bool,
 }
 
-pub fn run(b: TrainBench) -> anyhow::Result<()> {
+pub fn run(home: &std::path::Path, b: TrainBench) -> anyhow::Result<()> {
     let spec = ModelSpec::Mlp {
         inputs: 64,
         hidden: b.hidden.max(1),
@@ -145,6 +153,9 @@ pub fn run(b: TrainBench) -> anyhow::Result<()> {
         );
     }
     secure_aggregation(spec, clients)?;
+    if b.network {
+        networked(home, &b)?;
+    }
     let parts = data::partition(&train, clients, Split::Iid, 7);
     let shards: Vec<_> = parts.iter().map(|p| train.subset(p)).collect();
     println!(
@@ -254,5 +265,57 @@ fn secure_aggregation(spec: ModelSpec, clients: usize) -> anyhow::Result<()> {
         json!({"bench": "secagg", "clients": clients, "neighbours": neighbours, "threshold": config.threshold,
                "values": length, "p50_ms": p50, "bytes_sent_per_client": sent, "plain_bytes": plain, "rounds": runs})
     );
+    Ok(())
+}
+
+/// The federation over provider processes: one devnet per run.
+fn networked(home: &std::path::Path, b: &TrainBench) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let alpha = b.alpha.to_string();
+    let runs: [(&str, Vec<&str>); 4] = [
+        ("plain, IID", vec![]),
+        ("plain, non-IID", vec!["--non-iid", &alpha]),
+        ("SecAgg+, IID", vec!["--secagg"]),
+        ("SecAgg+, non-IID", vec!["--secagg", "--non-iid", &alpha]),
+    ];
+    println!(
+        "over the network: {} provider processes, {} rounds of {} local epochs",
+        b.clients, b.rounds, b.local_epochs
+    );
+    for (name, extra) in runs {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "devnet",
+                "--train-demo",
+                "--json",
+                "--listen",
+                "127.0.0.1:18080",
+            ])
+            .args(["--providers", &b.clients.to_string()])
+            .args(["--rounds", &b.rounds.to_string()])
+            .args(["--local-epochs", &b.local_epochs.to_string()])
+            .args(extra)
+            // The devnets run in this home (its model store gives the
+            // gateway its tokenizer), as `tessera devnet` would.
+            .env("TESSERA_HOME", home)
+            .env("TESSERA_LOG", "error")
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|_| anyhow::anyhow!("{name}: the devnet printed no result: {text}"))?;
+        println!(
+            "  {name}: accuracy {:.4} (centralized {:.4}), {:.1} ms per round, {} bytes per provider per round, 95% after {} rounds",
+            v["accuracy"].as_f64().unwrap_or(0.0),
+            v["centralized_accuracy"].as_f64().unwrap_or(0.0),
+            v["seconds_per_round"].as_f64().unwrap_or(0.0) * 1e3,
+            v["bytes_per_client_round"],
+            v["rounds_to_95"],
+        );
+        println!(
+            "{}",
+            json!({"bench": "federated_network", "run": name, "result": v})
+        );
+    }
     Ok(())
 }
