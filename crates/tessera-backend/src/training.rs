@@ -41,7 +41,8 @@ pub trait Training: Send + Sync + 'static {
     fn status(&self, account: &str, id: &str) -> Result<Value, TrainingError>;
     /// Every task of `account`, newest first (their statuses without rounds).
     fn list(&self, account: &str) -> Vec<Value>;
-    /// Stop a task after its current round; the unspent escrow is refunded.
+    /// Stop a task once its round in flight is done (its providers trained
+    /// for it, so it is paid); every hold not spent is refunded.
     fn cancel(&self, account: &str, id: &str) -> BoxFuture<'_, Result<Value, TrainingError>>;
     /// The task's model now, as safetensors bytes.
     fn model(&self, account: &str, id: &str) -> Result<Vec<u8>, TrainingError>;

@@ -72,6 +72,32 @@ impl JobRunner for SchedulerHandle {
     }
 }
 
+/// The job runner of a provider that only trains: it serves no model, so
+/// no inference job reaches a runner (the provider refuses them by model
+/// hash first), and it reports no slots.
+pub struct NoInference;
+
+impl JobRunner for NoInference {
+    fn submit(
+        &self,
+        _request: tessera_core::GenerationRequest,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::UnboundedReceiver<tessera_engine::Event>,
+            tessera_engine::WrapUp,
+        ),
+        tessera_engine::SubmitError,
+    > {
+        Err(tessera_engine::SubmitError::Busy)
+    }
+    fn active(&self) -> usize {
+        0
+    }
+    fn max_sequences(&self) -> usize {
+        0
+    }
+}
+
 /// Who signs this session's receipts, and for which gateway.
 struct Signer {
     key: iroh::SecretKey,

@@ -13,9 +13,10 @@ use serde_json::{json, Value};
 use tessera_backend::{Training, TrainingError};
 use tessera_ledger::{Ledger, Limits, MICRO};
 use tessera_net::directory::Directory;
-use tessera_net::federated::client::{NoInference, TrainingData};
+use tessera_net::federated::client::TrainingData;
 use tessera_net::federated::Coordinator;
 use tessera_net::node::{self, node_id, Ticket};
+use tessera_net::provider::NoInference;
 use tessera_net::Gateway;
 use tessera_protocol::ALPN;
 use tessera_train::data::{digits_split, partition, Split};
@@ -714,5 +715,63 @@ async fn a_task_with_a_privacy_budget_reports_epsilon_each_round_and_stops_at_th
     // The rounds not run are refunded.
     let owner = net.ledger.account(&net.account).await.unwrap().unwrap();
     assert_eq!(owner.held, 0);
+    assert!(net.ledger.check().await.unwrap().ok());
+}
+
+#[cfg(feature = "adversary")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn where_the_owner_shipped_the_data_a_lazy_trainer_is_caught_by_re_execution_and_not_paid() {
+    use tessera_net::federated::client::Poison;
+    let mut net = network().await;
+    let (shards, _, _) = shards(4, Split::Iid);
+    let keys = keys(4);
+    let mut shipped = serde_json::Map::new();
+    for (k, (key, shard)) in keys.iter().zip(shards).enumerate() {
+        shipped.insert(
+            node_id(&key.public()).to_string(),
+            json!(tessera_train::data::to_csv(&shard)),
+        );
+        net.provider(key.clone(), shard, |t| {
+            if k == 3 {
+                t.poison = Some(Poison::Half);
+            }
+        })
+        .await;
+    }
+    net.wait_for_trainers(4).await;
+    let status = net
+        .coordinator
+        .create(
+            &net.account,
+            json!({
+                "model": {"kind": "mlp", "inputs": 64, "hidden": 32, "classes": 10},
+                "rounds": 3,
+                "clients_per_round": 4,
+                "min_clients": 3,
+                "recipe": {"epochs": 2, "batch_size": 32, "learning_rate": 0.1},
+                "max_price_per_round": PRICE,
+                "audit_data": shipped,
+                "reexecute_rate": 1.0,
+            }),
+        )
+        .await
+        .unwrap();
+    let done = net.finish(status["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    let lazy = node_id(&keys[3].public()).to_string();
+    let first = &done["history"][0];
+    // Half a step is no outlier, but it is not the round it was asked for.
+    let why = first["rejected"][&lazy].as_str().unwrap_or_default();
+    assert!(why.starts_with("re-execution"), "{first:#}");
+    assert_eq!(
+        first["rejected"].as_object().unwrap().len(),
+        1,
+        "honest rounds re-execute exactly: {first:#}"
+    );
+    for r in done["history"].as_array().unwrap() {
+        assert!(r["paid"].get(&lazy).is_none(), "{r:#}");
+        assert_eq!(r["paid"].as_object().unwrap().len(), 3, "{r:#}");
+    }
+    assert_eq!(net.earned(&keys[3]).await, 0);
     assert!(net.ledger.check().await.unwrap().ok());
 }

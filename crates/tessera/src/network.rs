@@ -291,7 +291,7 @@ pub struct CheatArgs {
     #[arg(long)]
     pub misbehave_model: Option<std::path::PathBuf>,
     /// Cheat at training: flip (the step reversed and scaled ×10), scale
-    /// (×10) or random parameters.
+    /// (×10), random parameters, or half (half the honest step).
     #[arg(long)]
     pub poison: Option<tessera_net::federated::client::Poison>,
     /// Die (SIGKILL) right after sharing keys in a SecAgg round.
@@ -884,7 +884,7 @@ fn train_only(
         write_json(&path, &json!({ "node": id, "pid": std::process::id() }))?;
         let _file = EndpointFile(path);
         println!("Tessera provider {id} training on {samples} samples (no inference model)");
-        let runner = Arc::new(tessera_net::federated::client::NoInference);
+        let runner = Arc::new(tessera_net::provider::NoInference);
         let serve = tessera_net::provider::run(endpoint.clone(), runner, config, Some(discovery));
         tokio::select! {
             _ = serve => {}

@@ -13,7 +13,7 @@ use tessera_protocol::{JobKind, JobRequest, TrainRound};
 use tessera_train::{CandleTrainer, Dataset, Rng};
 
 use super::pool::Trainer;
-use super::task::{commit_phase, opens, reveal_phase};
+use super::round::{commit_phase, opens, reveal_phase};
 
 /// Samples in a canary round.
 pub(crate) const SAMPLES: usize = 48;

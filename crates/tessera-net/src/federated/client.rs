@@ -36,6 +36,9 @@ pub enum Poison {
     Scale,
     /// Sends random parameters.
     Random,
+    /// Sends half its honest step (a lazy trainer: close to the others,
+    /// so no outlier, but not the round it was asked to train).
+    Half,
 }
 
 #[cfg(feature = "adversary")]
@@ -46,7 +49,8 @@ impl std::str::FromStr for Poison {
             "flip" => Ok(Poison::Flip),
             "scale" => Ok(Poison::Scale),
             "random" => Ok(Poison::Random),
-            _ => Err(format!("unknown poison {s:?} (flip, scale, random)")),
+            "half" => Ok(Poison::Half),
+            _ => Err(format!("unknown poison {s:?} (flip, scale, random, half)")),
         }
     }
 }
@@ -431,37 +435,15 @@ fn poison_update(poison: Poison, global: &[f32], params: &mut [f32], round: u32)
             .iter_mut()
             .zip(global)
             .for_each(|(p, g)| *p = g + 10.0 * (*p - g)),
+        Poison::Half => params
+            .iter_mut()
+            .zip(global)
+            .for_each(|(p, g)| *p = g + 0.5 * (*p - g)),
         Poison::Random => {
             let mut rng = tessera_train::Rng::new(u64::from(round) ^ 0x5eed);
             params
                 .iter_mut()
                 .for_each(|p| *p = (rng.uniform() * 2.0 - 1.0) as f32);
         }
-    }
-}
-
-/// The job runner of a provider that only trains: it serves no model, so
-/// no inference job reaches a runner (the provider refuses them by model
-/// hash first), and it reports no slots.
-pub struct NoInference;
-
-impl crate::provider::JobRunner for NoInference {
-    fn submit(
-        &self,
-        _request: tessera_core::GenerationRequest,
-    ) -> Result<
-        (
-            tokio::sync::mpsc::UnboundedReceiver<tessera_engine::Event>,
-            tessera_engine::WrapUp,
-        ),
-        tessera_engine::SubmitError,
-    > {
-        Err(tessera_engine::SubmitError::Busy)
-    }
-    fn active(&self) -> usize {
-        0
-    }
-    fn max_sequences(&self) -> usize {
-        0
     }
 }

@@ -32,15 +32,22 @@
 //! random `canary_rate` share of rounds. That shows it trains as asked,
 //! not that it used its private data in the masked rounds; a poisoning
 //! provider in a SecAgg task is not caught (robust rules need each
-//! update). Re-executing a provider's own rounds (possible only when the
-//! task owner ships the data) is not built over the network;
-//! `tessera_train::verify::reexecute` is what the canaries use.
+//! update).
+//!
+//! Where the task owner shipped a provider its data (and says so in the
+//! task's `audit_data`), the gateway re-executes a `reexecute_rate` share
+//! of that provider's rounds from the same parameters, data, recipe and
+//! seed (`tessera_train::verify::reexecute`, within its tolerance): this
+//! catches a trainer that sends something close to the others but not the
+//! round it was asked for (half a step, half the data), which the outlier
+//! test cannot.
 //!
 //! - `secure`: the gateway's side of a SecAgg+ round.
 
 mod canary;
 pub mod client;
 mod pool;
+mod round;
 mod secure;
 mod service;
 mod task;

@@ -104,7 +104,7 @@ impl Training for Coordinator {
         Box::pin(async move {
             let request: TaskRequest = serde_json::from_value(body)
                 .map_err(|e| TrainingError::Invalid(format!("Invalid training task: {e}.")))?;
-            let test = request
+            let checked = request
                 .validate()
                 .map_err(|e| TrainingError::Invalid(format!("Invalid training task: {e}.")))?;
             let running = self.tasks.lock().map_or(0, |t| {
@@ -157,9 +157,11 @@ impl Training for Coordinator {
             let task = Arc::new(Task {
                 id: id.clone(),
                 account: account.clone(),
-                test: test.map(Arc::new),
+                test: checked.test.map(Arc::new),
+                audit: checked.audit,
                 created_ms: tessera_core::now_ms(),
-                cancel: self.shutdown.child_token(),
+                abort: self.shutdown.child_token(),
+                stop: CancellationToken::new(),
                 state: Mutex::new(State {
                     status: Status::Waiting,
                     error: None,
@@ -219,8 +221,10 @@ impl Training for Coordinator {
                     "Task {id} is already over."
                 )));
             }
-            task.cancel.cancel();
-            // The runner releases the unspent escrow as it stops.
+            task.stop.cancel();
+            // The runner finishes the round in flight (its providers are
+            // paid for it), then releases the unspent escrow; the answer
+            // waits up to 10 s for that (`cancelling` says it is under way).
             for _ in 0..200 {
                 let stopped = task
                     .state

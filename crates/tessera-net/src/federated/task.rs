@@ -11,18 +11,15 @@
 //! on the task's test data, and settle the round's hold: each verified
 //! provider is paid its round price, the rest of the hold goes back.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use iroh::endpoint::{RecvStream, SendStream};
 use serde::{Deserialize, Serialize};
 use tessera_core::train::{ModelSpec, Recipe, Weights};
 use tessera_core::NodeId;
 use tessera_ledger::{Charge, Ledger};
-use tessera_protocol::{
-    read_frame, write_frame, Frame, JobKind, JobRequest, TrainCommit, TrainDone, TrainRound,
-};
+use tessera_protocol::{JobKind, JobRequest, TrainDone, TrainRound};
 use tessera_train::simulate::{round_seed, sample_clients};
 use tessera_train::{
     outliers, Aggregation, CandleTrainer, ClientUpdate, Dataset, Initialize, Server, Strategy,
@@ -32,9 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{MAX_EPOCHS, MAX_PARAMETERS};
 use super::pool::{Trainer, Trainers};
-
-/// How long a committed provider has to reveal.
-const REVEAL_DEADLINE: Duration = Duration::from_secs(30);
+use super::round::{commit_phase, opens, reveal_phase};
 
 /// A client's training task, as `POST /v1/training/tasks` takes it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -95,6 +90,14 @@ pub struct TaskRequest {
     /// canary round (every provider gets one before its first paid round).
     #[serde(default = "default_canary_rate")]
     pub canary_rate: f64,
+    /// Data the task owner shipped to providers (node id → that provider's
+    /// samples in `train.csv`'s format): the gateway re-executes a
+    /// `reexecute_rate` share of those providers' rounds on it.
+    #[serde(default)]
+    pub audit_data: Option<BTreeMap<String, String>>,
+    /// Share of a provider's rounds re-executed when its data was shipped.
+    #[serde(default = "default_reexecute_rate")]
+    pub reexecute_rate: f64,
     /// Differential privacy: `{"clip": C, "noise_multiplier": σ,
     /// "noise_at": "distributed" | "local", "delta": δ, "budget": ε}`.
     #[serde(default)]
@@ -108,6 +111,14 @@ pub struct TaskRequest {
     /// Largest L2 norm of one update's step.
     #[serde(default = "default_norm")]
     pub max_update_norm: f64,
+}
+
+/// A task's data, checked and loaded.
+pub struct Checked {
+    /// What it is evaluated on.
+    pub test: Option<Dataset>,
+    /// The data shipped to providers, for re-execution.
+    pub audit: HashMap<NodeId, Arc<Dataset>>,
 }
 
 /// Each provider's local training in a round.
@@ -172,6 +183,9 @@ fn default_secagg_clip() -> f32 {
 fn default_canary_rate() -> f64 {
     0.1
 }
+fn default_reexecute_rate() -> f64 {
+    0.2
+}
 fn default_outlier() -> f64 {
     4.0
 }
@@ -180,9 +194,9 @@ fn default_norm() -> f64 {
 }
 
 impl TaskRequest {
-    /// The task checked, with its test data loaded; the message names
-    /// what is wrong.
-    pub fn validate(&self) -> Result<Option<Dataset>, String> {
+    /// The task checked, with its test and audit data loaded; the message
+    /// names what is wrong.
+    pub fn validate(&self) -> Result<Checked, String> {
         let spec = self.model;
         let hidden_ok = match spec {
             ModelSpec::Mlp { hidden, .. } => hidden >= 1,
@@ -330,7 +344,33 @@ impl TaskRequest {
                 ));
             }
         }
-        Ok(test)
+        let mut audit = HashMap::new();
+        if let Some(shipped) = &self.audit_data {
+            if self.secagg || self.dp.is_some() {
+                return Err("audit_data: re-execution needs each update as trained, \
+                            without secagg and dp"
+                    .into());
+            }
+            if !(0.0..=1.0).contains(&self.reexecute_rate) {
+                return Err("reexecute_rate: 0 to 1".into());
+            }
+            for (node, csv) in shipped {
+                let id: NodeId = node
+                    .parse()
+                    .map_err(|_| format!("audit_data: {node:?} is not a node id"))?;
+                let data = tessera_train::data::parse_csv(csv, spec.classes())
+                    .map_err(|e| format!("audit_data[{node}]: {e}"))?;
+                if data.features != spec.inputs() {
+                    return Err(format!(
+                        "audit_data[{node}]: {} values a sample for a model of {} inputs",
+                        data.features,
+                        spec.inputs()
+                    ));
+                }
+                audit.insert(id, Arc::new(data));
+            }
+        }
+        Ok(Checked { test, audit })
     }
 
     /// Micro-credits held for one round.
@@ -397,8 +437,14 @@ pub(crate) struct Task {
     pub account: String,
     pub request: TaskRequest,
     pub test: Option<Arc<Dataset>>,
+    /// Data shipped to providers, by node (re-execution).
+    pub audit: HashMap<NodeId, Arc<Dataset>>,
     pub created_ms: u64,
-    pub cancel: CancellationToken,
+    /// The gateway is stopping: abandon the round in flight.
+    pub abort: CancellationToken,
+    /// The owner cancelled: stop once the round in flight is done (its
+    /// providers trained for it, so it is paid).
+    pub stop: CancellationToken,
     pub state: Mutex<State>,
 }
 
@@ -456,6 +502,7 @@ impl Task {
             "object": "training.task",
             "created_ms": self.created_ms,
             "status": s.status,
+            "cancelling": self.stop.is_cancelled() && matches!(s.status, Status::Waiting | Status::Running),
             "error": s.error,
             "model": self.request.model,
             "parameters": self.request.model.parameters(),
@@ -478,129 +525,6 @@ impl Task {
         }
         out
     }
-}
-
-/// What a round's stream carried, for the byte count.
-fn frame_bytes(frame: &Frame) -> u64 {
-    serde_json::to_vec(frame).map_or(0, |v| v.len() as u64 + 6)
-}
-
-/// A provider that committed, waiting for the reveal.
-pub(crate) struct Committed {
-    trainer: Trainer,
-    send: SendStream,
-    recv: RecvStream,
-    commit: TrainCommit,
-    /// Bytes on the wire so far (both directions).
-    pub bytes: u64,
-}
-
-/// Send one provider its round and wait for its commitment.
-pub(crate) async fn commit_phase(
-    trainer: Trainer,
-    job: JobRequest,
-) -> Result<Committed, (Trainer, String)> {
-    let deadline = match &job.kind {
-        JobKind::TrainRound(r) => r.deadline_ms,
-        JobKind::Inference { .. } => 0,
-    };
-    let left = Duration::from_millis(deadline.saturating_sub(tessera_core::now_ms()));
-    let conn = trainer.conn.clone();
-    let attempt = async move {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let frame = Frame::JobRequest(job);
-        let mut bytes = frame_bytes(&frame);
-        write_frame(&mut send, &frame)
-            .await
-            .map_err(|e| e.to_string())?;
-        match read_frame(&mut recv).await {
-            Ok(Some(f @ Frame::TrainCommit(_))) => {
-                bytes += frame_bytes(&f);
-                let Frame::TrainCommit(commit) = f else {
-                    unreachable!()
-                };
-                Ok((send, recv, commit, bytes))
-            }
-            Ok(Some(Frame::JobError(e))) => Err(format!("failed: {}", e.message)),
-            Ok(other) => Err(format!(
-                "sent {} instead of a commitment",
-                other.as_ref().map_or("nothing", Frame::kind)
-            )),
-            Err(e) => Err(format!("garbage on the round's stream: {e}")),
-        }
-    };
-    match tokio::time::timeout(left, attempt).await {
-        Ok(Ok((send, recv, commit, bytes))) => Ok(Committed {
-            trainer,
-            send,
-            recv,
-            commit,
-            bytes,
-        }),
-        Ok(Err(reason)) => Err((trainer, reason)),
-        Err(_) => Err((trainer, "no commitment by the round's deadline".into())),
-    }
-}
-
-/// Ask a committed provider to reveal; its result and the bytes moved.
-pub(crate) async fn reveal_phase(mut c: Committed) -> (Committed, Result<TrainDone, String>) {
-    let attempt = async {
-        write_frame(&mut c.send, &Frame::Reveal)
-            .await
-            .map_err(|e| e.to_string())?;
-        c.bytes += frame_bytes(&Frame::Reveal);
-        match read_frame(&mut c.recv).await {
-            Ok(Some(f @ Frame::TrainDone(_))) => {
-                c.bytes += frame_bytes(&f);
-                let Frame::TrainDone(done) = f else {
-                    unreachable!()
-                };
-                Ok(*done)
-            }
-            Ok(other) => Err(format!(
-                "sent {} instead of its result",
-                other.as_ref().map_or("nothing", Frame::kind)
-            )),
-            Err(e) => Err(format!("garbage instead of its result: {e}")),
-        }
-    };
-    let result = match tokio::time::timeout(REVEAL_DEADLINE, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err("no reveal within its deadline".into()),
-    };
-    (c, result)
-}
-
-/// Whether a revealed result is the committed one and as announced.
-pub(crate) fn opens(c: &Committed, round: u32, done: &TrainDone) -> Result<(), String> {
-    let commitment = hex::decode(&c.commit.commitment)
-        .ok()
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or("a commitment that is not 32 bytes of hex")?;
-    let nonce = hex::decode(&done.nonce)
-        .ok()
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or("a nonce that is not 32 bytes of hex")?;
-    if done.samples != c.commit.samples || done.loss.to_bits() != c.commit.loss.to_bits() {
-        return Err("revealed a sample count or loss other than committed".into());
-    }
-    if done.samples == 0 || done.samples > c.trainer.offer.samples {
-        return Err(format!(
-            "claims {} samples; its Hello announced {}",
-            done.samples, c.trainer.offer.samples
-        ));
-    }
-    let opened = tessera_train::verify::Commitment(commitment).opens(
-        u64::from(round),
-        &nonce,
-        &done.parameters.0,
-        done.samples as usize,
-        done.loss,
-    );
-    if !opened {
-        return Err("the revealed update does not open its commitment".into());
-    }
-    Ok(())
 }
 
 /// Run every round of `task`, then settle what is left of its escrow.
@@ -638,9 +562,13 @@ pub(crate) async fn run(task: Arc<Task>, trainers: Arc<Trainers>, ledger: Ledger
                 set_status(&task, Status::Waiting);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = task.cancel.cancelled() => break 'rounds Ok(Status::Cancelled),
+                    _ = task.abort.cancelled() => break 'rounds Ok(Status::Cancelled),
+                    _ = task.stop.cancelled() => break 'rounds Ok(Status::Cancelled),
                 }
             };
+            if task.stop.is_cancelled() {
+                break 'rounds Ok(Status::Cancelled);
+            }
             set_status(&task, Status::Running);
             // Differential privacy: stop before a round that would spend
             // more than the budget.
@@ -666,7 +594,7 @@ pub(crate) async fn run(task: Arc<Task>, trainers: Arc<Trainers>, ledger: Ledger
                         run_round(&task, &mut server, &eligible, round, &mut struck).await
                     }
                 } => r,
-                _ = task.cancel.cancelled() => break 'rounds Ok(Status::Cancelled),
+                _ = task.abort.cancelled() => break 'rounds Ok(Status::Cancelled),
             };
             let mut report = report;
             if let Some(dp) = &req.dp {
@@ -686,7 +614,7 @@ pub(crate) async fn run(task: Arc<Task>, trainers: Arc<Trainers>, ledger: Ledger
                 accuracy = ?report.accuracy, "training round done"
             );
             record(&task, report, server.parameters());
-            if task.cancel.is_cancelled() {
+            if task.stop.is_cancelled() || task.abort.is_cancelled() {
                 break 'rounds Ok(Status::Cancelled);
             }
         }
@@ -799,8 +727,14 @@ async fn run_round(
     .collect();
     let deadline_ms = tessera_core::now_ms() + (req.round_deadline_s * 1000.0).round() as u64;
     let global = server.parameters().to_vec();
+    let recipe_of = |i: usize| Recipe {
+        epochs: req.recipe.epochs,
+        batch_size: req.recipe.batch_size,
+        learning_rate: req.recipe.learning_rate,
+        proximal: req.strategy.proximal(),
+        seed: round_seed(req.seed, round, i),
+    };
     let commits = futures::future::join_all(chosen.iter().map(|(i, t)| {
-        let i = *i;
         let job = JobRequest {
             job_id: format!("{}-r{round}-{}", task.id, t.node.short()),
             kind: JobKind::TrainRound(Box::new(TrainRound {
@@ -808,13 +742,7 @@ async fn run_round(
                 round,
                 spec: req.model,
                 global: Weights(global.clone()),
-                recipe: Recipe {
-                    epochs: req.recipe.epochs,
-                    batch_size: req.recipe.batch_size,
-                    learning_rate: req.recipe.learning_rate,
-                    proximal: req.strategy.proximal(),
-                    seed: round_seed(req.seed, round, i),
-                },
+                recipe: recipe_of(*i),
                 deadline_ms,
                 price: t.offer.price,
                 secagg: None,
@@ -858,7 +786,6 @@ async fn run_round(
             }
         }
     }
-    // Plausibility against the round's median direction.
     // With differential privacy every update weighs the same (the noise
     // is calibrated to a mean of equals).
     let updates: Vec<ClientUpdate> = results
@@ -891,6 +818,53 @@ async fn run_round(
                 struck.insert(t.node);
                 rejected.insert(t.node.to_string(), format!("implausible: {reason}"));
             }
+        }
+    }
+    // Re-execution, where the task owner shipped the provider's data: a
+    // share of those rounds is trained again here from the same
+    // parameters, data, recipe and seed, and must agree within
+    // `verify::TOLERANCE` (bit for bit on one build).
+    if !task.audit.is_empty() {
+        let mut dice = tessera_train::Rng::new(u64::from_le_bytes(
+            tessera_core::secret_bytes::<8>().unwrap_or_default(),
+        ));
+        let picks: Vec<usize> = verified
+            .iter()
+            .copied()
+            .filter(|&i| task.audit.contains_key(&results[i].0.node))
+            .filter(|_| dice.uniform() < req.reexecute_rate)
+            .collect();
+        let checks = futures::future::join_all(picks.iter().map(|&i| {
+            let (t, d) = &results[i];
+            let data = task.audit[&t.node].clone();
+            let index = chosen
+                .iter()
+                .find(|(_, c)| c.node == t.node)
+                .map_or(0, |(k, _)| *k);
+            let recipe = recipe_of(index);
+            let (global, claimed, spec) = (global.clone(), d.parameters.0.clone(), req.model);
+            tokio::task::spawn_blocking(move || {
+                let trainer = CandleTrainer::new(spec, 1)?;
+                tessera_train::verify::reexecute(&trainer, &global, &data, &recipe, &claimed)
+            })
+        }))
+        .await;
+        for (&i, check) in picks.iter().zip(checks) {
+            let node = results[i].0.node;
+            let why = match check {
+                Ok(Ok(r)) if r.passed => continue,
+                Ok(Ok(r)) => format!(
+                    "re-execution: its round differs from the gateway's by {:.3} (relative; \
+                     tolerance {})",
+                    r.relative_distance,
+                    tessera_train::verify::TOLERANCE
+                ),
+                Ok(Err(e)) => format!("re-execution failed: {e}"),
+                Err(e) => format!("re-execution stopped: {e}"),
+            };
+            struck.insert(node);
+            rejected.insert(node.to_string(), why);
+            verified.retain(|&v| v != i);
         }
     }
     // Outliers among the plausible: left out, not paid.
