@@ -502,11 +502,11 @@ pub enum FrameError {
     Truncated,
 }
 
-/// Write one frame.
+/// Write one frame; returns its size on the wire (header included).
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     frame: &Frame,
-) -> Result<(), FrameError> {
+) -> Result<usize, FrameError> {
     let payload = serde_json::to_vec(frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if payload.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(payload.len()));
@@ -518,11 +518,18 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     buf.extend_from_slice(&payload);
     w.write_all(&buf).await?;
     w.flush().await?;
-    Ok(())
+    Ok(buf.len())
 }
 
 /// Read one frame; `Ok(None)` when the stream ended cleanly between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+    Ok(read_frame_sized(r).await?.map(|(frame, _)| frame))
+}
+
+/// [`read_frame`], with the frame's size on the wire (header included).
+pub async fn read_frame_sized<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<(Frame, usize)>, FrameError> {
     let mut header = [0u8; 6];
     let mut got = 0;
     while got < header.len() {
@@ -554,7 +561,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
         return Err(FrameError::Truncated);
     }
     serde_json::from_slice(&payload)
-        .map(Some)
+        .map(|frame| Some((frame, header.len() + len)))
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 

@@ -333,14 +333,7 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     println!("  details:   {}", path.display());
     println!("Try:\n  curl {api_base}/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer {key}' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Say hello\"}}]}}'", model.alias);
     println!("Ctrl-C stops the devnet.");
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let outcome = runtime.block_on(watch(&mut children));
-    println!("stopping the devnet");
-    drop(children);
-    outcome
+    run_until_stopped(children)
 }
 
 /// The devnet is a network with its own operator (key in `base`), which
@@ -421,7 +414,7 @@ fn train_demo(
     gw: &Value,
     ticket: &str,
     providers: Vec<Value>,
-    mut children: Children,
+    children: Children,
 ) -> anyhow::Result<()> {
     use tessera_train::{simulate, CandleTrainer, ModelSpec, Recipe};
     let t = &args.train;
@@ -554,6 +547,12 @@ fn train_demo(
         done["bytes_per_client_round"],
     );
     println!("`tessera train fetch {id}` saves the model; Ctrl-C stops the devnet.");
+    run_until_stopped(children)
+}
+
+/// Keep the devnet up until Ctrl-C or SIGTERM (see [`watch`]), then stop
+/// every process it started.
+fn run_until_stopped(mut children: Children) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -791,49 +791,23 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
         context_length: context,
         price: args.price.price(),
     }];
-    let models = offers.iter().map(|o| o.sha256.clone()).collect();
     let admission = provider_admission(&args.gateways, &args.network.name)?;
     let config = ProviderConfig {
         gateways: args.gateways.clone(),
         offers,
         hardware,
         max_gateways: args.max_gateways,
-        admission: admission.clone(),
+        admission,
         training,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let endpoint = node::bind(key.clone(), args.bind, vec![GOSSIP_ALPN.to_vec()]).await?;
-        let id = node::node_id(&endpoint.id());
-        let discovery = Discovery::start(
-            &endpoint,
-            key,
-            DiscoveryConfig {
-                network: args.network.name.clone(),
-                role: Role::Provider,
-                addrs: Ticket::of(&endpoint, None).addrs,
-                models,
-                bootstrap: args.gateways,
-                certificate: None,
-                admission,
-                revocations_file: None,
-            },
-        );
-        tokio::spawn(discovery.clone().accept(endpoint.clone()));
-        let path = home.join("provider.json");
-        write_json(&path, &json!({ "node": id, "pid": std::process::id() }))?;
-        let _file = EndpointFile(path);
-        println!("Tessera provider {id} serving {}", model.alias);
-        let serve = tessera_net::provider::run(endpoint.clone(), runner, config, Some(discovery));
-        tokio::select! {
-            _ = serve => {}
-            _ = shutdown_signal() => tracing::info!("provider shutting down"),
-        }
-        endpoint.close().await;
-        anyhow::Ok(())
-    })?;
+    serve_provider(
+        home,
+        key,
+        &args,
+        config,
+        runner,
+        format!("serving {}", model.alias),
+    )?;
     drop(engine);
     Ok(())
 }
@@ -846,7 +820,6 @@ fn train_only(
     training: Option<Arc<tessera_net::federated::client::TrainingData>>,
 ) -> anyhow::Result<()> {
     let samples = training.as_ref().map_or(0, |t| t.data.len());
-    let admission = provider_admission(&args.gateways, &args.network.name)?;
     let config = ProviderConfig {
         gateways: args.gateways.clone(),
         offers: Vec::new(),
@@ -856,9 +829,29 @@ fn train_only(
             std::env::consts::ARCH
         ),
         max_gateways: args.max_gateways,
-        admission: admission.clone(),
+        admission: provider_admission(&args.gateways, &args.network.name)?,
         training,
     };
+    serve_provider(
+        home,
+        key,
+        &args,
+        config,
+        Arc::new(tessera_net::provider::NoInference),
+        format!("training on {samples} samples (no inference model)"),
+    )
+}
+
+/// Run a provider until it is stopped: bind its endpoint, take part in
+/// discovery, write provider.json, serve `config` on `runner`.
+fn serve_provider(
+    home: &Path,
+    key: tessera_net::SecretKey,
+    args: &ProviderArgs,
+    config: ProviderConfig,
+    runner: Arc<dyn JobRunner>,
+    what: String,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -872,10 +865,10 @@ fn train_only(
                 network: args.network.name.clone(),
                 role: Role::Provider,
                 addrs: Ticket::of(&endpoint, None).addrs,
-                models: Vec::new(),
-                bootstrap: args.gateways,
+                models: config.offers.iter().map(|o| o.sha256.clone()).collect(),
+                bootstrap: args.gateways.clone(),
                 certificate: None,
-                admission,
+                admission: config.admission.clone(),
                 revocations_file: None,
             },
         );
@@ -883,8 +876,7 @@ fn train_only(
         let path = home.join("provider.json");
         write_json(&path, &json!({ "node": id, "pid": std::process::id() }))?;
         let _file = EndpointFile(path);
-        println!("Tessera provider {id} training on {samples} samples (no inference model)");
-        let runner = Arc::new(tessera_net::provider::NoInference);
+        println!("Tessera provider {id} {what}");
         let serve = tessera_net::provider::run(endpoint.clone(), runner, config, Some(discovery));
         tokio::select! {
             _ = serve => {}

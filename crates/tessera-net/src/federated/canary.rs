@@ -50,32 +50,6 @@ pub(crate) async fn check(
     recipe: Recipe,
     deadline_ms: u64,
 ) -> (u64, Result<(), String>) {
-    let mut bytes = 0;
-    let verdict = run(
-        trainer,
-        job_id,
-        round,
-        spec,
-        global,
-        recipe,
-        deadline_ms,
-        &mut bytes,
-    )
-    .await;
-    (bytes, verdict)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    trainer: &Trainer,
-    job_id: String,
-    round: u32,
-    spec: ModelSpec,
-    global: &[f32],
-    recipe: Recipe,
-    deadline_ms: u64,
-    bytes: &mut u64,
-) -> Result<(), String> {
     let data = Arc::new(data(spec, recipe.seed ^ 0xCA4A));
     let job = JobRequest {
         job_id,
@@ -92,13 +66,30 @@ async fn run(
             canary: Some(tessera_train::data::to_csv(&data)),
         })),
     };
-    let committed = commit_phase(trainer.clone(), job)
-        .await
-        .map_err(|(_, why)| format!("canary: {why}"))?;
+    let committed = match commit_phase(trainer.clone(), job).await {
+        Ok(c) => c,
+        Err((_, why)) => return (0, Err(format!("canary: {why}"))),
+    };
     let (c, done) = reveal_phase(committed).await;
-    *bytes = c.bytes;
+    (
+        c.bytes,
+        verdict(&c, round, done, spec, global, &data, recipe).await,
+    )
+}
+
+/// Whether a canary's revealed result is the gateway's own re-execution.
+async fn verdict(
+    c: &super::round::Committed,
+    round: u32,
+    done: Result<tessera_protocol::TrainDone, String>,
+    spec: ModelSpec,
+    global: &[f32],
+    data: &Arc<Dataset>,
+    recipe: Recipe,
+) -> Result<(), String> {
     let done = done.map_err(|why| format!("canary: {why}"))?;
-    opens(&c, round, &done).map_err(|why| format!("canary: {why}"))?;
+    opens(c, round, &done).map_err(|why| format!("canary: {why}"))?;
+    let data = data.clone();
     let global = global.to_vec();
     let claimed = done.parameters.0;
     let verdict = tokio::task::spawn_blocking(move || {

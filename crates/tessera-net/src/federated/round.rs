@@ -7,18 +7,13 @@ use std::time::Duration;
 
 use iroh::endpoint::{RecvStream, SendStream};
 use tessera_protocol::{
-    read_frame, write_frame, Frame, JobKind, JobRequest, TrainCommit, TrainDone,
+    read_frame_sized, write_frame, Frame, JobKind, JobRequest, TrainCommit, TrainDone,
 };
 
 use super::pool::Trainer;
 
 /// How long a committed provider has to reveal.
 const REVEAL_DEADLINE: Duration = Duration::from_secs(30);
-
-/// What a round's stream carried, for the byte count.
-pub(crate) fn frame_bytes(frame: &Frame) -> u64 {
-    serde_json::to_vec(frame).map_or(0, |v| v.len() as u64 + 6)
-}
 
 /// A provider that committed, waiting for the reveal.
 pub(crate) struct Committed {
@@ -44,23 +39,17 @@ pub(crate) async fn commit_phase(
     let conn = trainer.conn.clone();
     let attempt = async move {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let frame = Frame::JobRequest(job);
-        let mut bytes = frame_bytes(&frame);
-        write_frame(&mut send, &frame)
+        let sent = write_frame(&mut send, &Frame::JobRequest(job))
             .await
             .map_err(|e| e.to_string())?;
-        match read_frame(&mut recv).await {
-            Ok(Some(f @ Frame::TrainCommit(_))) => {
-                bytes += frame_bytes(&f);
-                let Frame::TrainCommit(commit) = f else {
-                    unreachable!()
-                };
-                Ok((send, recv, commit, bytes))
+        match read_frame_sized(&mut recv).await {
+            Ok(Some((Frame::TrainCommit(commit), got))) => {
+                Ok((send, recv, commit, (sent + got) as u64))
             }
-            Ok(Some(Frame::JobError(e))) => Err(format!("failed: {}", e.message)),
+            Ok(Some((Frame::JobError(e), _))) => Err(format!("failed: {}", e.message)),
             Ok(other) => Err(format!(
                 "sent {} instead of a commitment",
-                other.as_ref().map_or("nothing", Frame::kind)
+                other.as_ref().map_or("nothing", |(f, _)| f.kind())
             )),
             Err(e) => Err(format!("garbage on the round's stream: {e}")),
         }
@@ -81,21 +70,17 @@ pub(crate) async fn commit_phase(
 /// Ask a committed provider to reveal; its result and the bytes moved.
 pub(crate) async fn reveal_phase(mut c: Committed) -> (Committed, Result<TrainDone, String>) {
     let attempt = async {
-        write_frame(&mut c.send, &Frame::Reveal)
+        c.bytes += write_frame(&mut c.send, &Frame::Reveal)
             .await
-            .map_err(|e| e.to_string())?;
-        c.bytes += frame_bytes(&Frame::Reveal);
-        match read_frame(&mut c.recv).await {
-            Ok(Some(f @ Frame::TrainDone(_))) => {
-                c.bytes += frame_bytes(&f);
-                let Frame::TrainDone(done) = f else {
-                    unreachable!()
-                };
+            .map_err(|e| e.to_string())? as u64;
+        match read_frame_sized(&mut c.recv).await {
+            Ok(Some((Frame::TrainDone(done), got))) => {
+                c.bytes += got as u64;
                 Ok(*done)
             }
             Ok(other) => Err(format!(
                 "sent {} instead of its result",
-                other.as_ref().map_or("nothing", Frame::kind)
+                other.as_ref().map_or("nothing", |(f, _)| f.kind())
             )),
             Err(e) => Err(format!("garbage instead of its result: {e}")),
         }

@@ -16,8 +16,8 @@ use iroh::endpoint::{RecvStream, SendStream};
 use tessera_core::train::Weights;
 use tessera_core::NodeId;
 use tessera_protocol::{
-    read_frame, write_frame, Frame, JobKind, JobRequest, RoundPrivacy, SecAggMessage, SecAggRound,
-    TrainRound,
+    read_frame_sized, write_frame, Frame, JobKind, JobRequest, RoundPrivacy, SecAggMessage,
+    SecAggRound, TrainRound,
 };
 use tessera_train::secagg;
 
@@ -37,11 +37,10 @@ struct Lane {
 
 impl Lane {
     async fn send(&mut self, m: SecAggMessage) {
-        let frame = Frame::SecAgg(Box::new(m));
-        self.bytes += frame_bytes(&frame);
         if let Some((send, _)) = self.io.as_mut() {
-            if write_frame(send, &frame).await.is_err() {
-                self.io = None;
+            match write_frame(send, &Frame::SecAgg(Box::new(m))).await {
+                Ok(sent) => self.bytes += sent as u64,
+                Err(_) => self.io = None,
             }
         }
     }
@@ -50,12 +49,9 @@ impl Lane {
     /// else.
     async fn next(&mut self, deadline: tokio::time::Instant) -> Option<SecAggMessage> {
         let (_, recv) = self.io.as_mut()?;
-        match tokio::time::timeout_at(deadline, read_frame(recv)).await {
-            Ok(Ok(Some(frame @ Frame::SecAgg(_)))) => {
-                self.bytes += frame_bytes(&frame);
-                let Frame::SecAgg(m) = frame else {
-                    return None;
-                };
+        match tokio::time::timeout_at(deadline, read_frame_sized(recv)).await {
+            Ok(Ok(Some((Frame::SecAgg(m), got)))) => {
+                self.bytes += got as u64;
                 Some(*m)
             }
             _ => {
@@ -66,10 +62,6 @@ impl Lane {
             }
         }
     }
-}
-
-fn frame_bytes(frame: &Frame) -> u64 {
-    serde_json::to_vec(frame).map_or(0, |v| v.len() as u64 + 6)
 }
 
 /// What a SecAgg round produced.
@@ -165,16 +157,16 @@ pub(crate) async fn round(s: Settings, chosen: &[Trainer]) -> Outcome {
         };
         let trainer = t.clone();
         async move {
-            let frame = Frame::JobRequest(job);
             let mut lane = Lane {
-                bytes: frame_bytes(&frame),
+                bytes: 0,
                 trainer: trainer.clone(),
                 io: None,
             };
             if let Ok(Ok((mut send, recv))) =
                 tokio::time::timeout(STAGE, trainer.conn.open_bi()).await
             {
-                if write_frame(&mut send, &frame).await.is_ok() {
+                if let Ok(sent) = write_frame(&mut send, &Frame::JobRequest(job)).await {
+                    lane.bytes = sent as u64;
                     lane.io = Some((send, recv));
                 }
             }

@@ -373,6 +373,35 @@ impl TaskRequest {
         Ok(Checked { test, audit })
     }
 
+    /// The providers of `round`: a seeded sample of `eligible`, each with
+    /// its number among them (in node-id order). The number seeds its
+    /// shuffles, as `simulate::federate` seeds its clients', so a run over
+    /// the network can be replayed in one process.
+    fn sample(&self, eligible: &[Trainer], round: u32) -> Vec<(usize, Trainer)> {
+        let n = eligible.len();
+        sample_clients(self.seed, round, n, self.clients_per_round.min(n))
+            .into_iter()
+            .map(|i| (i, eligible[i].clone()))
+            .collect()
+    }
+
+    /// The local recipe of provider number `i` in `round`.
+    fn recipe(&self, round: u32, i: usize) -> Recipe {
+        Recipe {
+            epochs: self.recipe.epochs,
+            batch_size: self.recipe.batch_size,
+            learning_rate: self.recipe.learning_rate,
+            proximal: self.strategy.proximal(),
+            seed: round_seed(self.seed, round, i),
+        }
+    }
+
+    /// When a round starting now must have its commitments (ms since the
+    /// epoch).
+    fn deadline_ms(&self) -> u64 {
+        tessera_core::now_ms() + (self.round_deadline_s * 1000.0).round() as u64
+    }
+
     /// Micro-credits held for one round.
     pub fn round_escrow(&self) -> u64 {
         self.clients_per_round as u64 * self.max_price_per_round
@@ -712,28 +741,9 @@ async fn run_round(
 ) -> RoundReport {
     let started = Instant::now();
     let req = &task.request;
-    // Providers are numbered by their place among the eligible (in node-id
-    // order): the number seeds their shuffles, as `simulate::federate`
-    // seeds its clients', so a run over the network can be replayed in one
-    // process.
-    let chosen: Vec<(usize, Trainer)> = sample_clients(
-        req.seed,
-        round,
-        eligible.len(),
-        req.clients_per_round.min(eligible.len()),
-    )
-    .into_iter()
-    .map(|i| (i, eligible[i].clone()))
-    .collect();
-    let deadline_ms = tessera_core::now_ms() + (req.round_deadline_s * 1000.0).round() as u64;
+    let chosen = req.sample(eligible, round);
+    let deadline_ms = req.deadline_ms();
     let global = server.parameters().to_vec();
-    let recipe_of = |i: usize| Recipe {
-        epochs: req.recipe.epochs,
-        batch_size: req.recipe.batch_size,
-        learning_rate: req.recipe.learning_rate,
-        proximal: req.strategy.proximal(),
-        seed: round_seed(req.seed, round, i),
-    };
     let commits = futures::future::join_all(chosen.iter().map(|(i, t)| {
         let job = JobRequest {
             job_id: format!("{}-r{round}-{}", task.id, t.node.short()),
@@ -742,7 +752,7 @@ async fn run_round(
                 round,
                 spec: req.model,
                 global: Weights(global.clone()),
-                recipe: recipe_of(*i),
+                recipe: req.recipe(round, *i),
                 deadline_ms,
                 price: t.offer.price,
                 secagg: None,
@@ -825,9 +835,7 @@ async fn run_round(
     // parameters, data, recipe and seed, and must agree within
     // `verify::TOLERANCE` (bit for bit on one build).
     if !task.audit.is_empty() {
-        let mut dice = tessera_train::Rng::new(u64::from_le_bytes(
-            tessera_core::secret_bytes::<8>().unwrap_or_default(),
-        ));
+        let mut dice = dice();
         let picks: Vec<usize> = verified
             .iter()
             .copied()
@@ -841,7 +849,7 @@ async fn run_round(
                 .iter()
                 .find(|(_, c)| c.node == t.node)
                 .map_or(0, |(k, _)| *k);
-            let recipe = recipe_of(index);
+            let recipe = req.recipe(round, index);
             let (global, claimed, spec) = (global.clone(), d.parameters.0.clone(), req.model);
             tokio::task::spawn_blocking(move || {
                 let trainer = CandleTrainer::new(spec, 1)?;
@@ -950,28 +958,12 @@ async fn run_secure_round(
 ) -> RoundReport {
     let started = Instant::now();
     let req = &task.request;
-    let picked: Vec<(usize, Trainer)> = sample_clients(
-        req.seed,
-        round,
-        eligible.len(),
-        req.clients_per_round.min(eligible.len()),
-    )
-    .into_iter()
-    .map(|i| (i, eligible[i].clone()))
-    .collect();
-    let deadline_ms = tessera_core::now_ms() + (req.round_deadline_s * 1000.0).round() as u64;
+    let picked = req.sample(eligible, round);
+    let deadline_ms = req.deadline_ms();
     let global = server.parameters().to_vec();
-    let recipe = |i: usize| Recipe {
-        epochs: req.recipe.epochs,
-        batch_size: req.recipe.batch_size,
-        learning_rate: req.recipe.learning_rate,
-        proximal: req.strategy.proximal(),
-        seed: round_seed(req.seed, round, i),
-    };
+    let recipe = |i: usize| req.recipe(round, i);
     // Canaries: before a provider's first masked round, then at random.
-    let mut dice = tessera_train::Rng::new(u64::from_le_bytes(
-        tessera_core::secret_bytes::<8>().unwrap_or_default(),
-    ));
+    let mut dice = dice();
     let due: Vec<&(usize, Trainer)> = picked
         .iter()
         .filter(|(_, t)| !canaried.contains(&t.node) || dice.uniform() < req.canary_rate)
@@ -1081,4 +1073,12 @@ async fn run_secure_round(
     report.accuracy = eval.map(|e| e.accuracy);
     report.seconds = started.elapsed().as_secs_f64();
     report
+}
+
+/// Unpredictable draws (which rounds are re-executed or canaried): seeded
+/// from the OS's random source, so no provider can tell in advance.
+fn dice() -> tessera_train::Rng {
+    tessera_train::Rng::new(u64::from_le_bytes(
+        tessera_core::secret_bytes::<8>().unwrap_or_default(),
+    ))
 }
