@@ -94,6 +94,7 @@ impl Default for ApiConfig {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             training: None,
+            compute: None,
         }
     }
 }

@@ -71,6 +71,195 @@ impl ModelSpec {
     }
 }
 
+/// A small decoder-only transformer language model over bytes (GPT-style:
+/// token and position embeddings, pre-norm blocks of causal self-attention
+/// and a GELU MLP, a final norm, the output head tied to the token
+/// embedding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmSpec {
+    /// Token vocabulary (256: bytes).
+    pub vocab: usize,
+    /// Tokens of context (the window trained on).
+    pub context: usize,
+    /// Width of the residual stream.
+    pub width: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Attention heads (dividing `width`).
+    pub heads: usize,
+}
+
+impl Default for LmSpec {
+    fn default() -> Self {
+        LmSpec {
+            vocab: 256,
+            context: 64,
+            width: 128,
+            layers: 2,
+            heads: 4,
+        }
+    }
+}
+
+impl LmSpec {
+    /// Its parameter tensors, in the flat vector's order, by name.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (v, t, d) = (self.vocab, self.context, self.width);
+        let mut out = vec![
+            ("tok_emb".to_string(), vec![v, d]),
+            ("pos_emb".to_string(), vec![t, d]),
+        ];
+        for l in 0..self.layers {
+            for (name, shape) in [
+                ("ln1.g", vec![d]),
+                ("ln1.b", vec![d]),
+                ("attn.w_qkv", vec![d, 3 * d]),
+                ("attn.b_qkv", vec![3 * d]),
+                ("attn.w_o", vec![d, d]),
+                ("attn.b_o", vec![d]),
+                ("ln2.g", vec![d]),
+                ("ln2.b", vec![d]),
+                ("mlp.w_fc", vec![d, 4 * d]),
+                ("mlp.b_fc", vec![4 * d]),
+                ("mlp.w_proj", vec![4 * d, d]),
+                ("mlp.b_proj", vec![d]),
+            ] {
+                out.push((format!("block{l}.{name}"), shape));
+            }
+        }
+        out.push(("ln_f.g".to_string(), vec![d]));
+        out.push(("ln_f.b".to_string(), vec![d]));
+        out
+    }
+
+    /// Number of parameters.
+    pub fn parameters(&self) -> usize {
+        self.shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Why the spec cannot be built, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !(2..=65_536).contains(&self.vocab) {
+            return Err(format!("vocab {} outside 2–65536", self.vocab));
+        }
+        if !(2..=1024).contains(&self.context) {
+            return Err(format!("context {} outside 2–1024", self.context));
+        }
+        if self.heads == 0 || self.width == 0 || self.width % self.heads != 0 || self.width > 2048 {
+            return Err(format!(
+                "width {} must be a multiple of heads {} (at most 2048)",
+                self.width, self.heads
+            ));
+        }
+        if !(1..=48).contains(&self.layers) {
+            return Err(format!("layers {} outside 1–48", self.layers));
+        }
+        Ok(())
+    }
+}
+
+/// A worker's inner optimizer in a DiLoCo task: AdamW, its learning rate
+/// warmed up linearly then decayed by a cosine over the task's inner steps.
+/// Its moments start from zero every outer step, so each (worker, outer
+/// step) can be re-executed from public inputs alone.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InnerOptimizer {
+    /// Peak learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator guard.
+    pub eps: f32,
+    /// Decoupled weight decay (of matrices and embeddings, not of biases
+    /// and norm gains).
+    pub weight_decay: f32,
+    /// Steps of linear warm-up (counted over the whole task).
+    pub warmup: u64,
+    /// Steps of the whole task (where the cosine ends).
+    pub total_steps: u64,
+    /// The learning rate at the end, as a share of the peak.
+    pub min_lr_ratio: f32,
+}
+
+impl Default for InnerOptimizer {
+    fn default() -> Self {
+        InnerOptimizer {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            warmup: 100,
+            total_steps: 10_000,
+            min_lr_ratio: 0.1,
+        }
+    }
+}
+
+impl InnerOptimizer {
+    /// The learning rate at task-wide step `step` (from 0).
+    pub fn lr_at(&self, step: u64) -> f32 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f32 / self.warmup as f32;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup).max(1);
+        let done = (step - self.warmup).min(span) as f64 / span as f64;
+        let cos = 0.5 * (1.0 + (std::f64::consts::PI * done).cos());
+        let min = f64::from(self.min_lr_ratio);
+        (f64::from(self.lr) * (min + (1.0 - min) * cos)) as f32
+    }
+}
+
+/// One worker's share of a DiLoCo outer step: from the checkpoint, `steps`
+/// inner AdamW steps of `batch` windows drawn (from `seed`) in its shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InnerWork {
+    /// The model.
+    pub spec: LmSpec,
+    /// The outer step (from 1).
+    pub outer_step: u32,
+    /// BLAKE3 (hex) of the global parameters to start from: the checkpoint.
+    pub checkpoint: String,
+    /// Its shard: a byte range of the training text.
+    pub shard: (u64, u64),
+    /// Inner steps to take.
+    pub steps: u32,
+    /// Windows per step.
+    pub batch: usize,
+    /// Seed of the windows drawn.
+    pub seed: u64,
+    /// The task-wide number of its first step (for the schedule).
+    pub first_step: u64,
+    /// The optimizer.
+    pub optimizer: InnerOptimizer,
+    /// States (parameters and moments) are committed every this many steps.
+    pub checkpoint_every: u32,
+}
+
+/// Where a training task is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Waiting for enough providers.
+    Waiting,
+    /// Running rounds.
+    Running,
+    /// Every round ran.
+    Completed,
+    /// Stopped by its owner.
+    Cancelled,
+    /// Stopped by a failure (see `error`).
+    Failed,
+}
+
 /// How a client trains locally in one round.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {

@@ -219,6 +219,7 @@ async fn misbehave(kind: usize, conn: Connection, sha256: String) -> Option<Task
                 hardware: "sybil".into(),
                 software: "sybil".into(),
                 training: None,
+                compute: None,
             });
             write_frame(&mut send, &hello).await.ok()?;
             Some(Box::pin(async move {

@@ -53,6 +53,7 @@ pub struct Gateway {
     directory: Arc<Directory>,
     /// Providers that train (federated tasks run on them).
     trainers: Arc<Trainers>,
+    workers: Arc<crate::diloco::Workers>,
     discovery: Option<Discovery>,
     /// The auditor of each model (by sha256) this gateway audits.
     audits: Arc<HashMap<String, Arc<Audits>>>,
@@ -83,6 +84,7 @@ impl Gateway {
             models: Arc::new(models),
             directory,
             trainers: Arc::default(),
+            workers: Arc::default(),
             discovery: None,
             audits: Arc::default(),
             auditors: None,
@@ -113,6 +115,11 @@ impl Gateway {
     /// The providers connected now that train.
     pub fn trainers(&self) -> &Arc<Trainers> {
         &self.trainers
+    }
+
+    /// The providers connected now that offer DiLoCo compute.
+    pub fn workers(&self) -> &Arc<crate::diloco::Workers> {
+        &self.workers
     }
 
     /// Where audits run, when this gateway audits.
@@ -283,6 +290,7 @@ impl Gateway {
                 let session = crate::session::serve(
                     &gw.directory,
                     &gw.trainers,
+                    &gw.workers,
                     &gw.models,
                     &gw.offer_limits,
                     &gw.identity,

@@ -28,6 +28,11 @@
 //! say so in their `Hello`; the gateway's coordinator runs a task's rounds
 //! on them as jobs, checks every update and pays per verified round.
 //!
+//! DiLoCo ([`diloco`]): providers that offer compute train one language
+//! model together in rare outer steps; the same coordinator runs those
+//! tasks, audits sampled steps by re-execution and bisection, and pays per
+//! verified inner step.
+//!
 //! Nodes find each other through signed announcements on a gossip topic
 //! ([`discovery`]): a provider given one gateway's ticket learns the others
 //! and serves several. Every job ends with a receipt the provider signs and
@@ -41,6 +46,7 @@ pub mod audit;
 pub mod auditors;
 pub mod backend;
 pub mod canary;
+pub mod diloco;
 pub mod directory;
 pub mod discovery;
 pub mod federated;

@@ -121,6 +121,8 @@ pub struct ProviderConfig {
     pub admission: Option<Admission>,
     /// Training data it trains on for federated tasks, if any.
     pub training: Option<Arc<crate::federated::client::TrainingData>>,
+    /// Compute it offers for DiLoCo tasks, if any.
+    pub compute: Option<Arc<crate::diloco::worker::Compute>>,
 }
 
 /// Serve jobs for every configured gateway, and for gateways learnt
@@ -257,6 +259,7 @@ async fn session(shared: &Shared, ticket: &Ticket) -> anyhow::Result<()> {
         hardware: config.hardware.clone(),
         software: format!("tessera {}", env!("CARGO_PKG_VERSION")),
         training: config.training.as_ref().map(|t| t.offer()),
+        compute: config.compute.as_ref().map(|c| c.offer()),
     };
     write_frame(&mut send, &Frame::Hello(hello)).await?;
     let gateway = node_id(&conn.remote_id());
@@ -353,6 +356,7 @@ async fn serve_jobs(
             signer.clone(),
         );
         let training = config.training.clone();
+        let compute = config.compute.clone();
         tokio::spawn(async move {
             let served = serve_job(
                 send,
@@ -360,6 +364,7 @@ async fn serve_jobs(
                 &handle,
                 &offers,
                 training.as_ref(),
+                compute.as_ref(),
                 &generated,
                 &signer,
             );
@@ -378,6 +383,7 @@ async fn serve_job(
     handle: &Arc<dyn JobRunner>,
     offers: &[ModelOffer],
     training: Option<&Arc<crate::federated::client::TrainingData>>,
+    compute: Option<&Arc<crate::diloco::worker::Compute>>,
     generated: &AtomicU64,
     signer: &Signer,
 ) -> anyhow::Result<()> {
@@ -406,6 +412,9 @@ async fn serve_job(
         JobKind::TrainRound(round) => {
             return crate::federated::client::serve_round(send, recv, *round, training, &signer.key)
                 .await
+        }
+        JobKind::DilocoStep(step) => {
+            return crate::diloco::worker::serve_step(send, recv, *step, compute).await
         }
     };
     let Some(offer) = offers.iter().find(|o| o.sha256 == model_sha256) else {

@@ -158,6 +158,7 @@ pub struct GatewayIdentity {
 pub async fn serve(
     directory: &Directory,
     trainers: &Trainers,
+    workers: &crate::diloco::Workers,
     models: &[ServedModel],
     limits: &OfferLimits,
     gateway: &GatewayIdentity,
@@ -204,7 +205,7 @@ pub async fn serve(
             return refuse(&mut send, &conn, node, reason).await;
         }
     }
-    let trains = hello.training.is_some() && hello.models.is_empty();
+    let trains = (hello.training.is_some() || hello.compute.is_some()) && hello.models.is_empty();
     if known.is_empty() && !trains {
         return refuse(&mut send, &conn, node, unknown_models(&hello.models)).await;
     }
@@ -246,7 +247,15 @@ pub async fn serve(
             offer,
         });
     }
-    tracing::info!(provider = %node.short(), slots = hello.slots, trains = hello.training.is_some(), "provider joined");
+    if let Some(offer) = hello.compute.clone() {
+        workers.join(crate::diloco::Worker {
+            node,
+            session: id,
+            conn: conn.clone(),
+            offer,
+        });
+    }
+    tracing::info!(provider = %node.short(), slots = hello.slots, trains = hello.training.is_some(), computes = hello.compute.is_some(), "provider joined");
     let result = loop {
         match read_frame(&mut recv).await {
             Ok(Some(Frame::Heartbeat(beat))) => {
@@ -274,6 +283,7 @@ pub async fn serve(
         directory.leave(&node, id);
     }
     trainers.leave(&node, id);
+    workers.leave(&node, id);
     tracing::info!(provider = %node.short(), "provider left");
     result
 }

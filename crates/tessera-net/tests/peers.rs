@@ -79,6 +79,7 @@ fn hello(version: u8, sha: &str) -> Frame {
         hardware: "test".into(),
         software: "test".into(),
         training: None,
+        compute: None,
     })
 }
 
@@ -247,6 +248,7 @@ async fn a_provider_survives_garbage_on_job_streams_and_keeps_serving() {
         max_gateways: 1,
         admission: None,
         training: None,
+        compute: None,
     };
     tokio::spawn(tessera_net::provider::run(
         provider_ep.clone(),

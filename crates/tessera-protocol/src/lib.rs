@@ -41,7 +41,7 @@
 use serde::{Deserialize, Serialize};
 use tessera_core::audit::{AuditJob, Evidence};
 use tessera_core::train::secagg::{AdvertiseKeys, EncryptedShare, MaskedInput, Unmasking};
-use tessera_core::train::{ModelSpec, Recipe, Weights};
+use tessera_core::train::{InnerWork, ModelSpec, Recipe, Weights};
 use tessera_core::{
     FinishReason, GenerationRequest, NodeId, Price, Proof, Token, TokenEvent, Usage,
 };
@@ -52,8 +52,9 @@ pub const ALPN: &[u8] = b"tessera/1";
 /// The ALPN of auditor processes serving a gateway.
 pub const AUDIT_ALPN: &[u8] = b"tessera/audit/1";
 /// The version in every frame header and in `Hello`. 2: a job request
-/// carries its kind. 3: `Cancel`. 4: training rounds.
-pub const PROTOCOL_VERSION: u8 = 4;
+/// carries its kind. 3: `Cancel`. 4: training rounds. 5: DiLoCo outer
+/// steps and binary blobs.
+pub const PROTOCOL_VERSION: u8 = 5;
 /// Largest payload accepted; a longer frame is garbage or an attack.
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 const MAGIC: u8 = b'T';
@@ -88,8 +89,84 @@ pub struct Hello {
     /// What it offers for federated training, when it holds training data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingOffer>,
+    /// What it offers for DiLoCo training (compute on text it holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<ComputeOffer>,
 }
 
+/// A provider's compute for DiLoCo tasks, as it describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeOffer {
+    /// BLAKE3 (hex) of the training text it holds (`tessera_train::corpus`).
+    pub corpus: String,
+    /// What it charges for one inner step (micro-credits).
+    pub price_per_step: u64,
+}
+
+/// One worker's share of a DiLoCo outer step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DilocoStep {
+    /// The task's id.
+    pub task: String,
+    /// BLAKE3 (hex) of the training text the shard is a range of.
+    pub corpus: String,
+    /// What to compute.
+    pub work: InnerWork,
+    /// Milliseconds since the epoch by which the commitment must arrive.
+    pub deadline_ms: u64,
+    /// What one verified inner step pays (micro-credits).
+    pub price_per_step: u64,
+}
+
+/// A worker's commitment to its outer step (see `tessera_train::diloco`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DilocoCommit {
+    /// `tessera_train::diloco::commitment` (hex).
+    pub commitment: String,
+    /// Tokens it trained on.
+    pub tokens: u64,
+    /// Its loss at every inner step.
+    pub losses: Vec<f32>,
+    /// The Merkle root of its states (hex).
+    pub root: String,
+    /// Milliseconds it spent computing.
+    pub compute_ms: u64,
+}
+
+/// What a binary blob that follows on the stream holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "blob", rename_all = "snake_case")]
+pub enum BlobKind {
+    /// A whole checkpoint: f32 little-endian parameters, addressed by
+    /// their BLAKE3.
+    Checkpoint {
+        /// BLAKE3 (hex).
+        hash: String,
+    },
+    /// The int8 change from checkpoint `base` to checkpoint `hash`.
+    Change {
+        /// What it applies to (hex).
+        base: String,
+        /// What it makes (hex).
+        hash: String,
+    },
+    /// A worker's int8 pseudo-gradient, revealed (opens its commitment
+    /// with `nonce`, hex).
+    PseudoGradient {
+        /// The commitment's nonce.
+        nonce: String,
+    },
+    /// A committed state opened for an audit: leaf `index`, the losses
+    /// since the previous leaf, its Merkle proof (hex).
+    State {
+        /// The leaf.
+        index: u32,
+        /// Losses of its segment.
+        losses: Vec<f32>,
+        /// Sibling hashes.
+        proof: Vec<String>,
+    },
+}
 /// A provider's training data as it describes it (never the data itself).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrainingOffer {
@@ -314,6 +391,8 @@ pub enum JobKind {
     },
     /// Train one round of a federated task on the provider's own data.
     TrainRound(Box<TrainRound>),
+    /// Compute one worker's share of a DiLoCo outer step.
+    DilocoStep(Box<DilocoStep>),
 }
 
 /// The end of a job.
@@ -444,6 +523,23 @@ pub enum Frame {
     TrainDone(Box<TrainDone>),
     /// Either way, on a SecAgg+ round's stream: one stage's message.
     SecAgg(Box<SecAggMessage>),
+    /// Worker → gateway, on a DiLoCo step's stream: the checkpoint it
+    /// holds (so the gateway sends only the change).
+    Have {
+        /// BLAKE3 (hex).
+        #[serde(default)]
+        checkpoint: Option<String>,
+    },
+    /// Either way, on a DiLoCo step's stream: a binary blob follows
+    /// ([`write_blob`]).
+    Blob(Box<BlobKind>),
+    /// Worker → gateway: its commitment.
+    DilocoCommit(Box<DilocoCommit>),
+    /// Gateway → worker: open committed state `index` (an audit).
+    OpenState {
+        /// The leaf.
+        index: u32,
+    },
     /// Auditor → gateway, first on the control stream of [`AUDIT_ALPN`].
     AuditorHello(AuditorHello),
     /// Gateway → auditor, first on an audit stream.
@@ -472,6 +568,10 @@ impl Frame {
             Frame::Reveal => "Reveal",
             Frame::TrainDone(_) => "TrainDone",
             Frame::SecAgg(_) => "SecAgg",
+            Frame::Have { .. } => "Have",
+            Frame::Blob(_) => "Blob",
+            Frame::DilocoCommit(_) => "DilocoCommit",
+            Frame::OpenState { .. } => "OpenState",
             Frame::AuditorHello(_) => "AuditorHello",
             Frame::AuditRequest(_) => "AuditRequest",
             Frame::AuditDone { .. } => "AuditDone",
@@ -565,6 +665,57 @@ pub async fn read_frame_sized<R: AsyncRead + Unpin>(
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// Most bytes a blob may hold.
+pub const MAX_BLOB_BYTES: usize = 256 * 1024 * 1024;
+const BLOB_MAGIC: u8 = b'B';
+
+/// Write a binary blob (after a [`Frame::Blob`] saying what it is): the
+/// magic byte `B`, the version, the length as a big-endian `u32`, the raw
+/// bytes. Returns its size on the wire.
+pub async fn write_blob<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+) -> Result<usize, FrameError> {
+    if bytes.len() > MAX_BLOB_BYTES {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    let mut header = Vec::with_capacity(6);
+    header.push(BLOB_MAGIC);
+    header.push(PROTOCOL_VERSION);
+    header.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    w.write_all(&header).await?;
+    w.write_all(bytes).await?;
+    w.flush().await?;
+    Ok(6 + bytes.len())
+}
+
+/// Read a binary blob of at most `max` bytes (and [`MAX_BLOB_BYTES`]).
+pub async fn read_blob<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut header = [0u8; 6];
+    r.read_exact(&mut header)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Io(e),
+        })?;
+    if header[0] != BLOB_MAGIC {
+        return Err(FrameError::BadMagic(header[0]));
+    }
+    if header[1] != PROTOCOL_VERSION {
+        return Err(FrameError::Version(header[1]));
+    }
+    let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    if len > max.min(MAX_BLOB_BYTES) {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut payload = Vec::with_capacity(len.min(1024 * 1024));
+    (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
+    if payload.len() < len {
+        return Err(FrameError::Truncated);
+    }
+    Ok(payload)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -655,6 +806,33 @@ mod tests {
         assert!(matches!(
             roundtrip(bytes).await,
             Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn blobs_round_trip_and_bad_blobs_are_errors() {
+        let mut buf = Vec::new();
+        let n = write_blob(&mut buf, &[1, 2, 3]).await.unwrap();
+        assert_eq!(n, buf.len());
+        assert_eq!(
+            read_blob(&mut buf.as_slice(), 10).await.unwrap(),
+            vec![1, 2, 3]
+        );
+        // Longer than the reader accepts.
+        assert!(matches!(
+            read_blob(&mut buf.as_slice(), 2).await,
+            Err(FrameError::TooLarge(3))
+        ));
+        // Truncated, and a JSON frame where a blob should be.
+        assert!(matches!(
+            read_blob(&mut &buf[..7], 10).await,
+            Err(FrameError::Truncated)
+        ));
+        let mut frame = Vec::new();
+        write_frame(&mut frame, &Frame::Reveal).await.unwrap();
+        assert!(matches!(
+            read_blob(&mut frame.as_slice(), 1 << 20).await,
+            Err(FrameError::BadMagic(b'T'))
         ));
     }
 }

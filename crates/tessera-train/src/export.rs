@@ -22,20 +22,45 @@ pub fn safetensors(
     parameters: &[f32],
     metadata: &[(&str, String)],
 ) -> Result<Vec<u8>, crate::TrainError> {
-    if parameters.len() != spec.parameters() {
+    let tensors: Vec<(String, Vec<usize>)> =
+        tensor_names(spec).into_iter().zip(spec.shapes()).collect();
+    let mut meta = metadata.to_vec();
+    meta.push(("tessera.model", format!("{spec:?}")));
+    named(&tensors, parameters, &meta)
+}
+
+/// The safetensors bytes of a language model's parameters (tensors named
+/// as [`crate::lm::LmSpec::shapes`] names them; the head is tied to
+/// `tok_emb`).
+pub fn safetensors_lm(
+    spec: &crate::lm::LmSpec,
+    parameters: &[f32],
+    metadata: &[(&str, String)],
+) -> Result<Vec<u8>, crate::TrainError> {
+    let mut meta = metadata.to_vec();
+    meta.push(("tessera.model", format!("{spec:?}")));
+    named(&spec.shapes(), parameters, &meta)
+}
+
+/// The safetensors bytes of `parameters` cut into `tensors` (name, shape),
+/// with `metadata` in the header.
+pub fn named(
+    tensors: &[(String, Vec<usize>)],
+    parameters: &[f32],
+    metadata: &[(&str, String)],
+) -> Result<Vec<u8>, crate::TrainError> {
+    let total: usize = tensors
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    if parameters.len() != total {
         return Err(crate::TrainError::Shape(format!(
-            "{} parameters for a model of {}",
+            "{} parameters for a model of {total}",
             parameters.len(),
-            spec.parameters()
         )));
     }
     let mut header = String::from("{\"__metadata__\":{");
-    let mut meta: Vec<(String, String)> = metadata
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    meta.push(("tessera.model".into(), format!("{spec:?}")));
-    for (i, (k, v)) in meta.iter().enumerate() {
+    for (i, (k, v)) in metadata.iter().enumerate() {
         if i > 0 {
             header.push(',');
         }
@@ -43,7 +68,7 @@ pub fn safetensors(
     }
     header.push('}');
     let mut offset = 0usize;
-    for (name, shape) in tensor_names(spec).iter().zip(spec.shapes()) {
+    for (name, shape) in tensors {
         let bytes = shape.iter().product::<usize>() * 4;
         let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
         header.push_str(&format!(

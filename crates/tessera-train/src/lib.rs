@@ -20,14 +20,21 @@
 //!   clients' vectors, and the round survives clients that drop out.
 //! - [`verify`]: checking trainers nobody trusts — commit before reveal,
 //!   plausibility, re-execution within a tolerance.
+//! - [`lm`], [`corpus`], [`diloco`]: a small transformer language model,
+//!   the `fortunes` text it learns, and DiLoCo — inner AdamW steps on
+//!   workers, int8 pseudo-gradients, the outer Nesterov step, committed
+//!   state traces, re-execution audits and bisection.
 //! - [`export`]: a trained model as a safetensors file.
 //! - [`simulate`]: rounds run in one process, the reference the networked
 //!   runs and the benchmarks compare against (and centralized training,
 //!   the baseline federated accuracy is measured against).
 
 mod candle;
+pub mod corpus;
 pub mod data;
+pub mod diloco;
 pub mod export;
+pub mod lm;
 pub mod privacy;
 mod rng;
 pub mod secagg;

@@ -54,4 +54,4 @@ mod task;
 
 pub use pool::{Trainer, Trainers};
 pub use service::Coordinator;
-pub use task::TaskRequest;
+pub use task::{Status, TaskRequest};

@@ -33,7 +33,7 @@ pub(crate) async fn commit_phase(
 ) -> Result<Committed, (Trainer, String)> {
     let deadline = match &job.kind {
         JobKind::TrainRound(r) => r.deadline_ms,
-        JobKind::Inference { .. } => 0,
+        JobKind::Inference { .. } | JobKind::DilocoStep(_) => 0,
     };
     let left = Duration::from_millis(deadline.saturating_sub(tessera_core::now_ms()));
     let conn = trainer.conn.clone();

@@ -10,6 +10,10 @@ use tessera_ledger::{Hold, Ledger, LedgerError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::diloco::task::{self as diloco_task, DilocoRequest, DilocoTask, TaskState};
+use crate::diloco::Workers;
+use tessera_train::corpus::Corpus;
+
 use super::pool::Trainers;
 use super::task::{self, State, Status, Task, TaskRequest};
 
@@ -24,6 +28,10 @@ pub struct Coordinator {
     gateway: String,
     fee_bps: u64,
     tasks: Mutex<HashMap<String, Arc<Task>>>,
+    workers: Arc<Workers>,
+    diloco: Mutex<HashMap<String, Arc<DilocoTask>>>,
+    /// The text DiLoCo tasks train on (loaded on the first task).
+    corpus: std::sync::OnceLock<Result<(Arc<Corpus>, String), String>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -46,9 +54,165 @@ impl Coordinator {
             gateway,
             fee_bps,
             tasks: Mutex::default(),
+            workers: Arc::default(),
+            diloco: Mutex::default(),
+            corpus: std::sync::OnceLock::new(),
             shutdown,
             tracker,
         }
+    }
+
+    /// DiLoCo tasks run on these workers (the gateway's).
+    pub fn with_workers(mut self, workers: Arc<Workers>) -> Coordinator {
+        self.workers = workers;
+        self
+    }
+
+    /// Providers connected now that offer DiLoCo compute.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn diloco_task(&self, account: &str, id: &str) -> Option<Arc<DilocoTask>> {
+        self.diloco
+            .lock()
+            .ok()
+            .and_then(|t| t.get(id).cloned())
+            .filter(|t| t.account == account)
+    }
+
+    fn running(&self, account: &str) -> usize {
+        let fl = self.tasks.lock().map_or(0, |t| {
+            t.values()
+                .filter(|t| t.account == account)
+                .filter(|t| {
+                    t.state
+                        .lock()
+                        .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
+                })
+                .count()
+        });
+        let dl = self.diloco.lock().map_or(0, |t| {
+            t.values()
+                .filter(|t| t.account == account)
+                .filter(|t| {
+                    t.state
+                        .lock()
+                        .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
+                })
+                .count()
+        });
+        fl + dl
+    }
+
+    /// Hold the escrow (one hold per unit, `count` of them at `each`),
+    /// releasing what was held when one fails.
+    async fn hold_all(
+        &self,
+        account: &str,
+        id: &str,
+        count: u32,
+        each: u64,
+    ) -> Result<Vec<String>, TrainingError> {
+        let mut holds = Vec::with_capacity(count as usize);
+        for k in 1..=count {
+            let key = format!("{id}-r{k}");
+            match self
+                .ledger
+                .hold(account, each, &self.gateway, Some(&key))
+                .await
+            {
+                Ok(Hold::New(h)) => holds.push(h),
+                Ok(Hold::Duplicate { .. }) => {
+                    self.release(holds).await;
+                    return Err(TrainingError::Unavailable(
+                        "a task id was reused; try again".into(),
+                    ));
+                }
+                Err(e) => {
+                    self.release(holds).await;
+                    return Err(ledger_error(e));
+                }
+            }
+        }
+        Ok(holds)
+    }
+
+    async fn create_diloco(&self, account: String, body: Value) -> Result<Value, TrainingError> {
+        let request: DilocoRequest = serde_json::from_value(body)
+            .map_err(|e| TrainingError::Invalid(format!("Invalid DiLoCo task: {e}.")))?;
+        request
+            .validate()
+            .map_err(|e| TrainingError::Invalid(format!("Invalid DiLoCo task: {e}.")))?;
+        let running = self.running(&account);
+        if running >= MAX_TASKS_PER_ACCOUNT {
+            return Err(TrainingError::Conflict(format!(
+                "This account has {running} tasks running (at most {MAX_TASKS_PER_ACCOUNT}); \
+                 wait for one to end or cancel one."
+            )));
+        }
+        let (corpus, corpus_hash) = self
+            .corpus
+            .get_or_init(|| {
+                Corpus::fortunes(
+                    std::path::Path::new(tessera_train::corpus::FORTUNES_DIR),
+                    tessera_train::corpus::VAL_SHARE,
+                )
+                .map(|c| {
+                    let h = crate::diloco::worker::corpus_hash(&c);
+                    (Arc::new(c), h)
+                })
+                .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| {
+                TrainingError::Unavailable(format!("this gateway has no text to train on: {e}"))
+            })?;
+        let id = format!(
+            "diloco-{}",
+            hex::encode(
+                tessera_core::secret_bytes::<8>()
+                    .map_err(|e| TrainingError::Unavailable(e.to_string()))?
+            )
+        );
+        let holds = self
+            .hold_all(&account, &id, request.outer_steps, request.step_escrow())
+            .await?;
+        let task = Arc::new(DilocoTask {
+            id: id.clone(),
+            account: account.clone(),
+            corpus,
+            corpus_hash,
+            created_ms: tessera_core::now_ms(),
+            abort: self.shutdown.child_token(),
+            stop: CancellationToken::new(),
+            state: Mutex::new(TaskState {
+                status: Status::Waiting,
+                error: None,
+                parameters: tessera_train::lm::init(&request.model, request.seed),
+                steps: Vec::new(),
+                holds: holds.into_iter().map(Some).collect(),
+                escrow: request.step_escrow() * u64::from(request.outer_steps),
+                spent: 0,
+                refunded: 0,
+                totals: Default::default(),
+                earnings: Default::default(),
+                struck: Default::default(),
+                final_val_loss: None,
+            }),
+            request,
+        });
+        if let Ok(mut t) = self.diloco.lock() {
+            t.insert(id.clone(), task.clone());
+        }
+        tracing::info!(task = %id, account = %account, "DiLoCo task created");
+        self.tracker.spawn(diloco_task::run(
+            task.clone(),
+            self.workers.clone(),
+            self.ledger.clone(),
+            self.fee_bps,
+        ));
+        Ok(task.status(false))
     }
 
     /// Providers connected now that train.
@@ -64,7 +228,16 @@ impl Coordinator {
             .lock()
             .map_or_else(|_| Vec::new(), |t| t.values().cloned().collect());
         tasks.sort_by_key(|t| std::cmp::Reverse(t.created_ms));
-        tasks.iter().take(20).map(|t| t.overview()).collect()
+        let mut out: Vec<(u64, Value)> = tasks
+            .iter()
+            .take(20)
+            .map(|t| (t.created_ms, t.overview()))
+            .collect();
+        if let Ok(d) = self.diloco.lock() {
+            out.extend(d.values().map(|t| (t.created_ms, t.overview())));
+        }
+        out.sort_by_key(|(c, _)| std::cmp::Reverse(*c));
+        out.into_iter().take(20).map(|(_, v)| v).collect()
     }
 
     fn task(&self, account: &str, id: &str) -> Result<Arc<Task>, TrainingError> {
@@ -102,21 +275,15 @@ impl Training for Coordinator {
     fn create(&self, account: &str, body: Value) -> BoxFuture<'_, Result<Value, TrainingError>> {
         let account = account.to_string();
         Box::pin(async move {
+            if body.get("kind").and_then(Value::as_str) == Some("diloco") {
+                return self.create_diloco(account, body).await;
+            }
             let request: TaskRequest = serde_json::from_value(body)
                 .map_err(|e| TrainingError::Invalid(format!("Invalid training task: {e}.")))?;
             let checked = request
                 .validate()
                 .map_err(|e| TrainingError::Invalid(format!("Invalid training task: {e}.")))?;
-            let running = self.tasks.lock().map_or(0, |t| {
-                t.values()
-                    .filter(|t| t.account == account)
-                    .filter(|t| {
-                        t.state
-                            .lock()
-                            .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
-                    })
-                    .count()
-            });
+            let running = self.running(&account);
             if running >= MAX_TASKS_PER_ACCOUNT {
                 return Err(TrainingError::Conflict(format!(
                     "This account has {running} tasks running (at most {MAX_TASKS_PER_ACCOUNT}); \
@@ -190,11 +357,14 @@ impl Training for Coordinator {
     }
 
     fn status(&self, account: &str, id: &str) -> Result<Value, TrainingError> {
+        if let Some(t) = self.diloco_task(account, id) {
+            return Ok(t.status(true));
+        }
         Ok(self.task(account, id)?.status(true))
     }
 
     fn list(&self, account: &str) -> Vec<Value> {
-        let mut tasks: Vec<Arc<Task>> = self.tasks.lock().map_or_else(
+        let tasks: Vec<Arc<Task>> = self.tasks.lock().map_or_else(
             |_| Vec::new(),
             |t| {
                 t.values()
@@ -203,13 +373,49 @@ impl Training for Coordinator {
                     .collect()
             },
         );
-        tasks.sort_by_key(|t| std::cmp::Reverse(t.created_ms));
-        tasks.iter().map(|t| t.status(false)).collect()
+        let mut out: Vec<(u64, Value)> = tasks
+            .iter()
+            .map(|t| (t.created_ms, t.status(false)))
+            .collect();
+        if let Ok(d) = self.diloco.lock() {
+            out.extend(
+                d.values()
+                    .filter(|t| t.account == account)
+                    .map(|t| (t.created_ms, t.status(false))),
+            );
+        }
+        out.sort_by_key(|(c, _)| std::cmp::Reverse(*c));
+        out.into_iter().map(|(_, v)| v).collect()
     }
 
     fn cancel(&self, account: &str, id: &str) -> BoxFuture<'_, Result<Value, TrainingError>> {
         let (account, id) = (account.to_string(), id.to_string());
         Box::pin(async move {
+            if let Some(task) = self.diloco_task(&account, &id) {
+                let over = task
+                    .state
+                    .lock()
+                    .map(|s| !matches!(s.status, Status::Waiting | Status::Running))
+                    .unwrap_or(true);
+                if over {
+                    return Err(TrainingError::Conflict(format!(
+                        "Task {id} is already over."
+                    )));
+                }
+                task.stop.cancel();
+                // The outer step in flight finishes (its workers are paid).
+                for _ in 0..200 {
+                    if task
+                        .state
+                        .lock()
+                        .is_ok_and(|s| !matches!(s.status, Status::Waiting | Status::Running))
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                return Ok(task.status(false));
+            }
             let task = self.task(&account, &id)?;
             let over = task
                 .state
@@ -240,6 +446,28 @@ impl Training for Coordinator {
     }
 
     fn model(&self, account: &str, id: &str) -> Result<Vec<u8>, TrainingError> {
+        if let Some(task) = self.diloco_task(account, id) {
+            let (params, steps, loss) = task
+                .state
+                .lock()
+                .map(|s| {
+                    (
+                        s.parameters.clone(),
+                        s.steps.len(),
+                        s.final_val_loss
+                            .or_else(|| s.steps.last().and_then(|r| r.val_loss)),
+                    )
+                })
+                .map_err(|_| {
+                    TrainingError::Unavailable("the task's state is unavailable".into())
+                })?;
+            let mut meta = vec![("task", id.to_string()), ("outer_steps", steps.to_string())];
+            if let Some(l) = loss {
+                meta.push(("val_loss", format!("{l:.4}")));
+            }
+            return tessera_train::export::safetensors_lm(&task.request.model, &params, &meta)
+                .map_err(|e| TrainingError::Unavailable(e.to_string()));
+        }
         let task = self.task(account, id)?;
         let (params, rounds, accuracy) = task
             .state

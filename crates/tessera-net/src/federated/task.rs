@@ -409,20 +409,7 @@ impl TaskRequest {
 }
 
 /// Where a task is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Waiting for enough providers.
-    Waiting,
-    /// Running rounds.
-    Running,
-    /// Every round ran.
-    Completed,
-    /// Stopped by its owner.
-    Cancelled,
-    /// Stopped by a failure (see `error`).
-    Failed,
-}
+pub use tessera_core::train::TaskStatus as Status;
 
 /// One round as the task's status shows it.
 #[derive(Clone, Debug, Serialize)]

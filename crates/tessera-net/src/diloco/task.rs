@@ -1,0 +1,1279 @@
+//! A DiLoCo task: what a model owner asks for ([`DilocoRequest`]), its
+//! state, and the loop that runs its outer steps on the connected workers.
+//!
+//! Each outer step: wait for `min_workers` workers (at most
+//! `wait_for_workers_s`); take up to `workers` of them in node-id order;
+//! give each its shard (rotating with the step), seed and number of inner
+//! steps (H for the fastest, fewer in proportion for slower ones, from the
+//! speed each showed in earlier steps); send each the change from the
+//! checkpoint it holds (or the whole checkpoint); collect commitments until
+//! the step's deadline (a worker that dies or is late is dropped from this
+//! average); ask for the reveals; check each opens its commitment and is
+//! finite and of plausible size; take the outer step on the rest, weighted
+//! by tokens; then audit a random `audit_rate` share of the (worker, step)
+//! pairs in the background while the next step runs. A pair is paid (steps
+//! × the worker's price) when it passed its checks and, if audited, its
+//! audit; a caught worker is struck from the task, unpaid, and its
+//! pseudo-gradient taken back out of the global model (the outer step is
+//! linear in the averaged pseudo-gradient, so its effect on the parameters
+//! and the momentum is subtracted exactly; what later steps learnt from the
+//! tainted model stays).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iroh::endpoint::{RecvStream, SendStream};
+use serde::{Deserialize, Serialize};
+use tessera_core::train::{InnerOptimizer, InnerWork, LmSpec};
+use tessera_core::NodeId;
+use tessera_ledger::{Charge, Ledger};
+use tessera_protocol::{
+    read_blob, read_frame_sized, write_blob, write_frame, BlobKind, DilocoCommit, DilocoStep,
+    Frame, JobKind, JobRequest,
+};
+use tessera_train::corpus::Corpus;
+use tessera_train::diloco::{self, AuditReport, Divergence, Int8, Opened, Outer, State};
+use tessera_train::lm::{self, LmTrainer};
+use tokio_util::sync::CancellationToken;
+
+use super::pool::{Worker, Workers};
+use super::worker::MAX_PARAMETERS;
+
+/// A DiLoCo task as `POST /v1/training/tasks` takes it (`"kind":
+/// "diloco"`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DilocoRequest {
+    /// `"diloco"`.
+    pub kind: String,
+    /// The model.
+    #[serde(default)]
+    pub model: LmSpec,
+    /// Outer steps to run.
+    pub outer_steps: u32,
+    /// Inner steps per outer step for the fastest worker (H).
+    #[serde(default = "default_h")]
+    pub inner_steps: u32,
+    /// Windows per inner step.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Most workers per outer step.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Fewest workers an outer step runs with.
+    #[serde(default = "one")]
+    pub min_workers: usize,
+    /// The inner AdamW (its `total_steps` is outer_steps × inner_steps).
+    #[serde(default)]
+    pub optimizer: InnerOptimizer,
+    /// Outer learning rate.
+    #[serde(default = "default_outer_lr")]
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum.
+    #[serde(default = "default_momentum")]
+    pub outer_momentum: f32,
+    /// Seed of the initial model and every worker's windows.
+    #[serde(default)]
+    pub seed: u64,
+    /// Most a worker may charge per inner step (micro-credits); the escrow
+    /// is outer_steps × workers × inner_steps × this.
+    #[serde(default = "default_price")]
+    pub max_price_per_step: u64,
+    /// Share of (worker, outer step) pairs re-executed.
+    #[serde(default = "default_audit_rate")]
+    pub audit_rate: f64,
+    /// Workers commit their state every this many inner steps.
+    #[serde(default = "default_every")]
+    pub checkpoint_every: u32,
+    /// Seconds a worker has to commit after its step is sent.
+    #[serde(default = "default_deadline")]
+    pub step_deadline_s: f64,
+    /// Seconds an outer step waits for `min_workers` before the task fails.
+    #[serde(default = "default_wait")]
+    pub wait_for_workers_s: f64,
+    /// Validation windows the loss is measured on after each outer step.
+    #[serde(default = "default_val")]
+    pub val_windows: usize,
+}
+
+fn default_h() -> u32 {
+    500
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_workers() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn default_outer_lr() -> f32 {
+    0.7
+}
+fn default_momentum() -> f32 {
+    0.9
+}
+fn default_price() -> u64 {
+    10
+}
+fn default_audit_rate() -> f64 {
+    0.08
+}
+fn default_every() -> u32 {
+    50
+}
+fn default_deadline() -> f64 {
+    1800.0
+}
+fn default_wait() -> f64 {
+    600.0
+}
+fn default_val() -> usize {
+    256
+}
+
+impl DilocoRequest {
+    /// Why the task cannot run, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.kind != "diloco" {
+            return Err(format!("kind: \"diloco\", not {:?}", self.kind));
+        }
+        self.model.check().map_err(|e| format!("model: {e}"))?;
+        if self.model.parameters() > MAX_PARAMETERS {
+            return Err(format!(
+                "model: {} parameters (at most {MAX_PARAMETERS})",
+                self.model.parameters()
+            ));
+        }
+        if self.model.vocab != 256 {
+            return Err("model.vocab: 256 (the text is trained on as bytes)".into());
+        }
+        if self.outer_steps == 0 || self.outer_steps > 100_000 {
+            return Err("outer_steps: 1 to 100000".into());
+        }
+        if self.inner_steps == 0 || self.inner_steps > super::worker::MAX_STEPS {
+            return Err(format!("inner_steps: 1 to {}", super::worker::MAX_STEPS));
+        }
+        if self.batch == 0 || self.batch > 4096 {
+            return Err("batch: 1 to 4096".into());
+        }
+        if self.workers == 0 || self.workers > 1000 {
+            return Err("workers: 1 to 1000".into());
+        }
+        if self.min_workers == 0 || self.min_workers > self.workers {
+            return Err("min_workers: 1 to workers".into());
+        }
+        let o = &self.optimizer;
+        let ok = |v: f32| v.is_finite() && v >= 0.0;
+        if !(ok(o.lr) && o.lr > 0.0 && o.lr <= 1.0) {
+            return Err("optimizer.lr: above 0, at most 1".into());
+        }
+        if !(ok(o.beta1) && ok(o.beta2) && o.beta1 < 1.0 && o.beta2 < 1.0) {
+            return Err("optimizer.beta1, beta2: 0 to below 1".into());
+        }
+        if !(ok(o.eps) && ok(o.weight_decay) && ok(o.min_lr_ratio) && o.min_lr_ratio <= 1.0) {
+            return Err("optimizer.eps, weight_decay, min_lr_ratio: finite, not negative".into());
+        }
+        if !(ok(self.outer_lr) && self.outer_lr > 0.0 && self.outer_lr <= 10.0) {
+            return Err("outer_lr: above 0, at most 10".into());
+        }
+        if !(ok(self.outer_momentum) && self.outer_momentum < 1.0) {
+            return Err("outer_momentum: 0 to below 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.audit_rate) {
+            return Err("audit_rate: 0 to 1".into());
+        }
+        if self.checkpoint_every == 0 {
+            return Err("checkpoint_every: at least 1".into());
+        }
+        let secs_ok = |s: f64| s.is_finite() && (1.0..=86_400.0).contains(&s);
+        if !secs_ok(self.step_deadline_s) || !secs_ok(self.wait_for_workers_s) {
+            return Err("step_deadline_s and wait_for_workers_s: 1 to 86400".into());
+        }
+        if self.val_windows == 0 || self.val_windows > 100_000 {
+            return Err("val_windows: 1 to 100000".into());
+        }
+        self.step_escrow()
+            .checked_mul(u64::from(self.outer_steps))
+            .ok_or("max_price_per_step: the escrow overflows")?;
+        Ok(())
+    }
+
+    /// Micro-credits held for one outer step.
+    pub fn step_escrow(&self) -> u64 {
+        (self.workers as u64)
+            .saturating_mul(u64::from(self.inner_steps))
+            .saturating_mul(self.max_price_per_step)
+    }
+
+    fn optimizer(&self) -> InnerOptimizer {
+        InnerOptimizer {
+            total_steps: u64::from(self.outer_steps) * u64::from(self.inner_steps),
+            ..self.optimizer
+        }
+    }
+}
+
+use tessera_core::train::TaskStatus as Status;
+
+/// One worker's part in an outer step, as the status shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerReport {
+    /// Inner steps assigned.
+    pub steps: u32,
+    /// Tokens it trained on.
+    pub tokens: u64,
+    /// Its mean inner loss.
+    pub train_loss: f64,
+    /// Milliseconds it computed.
+    pub compute_ms: u64,
+    /// Bytes it fetched (checkpoint or change, the request).
+    pub bytes_down: u64,
+    /// Bytes it sent (commitment, pseudo-gradient).
+    pub bytes_up: u64,
+    /// Audited: the verdict (`null` while the audit runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditVerdict>,
+    /// Paid (micro-credits), once settled.
+    pub paid: Option<u64>,
+}
+
+/// An audit's outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditVerdict {
+    /// Still running.
+    pub pending: bool,
+    /// The re-execution's report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<AuditReport>,
+    /// Where the bisection found the first divergent steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub divergence: Option<Divergence>,
+    /// Why it could not be audited (the worker went away: not paid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One outer step as the status shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct OuterReport {
+    /// Its number (from 1).
+    pub outer_step: u32,
+    /// Workers whose pseudo-gradient went into the average, by node.
+    pub workers: BTreeMap<String, WorkerReport>,
+    /// Workers that did not finish (died, late, refused), and why.
+    pub dropped: BTreeMap<String, String>,
+    /// Workers whose result failed a check, and why.
+    pub rejected: BTreeMap<String, String>,
+    /// Mean inner loss of the averaged workers, by tokens.
+    pub train_loss: Option<f64>,
+    /// Validation loss of the new global model.
+    pub val_loss: Option<f64>,
+    /// Seconds the step took.
+    pub seconds: f64,
+    /// Micro-credits paid for it (after its audits).
+    pub cost: u64,
+    /// Its pseudo-gradients were taken back out (caught by audits).
+    pub removed: Vec<String>,
+}
+
+/// Totals over the task.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    /// Inner steps taken by averaged workers.
+    pub train_steps: u64,
+    /// Tokens they trained on.
+    pub tokens: u64,
+    /// Training traffic, both ways (frames and blobs).
+    pub bytes: u64,
+    /// What per-step synchronous data parallelism at fp32 would have
+    /// moved for the same steps (2 × 4 bytes × parameters a step a worker).
+    pub data_parallel_bytes: u64,
+    /// Worker milliseconds spent computing, and in outer steps (from the
+    /// step sent to the last commitment).
+    pub compute_ms: u64,
+    /// See `compute_ms`.
+    pub worker_ms: u64,
+    /// Inner steps re-executed by audits (bisections included).
+    pub audit_steps: u64,
+    /// Audits run, passed, failed.
+    pub audits: u32,
+    /// See `audits`.
+    pub audits_passed: u32,
+    /// See `audits`.
+    pub audits_failed: u32,
+    /// Audit bytes (opened states), apart from training traffic.
+    pub audit_bytes: u64,
+}
+
+/// A task and everything known about it.
+pub(crate) struct DilocoTask {
+    pub id: String,
+    pub account: String,
+    pub request: DilocoRequest,
+    pub corpus: Arc<Corpus>,
+    pub corpus_hash: String,
+    pub created_ms: u64,
+    pub abort: CancellationToken,
+    pub stop: CancellationToken,
+    pub state: Mutex<TaskState>,
+}
+
+/// What changes as the task runs.
+pub(crate) struct TaskState {
+    pub status: Status,
+    pub error: Option<String>,
+    pub parameters: Vec<f32>,
+    pub steps: Vec<OuterReport>,
+    pub holds: Vec<Option<String>>,
+    pub escrow: u64,
+    pub spent: u64,
+    pub refunded: u64,
+    pub totals: Totals,
+    /// Per worker: steps paid, micro-credits earned.
+    pub earnings: BTreeMap<String, (u64, u64)>,
+    pub struck: BTreeMap<String, String>,
+    /// Validation loss of the final model (the exact outer trajectory).
+    pub final_val_loss: Option<f64>,
+}
+
+impl DilocoTask {
+    /// What the dashboard shows: progress, losses, bytes, audits.
+    pub fn overview(&self) -> serde_json::Value {
+        let Ok(s) = self.state.lock() else {
+            return serde_json::json!({ "id": self.id });
+        };
+        serde_json::json!({
+            "id": self.id,
+            "kind": "diloco",
+            "status": s.status,
+            "model": self.request.model,
+            "outer_steps": self.request.outer_steps,
+            "outer_steps_done": s.steps.len(),
+            "totals": s.totals,
+            "struck": s.struck.len(),
+            "series": s.steps.iter().map(|r| serde_json::json!({
+                "outer_step": r.outer_step,
+                "val_loss": r.val_loss,
+                "train_loss": r.train_loss,
+                "workers": r.workers.len(),
+                "audits": r.workers.values().filter(|w| w.audit.is_some()).count(),
+                "bytes": r.workers.values().map(|w| w.bytes_up + w.bytes_down).sum::<u64>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Its status as the API shows it; `history` with every outer step.
+    pub fn status(&self, history: bool) -> serde_json::Value {
+        let Ok(s) = self.state.lock() else {
+            return serde_json::json!({ "id": self.id, "error": "state unavailable" });
+        };
+        let t = &s.totals;
+        let ratio = (t.bytes > 0).then(|| t.data_parallel_bytes as f64 / t.bytes as f64);
+        let utilization = (t.worker_ms > 0).then(|| t.compute_ms as f64 / t.worker_ms as f64);
+        let audit_cost = (t.train_steps > 0).then(|| t.audit_steps as f64 / t.train_steps as f64);
+        let mut out = serde_json::json!({
+            "id": self.id,
+            "object": "training.task",
+            "kind": "diloco",
+            "created_ms": self.created_ms,
+            "status": s.status,
+            "cancelling": self.stop.is_cancelled() && matches!(s.status, Status::Waiting | Status::Running),
+            "error": s.error,
+            "model": self.request.model,
+            "parameters": self.request.model.parameters(),
+            "outer_steps": self.request.outer_steps,
+            "outer_steps_done": s.steps.len(),
+            "inner_steps": self.request.inner_steps,
+            "workers": self.request.workers,
+            "val_loss": s.final_val_loss.or_else(|| s.steps.iter().rev().find_map(|r| r.val_loss)),
+            "train_loss": s.steps.iter().rev().find_map(|r| r.train_loss),
+            "totals": t,
+            "bytes_ratio": ratio,
+            "utilization": utilization,
+            "audit_cost": audit_cost,
+            "escrow": { "held": s.escrow, "spent": s.spent, "refunded": s.refunded },
+            "providers": s.earnings.iter().map(|(node, (steps, earned))| {
+                (node.clone(), serde_json::json!({ "steps_paid": steps, "earned": earned }))
+            }).collect::<serde_json::Map<_, _>>(),
+            "struck": s.struck,
+        });
+        if history {
+            out["history"] = serde_json::to_value(&s.steps).unwrap_or_default();
+        }
+        out
+    }
+}
+
+/// A worker that committed, waiting for the reveal.
+struct Committed {
+    worker: Worker,
+    work: InnerWork,
+    send: SendStream,
+    recv: RecvStream,
+    commit: DilocoCommit,
+    bytes_up: u64,
+    bytes_down: u64,
+    wall_ms: u64,
+}
+
+/// An accepted pseudo-gradient.
+struct Accepted {
+    c: Committed,
+    update: Vec<f32>,
+}
+
+/// What the runner keeps of an outer step whose audits are pending: the
+/// averaged pseudo-gradient and its tokens, so a caught worker's part can
+/// be taken back out.
+struct Pending {
+    average: Vec<f32>,
+    tokens: u64,
+    /// Which outer-optimizer step it was (steps without an update do not
+    /// count).
+    applied: u32,
+}
+
+/// A caught worker's part of step `step`, to take back out.
+struct Removal {
+    step: u32,
+    update: Vec<f32>,
+    tokens: u64,
+    node: String,
+}
+
+fn set_status(task: &DilocoTask, status: Status) {
+    if let Ok(mut s) = task.state.lock() {
+        s.status = status;
+    }
+}
+
+/// Run every outer step of `task`, then settle what is left of its escrow.
+pub(crate) async fn run(
+    task: Arc<DilocoTask>,
+    workers: Arc<Workers>,
+    ledger: Ledger,
+    fee_bps: u64,
+) {
+    let req = task.request.clone();
+    let n = req.model.parameters();
+    let mut outer = Outer::new(
+        lm::init(&req.model, req.seed),
+        req.outer_lr,
+        req.outer_momentum,
+    );
+    let mut published = hex::encode(diloco::checkpoint_hash(&outer.published));
+    // The change into the published checkpoint, from the one before.
+    let mut change: Option<(String, Vec<u8>)> = None;
+    let mut speeds: HashMap<NodeId, f64> = HashMap::new();
+    let struck: Arc<Mutex<HashSet<NodeId>>> = Arc::default();
+    let (removals_tx, mut removals_rx) = tokio::sync::mpsc::unbounded_channel::<Removal>();
+    let mut pending: HashMap<u32, Pending> = HashMap::new();
+    let mut applied = 0u32;
+    let mut settlements = tokio::task::JoinSet::new();
+    let trainer = match LmTrainer::new(req.model, 1) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            finish(&task, &ledger, Err(e.to_string())).await;
+            return;
+        }
+    };
+    let outcome: Result<Status, String> = 'steps: {
+        for t in 1..=req.outer_steps {
+            // Caught workers' parts out of the global model first.
+            while let Ok(r) = removals_rx.try_recv() {
+                remove(&mut outer, &mut pending, r, applied, &task);
+            }
+            let wait_until = Instant::now() + Duration::from_secs_f64(req.wait_for_workers_s);
+            let eligible = loop {
+                let banned = struck.lock().map(|s| s.clone()).unwrap_or_default();
+                let e: Vec<Worker> = workers
+                    .eligible(&task.corpus_hash, req.max_price_per_step)
+                    .into_iter()
+                    .filter(|w| !banned.contains(&w.node))
+                    .collect();
+                if e.len() >= req.min_workers {
+                    break e;
+                }
+                if Instant::now() > wait_until {
+                    break 'steps Err(format!(
+                        "outer step {t}: {} of the {} workers needed were connected within {} s",
+                        e.len(),
+                        req.min_workers,
+                        req.wait_for_workers_s
+                    ));
+                }
+                set_status(&task, Status::Waiting);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = task.abort.cancelled() => break 'steps Ok(Status::Cancelled),
+                    _ = task.stop.cancelled() => break 'steps Ok(Status::Cancelled),
+                }
+            };
+            if task.stop.is_cancelled() {
+                break 'steps Ok(Status::Cancelled);
+            }
+            set_status(&task, Status::Running);
+            let started = Instant::now();
+            let chosen: Vec<Worker> = eligible.into_iter().take(req.workers).collect();
+            let fastest = chosen
+                .iter()
+                .filter_map(|w| speeds.get(&w.node))
+                .fold(0f64, |a, &b| a.max(b));
+            let shards = task.corpus.shards(req.workers);
+            let deadline_ms =
+                tessera_core::now_ms() + (req.step_deadline_s * 1000.0).round() as u64;
+            let global = Arc::new(outer.published.clone());
+            let jobs = chosen.iter().enumerate().map(|(k, w)| {
+                // Slower workers get fewer steps, so everyone finishes together.
+                let steps = match speeds.get(&w.node) {
+                    Some(s) if fastest > 0.0 => ((f64::from(req.inner_steps) * s / fastest).round()
+                        as u32)
+                        .clamp(1, req.inner_steps),
+                    _ => req.inner_steps,
+                };
+                let shard = &shards[(k + t as usize) % shards.len()];
+                let work = InnerWork {
+                    spec: req.model,
+                    outer_step: t,
+                    checkpoint: published.clone(),
+                    shard: (shard.start as u64, shard.end as u64),
+                    steps,
+                    batch: req.batch,
+                    seed: diloco::work_seed(req.seed, t, k),
+                    first_step: u64::from(t - 1) * u64::from(req.inner_steps),
+                    optimizer: req.optimizer(),
+                    checkpoint_every: req.checkpoint_every,
+                };
+                let step = DilocoStep {
+                    task: task.id.clone(),
+                    corpus: task.corpus_hash.clone(),
+                    work,
+                    deadline_ms,
+                    price_per_step: w.offer.price_per_step,
+                };
+                commit_phase(w.clone(), step, global.clone(), change.clone(), deadline_ms)
+            });
+            let results = tokio::select! {
+                r = futures::future::join_all(jobs) => r,
+                _ = task.abort.cancelled() => break 'steps Ok(Status::Cancelled),
+            };
+            let mut report = OuterReport {
+                outer_step: t,
+                workers: BTreeMap::new(),
+                dropped: BTreeMap::new(),
+                rejected: BTreeMap::new(),
+                train_loss: None,
+                val_loss: None,
+                seconds: 0.0,
+                cost: 0,
+                removed: Vec::new(),
+            };
+            let mut committed = Vec::new();
+            for r in results {
+                match r {
+                    Ok(c) => committed.push(c),
+                    Err((w, why)) => {
+                        report.dropped.insert(w.node.to_string(), why);
+                    }
+                }
+            }
+            // Reveal, check.
+            let reveals =
+                futures::future::join_all(committed.into_iter().map(|c| reveal_phase(c, n)));
+            let mut accepted: Vec<Accepted> = Vec::new();
+            for (c, result) in reveals.await {
+                match result {
+                    Ok(update) => accepted.push(Accepted { c, update }),
+                    Err(why) => {
+                        let node = c.worker.node;
+                        tracing::warn!(task = %task.id, worker = %node.short(), %why, "DiLoCo result rejected");
+                        report.rejected.insert(node.to_string(), why.clone());
+                        if let Ok(mut s) = struck.lock() {
+                            s.insert(node);
+                        }
+                        if let Ok(mut s) = task.state.lock() {
+                            s.struck.insert(node.to_string(), why);
+                        }
+                    }
+                }
+            }
+            for a in &accepted {
+                let secs = a.c.commit.compute_ms.max(1) as f64 / 1000.0;
+                speeds.insert(a.c.worker.node, f64::from(a.c.work.steps) / secs);
+            }
+            let updates: Vec<(Vec<f32>, u64)> = accepted
+                .iter()
+                .map(|a| (a.update.clone(), a.c.commit.tokens))
+                .collect();
+            if !updates.is_empty() {
+                let total: u64 = updates.iter().map(|(_, t)| t).sum();
+                let before = published.clone();
+                match outer.step(&updates) {
+                    Ok(q) => {
+                        applied += 1;
+                        published = hex::encode(diloco::checkpoint_hash(&outer.published));
+                        change = Some((before, q.to_bytes()));
+                    }
+                    Err(e) => break 'steps Err(format!("outer step {t}: {e}")),
+                }
+                // What went into the average, for taking a part back out.
+                let mut average = vec![0f32; n];
+                for (u, tk) in &updates {
+                    let w = *tk as f32 / total as f32;
+                    average.iter_mut().zip(u).for_each(|(a, x)| *a += w * x);
+                }
+                pending.insert(
+                    t,
+                    Pending {
+                        average,
+                        tokens: total,
+                        applied,
+                    },
+                );
+                let tokens: u64 = accepted.iter().map(|a| a.c.commit.tokens).sum();
+                report.train_loss = Some(
+                    accepted
+                        .iter()
+                        .map(|a| mean(&a.c.commit.losses) * a.c.commit.tokens as f64)
+                        .sum::<f64>()
+                        / tokens.max(1) as f64,
+                );
+            }
+            let (tr, corpus, params, windows) = (
+                trainer.clone(),
+                task.corpus.clone(),
+                outer.published.clone(),
+                req.val_windows,
+            );
+            report.val_loss = tokio::task::spawn_blocking(move || {
+                diloco::validation_loss(&tr, &corpus, &params, windows).ok()
+            })
+            .await
+            .ok()
+            .flatten();
+            // Audits in the background; the step is paid after them.
+            let slowest = accepted.iter().map(|a| a.c.wall_ms).max().unwrap_or(0);
+            let mut audits = Vec::new();
+            let mut rng = dice();
+            if let Ok(mut s) = task.state.lock() {
+                for a in &accepted {
+                    s.totals.train_steps += u64::from(a.c.work.steps);
+                    s.totals.tokens += a.c.commit.tokens;
+                    s.totals.bytes += a.c.bytes_up + a.c.bytes_down;
+                    s.totals.data_parallel_bytes += 8 * n as u64 * u64::from(a.c.work.steps);
+                    s.totals.compute_ms += a.c.commit.compute_ms;
+                    s.totals.worker_ms += slowest.max(a.c.commit.compute_ms);
+                }
+            }
+            for a in accepted {
+                let node = a.c.worker.node.to_string();
+                let audited = rng.uniform() < req.audit_rate;
+                report.workers.insert(
+                    node.clone(),
+                    WorkerReport {
+                        steps: a.c.work.steps,
+                        tokens: a.c.commit.tokens,
+                        train_loss: mean(&a.c.commit.losses),
+                        compute_ms: a.c.commit.compute_ms,
+                        bytes_down: a.c.bytes_down,
+                        bytes_up: a.c.bytes_up,
+                        audit: audited.then(|| AuditVerdict {
+                            pending: true,
+                            report: None,
+                            divergence: None,
+                            error: None,
+                        }),
+                        paid: None,
+                    },
+                );
+                audits.push((a, audited));
+            }
+            report.seconds = started.elapsed().as_secs_f64();
+            tracing::info!(task = %task.id, outer_step = t, workers = report.workers.len(), val_loss = ?report.val_loss, "DiLoCo outer step done");
+            if let Ok(mut s) = task.state.lock() {
+                s.parameters = outer.published.clone();
+                s.steps.push(report);
+            }
+            settlements.spawn(settle_step(
+                task.clone(),
+                ledger.clone(),
+                fee_bps,
+                t,
+                audits,
+                global.clone(),
+                trainer.clone(),
+                struck.clone(),
+                removals_tx.clone(),
+            ));
+            if task.stop.is_cancelled() || task.abort.is_cancelled() {
+                break 'steps Ok(Status::Cancelled);
+            }
+        }
+        Ok(Status::Completed)
+    };
+    drop(removals_tx);
+    // Audits still running finish (and are paid or not) before the end;
+    // their removals still apply to the final model.
+    while let Some(done) = settlements.join_next().await {
+        if let Err(e) = done {
+            tracing::warn!(task = %task.id, error = %e, "a DiLoCo settlement stopped");
+        }
+    }
+    while let Ok(r) = removals_rx.try_recv() {
+        remove(&mut outer, &mut pending, r, applied, &task);
+    }
+    // The model is the exact trajectory, every caught part taken out.
+    let (tr, corpus, params, windows) = (
+        trainer.clone(),
+        task.corpus.clone(),
+        outer.exact.clone(),
+        req.val_windows,
+    );
+    let final_loss = tokio::task::spawn_blocking(move || {
+        diloco::validation_loss(&tr, &corpus, &params, windows).ok()
+    })
+    .await
+    .ok()
+    .flatten();
+    if let Ok(mut s) = task.state.lock() {
+        s.parameters = outer.exact.clone();
+        s.final_val_loss = final_loss;
+    }
+    finish(&task, &ledger, outcome).await;
+}
+
+/// Take a caught worker's pseudo-gradient back out of step `r.step`'s
+/// average, and its effect out of the parameters and momentum as of step
+/// `now`.
+fn remove(
+    outer: &mut Outer,
+    pending: &mut HashMap<u32, Pending>,
+    r: Removal,
+    applied: u32,
+    task: &DilocoTask,
+) {
+    let Some(p) = pending.get_mut(&r.step) else {
+        return;
+    };
+    let now = applied;
+    let rest = p.tokens.saturating_sub(r.tokens);
+    let without: Vec<f32> = if rest == 0 {
+        vec![0.0; p.average.len()]
+    } else {
+        p.average
+            .iter()
+            .zip(&r.update)
+            .map(|(a, u)| (a * p.tokens as f32 - u * r.tokens as f32) / rest as f32)
+            .collect()
+    };
+    let e: Vec<f32> = p.average.iter().zip(&without).map(|(a, b)| a - b).collect();
+    outer.take_back(&e, now.saturating_sub(p.applied));
+    p.average = without;
+    p.tokens = rest;
+    if let Ok(mut s) = task.state.lock() {
+        if let Some(rep) = s.steps.iter_mut().find(|x| x.outer_step == r.step) {
+            rep.removed.push(r.node);
+        }
+    }
+}
+
+fn mean(v: &[f32]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
+}
+
+fn dice() -> tessera_train::Rng {
+    let seed = tessera_core::secret_bytes::<8>().map_or(0, u64::from_le_bytes);
+    tessera_train::Rng::new(seed)
+}
+
+/// Send one worker its step and checkpoint, and wait for its commitment.
+async fn commit_phase(
+    worker: Worker,
+    step: DilocoStep,
+    global: Arc<Vec<f32>>,
+    change: Option<(String, Vec<u8>)>,
+    deadline_ms: u64,
+) -> Result<Committed, (Worker, String)> {
+    let left = Duration::from_millis(deadline_ms.saturating_sub(tessera_core::now_ms()));
+    let conn = worker.conn.clone();
+    let work = step.work.clone();
+    let checkpoint = work.checkpoint.clone();
+    let started = Instant::now();
+    let job = JobRequest {
+        job_id: format!(
+            "{}-o{}-{}",
+            step.task,
+            step.work.outer_step,
+            worker.node.short()
+        ),
+        kind: JobKind::DilocoStep(Box::new(step)),
+    };
+    let attempt = async move {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut down = write_frame(&mut send, &Frame::JobRequest(job))
+            .await
+            .map_err(|e| e.to_string())? as u64;
+        let mut up = 0u64;
+        let have = match read_frame_sized(&mut recv).await {
+            Ok(Some((Frame::Have { checkpoint }, got))) => {
+                up += got as u64;
+                checkpoint
+            }
+            Ok(Some((Frame::JobError(e), _))) => return Err(format!("refused: {}", e.message)),
+            Ok(other) => {
+                return Err(format!(
+                    "sent {} instead of Have",
+                    other.as_ref().map_or("nothing", |(f, _)| f.kind())
+                ))
+            }
+            Err(e) => return Err(format!("garbage on the step's stream: {e}")),
+        };
+        // The change when the worker holds its base, else the checkpoint.
+        let (kind, bytes) = match change {
+            Some((base, bytes)) if have.as_deref() == Some(base.as_str()) => (
+                BlobKind::Change {
+                    base,
+                    hash: checkpoint,
+                },
+                bytes,
+            ),
+            _ => (
+                BlobKind::Checkpoint { hash: checkpoint },
+                global.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        };
+        down += write_frame(&mut send, &Frame::Blob(Box::new(kind)))
+            .await
+            .map_err(|e| e.to_string())? as u64;
+        down += write_blob(&mut send, &bytes)
+            .await
+            .map_err(|e| e.to_string())? as u64;
+        match read_frame_sized(&mut recv).await {
+            Ok(Some((Frame::DilocoCommit(commit), got))) => {
+                up += got as u64;
+                Ok((send, recv, *commit, up, down))
+            }
+            Ok(Some((Frame::JobError(e), _))) => Err(format!("failed: {}", e.message)),
+            Ok(other) => Err(format!(
+                "sent {} instead of a commitment",
+                other.as_ref().map_or("nothing", |(f, _)| f.kind())
+            )),
+            Err(e) => Err(format!("gone before committing: {e}")),
+        }
+    };
+    match tokio::time::timeout(left, attempt).await {
+        Ok(Ok((send, recv, commit, bytes_up, bytes_down))) => {
+            if commit.losses.len() != work.steps as usize
+                || commit.tokens != u64::from(work.steps) * (work.batch * work.spec.context) as u64
+            {
+                return Err((worker, "a commitment to other work than assigned".into()));
+            }
+            Ok(Committed {
+                worker,
+                work,
+                send,
+                recv,
+                commit,
+                bytes_up,
+                bytes_down,
+                wall_ms: started.elapsed().as_millis() as u64,
+            })
+        }
+        Ok(Err(why)) => Err((worker, why)),
+        Err(_) => Err((worker, "no commitment by the step's deadline".into())),
+    }
+}
+
+/// Ask for the reveal; check it opens the commitment and is plausible.
+async fn reveal_phase(mut c: Committed, n: usize) -> (Committed, Result<Vec<f32>, String>) {
+    let attempt = async {
+        c.bytes_down += write_frame(&mut c.send, &Frame::Reveal)
+            .await
+            .map_err(|e| e.to_string())? as u64;
+        let nonce = match read_frame_sized(&mut c.recv).await {
+            Ok(Some((Frame::Blob(k), got))) => {
+                c.bytes_up += got as u64;
+                match *k {
+                    BlobKind::PseudoGradient { nonce } => nonce,
+                    _ => return Err("sent another blob than its pseudo-gradient".to_string()),
+                }
+            }
+            Ok(other) => {
+                return Err(format!(
+                    "sent {} instead of its pseudo-gradient",
+                    other.as_ref().map_or("nothing", |(f, _)| f.kind())
+                ))
+            }
+            Err(e) => return Err(format!("garbage instead of its pseudo-gradient: {e}")),
+        };
+        let bytes = read_blob(&mut c.recv, 2 * n + 64)
+            .await
+            .map_err(|e| format!("its pseudo-gradient: {e}"))?;
+        c.bytes_up += 6 + bytes.len() as u64;
+        Ok((nonce, bytes))
+    };
+    let (nonce, bytes) = match tokio::time::timeout(Duration::from_secs(60), attempt).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return (c, Err(e)),
+        Err(_) => return (c, Err("no reveal within 60 s".into())),
+    };
+    let check = || -> Result<Vec<f32>, String> {
+        let nonce = hex::decode(&nonce)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or("a nonce that is not 32 bytes of hex")?;
+        let root = hex::decode(&c.commit.root)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or("a root that is not 32 bytes of hex")?;
+        let expected = diloco::commitment(
+            c.work.outer_step,
+            &nonce,
+            &bytes,
+            c.commit.tokens,
+            &c.commit.losses,
+            &root,
+        );
+        if hex::encode(expected) != c.commit.commitment {
+            return Err("the revealed pseudo-gradient does not open its commitment".into());
+        }
+        if c.commit.losses.iter().any(|l| !l.is_finite() || *l < 0.0) {
+            return Err("a loss that is not a finite, non-negative number".into());
+        }
+        let q = Int8::from_bytes(&bytes, n).map_err(|e| e.to_string())?;
+        let update = q.dequantize();
+        let norm = update
+            .iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        // An honest step of the inner AdamW moves each parameter at most
+        // about lr per step.
+        let bound = f64::from(c.work.optimizer.lr) * f64::from(c.work.steps) * (n as f64).sqrt();
+        if !norm.is_finite() || norm > bound {
+            return Err(format!(
+                "a pseudo-gradient of norm {norm:.3}, beyond what {} steps can move",
+                c.work.steps
+            ));
+        }
+        Ok(update)
+    };
+    let r = check();
+    (c, r)
+}
+
+/// Audit the step's sampled workers, then pay it: each verified worker its
+/// steps × its price; a caught one nothing, struck, its part taken out.
+#[allow(clippy::too_many_arguments)]
+async fn settle_step(
+    task: Arc<DilocoTask>,
+    ledger: Ledger,
+    fee_bps: u64,
+    t: u32,
+    workers: Vec<(Accepted, bool)>,
+    global: Arc<Vec<f32>>,
+    trainer: Arc<LmTrainer>,
+    struck: Arc<Mutex<HashSet<NodeId>>>,
+    removals: tokio::sync::mpsc::UnboundedSender<Removal>,
+) {
+    let mut paid: Vec<(String, u64, u64)> = Vec::new();
+    for (a, audited) in workers {
+        let node = a.c.worker.node;
+        let (steps, price) = (u64::from(a.c.work.steps), a.c.worker.offer.price_per_step);
+        if !audited {
+            let mut c = a.c;
+            let _ = c.send.finish();
+            paid.push((node.to_string(), steps, price));
+            continue;
+        }
+        let tokens = a.c.commit.tokens;
+        let update = a.update.clone();
+        let verdict = audit(a, global.clone(), trainer.clone(), task.corpus.clone()).await;
+        let passed = verdict.report.as_ref().is_some_and(|r| r.passed) && verdict.error.is_none();
+        if let Ok(mut s) = task.state.lock() {
+            s.totals.audits += 1;
+            s.totals.audit_steps += verdict.report.as_ref().map_or(0, |r| r.steps)
+                + verdict.divergence.as_ref().map_or(0, |d| {
+                    u64::from(d.segments_reexecuted) * u64::from(task.request.checkpoint_every)
+                });
+            if passed {
+                s.totals.audits_passed += 1;
+            } else {
+                s.totals.audits_failed += 1;
+            }
+            if let Some(w) = s
+                .steps
+                .iter_mut()
+                .find(|r| r.outer_step == t)
+                .and_then(|r| r.workers.get_mut(&node.to_string()))
+            {
+                w.audit = Some(verdict.clone());
+            }
+        }
+        if passed {
+            paid.push((node.to_string(), steps, price));
+        } else {
+            let why = verdict
+                .divergence
+                .as_ref()
+                .map(|d| {
+                    format!(
+                        "audit of outer step {t}: {} (inner steps {}..{})",
+                        d.reason, d.from, d.to
+                    )
+                })
+                .or(verdict.error.clone())
+                .unwrap_or_else(|| format!("audit of outer step {t} failed"));
+            tracing::warn!(task = %task.id, worker = %node.short(), %why, "DiLoCo worker caught");
+            if let Ok(mut s) = struck.lock() {
+                s.insert(node);
+            }
+            if let Ok(mut s) = task.state.lock() {
+                s.struck.insert(node.to_string(), why);
+            }
+            let _ = removals.send(Removal {
+                step: t,
+                update,
+                tokens,
+                node: node.to_string(),
+            });
+        }
+    }
+    // Pay from the step's hold; the rest goes back.
+    let hold = task
+        .state
+        .lock()
+        .ok()
+        .and_then(|mut s| s.holds.get_mut(t as usize - 1).and_then(Option::take));
+    let Some(hold) = hold else {
+        return;
+    };
+    let charges: Vec<Charge> = paid
+        .iter()
+        .map(|(node, steps, price)| Charge {
+            provider: node.clone(),
+            model_sha256: format!("train:{}", task.id),
+            prompt_tokens: 0,
+            completion_tokens: *steps,
+            input_price: 0,
+            output_price: *price,
+            receipt: None,
+        })
+        .collect();
+    let job = format!("{}-o{t}", task.id);
+    match ledger.settle(&hold, &job, charges, fee_bps).await {
+        Ok(settled) => {
+            if let Ok(mut s) = task.state.lock() {
+                s.spent += settled.cost;
+                s.refunded += task.request.step_escrow().saturating_sub(settled.cost);
+                for (node, steps, price) in &paid {
+                    let e = s.earnings.entry(node.clone()).or_default();
+                    e.0 += steps;
+                    e.1 += steps * price;
+                }
+                if let Some(r) = s.steps.iter_mut().find(|r| r.outer_step == t) {
+                    r.cost = settled.cost;
+                    for (node, steps, price) in &paid {
+                        if let Some(w) = r.workers.get_mut(node) {
+                            w.paid = Some(steps * price);
+                        }
+                    }
+                    for w in r.workers.values_mut() {
+                        w.paid.get_or_insert(0);
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(task = %task.id, outer_step = t, error = %e, "cannot pay a DiLoCo step");
+            if let Ok(mut s) = task.state.lock() {
+                s.error = Some(format!("outer step {t} could not be paid: {e}"));
+            }
+        }
+    }
+}
+
+/// Re-execute a worker's step; on a mismatch, bisect over its committed
+/// states (it opens them on the same stream) to find the first divergent
+/// segment.
+async fn audit(
+    a: Accepted,
+    global: Arc<Vec<f32>>,
+    trainer: Arc<LmTrainer>,
+    corpus: Arc<Corpus>,
+) -> AuditVerdict {
+    let Accepted { c, update } = a;
+    let Committed {
+        work,
+        commit,
+        mut send,
+        recv,
+        ..
+    } = c;
+    let root = hex::decode(&commit.root)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .unwrap_or([0; 32]);
+    let (w, g, tr, cp, claimed, losses) = (
+        work.clone(),
+        global.clone(),
+        trainer.clone(),
+        corpus.clone(),
+        update.clone(),
+        commit.losses.clone(),
+    );
+    let report = tokio::task::spawn_blocking(move || {
+        diloco::audit(&tr, &cp.train, &w, &g, &claimed, &losses)
+    })
+    .await;
+    let (report, honest) = match report {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let _ = send.finish();
+            return AuditVerdict {
+                pending: false,
+                report: None,
+                divergence: None,
+                error: Some(format!("re-execution failed: {e}")),
+            };
+        }
+        Err(e) => {
+            let _ = send.finish();
+            return AuditVerdict {
+                pending: false,
+                report: None,
+                divergence: None,
+                error: Some(format!("re-execution stopped: {e}")),
+            };
+        }
+    };
+    if report.passed {
+        let _ = send.finish();
+        return AuditVerdict {
+            pending: false,
+            report: Some(report),
+            divergence: None,
+            error: None,
+        };
+    }
+    // Bisection: the worker opens states on its stream.
+    let n = work.spec.parameters();
+    let handle = tokio::runtime::Handle::current();
+    let stream = Arc::new(tokio::sync::Mutex::new((send, recv)));
+    let s2 = stream.clone();
+    let divergence = tokio::task::spawn_blocking(move || {
+        let mut open = |index: usize| -> Option<Opened> {
+            handle.block_on(async {
+                let mut guard = s2.lock().await;
+                let (send, recv) = &mut *guard;
+                let ask = async {
+                    write_frame(
+                        send,
+                        &Frame::OpenState {
+                            index: index as u32,
+                        },
+                    )
+                    .await
+                    .ok()?;
+                    let (losses, proof) = match read_frame_sized(recv).await.ok()?? {
+                        (Frame::Blob(k), _) => match *k {
+                            BlobKind::State {
+                                index: i,
+                                losses,
+                                proof,
+                            } if i as usize == index => (losses, proof),
+                            _ => return None,
+                        },
+                        _ => return None,
+                    };
+                    let bytes = read_blob(recv, 12 * n + 64).await.ok()?;
+                    let state = State::from_bytes(&bytes, n)?;
+                    let proof = proof
+                        .iter()
+                        .map(|p| {
+                            hex::decode(p)
+                                .ok()
+                                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        })
+                        .collect::<Option<Vec<_>>>()?;
+                    Some(Opened {
+                        state,
+                        losses,
+                        proof,
+                    })
+                };
+                tokio::time::timeout(Duration::from_secs(60), ask)
+                    .await
+                    .ok()
+                    .flatten()
+            })
+        };
+        diloco::bisect(
+            &trainer,
+            &corpus.train,
+            &work,
+            &global,
+            &root,
+            &update,
+            &honest,
+            &mut open,
+        )
+    })
+    .await;
+    let mut guard = stream.lock().await;
+    let _ = guard.0.finish();
+    drop(guard);
+    match divergence {
+        Ok(Ok(d)) => AuditVerdict {
+            pending: false,
+            report: Some(report),
+            divergence: Some(d),
+            error: None,
+        },
+        Ok(Err(e)) => AuditVerdict {
+            pending: false,
+            report: Some(report),
+            divergence: None,
+            error: Some(format!("bisection failed: {e}")),
+        },
+        Err(e) => AuditVerdict {
+            pending: false,
+            report: Some(report),
+            divergence: None,
+            error: Some(format!("bisection stopped: {e}")),
+        },
+    }
+}
+
+/// Release every hold not settled and set the final status.
+async fn finish(task: &DilocoTask, ledger: &Ledger, outcome: Result<Status, String>) {
+    let open: Vec<String> = task
+        .state
+        .lock()
+        .map(|mut s| s.holds.iter_mut().filter_map(Option::take).collect())
+        .unwrap_or_default();
+    let mut refunded = 0;
+    for hold in open {
+        match ledger.settle(&hold, "", vec![], 0).await {
+            Ok(_) => refunded += task.request.step_escrow(),
+            Err(e) => tracing::warn!(task = %task.id, error = %e, "cannot release a DiLoCo hold"),
+        }
+    }
+    if let Ok(mut s) = task.state.lock() {
+        s.refunded += refunded;
+        match outcome {
+            Ok(status) => s.status = status,
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "DiLoCo task failed");
+                s.status = Status::Failed;
+                s.error = Some(e);
+            }
+        }
+    }
+}
