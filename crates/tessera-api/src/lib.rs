@@ -94,7 +94,6 @@ impl Default for ApiConfig {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             training: None,
-            compute: None,
         }
     }
 }

@@ -149,7 +149,11 @@ impl LmSpec {
         if !(2..=1024).contains(&self.context) {
             return Err(format!("context {} outside 2–1024", self.context));
         }
-        if self.heads == 0 || self.width == 0 || self.width % self.heads != 0 || self.width > 2048 {
+        if self.heads == 0
+            || self.width == 0
+            || !self.width.is_multiple_of(self.heads)
+            || self.width > 2048
+        {
             return Err(format!(
                 "width {} must be a multiple of heads {} (at most 2048)",
                 self.width, self.heads

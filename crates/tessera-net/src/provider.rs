@@ -377,6 +377,7 @@ async fn serve_jobs(
 
 /// Run one job: read its request, stream its tokens, end with JobDone or
 /// JobError. Returns early (cancelling the job) if the gateway goes away.
+#[allow(clippy::too_many_arguments)]
 async fn serve_job(
     mut send: SendStream,
     mut recv: RecvStream,

@@ -110,6 +110,7 @@ impl Net {
             max_gateways: 1,
             admission: None,
             training: Some(Arc::new(training)),
+            compute: None,
         };
         let run = tokio::spawn(tessera_net::provider::run(
             endpoint,

@@ -172,7 +172,7 @@ pub fn merkle_verify(
                 return false;
             };
             used += 1;
-            hash = if index % 2 == 0 {
+            hash = if index.is_multiple_of(2) {
                 node(&hash, p)
             } else {
                 node(p, &hash)
@@ -215,8 +215,14 @@ pub fn boundaries(steps: u32, k: u32) -> Vec<u32> {
     b
 }
 
+/// Step `step`'s own random source: the `step`-th output of a source
+/// seeded with `seed`, as a new seed. (Seeding with `seed ^ step × γ`
+/// would not do: SplitMix64 walks its state by γ, so step `i + 1`'s draws
+/// would be step `i`'s shifted by one, and consecutive batches would share
+/// all but one window.)
 fn step_rng(seed: u64, step: u32) -> Rng {
-    Rng::new(seed ^ u64::from(step).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    let mut r = Rng::new(seed.wrapping_add(u64::from(step).wrapping_mul(0xD1B5_4A32_D192_ED03)));
+    Rng::new(r.next_u64())
 }
 
 /// Take inner steps `from..to` of `work` from `state` (after `from` steps),
@@ -512,10 +518,10 @@ impl Outer {
                 *a += w * f64::from(*x);
             }
         }
-        for j in 0..n {
-            let g = avg[j] as f32;
-            self.momentum[j] = self.mu * self.momentum[j] + g;
-            self.exact[j] -= self.lr * (g + self.mu * self.momentum[j]);
+        for ((a, m), x) in avg.iter().zip(&mut self.momentum).zip(&mut self.exact) {
+            let g = *a as f32;
+            *m = self.mu * *m + g;
+            *x -= self.lr * (g + self.mu * *m);
         }
         let delta: Vec<f32> = self
             .exact
@@ -764,6 +770,25 @@ pub fn bisect(
     Ok(fault(bounds[good], bounds[bad], 1, opened, reason))
 }
 
+/// H at outer step `t` (from 1): `h`, or during a warm-up that starts at
+/// `first` inner steps, `first · 2^(t−1)` until that reaches `h` (frequent
+/// synchronization while the model changes fastest, for few bytes).
+pub fn inner_steps_at(h: u32, first: Option<u32>, t: u32) -> u32 {
+    match first {
+        Some(f) if f > 0 && f < h => {
+            let doubled = u64::from(f) << (t.saturating_sub(1)).min(31);
+            doubled.min(u64::from(h)) as u32
+        }
+        _ => h,
+    }
+}
+
+/// Inner steps of the fastest worker over a whole task, and before outer
+/// step `t` (the learning-rate schedule's clock).
+pub fn inner_steps_before(h: u32, first: Option<u32>, t: u32) -> u64 {
+    (1..t).map(|k| u64::from(inner_steps_at(h, first, k))).sum()
+}
+
 /// A DiLoCo run's settings (in one process: the reference the networked
 /// runs and the benchmark compare against).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -776,6 +801,9 @@ pub struct DilocoSettings {
     pub outer_steps: u32,
     /// Inner steps per outer step (H).
     pub inner_steps: u32,
+    /// Warm-up: H starts here and doubles each outer step up to
+    /// `inner_steps` ([`inner_steps_at`]).
+    pub first_inner_steps: Option<u32>,
     /// Windows per inner step (per worker).
     pub batch: usize,
     /// The inner optimizer (its `total_steps` is set from the above).
@@ -824,48 +852,81 @@ pub fn baseline(
     corpus: &Corpus,
     threads: usize,
 ) -> Result<Vec<f64>, TrainError> {
-    let trainer = LmTrainer::new(s.spec, threads)?;
     let total = u64::from(s.outer_steps) * u64::from(s.inner_steps);
-    let work = InnerWork {
-        spec: s.spec,
-        outer_step: 1,
-        checkpoint: String::new(),
-        shard: (0, corpus.train.len() as u64),
-        steps: s.inner_steps,
-        batch: s.batch * s.workers,
-        seed: s.seed,
-        first_step: 0,
-        optimizer: InnerOptimizer {
-            total_steps: total,
-            ..s.optimizer
-        },
-        checkpoint_every: s.inner_steps,
+    let optimizer = InnerOptimizer {
+        total_steps: total,
+        ..s.optimizer
     };
-    let mut state = State::start(&lm::init(&s.spec, s.seed));
-    let mut curve = Vec::new();
-    for o in 0..s.outer_steps {
-        // One long run (the moments are never reset), checkpointed per outer step.
-        let from = o * s.inner_steps;
+    let run = Baseline {
+        spec: s.spec,
+        steps: total,
+        batch: s.batch * s.workers,
+        optimizer,
+        seed: s.seed,
+        eval_every: u64::from(s.inner_steps),
+        val_windows: s.val_windows,
+    };
+    Ok(run
+        .train(corpus, threads)?
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect())
+}
+
+/// One process training with AdamW (what DiLoCo is measured against).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Baseline {
+    /// The model.
+    pub spec: LmSpec,
+    /// Steps.
+    pub steps: u64,
+    /// Windows per step.
+    pub batch: usize,
+    /// The optimizer (its schedule over `total_steps`).
+    pub optimizer: InnerOptimizer,
+    /// Seed of the initial parameters and the windows.
+    pub seed: u64,
+    /// Validation loss every this many steps.
+    pub eval_every: u64,
+    /// Validation windows.
+    pub val_windows: usize,
+}
+
+impl Baseline {
+    /// Train; returns (steps done, validation loss) every `eval_every`
+    /// steps and at the end.
+    pub fn train(&self, corpus: &Corpus, threads: usize) -> Result<Vec<(u64, f64)>, TrainError> {
+        let trainer = LmTrainer::new(self.spec, threads)?;
+        let steps =
+            u32::try_from(self.steps).map_err(|_| TrainError::Data("too many steps".into()))?;
         let work = InnerWork {
-            steps: from + s.inner_steps,
-            ..work.clone()
+            spec: self.spec,
+            outer_step: 1,
+            checkpoint: String::new(),
+            shard: (0, corpus.train.len() as u64),
+            steps,
+            batch: self.batch,
+            seed: self.seed,
+            first_step: 0,
+            optimizer: self.optimizer,
+            checkpoint_every: steps.max(1),
         };
-        run_segment(
-            &trainer,
-            &corpus.train,
-            &work,
-            &mut state,
-            from,
-            from + s.inner_steps,
-        )?;
-        curve.push(validation_loss(
-            &trainer,
-            corpus,
-            &state.params,
-            s.val_windows,
-        )?);
+        let mut state = State::start(&lm::init(&self.spec, self.seed));
+        let mut curve = Vec::new();
+        let every = self.eval_every.max(1) as u32;
+        let mut at = 0u32;
+        while at < steps {
+            let to = (at + every).min(steps);
+            // One long run: the moments are never reset.
+            run_segment(&trainer, &corpus.train, &work, &mut state, at, to)?;
+            at = to;
+            curve.push((
+                u64::from(at),
+                validation_loss(&trainer, corpus, &state.params, self.val_windows)?,
+            ));
+        }
+        Ok(curve)
     }
-    Ok(curve)
 }
 
 /// DiLoCo in one process: each outer step every worker trains from the
@@ -877,7 +938,7 @@ pub fn simulate(
     threads: usize,
 ) -> Result<Vec<f64>, TrainError> {
     let trainer = LmTrainer::new(s.spec, threads)?;
-    let total = u64::from(s.outer_steps) * u64::from(s.inner_steps);
+    let total = inner_steps_before(s.inner_steps, s.first_inner_steps, s.outer_steps + 1);
     let shards = corpus.shards(s.workers);
     let mut outer = Outer::new(lm::init(&s.spec, s.seed), s.outer_lr, s.outer_momentum);
     let mut curve = Vec::new();
@@ -889,10 +950,10 @@ pub fn simulate(
                 outer_step: o,
                 checkpoint: String::new(),
                 shard: (shard.start as u64, shard.end as u64),
-                steps: s.inner_steps,
+                steps: inner_steps_at(s.inner_steps, s.first_inner_steps, o),
                 batch: s.batch,
                 seed: work_seed(s.seed, o, w),
-                first_step: u64::from(o - 1) * u64::from(s.inner_steps),
+                first_step: inner_steps_before(s.inner_steps, s.first_inner_steps, o),
                 optimizer: InnerOptimizer {
                     total_steps: total,
                     ..s.optimizer
@@ -983,6 +1044,28 @@ mod tests {
         nan[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(Int8::from_bytes(&nan, v.len()).is_err());
         assert!(Int8::quantize(&[1.0, f32::INFINITY], CHUNK).is_err());
+    }
+
+    /// Consecutive steps draw different windows (a regression: seeds one
+    /// SplitMix64 stride apart once made step i + 1's batch step i's
+    /// shifted by one).
+    #[test]
+    fn consecutive_steps_draw_unrelated_batches() {
+        let mut rng = Rng::new(2);
+        let text: Vec<u8> = (0..100_000).map(|_| rng.below(256) as u8).collect();
+        let mut shared = 0;
+        for step in 0..50 {
+            let a = corpus::windows(&text, 0..text.len(), 8, 4, &mut step_rng(1, step)).unwrap();
+            let b =
+                corpus::windows(&text, 0..text.len(), 8, 4, &mut step_rng(1, step + 1)).unwrap();
+            let starts = |v: &[u32]| v.chunks(5).map(|w| w.to_vec()).collect::<Vec<_>>();
+            let (sa, sb) = (starts(&a), starts(&b));
+            shared += sa.iter().filter(|w| sb.contains(w)).count();
+        }
+        assert!(
+            shared < 5,
+            "{shared} windows shared between consecutive batches"
+        );
     }
 
     #[test]
@@ -1225,6 +1308,7 @@ mod tests {
             workers: 2,
             outer_steps: 3,
             inner_steps: 10,
+            first_inner_steps: None,
             batch: 4,
             optimizer: InnerOptimizer {
                 lr: 1e-2,

@@ -85,7 +85,7 @@ impl LmTrainer {
             )));
         }
         let w = self.spec.context + 1;
-        if tokens.is_empty() || tokens.len() % w != 0 {
+        if tokens.is_empty() || !tokens.len().is_multiple_of(w) {
             return Err(TrainError::Shape(format!(
                 "{} tokens are not whole windows of {w}",
                 tokens.len()

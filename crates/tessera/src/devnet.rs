@@ -8,14 +8,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::process::EndpointFile;
+use crate::process::{run_until_stopped, wait_for_file, Children, EndpointFile};
 
 #[derive(Args, Debug)]
 pub struct DevnetArgs {
@@ -50,6 +50,8 @@ pub struct DevnetArgs {
     pub network: crate::network::NetworkArgs,
     #[command(flatten)]
     pub train: TrainDemoArgs,
+    #[command(flatten)]
+    pub diloco: crate::diloco::DilocoDemoArgs,
 }
 
 /// The training demo: federated learning on the digits set.
@@ -89,48 +91,6 @@ pub struct TrainDemoArgs {
     pub vanish: usize,
 }
 
-/// Child processes, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
-pub(crate) struct Children(pub(crate) Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &self.0 {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for c in &mut self.0 {
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn read_json(path: &Path) -> Option<Value> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
-}
-
-fn wait_for_file(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(v) = read_json(path) {
-            return Ok(v);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!("{what} exited during start-up: {status}");
-        }
-        if Instant::now() > deadline {
-            bail!("{what} did not start within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     let model = crate::models::resolve_or_pull(home, &args.model)?;
     let exe = std::env::current_exe()?;
@@ -160,7 +120,10 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
             "--model",
         ])
         .arg(&model.path)
-        .args((args.no_audit || args.train.train_demo).then_some("--no-audit"))
+        .args(
+            (args.no_audit || args.train.train_demo || args.diloco.diloco_demo)
+                .then_some("--no-audit"),
+        )
         .args(["--prefix-cache", &args.prefix_cache.to_string()])
         .args(["--prefix-routing", &args.prefix_routing.to_string()])
         .args(["--network", &args.network.name])
@@ -181,6 +144,18 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
     let api_base = gw["api_base"].as_str().unwrap_or_default().to_string();
     let key = gw["api_key"].as_str().unwrap_or_default().to_string();
 
+    if args.diloco.diloco_demo {
+        return crate::diloco::demo(
+            home,
+            &base,
+            args.providers,
+            &args.network.name,
+            &args.diloco,
+            args.train.json,
+            &gw,
+            children,
+        );
+    }
     let mut providers = Vec::new();
     let shards = match args.train.train_demo {
         true => Some(demo_shards(args.providers, args.train.non_iid)?),
@@ -354,38 +329,6 @@ fn certify_gateway(base: &Path, gw_home: &Path, network: &str) -> anyhow::Result
     Ok(node_id(&operator.public()).to_string())
 }
 
-/// Wait for Ctrl-C or SIGTERM, saying so when a process of the devnet dies
-/// meanwhile: a provider's death is reported and the devnet goes on with
-/// the others; the gateway's ends the devnet with an error.
-async fn watch(children: &mut Children) -> anyhow::Result<()> {
-    let stop = crate::process::shutdown_signal();
-    tokio::pin!(stop);
-    let mut reported = vec![false; children.0.len()];
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = &mut stop => return Ok(()),
-            _ = tick.tick() => {}
-        }
-        for (i, child) in children.0.iter_mut().enumerate() {
-            let Ok(Some(status)) = child.try_wait() else {
-                continue;
-            };
-            if i == 0 {
-                bail!("the gateway (pid {}) exited: {status}", child.id());
-            }
-            if !reported[i] {
-                reported[i] = true;
-                eprintln!(
-                    "provider {} (pid {}) exited: {status}; the devnet goes on with the others",
-                    i - 1,
-                    child.id()
-                );
-            }
-        }
-    }
-}
-
 /// The digits set's training part, split over `providers` (IID, or
 /// Dirichlet(α) label shares), seeded as the benchmark splits it.
 fn demo_shards(
@@ -548,16 +491,4 @@ fn train_demo(
     );
     println!("`tessera train fetch {id}` saves the model; Ctrl-C stops the devnet.");
     run_until_stopped(children)
-}
-
-/// Keep the devnet up until Ctrl-C or SIGTERM (see [`watch`]), then stop
-/// every process it started.
-fn run_until_stopped(mut children: Children) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let outcome = runtime.block_on(watch(&mut children));
-    println!("stopping the devnet");
-    drop(children);
-    outcome
 }

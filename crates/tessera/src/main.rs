@@ -9,6 +9,7 @@
 mod accounts;
 mod bench;
 mod devnet;
+mod diloco;
 mod earnings;
 mod local;
 mod models;

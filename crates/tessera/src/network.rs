@@ -269,9 +269,22 @@ pub struct TrainArgs {
     /// run one at a time.
     #[arg(long, env = "TESSERA_TRAIN_THREADS", default_value_t = 1)]
     pub train_threads: usize,
-    /// Load no inference model: only train (needs --train-data).
-    #[arg(long, requires = "train_data")]
+    /// Load no inference model: only train (needs --train-data or
+    /// --compute).
+    #[arg(long)]
     pub train_only: bool,
+    /// Offer compute for DiLoCo tasks: train language models on the text
+    /// of Debian's `fortunes` package (this machine's copy; a task names
+    /// the text by its BLAKE3 and is refused when it differs).
+    #[arg(long, env = "TESSERA_COMPUTE")]
+    pub compute: bool,
+    /// What one DiLoCo inner step costs (micro-credits).
+    #[arg(long, env = "TESSERA_COMPUTE_PRICE", default_value_t = 1)]
+    pub compute_price: u64,
+    /// Benchmarks: stretch every inner step to this many times its length
+    /// (2: a machine half as fast).
+    #[arg(long, default_value_t = 1.0)]
+    pub compute_slowdown: f64,
 }
 
 /// TEST BUILDS ONLY (feature `adversary`): ways to cheat, for the
@@ -297,6 +310,11 @@ pub struct CheatArgs {
     /// Die (SIGKILL) right after sharing keys in a SecAgg round.
     #[arg(long)]
     pub vanish_after_keys: bool,
+    /// Cheat at DiLoCo steps: lazy (half the steps), random, replay (the
+    /// previous step's pseudo-gradient), scale (×3), flip, poison (another
+    /// part of the text).
+    #[arg(long)]
+    pub diloco_cheat: Option<tessera_net::diloco::worker::Cheat>,
 }
 
 pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
@@ -422,7 +440,8 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 args.fee_bps,
                 shutdown.clone(),
                 tasks.clone(),
-            ));
+            )
+            .with_workers(gateway.workers().clone()));
         let training: Arc<dyn tessera_backend::Training> = coordinator.clone();
         let receipts = crate::earnings::route(ledger.clone());
         let ledger_view = ledger.clone();
@@ -706,8 +725,9 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
         }
     }
     let training = training.map(Arc::new);
+    let compute = compute(&args)?;
     if args.train.train_only {
-        return train_only(home, key, args, training);
+        return train_only(home, key, args, training, compute);
     }
     // The engine (or the synthetic stand-in), kept alive for the whole run.
     let mut engine = None;
@@ -799,6 +819,7 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
         max_gateways: args.max_gateways,
         admission,
         training,
+        compute,
     };
     serve_provider(
         home,
@@ -818,8 +839,19 @@ fn train_only(
     key: tessera_net::SecretKey,
     args: ProviderArgs,
     training: Option<Arc<tessera_net::federated::client::TrainingData>>,
+    compute: Option<Arc<tessera_net::diloco::worker::Compute>>,
 ) -> anyhow::Result<()> {
-    let samples = training.as_ref().map_or(0, |t| t.data.len());
+    if training.is_none() && compute.is_none() {
+        anyhow::bail!("--train-only needs --train-data or --compute");
+    }
+    let what = match (&training, &compute) {
+        (Some(t), Some(_)) => format!(
+            "training on {} samples and offering DiLoCo compute (no inference model)",
+            t.data.len()
+        ),
+        (Some(t), None) => format!("training on {} samples (no inference model)", t.data.len()),
+        _ => "offering DiLoCo compute (no inference model)".to_string(),
+    };
     let config = ProviderConfig {
         gateways: args.gateways.clone(),
         offers: Vec::new(),
@@ -831,6 +863,7 @@ fn train_only(
         max_gateways: args.max_gateways,
         admission: provider_admission(&args.gateways, &args.network.name)?,
         training,
+        compute,
     };
     serve_provider(
         home,
@@ -838,8 +871,37 @@ fn train_only(
         &args,
         config,
         Arc::new(tessera_net::provider::NoInference),
-        format!("training on {samples} samples (no inference model)"),
+        what,
     )
+}
+
+/// DiLoCo compute, when `--compute` offers it.
+fn compute(
+    args: &ProviderArgs,
+) -> anyhow::Result<Option<Arc<tessera_net::diloco::worker::Compute>>> {
+    if !args.train.compute {
+        return Ok(None);
+    }
+    let corpus = tessera_train::corpus::Corpus::fortunes(
+        Path::new(tessera_train::corpus::FORTUNES_DIR),
+        tessera_train::corpus::VAL_SHARE,
+    )?;
+    let s = args.train.compute_slowdown;
+    if !(s.is_finite() && (1.0..=100.0).contains(&s)) {
+        anyhow::bail!("--compute-slowdown {s}: 1 to 100");
+    }
+    #[allow(unused_mut)]
+    let mut c = tessera_net::diloco::worker::Compute::new(
+        corpus,
+        args.train.compute_price,
+        args.train.train_threads,
+    );
+    c.slowdown = s;
+    #[cfg(feature = "adversary")]
+    {
+        c.cheat = args.cheat.diloco_cheat;
+    }
+    Ok(Some(Arc::new(c)))
 }
 
 /// Run a provider until it is stopped: bind its endpoint, take part in

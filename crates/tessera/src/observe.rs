@@ -266,6 +266,7 @@ async fn status(
         "auditors": view.auditors.as_ref().map(|p| p.describe()),
         "training": view.training.as_ref().map(|c| json!({
             "providers": c.trainers(),
+            "workers": c.workers(),
             "tasks": c.overview(),
         })),
     });

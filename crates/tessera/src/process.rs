@@ -1,10 +1,13 @@
 //! What every long-running command shares: the files it keeps in its home
-//! (written atomically and readable by their owner only) and the signals
-//! that stop it.
+//! (written atomically and readable by their owner only), the signals that
+//! stop it, and the child processes a devnet starts and stops.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use serde_json::Value;
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
@@ -65,4 +68,90 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path)
         .with_context(|| format!("cannot move {} into place", tmp.display()))?;
     Ok(())
+}
+
+/// Child processes, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for c in &mut self.0 {
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+pub fn wait_for_file(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(v) = read_json(path) {
+            return Ok(v);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{what} exited during start-up: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not start within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait for Ctrl-C or SIGTERM, saying so when a process of the devnet dies
+/// meanwhile: a provider's death is reported and the devnet goes on with
+/// the others; the gateway's ends the devnet with an error.
+async fn watch(children: &mut Children) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let mut reported = vec![false; children.0.len()];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        for (i, child) in children.0.iter_mut().enumerate() {
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            if i == 0 {
+                bail!("the gateway (pid {}) exited: {status}", child.id());
+            }
+            if !reported[i] {
+                reported[i] = true;
+                eprintln!(
+                    "provider {} (pid {}) exited: {status}; the devnet goes on with the others",
+                    i - 1,
+                    child.id()
+                );
+            }
+        }
+    }
+}
+
+/// Keep the devnet up until Ctrl-C or SIGTERM (see [`watch`]), then stop
+/// every process it started.
+pub fn run_until_stopped(mut children: Children) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(watch(&mut children));
+    println!("stopping the devnet");
+    drop(children);
+    outcome
 }

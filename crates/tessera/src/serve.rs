@@ -125,7 +125,6 @@ pub fn run(home: &Path, args: ServeArgs) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
             operator_token: None,
             training: None,
-                compute: None,
         });
         let accounts = Arc::new(LedgerAccounts::start(ledger, "local".into(), 0).await?);
         let _endpoint =

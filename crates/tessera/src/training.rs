@@ -25,8 +25,12 @@ pub struct ApiArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCommand {
-    /// Create a task and watch it (or print its id with --detach).
+    /// Create a federated task and watch it (or print its id with
+    /// --detach).
     Create(CreateArgs),
+    /// Create a DiLoCo task (one language model trained on workers'
+    /// compute) and watch it (or print its id with --detach).
+    Diloco(DilocoArgs),
     /// Follow a task: a progress bar, each round's loss, accuracy, bytes.
     Watch {
         /// The task's id.
@@ -262,6 +266,19 @@ pub(crate) fn watch(base: &str, key: &str, id: &str, quiet: bool) -> anyhow::Res
     let mut shown = 0usize;
     loop {
         let s = status(base, key, id)?;
+        if s["kind"] == "diloco" {
+            if !quiet {
+                print_diloco_steps(&s, shown);
+            }
+            shown = s["history"].as_array().map_or(0, Vec::len);
+            match s["status"].as_str() {
+                Some("waiting" | "running") => {
+                    std::thread::sleep(Duration::from_millis(250));
+                    continue;
+                }
+                _ => return Ok(s),
+            }
+        }
         let rounds = s["rounds"].as_u64().unwrap_or(0);
         let history = s["history"].as_array().cloned().unwrap_or_default();
         for r in history.iter().skip(shown) {
@@ -294,6 +311,9 @@ pub(crate) fn watch(base: &str, key: &str, id: &str, quiet: bool) -> anyhow::Res
 }
 
 fn summary(s: &Value) {
+    if s["kind"] == "diloco" {
+        return diloco_summary(s);
+    }
     println!(
         "task {}: {} after {} rounds; accuracy {}; escrow {} held, {} spent, {} refunded (micro-credits){}",
         s["id"].as_str().unwrap_or_default(),
@@ -310,6 +330,21 @@ fn summary(s: &Value) {
 pub fn run(home: &Path, command: TrainCommand) -> anyhow::Result<()> {
     match command {
         TrainCommand::Create(args) => {
+            let (base, key) = api(home, &args.api)?;
+            let task = args.task()?;
+            let created = create(&base, &key, &task)?;
+            let id = created["id"].as_str().unwrap_or_default().to_string();
+            if args.detach {
+                println!("{id}");
+                return Ok(());
+            }
+            println!(
+                "task {id}: {} micro-credits held in escrow",
+                created["escrow"]["held"]
+            );
+            summary(&watch(&base, &key, &id, false)?);
+        }
+        TrainCommand::Diloco(args) => {
             let (base, key) = api(home, &args.api)?;
             let task = args.task()?;
             let created = create(&base, &key, &task)?;
@@ -378,4 +413,166 @@ pub fn run(home: &Path, command: TrainCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A DiLoCo task as the flags describe it (README, "DiLoCo").
+#[derive(Args, Debug, Clone)]
+pub struct DilocoArgs {
+    /// The whole task as JSON (a file, or - for stdin); flags below are
+    /// ignored when given.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Outer steps.
+    #[arg(long, default_value_t = 16)]
+    pub outer_steps: u32,
+    /// Inner steps per outer step for the fastest worker (H).
+    #[arg(long, default_value_t = 400)]
+    pub inner_steps: u32,
+    /// Warm-up: H starts at this many inner steps and doubles each outer
+    /// step up to --inner-steps.
+    #[arg(long)]
+    pub first_inner_steps: Option<u32>,
+    /// Windows per inner step, per worker.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Most workers per outer step.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Fewest workers an outer step runs with.
+    #[arg(long, default_value_t = 1)]
+    pub min_workers: usize,
+    /// Tokens of context.
+    #[arg(long, default_value_t = 32)]
+    pub context: usize,
+    /// Width of the model.
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Peak inner (AdamW) learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f32,
+    /// Inner warm-up steps.
+    #[arg(long, default_value_t = 100)]
+    pub warmup: u64,
+    /// Outer learning rate.
+    #[arg(long, default_value_t = 0.7)]
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub outer_momentum: f32,
+    /// Most a worker may charge per inner step (micro-credits).
+    #[arg(long, default_value_t = 10)]
+    pub max_price_per_step: u64,
+    /// Share of (worker, outer step) pairs re-executed.
+    #[arg(long, default_value_t = 0.08)]
+    pub audit_rate: f64,
+    /// Workers commit their state every this many inner steps.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: u32,
+    /// Seed of the model and every worker's windows.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the task's id and return instead of watching it.
+    #[arg(long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+impl DilocoArgs {
+    /// The task's JSON.
+    pub fn task(&self) -> anyhow::Result<Value> {
+        if let Some(path) = &self.spec {
+            let text = if path.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+            };
+            let mut v: Value = serde_json::from_str(&text).context("the task is not JSON")?;
+            v["kind"] = json!("diloco");
+            return Ok(v);
+        }
+        Ok(json!({
+            "kind": "diloco",
+            "model": {"vocab": 256, "context": self.context, "width": self.width, "layers": self.layers, "heads": self.heads},
+            "outer_steps": self.outer_steps,
+            "inner_steps": self.inner_steps,
+            "first_inner_steps": self.first_inner_steps,
+            "batch": self.batch,
+            "workers": self.workers,
+            "min_workers": self.min_workers,
+            "optimizer": {"lr": self.lr, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01,
+                          "warmup": self.warmup, "total_steps": 0, "min_lr_ratio": 0.1},
+            "outer_lr": self.outer_lr,
+            "outer_momentum": self.outer_momentum,
+            "seed": self.seed,
+            "max_price_per_step": self.max_price_per_step,
+            "audit_rate": self.audit_rate,
+            "checkpoint_every": self.checkpoint_every,
+        }))
+    }
+}
+
+/// Print the outer steps in `history` after the first `shown`.
+pub(crate) fn print_diloco_steps(s: &Value, shown: usize) {
+    let total = s["outer_steps"].as_u64().unwrap_or(0);
+    for r in s["history"].as_array().into_iter().flatten().skip(shown) {
+        let done = r["outer_step"].as_u64().unwrap_or(0);
+        let width = 30usize;
+        let filled = (done as usize * width / total.max(1) as usize).min(width);
+        let workers = r["workers"].as_object().map_or(0, |w| w.len());
+        let bytes: u64 = r["workers"]
+            .as_object()
+            .into_iter()
+            .flat_map(|w| w.values())
+            .map(|w| w["bytes_up"].as_u64().unwrap_or(0) + w["bytes_down"].as_u64().unwrap_or(0))
+            .sum();
+        let audits = r["workers"]
+            .as_object()
+            .into_iter()
+            .flat_map(|w| w.values())
+            .filter(|w| !w["audit"].is_null())
+            .count();
+        let loss = |v: &Value| v.as_f64().map_or("-".into(), |l| format!("{l:.4}"));
+        println!(
+            "[{}{}] outer step {done}/{total}  workers {workers}  train loss {}  validation loss {}  {bytes} bytes  {audits} audited{}{}",
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            loss(&r["train_loss"]),
+            loss(&r["val_loss"]),
+            r["dropped"].as_object().filter(|d| !d.is_empty()).map_or(String::new(), |d| format!("  {} dropped", d.len())),
+            r["rejected"].as_object().filter(|d| !d.is_empty()).map_or(String::new(), |d| format!("  {} rejected", d.len())),
+        );
+    }
+}
+
+/// One line about a finished DiLoCo task.
+pub(crate) fn diloco_summary(s: &Value) {
+    let t = &s["totals"];
+    println!(
+        "task {}: {} after {} outer steps; validation loss {}; {} bytes moved ({}× less than per-step data parallelism); utilization {}; {} audits ({} failed, audit cost {}); {} struck; escrow {} held, {} spent, {} refunded (micro-credits){}",
+        s["id"].as_str().unwrap_or_default(),
+        s["status"].as_str().unwrap_or_default(),
+        s["outer_steps_done"],
+        s["val_loss"].as_f64().map_or("-".into(), |l| format!("{l:.4}")),
+        t["bytes"],
+        s["bytes_ratio"].as_f64().map_or("-".into(), |r| format!("{r:.0}")),
+        s["utilization"].as_f64().map_or("-".into(), |u| format!("{:.1}%", u * 100.0)),
+        t["audits"],
+        t["audits_failed"],
+        s["audit_cost"].as_f64().map_or("-".into(), |u| format!("{:.1}%", u * 100.0)),
+        s["struck"].as_object().map_or(0, |m| m.len()),
+        s["escrow"]["held"],
+        s["escrow"]["spent"],
+        s["escrow"]["refunded"],
+        s["error"].as_str().map_or(String::new(), |e| format!("; {e}")),
+    );
 }

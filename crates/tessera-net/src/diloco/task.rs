@@ -55,6 +55,10 @@ pub struct DilocoRequest {
     /// Inner steps per outer step for the fastest worker (H).
     #[serde(default = "default_h")]
     pub inner_steps: u32,
+    /// Warm-up: H starts at this many inner steps and doubles every outer
+    /// step until it reaches `inner_steps` (none: H from the start).
+    #[serde(default)]
+    pub first_inner_steps: Option<u32>,
     /// Windows per inner step.
     #[serde(default = "default_batch")]
     pub batch: usize,
@@ -185,6 +189,9 @@ impl DilocoRequest {
         if !(0.0..=1.0).contains(&self.audit_rate) {
             return Err("audit_rate: 0 to 1".into());
         }
+        if self.first_inner_steps == Some(0) {
+            return Err("first_inner_steps: at least 1".into());
+        }
         if self.checkpoint_every == 0 {
             return Err("checkpoint_every: at least 1".into());
         }
@@ -210,7 +217,11 @@ impl DilocoRequest {
 
     fn optimizer(&self) -> InnerOptimizer {
         InnerOptimizer {
-            total_steps: u64::from(self.outer_steps) * u64::from(self.inner_steps),
+            total_steps: diloco::inner_steps_before(
+                self.inner_steps,
+                self.first_inner_steps,
+                self.outer_steps + 1,
+            ),
             ..self.optimizer
         }
     }
@@ -304,8 +315,6 @@ pub struct Totals {
     pub audits_passed: u32,
     /// See `audits`.
     pub audits_failed: u32,
-    /// Audit bytes (opened states), apart from training traffic.
-    pub audit_bytes: u64,
 }
 
 /// A task and everything known about it.
@@ -416,7 +425,6 @@ struct Committed {
     commit: DilocoCommit,
     bytes_up: u64,
     bytes_down: u64,
-    wall_ms: u64,
 }
 
 /// An accepted pseudo-gradient.
@@ -473,6 +481,9 @@ pub(crate) async fn run(
     let mut pending: HashMap<u32, Pending> = HashMap::new();
     let mut applied = 0u32;
     let mut settlements = tokio::task::JoinSet::new();
+    let mut evaluations = Vec::new();
+    // Each worker's last part's resolution signal.
+    let mut chains: HashMap<NodeId, tokio::sync::oneshot::Receiver<()>> = HashMap::new();
     let trainer = match LmTrainer::new(req.model, 1) {
         Ok(t) => Arc::new(t),
         Err(e) => {
@@ -526,13 +537,14 @@ pub(crate) async fn run(
             let deadline_ms =
                 tessera_core::now_ms() + (req.step_deadline_s * 1000.0).round() as u64;
             let global = Arc::new(outer.published.clone());
+            let h_t = diloco::inner_steps_at(req.inner_steps, req.first_inner_steps, t);
             let jobs = chosen.iter().enumerate().map(|(k, w)| {
                 // Slower workers get fewer steps, so everyone finishes together.
                 let steps = match speeds.get(&w.node) {
-                    Some(s) if fastest > 0.0 => ((f64::from(req.inner_steps) * s / fastest).round()
-                        as u32)
-                        .clamp(1, req.inner_steps),
-                    _ => req.inner_steps,
+                    Some(s) if fastest > 0.0 => {
+                        ((f64::from(h_t) * s / fastest).round() as u32).clamp(1, h_t)
+                    }
+                    _ => h_t,
                 };
                 let shard = &shards[(k + t as usize) % shards.len()];
                 let work = InnerWork {
@@ -543,7 +555,11 @@ pub(crate) async fn run(
                     steps,
                     batch: req.batch,
                     seed: diloco::work_seed(req.seed, t, k),
-                    first_step: u64::from(t - 1) * u64::from(req.inner_steps),
+                    first_step: diloco::inner_steps_before(
+                        req.inner_steps,
+                        req.first_inner_steps,
+                        t,
+                    ),
                     optimizer: req.optimizer(),
                     checkpoint_every: req.checkpoint_every,
                 };
@@ -642,20 +658,31 @@ pub(crate) async fn run(
                         / tokens.max(1) as f64,
                 );
             }
-            let (tr, corpus, params, windows) = (
+            // The validation loss is measured while the next step runs.
+            let (tr, corpus, params, windows, tk) = (
                 trainer.clone(),
                 task.corpus.clone(),
                 outer.published.clone(),
                 req.val_windows,
+                task.clone(),
             );
-            report.val_loss = tokio::task::spawn_blocking(move || {
-                diloco::validation_loss(&tr, &corpus, &params, windows).ok()
-            })
-            .await
-            .ok()
-            .flatten();
+            evaluations.push(tokio::spawn(async move {
+                let loss = tokio::task::spawn_blocking(move || {
+                    diloco::validation_loss(&tr, &corpus, &params, windows).ok()
+                })
+                .await
+                .ok()
+                .flatten();
+                if let Ok(mut s) = tk.state.lock() {
+                    if let Some(r) = s.steps.iter_mut().find(|r| r.outer_step == t) {
+                        r.val_loss = loss;
+                    }
+                }
+            }));
             // Audits in the background; the step is paid after them.
-            let slowest = accepted.iter().map(|a| a.c.wall_ms).max().unwrap_or(0);
+            // A worker's time in this step: from the step's start to its
+            // end (reveals, the outer step), computing or waiting.
+            let step_ms = started.elapsed().as_millis() as u64;
             let mut audits = Vec::new();
             let mut rng = dice();
             if let Ok(mut s) = task.state.lock() {
@@ -665,7 +692,7 @@ pub(crate) async fn run(
                     s.totals.bytes += a.c.bytes_up + a.c.bytes_down;
                     s.totals.data_parallel_bytes += 8 * n as u64 * u64::from(a.c.work.steps);
                     s.totals.compute_ms += a.c.commit.compute_ms;
-                    s.totals.worker_ms += slowest.max(a.c.commit.compute_ms);
+                    s.totals.worker_ms += step_ms.max(a.c.commit.compute_ms);
                 }
             }
             for a in accepted {
@@ -680,7 +707,7 @@ pub(crate) async fn run(
                         compute_ms: a.c.commit.compute_ms,
                         bytes_down: a.c.bytes_down,
                         bytes_up: a.c.bytes_up,
-                        audit: audited.then(|| AuditVerdict {
+                        audit: audited.then_some(AuditVerdict {
                             pending: true,
                             report: None,
                             divergence: None,
@@ -689,7 +716,9 @@ pub(crate) async fn run(
                         paid: None,
                     },
                 );
-                audits.push((a, audited));
+                let (done, next) = tokio::sync::oneshot::channel();
+                let previous = chains.insert(a.c.worker.node, next);
+                audits.push((a, audited, Chain { previous, done }));
             }
             report.seconds = started.elapsed().as_secs_f64();
             tracing::info!(task = %task.id, outer_step = t, workers = report.workers.len(), val_loss = ?report.val_loss, "DiLoCo outer step done");
@@ -715,6 +744,9 @@ pub(crate) async fn run(
         Ok(Status::Completed)
     };
     drop(removals_tx);
+    for e in evaluations {
+        let _ = e.await;
+    }
     // Audits still running finish (and are paid or not) before the end;
     // their removals still apply to the final model.
     while let Some(done) = settlements.join_next().await {
@@ -804,7 +836,6 @@ async fn commit_phase(
     let conn = worker.conn.clone();
     let work = step.work.clone();
     let checkpoint = work.checkpoint.clone();
-    let started = Instant::now();
     let job = JobRequest {
         job_id: format!(
             "{}-o{}-{}",
@@ -882,7 +913,6 @@ async fn commit_phase(
                 commit,
                 bytes_up,
                 bytes_down,
-                wall_ms: started.elapsed().as_millis() as u64,
             })
         }
         Ok(Err(why)) => Err((worker, why)),
@@ -968,83 +998,141 @@ async fn reveal_phase(mut c: Committed, n: usize) -> (Committed, Result<Vec<f32>
     (c, r)
 }
 
-/// Audit the step's sampled workers, then pay it: each verified worker its
-/// steps × its price; a caught one nothing, struck, its part taken out.
+/// A worker's place in the order its parts are resolved: the previous
+/// part's signal (none for its first) and this part's.
+pub(crate) struct Chain {
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Resolve one worker's part of step `t`: `Some((node, steps, price))`
+/// when it is to be paid.
+#[allow(clippy::too_many_arguments)]
+async fn resolve(
+    task: Arc<DilocoTask>,
+    t: u32,
+    a: Accepted,
+    audited: bool,
+    chain: Chain,
+    global: Arc<Vec<f32>>,
+    trainer: Arc<LmTrainer>,
+    struck: Arc<Mutex<HashSet<NodeId>>>,
+    removals: tokio::sync::mpsc::UnboundedSender<Removal>,
+) -> Option<(String, u64, u64)> {
+    if let Some(previous) = chain.previous {
+        // Sent, or dropped when that part resolved: either way it is done.
+        let _ = previous.await;
+    }
+    let node = a.c.worker.node;
+    let (steps, price) = (u64::from(a.c.work.steps), a.c.worker.offer.price_per_step);
+    let (tokens, update) = (a.c.commit.tokens, a.update.clone());
+    let take_out = |why: Option<String>| {
+        if let Some(why) = why {
+            tracing::warn!(task = %task.id, worker = %node.short(), %why, "DiLoCo worker caught");
+            if let Ok(mut s) = struck.lock() {
+                s.insert(node);
+            }
+            if let Ok(mut s) = task.state.lock() {
+                s.struck.entry(node.to_string()).or_insert(why);
+            }
+        }
+        let _ = removals.send(Removal {
+            step: t,
+            update: update.clone(),
+            tokens,
+            node: node.to_string(),
+        });
+    };
+    let caught_before = struck.lock().is_ok_and(|s| s.contains(&node));
+    if caught_before {
+        // Caught in an earlier step's audit: this part is not paid either.
+        let mut c = a.c;
+        let _ = c.send.finish();
+        take_out(None);
+        drop(chain.done);
+        return None;
+    }
+    if !audited {
+        let mut c = a.c;
+        let _ = c.send.finish();
+        drop(chain.done);
+        return Some((node.to_string(), steps, price));
+    }
+    let verdict = audit(a, global, trainer, task.corpus.clone()).await;
+    let passed = verdict.report.as_ref().is_some_and(|r| r.passed) && verdict.error.is_none();
+    if let Ok(mut s) = task.state.lock() {
+        s.totals.audits += 1;
+        s.totals.audit_steps += verdict.report.as_ref().map_or(0, |r| r.steps)
+            + verdict.divergence.as_ref().map_or(0, |d| {
+                u64::from(d.segments_reexecuted) * u64::from(task.request.checkpoint_every)
+            });
+        if passed {
+            s.totals.audits_passed += 1;
+        } else {
+            s.totals.audits_failed += 1;
+        }
+        if let Some(w) = s
+            .steps
+            .iter_mut()
+            .find(|r| r.outer_step == t)
+            .and_then(|r| r.workers.get_mut(&node.to_string()))
+        {
+            w.audit = Some(verdict.clone());
+        }
+    }
+    let outcome = if passed {
+        Some((node.to_string(), steps, price))
+    } else {
+        let why = verdict
+            .divergence
+            .as_ref()
+            .map(|d| {
+                format!(
+                    "audit of outer step {t}: {} (inner steps {}..{})",
+                    d.reason, d.from, d.to
+                )
+            })
+            .or(verdict.error.clone())
+            .unwrap_or_else(|| format!("audit of outer step {t} failed"));
+        take_out(Some(why));
+        None
+    };
+    drop(chain.done);
+    outcome
+}
+/// Settle one outer step once each of its workers is resolved: a worker's
+/// part waits for the resolution of its previous part (so a worker caught
+/// in an audit of step t is not paid for, and has taken back out, every
+/// later step it was already in), then its own audit when it was sampled.
+/// Each verified worker is paid its steps × its price from the step's hold;
+/// a caught one nothing, struck, its part taken out.
 #[allow(clippy::too_many_arguments)]
 async fn settle_step(
     task: Arc<DilocoTask>,
     ledger: Ledger,
     fee_bps: u64,
     t: u32,
-    workers: Vec<(Accepted, bool)>,
+    workers: Vec<(Accepted, bool, Chain)>,
     global: Arc<Vec<f32>>,
     trainer: Arc<LmTrainer>,
     struck: Arc<Mutex<HashSet<NodeId>>>,
     removals: tokio::sync::mpsc::UnboundedSender<Removal>,
 ) {
-    let mut paid: Vec<(String, u64, u64)> = Vec::new();
-    for (a, audited) in workers {
-        let node = a.c.worker.node;
-        let (steps, price) = (u64::from(a.c.work.steps), a.c.worker.offer.price_per_step);
-        if !audited {
-            let mut c = a.c;
-            let _ = c.send.finish();
-            paid.push((node.to_string(), steps, price));
-            continue;
-        }
-        let tokens = a.c.commit.tokens;
-        let update = a.update.clone();
-        let verdict = audit(a, global.clone(), trainer.clone(), task.corpus.clone()).await;
-        let passed = verdict.report.as_ref().is_some_and(|r| r.passed) && verdict.error.is_none();
-        if let Ok(mut s) = task.state.lock() {
-            s.totals.audits += 1;
-            s.totals.audit_steps += verdict.report.as_ref().map_or(0, |r| r.steps)
-                + verdict.divergence.as_ref().map_or(0, |d| {
-                    u64::from(d.segments_reexecuted) * u64::from(task.request.checkpoint_every)
-                });
-            if passed {
-                s.totals.audits_passed += 1;
-            } else {
-                s.totals.audits_failed += 1;
-            }
-            if let Some(w) = s
-                .steps
-                .iter_mut()
-                .find(|r| r.outer_step == t)
-                .and_then(|r| r.workers.get_mut(&node.to_string()))
-            {
-                w.audit = Some(verdict.clone());
-            }
-        }
-        if passed {
-            paid.push((node.to_string(), steps, price));
-        } else {
-            let why = verdict
-                .divergence
-                .as_ref()
-                .map(|d| {
-                    format!(
-                        "audit of outer step {t}: {} (inner steps {}..{})",
-                        d.reason, d.from, d.to
-                    )
-                })
-                .or(verdict.error.clone())
-                .unwrap_or_else(|| format!("audit of outer step {t} failed"));
-            tracing::warn!(task = %task.id, worker = %node.short(), %why, "DiLoCo worker caught");
-            if let Ok(mut s) = struck.lock() {
-                s.insert(node);
-            }
-            if let Ok(mut s) = task.state.lock() {
-                s.struck.insert(node.to_string(), why);
-            }
-            let _ = removals.send(Removal {
-                step: t,
-                update,
-                tokens,
-                node: node.to_string(),
-            });
-        }
-    }
+    let resolved = futures::future::join_all(workers.into_iter().map(|(a, audited, chain)| {
+        resolve(
+            task.clone(),
+            t,
+            a,
+            audited,
+            chain,
+            global.clone(),
+            trainer.clone(),
+            struck.clone(),
+            removals.clone(),
+        )
+    }))
+    .await;
+    let paid: Vec<(String, u64, u64)> = resolved.into_iter().flatten().collect();
     // Pay from the step's hold; the rest goes back.
     let hold = task
         .state

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use super::gateway::usage_of;
 use super::network::{start, stream};
 use super::stats::percentile;
-use crate::devnet::Children;
+use crate::process::Children;
 
 #[derive(Args)]
 pub struct FloodBench {

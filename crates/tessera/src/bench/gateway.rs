@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::network::{start, stream};
 use super::stats::percentile;
-use crate::devnet::Children;
+use crate::process::Children;
 
 #[derive(Args)]
 pub struct GatewayBench {

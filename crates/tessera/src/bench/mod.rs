@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod chat;
+pub mod diloco;
 pub mod economics;
 pub mod engine;
 #[cfg(feature = "testing")]
@@ -65,6 +66,9 @@ pub enum BenchCommand {
     /// A training step on 1 and 2 threads, and federated rounds of the
     /// digits set in one process against centralized training.
     Train(train::TrainBench),
+    /// DiLoCo over worker processes (one at half speed) against one
+    /// process on the same tokens: loss curves, bytes, utilization, audits.
+    Diloco(diloco::DilocoBench),
     /// Cost of Tessera's sampling rule per token, on real logits.
     Sampling {
         #[command(flatten)]
@@ -90,6 +94,7 @@ pub fn run(home: &Path, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Audit(b) => audit::run(home, b),
         BenchCommand::Economics(b) => economics::run(b),
         BenchCommand::Train(b) => train::run(home, b),
+        BenchCommand::Diloco(b) => diloco::run(home, b),
         BenchCommand::Sampling { engine } => engine::sampling(home, &engine),
     }
 }

@@ -16,7 +16,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::stats::percentile;
-use crate::devnet::Children;
+use crate::process::Children;
 
 #[derive(Args)]
 pub struct NetworkBench {

@@ -28,7 +28,7 @@ use serde_json::json;
 
 use super::network::{start, Api};
 use super::stats::median;
-use crate::devnet::Children;
+use crate::process::Children;
 
 #[derive(Args, Clone)]
 pub struct ServerBench {
