@@ -254,6 +254,10 @@ pub struct WorkerReport {
 /// An audit's outcome.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditVerdict {
+    /// Whether the worker's part is verified: the re-execution matched,
+    /// or (a worker whose arithmetic drifted) every committed segment
+    /// follows from its own start.
+    pub passed: bool,
     /// Still running.
     pub pending: bool,
     /// The re-execution's report.
@@ -709,6 +713,7 @@ pub(crate) async fn run(
                         bytes_up: a.c.bytes_up,
                         audit: audited.then_some(AuditVerdict {
                             pending: true,
+                            passed: false,
                             report: None,
                             divergence: None,
                             error: None,
@@ -1059,7 +1064,7 @@ async fn resolve(
         return Some((node.to_string(), steps, price));
     }
     let verdict = audit(a, global, trainer, task.corpus.clone()).await;
-    let passed = verdict.report.as_ref().is_some_and(|r| r.passed) && verdict.error.is_none();
+    let passed = verdict.passed;
     if let Ok(mut s) = task.state.lock() {
         s.totals.audits += 1;
         s.totals.audit_steps += verdict.report.as_ref().map_or(0, |r| r.steps)
@@ -1226,6 +1231,7 @@ async fn audit(
             let _ = send.finish();
             return AuditVerdict {
                 pending: false,
+                passed: false,
                 report: None,
                 divergence: None,
                 error: Some(format!("re-execution failed: {e}")),
@@ -1235,6 +1241,7 @@ async fn audit(
             let _ = send.finish();
             return AuditVerdict {
                 pending: false,
+                passed: false,
                 report: None,
                 divergence: None,
                 error: Some(format!("re-execution stopped: {e}")),
@@ -1245,6 +1252,7 @@ async fn audit(
         let _ = send.finish();
         return AuditVerdict {
             pending: false,
+            passed: true,
             report: Some(report),
             divergence: None,
             error: None,
@@ -1302,7 +1310,7 @@ async fn audit(
                     .flatten()
             })
         };
-        diloco::bisect(
+        let d = diloco::bisect(
             &trainer,
             &corpus.train,
             &work,
@@ -1310,6 +1318,20 @@ async fn audit(
             &root,
             &update,
             &honest,
+            &mut open,
+        )?;
+        if d.proven {
+            return Ok(Some(d));
+        }
+        // The worker's trace only drifted from the auditor's (or only its
+        // losses differ): check every segment from its own states.
+        diloco::check_segments(
+            &trainer,
+            &corpus.train,
+            &work,
+            &global,
+            &root,
+            &update,
             &mut open,
         )
     })
@@ -1320,18 +1342,21 @@ async fn audit(
     match divergence {
         Ok(Ok(d)) => AuditVerdict {
             pending: false,
+            passed: d.is_none(),
             report: Some(report),
-            divergence: Some(d),
+            divergence: d,
             error: None,
         },
         Ok(Err(e)) => AuditVerdict {
             pending: false,
+            passed: false,
             report: Some(report),
             divergence: None,
             error: Some(format!("bisection failed: {e}")),
         },
         Err(e) => AuditVerdict {
             pending: false,
+            passed: false,
             report: Some(report),
             divergence: None,
             error: Some(format!("bisection stopped: {e}")),
