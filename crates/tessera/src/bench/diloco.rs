@@ -183,7 +183,7 @@ pub fn run(home: &Path, b: DilocoBench) -> anyhow::Result<()> {
                 ..InnerOptimizer::default()
             },
             seed: 1,
-            eval_every: (steps / u64::from(b.outer_steps.max(1))).max(1),
+            eval_every: steps.div_ceil(u64::from(b.outer_steps.max(1))).max(1),
             val_windows: 256,
         };
         baseline_curve = run.train(&corpus, 2)?;
