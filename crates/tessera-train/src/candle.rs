@@ -88,8 +88,35 @@ impl CandleTrainer {
     }
 }
 
-fn engine(e: candle_core::Error) -> TrainError {
+pub(crate) fn engine(e: candle_core::Error) -> TrainError {
     TrainError::Engine(e.to_string())
+}
+
+/// A scalar loss and its gradient with respect to `vars`, flat in their
+/// order (`n` values in all; a variable the loss does not reach gets
+/// zeros).
+pub(crate) fn loss_and_flat_gradients(
+    loss: &Tensor,
+    vars: &[Var],
+    n: usize,
+) -> Result<(f32, Vec<f32>), TrainError> {
+    let grads = loss.backward().map_err(engine)?;
+    let mut flat = Vec::with_capacity(n);
+    for v in vars {
+        match grads.get(v.as_tensor()) {
+            Some(g) => flat.extend(
+                g.flatten_all()
+                    .and_then(|g| g.to_vec1::<f32>())
+                    .map_err(engine)?,
+            ),
+            None => flat.extend(std::iter::repeat_n(0.0, v.as_tensor().elem_count())),
+        }
+    }
+    let loss = loss
+        .to_dtype(DType::F32)
+        .and_then(|l| l.to_scalar::<f32>())
+        .map_err(engine)?;
+    Ok((loss, flat))
 }
 
 impl Trainer for CandleTrainer {
@@ -108,24 +135,7 @@ impl Trainer for CandleTrainer {
             let (logits, vars) = self.forward(parameters, x, y.len()).map_err(engine)?;
             let target = Tensor::from_slice(y, y.len(), &Device::Cpu).map_err(engine)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &target).map_err(engine)?;
-            let grads = loss.backward().map_err(engine)?;
-            let mut flat = Vec::with_capacity(parameters.len());
-            for v in &vars {
-                match grads.get(v.as_tensor()) {
-                    Some(g) => flat.extend(
-                        g.flatten_all()
-                            .and_then(|g| g.to_vec1::<f32>())
-                            .map_err(engine)?,
-                    ),
-                    // A parameter the loss does not reach has no gradient.
-                    None => flat.extend(std::iter::repeat_n(0.0, v.as_tensor().elem_count())),
-                }
-            }
-            let loss = loss
-                .to_dtype(DType::F32)
-                .and_then(|l| l.to_scalar::<f32>())
-                .map_err(engine)?;
-            Ok((loss, flat))
+            loss_and_flat_gradients(&loss, &vars, parameters.len())
         })
     }
 

@@ -748,7 +748,9 @@ pub fn bisect(
             ..fault(work.steps, work.steps, 0, opened, reason.to_string())
         });
     }
+    // Opened states at the ends of the search, so none is opened twice.
     let mut before: Option<State> = None;
+    let mut after = last;
     while bad - good > 1 {
         let mid = (good + bad) / 2;
         match get(mid, &mut opened) {
@@ -756,22 +758,16 @@ pub fn bisect(
                 good = mid;
                 before = Some(s);
             }
-            Ok(_) => bad = mid,
+            Ok(s) => {
+                bad = mid;
+                after = s;
+            }
             Err(r) => return Ok(fault(bounds[mid], bounds[mid], 0, opened, r)),
         }
     }
-    let mut start = match before {
-        Some(s) => s,
-        None if good == 0 => State::start(global),
-        None => match get(good, &mut opened) {
-            Ok(s) => s,
-            Err(r) => return Ok(fault(bounds[good], bounds[good], 0, opened, r)),
-        },
-    };
-    let end = match get(bad, &mut opened) {
-        Ok(s) => s,
-        Err(r) => return Ok(fault(bounds[bad], bounds[bad], 0, opened, r)),
-    };
+    // `before` is empty only while `good` is the checkpoint.
+    let mut start = before.unwrap_or_else(|| State::start(global));
+    let end = after;
     run_segment(trainer, text, work, &mut start, bounds[good], bounds[bad])?;
     let follows = relative_distance(&end.params, &start.params) <= STATE_TOLERANCE;
     let reason = if follows {

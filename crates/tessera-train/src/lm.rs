@@ -6,7 +6,9 @@
 //! optimizer, compression, hashing and re-execution above it never see a
 //! tensor.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var, D};
+
+use crate::candle::engine;
 pub use tessera_core::train::LmSpec;
 
 use crate::rng::Rng;
@@ -42,10 +44,6 @@ pub fn init(spec: &LmSpec, seed: u64) -> Vec<f32> {
 pub struct LmTrainer {
     spec: LmSpec,
     pool: rayon::ThreadPool,
-}
-
-fn engine(e: candle_core::Error) -> TrainError {
-    TrainError::Engine(e.to_string())
 }
 
 fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
@@ -191,23 +189,7 @@ impl LmTrainer {
         let batch = self.windows(parameters, tokens)?;
         self.pool.install(|| {
             let (loss, vars) = self.forward(parameters, tokens, batch).map_err(engine)?;
-            let grads = loss.backward().map_err(engine)?;
-            let mut flat = Vec::with_capacity(parameters.len());
-            for v in &vars {
-                match grads.get(v.as_tensor()) {
-                    Some(g) => flat.extend(
-                        g.flatten_all()
-                            .and_then(|g| g.to_vec1::<f32>())
-                            .map_err(engine)?,
-                    ),
-                    None => flat.extend(std::iter::repeat_n(0.0, v.as_tensor().elem_count())),
-                }
-            }
-            let loss = loss
-                .to_dtype(DType::F32)
-                .and_then(|l| l.to_scalar::<f32>())
-                .map_err(engine)?;
-            Ok((loss, flat))
+            crate::candle::loss_and_flat_gradients(&loss, &vars, parameters.len())
         })
     }
 

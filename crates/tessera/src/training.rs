@@ -141,13 +141,7 @@ pub struct CreateArgs {
 impl CreateArgs {
     fn task(&self) -> anyhow::Result<Value> {
         if let Some(path) = &self.spec {
-            let text = if path.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())?
-            } else {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?
-            };
-            return serde_json::from_str(&text).context("the task is not JSON");
+            return read_spec(path);
         }
         let model = match self.model.as_str() {
             "mlp" => {
@@ -198,6 +192,16 @@ impl CreateArgs {
         }
         Ok(task)
     }
+}
+
+/// A task's JSON from a file, or from stdin for `-`.
+fn read_spec(path: &Path) -> anyhow::Result<Value> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    serde_json::from_str(&text).context("the task is not JSON")
 }
 
 /// The API's base URL and key, from the flags or endpoint.json.
@@ -488,15 +492,7 @@ impl DilocoArgs {
     /// The task's JSON.
     pub fn task(&self) -> anyhow::Result<Value> {
         if let Some(path) = &self.spec {
-            let text = if path.as_os_str() == "-" {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
-                s
-            } else {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?
-            };
-            let mut v: Value = serde_json::from_str(&text).context("the task is not JSON")?;
+            let mut v = read_spec(path)?;
             v["kind"] = json!("diloco");
             return Ok(v);
         }

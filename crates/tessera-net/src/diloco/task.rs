@@ -353,6 +353,13 @@ pub(crate) struct TaskState {
 }
 
 impl DilocoTask {
+    /// Whether it is waiting or running.
+    pub fn live(&self) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
+    }
+
     /// What the dashboard shows: progress, losses, bytes, audits.
     pub fn overview(&self) -> serde_json::Value {
         let Ok(s) = self.state.lock() else {

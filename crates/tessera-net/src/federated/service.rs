@@ -84,22 +84,12 @@ impl Coordinator {
     fn running(&self, account: &str) -> usize {
         let fl = self.tasks.lock().map_or(0, |t| {
             t.values()
-                .filter(|t| t.account == account)
-                .filter(|t| {
-                    t.state
-                        .lock()
-                        .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
-                })
+                .filter(|t| t.account == account && t.live())
                 .count()
         });
         let dl = self.diloco.lock().map_or(0, |t| {
             t.values()
-                .filter(|t| t.account == account)
-                .filter(|t| {
-                    t.state
-                        .lock()
-                        .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
-                })
+                .filter(|t| t.account == account && t.live())
                 .count()
         });
         fl + dl
@@ -259,6 +249,30 @@ impl Coordinator {
     }
 }
 
+/// Stop a live task: the runner finishes the round or outer step in flight
+/// (its providers trained for it, so they are paid), then releases the
+/// unspent escrow; this waits up to 10 s for that (`cancelling` says it is
+/// under way). A task already over is a conflict.
+async fn stop_and_wait(
+    stop: &CancellationToken,
+    live: impl Fn() -> bool,
+    id: &str,
+) -> Result<(), TrainingError> {
+    if !live() {
+        return Err(TrainingError::Conflict(format!(
+            "Task {id} is already over."
+        )));
+    }
+    stop.cancel();
+    for _ in 0..200 {
+        if !live() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 fn ledger_error(e: LedgerError) -> TrainingError {
     match e {
         LedgerError::Insufficient { .. } | LedgerError::SpendLimit { .. } => {
@@ -299,27 +313,9 @@ impl Training for Coordinator {
             );
             // The escrow, held before the first round: one hold per round.
             let per_round = request.round_escrow();
-            let mut holds = Vec::with_capacity(request.rounds as usize);
-            for round in 1..=request.rounds {
-                let key = format!("{id}-r{round}");
-                match self
-                    .ledger
-                    .hold(&account, per_round, &self.gateway, Some(&key))
-                    .await
-                {
-                    Ok(Hold::New(h)) => holds.push(h),
-                    Ok(Hold::Duplicate { .. }) => {
-                        self.release(holds).await;
-                        return Err(TrainingError::Unavailable(
-                            "a task id was reused; try again".into(),
-                        ));
-                    }
-                    Err(e) => {
-                        self.release(holds).await;
-                        return Err(ledger_error(e));
-                    }
-                }
-            }
+            let holds = self
+                .hold_all(&account, &id, request.rounds, per_round)
+                .await?;
             let initial = tessera_train::Initialize::init(&request.model, request.seed);
             let task = Arc::new(Task {
                 id: id.clone(),
@@ -392,55 +388,11 @@ impl Training for Coordinator {
         let (account, id) = (account.to_string(), id.to_string());
         Box::pin(async move {
             if let Some(task) = self.diloco_task(&account, &id) {
-                let over = task
-                    .state
-                    .lock()
-                    .map(|s| !matches!(s.status, Status::Waiting | Status::Running))
-                    .unwrap_or(true);
-                if over {
-                    return Err(TrainingError::Conflict(format!(
-                        "Task {id} is already over."
-                    )));
-                }
-                task.stop.cancel();
-                // The outer step in flight finishes (its workers are paid).
-                for _ in 0..200 {
-                    if task
-                        .state
-                        .lock()
-                        .is_ok_and(|s| !matches!(s.status, Status::Waiting | Status::Running))
-                    {
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                stop_and_wait(&task.stop, || task.live(), &id).await?;
                 return Ok(task.status(false));
             }
             let task = self.task(&account, &id)?;
-            let over = task
-                .state
-                .lock()
-                .map(|s| !matches!(s.status, Status::Waiting | Status::Running))
-                .unwrap_or(true);
-            if over {
-                return Err(TrainingError::Conflict(format!(
-                    "Task {id} is already over."
-                )));
-            }
-            task.stop.cancel();
-            // The runner finishes the round in flight (its providers are
-            // paid for it), then releases the unspent escrow; the answer
-            // waits up to 10 s for that (`cancelling` says it is under way).
-            for _ in 0..200 {
-                let stopped = task
-                    .state
-                    .lock()
-                    .is_ok_and(|s| !matches!(s.status, Status::Waiting | Status::Running));
-                if stopped {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            stop_and_wait(&task.stop, || task.live(), &id).await?;
             Ok(task.status(false))
         })
     }

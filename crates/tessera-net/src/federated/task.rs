@@ -480,6 +480,13 @@ pub(crate) struct State {
 }
 
 impl Task {
+    /// Whether it is waiting or running.
+    pub fn live(&self) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
+    }
+
     /// What the dashboard shows of it: progress and each round's figures.
     pub fn overview(&self) -> serde_json::Value {
         let Ok(s) = self.state.lock() else {
