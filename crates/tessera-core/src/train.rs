@@ -249,7 +249,7 @@ pub struct InnerWork {
 }
 
 /// Where a training task is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
     /// Waiting for enough providers.

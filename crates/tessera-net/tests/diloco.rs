@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tessera_backend::{Training, TrainingError};
 use tessera_ledger::{Ledger, Limits, MICRO};
 use tessera_net::diloco::worker::{Cheat, Compute};
+use tessera_net::diloco::Store;
 use tessera_net::directory::Directory;
 use tessera_net::federated::Coordinator;
 use tessera_net::node::{self, node_id, Ticket};
@@ -32,6 +33,9 @@ struct Net {
     ticket: Ticket,
     ledger: Ledger,
     coordinator: Coordinator,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    store: std::path::PathBuf,
     account: String,
     corpus: Corpus,
     workers: Vec<(SecretKey, tokio::task::JoinHandle<()>)>,
@@ -64,15 +68,9 @@ async fn network() -> Net {
     let ticket = Ticket::of(&endpoint, None);
     let gateway = Gateway::new(endpoint, vec![], Arc::new(Directory::default()));
     tokio::spawn(gateway.clone().accept());
-    let coordinator = Coordinator::new(
-        gateway.trainers().clone(),
-        ledger.clone(),
-        gateway.node().to_string(),
-        FEE_BPS,
-        CancellationToken::new(),
-        TaskTracker::new(),
-    )
-    .with_workers(gateway.workers().clone());
+    let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+    let store = dir.join("diloco");
+    let coordinator = coordinator(&gateway, &ledger, &shutdown, &tracker, &store);
     let corpus = Corpus::fortunes(std::path::Path::new(FORTUNES_DIR), VAL_SHARE)
         .expect("Debian's fortunes package (scripts/deps.sh installs it)");
     Net {
@@ -80,6 +78,9 @@ async fn network() -> Net {
         ticket,
         ledger,
         coordinator,
+        shutdown,
+        tracker,
+        store,
         account: account.id,
         corpus,
         workers: Vec::new(),
@@ -87,7 +88,50 @@ async fn network() -> Net {
     }
 }
 
+fn coordinator(
+    gateway: &Gateway,
+    ledger: &Ledger,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    store: &std::path::Path,
+) -> Coordinator {
+    Coordinator::new(
+        gateway.trainers().clone(),
+        ledger.clone(),
+        gateway.node().to_string(),
+        FEE_BPS,
+        shutdown.clone(),
+        tracker.clone(),
+    )
+    .with_workers(gateway.workers().clone())
+    .with_store(Store::new(store))
+}
+
 impl Net {
+    /// Stop the coordinator as a gateway shutting down does (its tasks'
+    /// runners end, unspent escrow released), release what the ledger
+    /// still holds for this gateway (what a restarted gateway does first),
+    /// and start a new coordinator on the same store, which resumes.
+    async fn restart_coordinator(&mut self) -> usize {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.ledger
+            .release_open_holds(&self.gateway.node().to_string())
+            .await
+            .unwrap();
+        self.shutdown = CancellationToken::new();
+        self.tracker = TaskTracker::new();
+        self.coordinator = coordinator(
+            &self.gateway,
+            &self.ledger,
+            &self.shutdown,
+            &self.tracker,
+            &self.store,
+        );
+        self.coordinator.resume().await
+    }
+
     async fn worker(&mut self, cheat: Option<Cheat>) -> SecretKey {
         let key = SecretKey::generate();
         let mut compute = Compute::new(self.corpus.clone(), PRICE, 1);
@@ -373,4 +417,116 @@ async fn invalid_diloco_tasks_hold_nothing() {
     ));
     let owner = net.ledger.account(&net.account).await.unwrap().unwrap();
     assert_eq!(owner.held, 0);
+}
+
+/// A gateway that stops mid-task resumes it from the file of its last
+/// settled outer step: the task completes with every step once, a worker
+/// caught before the stop stays struck, nobody is paid twice for a step
+/// and the escrow (held again after the restart) balances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_gateway_resumes_its_diloco_task_paying_each_step_once() {
+    let mut net = network().await;
+    let honest = [net.worker(None).await, net.worker(None).await];
+    let lazy = net.worker(Some(Cheat::Lazy)).await;
+    net.wait_for_workers(3).await;
+    let outer_steps = 12u32;
+    let mut body = task(outer_steps, 3, 1.0);
+    body["inner_steps"] = json!(40);
+    body["checkpoint_every"] = json!(10);
+    let status = net.coordinator.create(&net.account, body).await.unwrap();
+    let id = status["id"].as_str().unwrap().to_string();
+    let per_step = 3 * 40 * 2 * PRICE;
+    // Stop once two steps are settled (and the cheater caught).
+    let mut at_stop = Value::Null;
+    for _ in 0..3000 {
+        at_stop = net.coordinator.status(&net.account, &id).unwrap();
+        if at_stop["outer_steps_settled"].as_u64().unwrap() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let settled = at_stop["outer_steps_settled"].as_u64().unwrap();
+    assert!(
+        (2..u64::from(outer_steps) - 2).contains(&settled),
+        "the stop should come mid-task: {at_stop:#}"
+    );
+    let lazy_node = node_id(&lazy.public()).to_string();
+    assert!(at_stop["struck"].get(&lazy_node).is_some(), "{at_stop:#}");
+    eprintln!(
+        "stopping at {settled} settled, {} done",
+        at_stop["outer_steps_done"]
+    );
+    assert_eq!(net.restart_coordinator().await, 1, "the task resumes");
+    let resumed = net.coordinator.status(&net.account, &id).unwrap();
+    assert_eq!(resumed["resumed"], 1);
+    let from = resumed["outer_steps_done"].as_u64().unwrap();
+    assert!(
+        from >= settled && from < u64::from(outer_steps),
+        "{resumed:#}"
+    );
+    assert!(resumed["struck"].get(&lazy_node).is_some(), "still struck");
+
+    let s = net.finish(&id).await;
+    assert_eq!(s["status"], "completed", "{s:#}");
+    let history = s["history"].as_array().unwrap();
+    let steps: Vec<u64> = history
+        .iter()
+        .map(|h| h["outer_step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=u64::from(outer_steps)).collect::<Vec<_>>());
+    // The struck cheater got no part after the restart, and no pay.
+    for h in &history[from as usize..] {
+        assert!(h["workers"].get(&lazy_node).is_none(), "{h:#}");
+    }
+    assert_eq!(net.earned(&lazy).await, 0);
+    // Each honest worker's ledger balance is what the history says it was
+    // paid, once per step (fees per settlement).
+    let mut spent = 0u64;
+    for key in &honest {
+        let node = node_id(&key.public()).to_string();
+        let (mut steps, mut net_of_fees) = (0u64, 0u64);
+        for h in history {
+            let w = &h["workers"][&node];
+            assert_eq!(w["audit"]["passed"], true, "{w:#}");
+            let paid = w["paid"].as_u64().unwrap();
+            assert_eq!(paid, w["steps"].as_u64().unwrap() * PRICE);
+            steps += w["steps"].as_u64().unwrap();
+            net_of_fees += paid - paid * FEE_BPS / 10_000;
+            spent += paid;
+        }
+        assert_eq!(s["providers"][&node]["steps_paid"], steps);
+        assert_eq!(
+            net.earned(key).await as u64,
+            net_of_fees,
+            "paid once a step"
+        );
+    }
+    let escrow = &s["escrow"];
+    assert_eq!(escrow["spent"].as_u64().unwrap(), spent);
+    // Held: every step once, and again for the steps left at the restart.
+    assert_eq!(
+        escrow["held"].as_u64().unwrap(),
+        (u64::from(outer_steps) + u64::from(outer_steps) - from) * per_step
+    );
+    assert_eq!(
+        escrow["spent"].as_u64().unwrap() + escrow["refunded"].as_u64().unwrap(),
+        escrow["held"].as_u64().unwrap()
+    );
+    let owner = net.ledger.account(&net.account).await.unwrap().unwrap();
+    assert_eq!(owner.held, 0, "no escrow left held");
+    assert_eq!(owner.balance as u64, 10 * MICRO - spent);
+    assert!(net.ledger.check().await.unwrap().ok(), "the books balance");
+    let losses: Vec<f64> = history
+        .iter()
+        .map(|h| h["val_loss"].as_f64().unwrap())
+        .collect();
+    assert!(losses[losses.len() - 1] < losses[0], "{losses:?}");
+
+    // A finished task is still there after another restart, model and all.
+    assert_eq!(net.restart_coordinator().await, 0, "nothing left to resume");
+    let again = net.coordinator.status(&net.account, &id).unwrap();
+    assert_eq!(again["status"], "completed");
+    assert_eq!(again["escrow"], s["escrow"]);
+    assert_eq!(again["val_loss"], s["val_loss"]);
+    assert!(net.coordinator.model(&net.account, &id).is_ok());
 }

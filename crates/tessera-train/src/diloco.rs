@@ -23,7 +23,7 @@
 //! bias correction), so a (worker, outer step) pair depends only on public
 //! inputs: checkpoint, shard, seed, step count and schedule.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 pub use tessera_core::train::{InnerOptimizer, InnerWork};
 
 use crate::corpus::{self, Corpus};
@@ -536,6 +536,44 @@ impl Outer {
 }
 
 impl Outer {
+    /// Its three vectors (published, exact, momentum) as little-endian f32,
+    /// for the coordinator's file; the learning rate and momentum are the
+    /// task's settings.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(12 * self.exact.len());
+        for part in [&self.published, &self.exact, &self.momentum] {
+            out.extend(part.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        out
+    }
+
+    /// What [`Outer::to_bytes`] wrote for `n` parameters, if every value is
+    /// finite.
+    pub fn from_bytes(bytes: &[u8], n: usize, lr: f32, mu: f32) -> Result<Outer, TrainError> {
+        let state = State::from_bytes(bytes, n).ok_or_else(|| {
+            TrainError::Data(format!(
+                "an outer state of {} bytes for {n} parameters",
+                bytes.len()
+            ))
+        })?;
+        let outer = Outer {
+            published: state.params,
+            exact: state.m,
+            momentum: state.v,
+            lr,
+            mu,
+        };
+        if [&outer.published, &outer.exact, &outer.momentum]
+            .iter()
+            .any(|p| p.iter().any(|x| !x.is_finite()))
+        {
+            return Err(TrainError::Data(
+                "an outer state with a value that is not finite".into(),
+            ));
+        }
+        Ok(outer)
+    }
+
     /// Take `e` back out of an averaged pseudo-gradient applied `later`
     /// outer steps ago (0: the last one). The outer step is linear in the
     /// averaged pseudo-gradients: `e`'s part of the momentum is now
@@ -601,7 +639,7 @@ pub fn relative_distance(a: &[f32], b: &[f32]) -> f64 {
 pub const AUDIT_TOLERANCE: f64 = 0.02;
 
 /// An audit's verdict on one (worker, outer step).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditReport {
     /// Relative distance of the claimed pseudo-gradient from the
     /// re-executed one.
@@ -654,7 +692,7 @@ pub struct Opened {
 }
 
 /// Where a bisection found the first divergent inner steps.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Divergence {
     /// The first divergent segment: inner steps `from..to`.
     pub from: u32,
@@ -1244,6 +1282,13 @@ mod tests {
         with.take_back(&e, 2);
         assert!(relative_distance(&with.exact, &without.exact) < 1e-5);
         assert!(relative_distance(&with.momentum, &without.momentum) < 1e-5);
+        // What the coordinator writes to its file reads back exactly.
+        let back = Outer::from_bytes(&with.to_bytes(), 2000, 0.7, 0.9).unwrap();
+        assert_eq!(back, with);
+        assert!(Outer::from_bytes(&with.to_bytes()[1..], 2000, 0.7, 0.9).is_err());
+        let mut nan = with.to_bytes();
+        nan[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(Outer::from_bytes(&nan, 2000, 0.7, 0.9).is_err());
     }
 
     /// Re-execution: honest work passes at one and two threads; each way

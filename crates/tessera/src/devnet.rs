@@ -109,13 +109,23 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
 
     let gw_home = dir("gateway")?;
     let operator = certify_gateway(&base, &gw_home, &args.network.name)?;
-    let gateway = Command::new(&exe)
-        .args([
+    // With --restart-gateway the gateway comes back on the same QUIC port
+    // (the workers redial the address in their ticket).
+    let bind = match args.diloco.restart_gateway {
+        true => {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            socket.local_addr()?.to_string()
+        }
+        false => "127.0.0.1:0".to_string(),
+    };
+    let gateway_command = |listen: &str| -> Command {
+        let mut c = Command::new(&exe);
+        c.args([
             "gateway",
             "--bind",
-            "127.0.0.1:0",
+            &bind,
             "--listen",
-            &args.listen.to_string(),
+            listen,
             "--demo-account",
             "--model",
         ])
@@ -128,7 +138,10 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
         .args(["--prefix-routing", &args.prefix_routing.to_string()])
         .args(["--network", &args.network.name])
         .env("TESSERA_HOME", &gw_home)
-        .stdout(Stdio::null())
+        .stdout(Stdio::null());
+        c
+    };
+    let gateway = gateway_command(&args.listen.to_string())
         .spawn()
         .context("cannot start the gateway")?;
     children.0.push(gateway);
@@ -154,6 +167,10 @@ pub fn run(home: &Path, args: DevnetArgs) -> anyhow::Result<()> {
             args.train.json,
             &gw,
             children,
+            &crate::diloco::GatewayRestart {
+                home: &gw_home,
+                command: &gateway_command,
+            },
         );
     }
     let mut providers = Vec::new();

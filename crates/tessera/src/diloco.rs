@@ -26,6 +26,11 @@ pub struct DilocoDemoArgs {
     /// a new one two thirds of the way through.
     #[arg(long)]
     pub churn: bool,
+    /// DiLoCo demo: SIGKILL the gateway halfway through and start it
+    /// again (same home, same ports): the task resumes from its last
+    /// settled outer step, the workers redial.
+    #[arg(long)]
+    pub restart_gateway: bool,
     /// DiLoCo demo: the task as `tessera train diloco` takes it.
     #[command(flatten)]
     pub task: DilocoDemoTask,
@@ -88,6 +93,38 @@ fn worker_command(exe: &Path, ticket: &str, home: &Path, network: &str, slowdown
     c
 }
 
+/// How the devnet starts its gateway again (`--restart-gateway`): its home,
+/// and its command given the HTTP address to listen on.
+pub(crate) struct GatewayRestart<'a> {
+    pub home: &'a Path,
+    pub command: &'a dyn Fn(&str) -> Command,
+}
+
+impl GatewayRestart<'_> {
+    /// SIGKILL the gateway (`children.0[0]`) and start it again on the
+    /// same HTTP address; returns once it has written its endpoint.json.
+    fn kill_and_restart(
+        &self,
+        children: &mut crate::process::Children,
+        api_base: &str,
+    ) -> anyhow::Result<()> {
+        let listen = api_base
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1")
+            .to_string();
+        let old = &mut children.0[0];
+        let _ = old.kill();
+        let _ = old.wait();
+        let endpoint = self.home.join("endpoint.json");
+        let _ = std::fs::remove_file(&endpoint);
+        children.0[0] = (self.command)(&listen)
+            .spawn()
+            .context("cannot start the gateway again")?;
+        crate::process::wait_for_file(&endpoint, &mut children.0[0], "the restarted gateway")?;
+        Ok(())
+    }
+}
+
 /// `devnet --diloco-demo`: providers already started by the devnet are
 /// not used; this starts the workers, runs the task and reports.
 #[allow(clippy::too_many_arguments)]
@@ -100,6 +137,7 @@ pub(crate) fn demo(
     json_out: bool,
     gw: &Value,
     mut children: crate::process::Children,
+    gateway: &GatewayRestart<'_>,
 ) -> anyhow::Result<()> {
     let api_base = gw["api_base"].as_str().unwrap_or_default();
     let key = gw["api_key"].as_str().unwrap_or_default();
@@ -231,8 +269,17 @@ pub(crate) fn demo(
         u64::from(t.outer_steps) * 2 / 3,
     );
     let (mut killed, mut added, mut shown) = (None, None, 0usize);
+    let mut restarted: Option<Value> = None;
     let done = loop {
-        let s = crate::training::status(api_base, key, &id)?;
+        let s = match crate::training::status(api_base, key, &id) {
+            Ok(s) => s,
+            // The restarted gateway may still be loading its tasks.
+            Err(_) if restarted.is_some() => {
+                std::thread::sleep(Duration::from_millis(250));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if !json_out {
             crate::training::print_diloco_steps(&s, shown);
         }
@@ -259,6 +306,18 @@ pub(crate) fn demo(
             if !json_out {
                 println!("  a new worker joins after outer step {at}");
             }
+        }
+        let settled = s["outer_steps_settled"].as_u64().unwrap_or(0);
+        if args.restart_gateway && restarted.is_none() && at >= u64::from(t.outer_steps) / 2 {
+            let at_kill = json!({"done": at, "settled": settled});
+            gateway.kill_and_restart(&mut children, api_base)?;
+            if !json_out {
+                println!(
+                    "  gateway SIGKILLed after outer step {at} ({settled} settled) and started again"
+                );
+            }
+            restarted = Some(at_kill);
+            continue;
         }
         if !matches!(s["status"].as_str(), Some("waiting" | "running")) {
             break s;
@@ -291,6 +350,7 @@ pub(crate) fn demo(
         "audit_cost": done["audit_cost"],
         "struck": done["struck"],
         "churn": args.churn.then(|| json!({"killed_after": killed, "joined_after": added})),
+        "gateway_restart": restarted.map(|r| json!({"killed_at": r, "resumed": done["resumed"]})),
         "seconds": seconds,
         "escrow": done["escrow"],
         "providers": done["providers"],

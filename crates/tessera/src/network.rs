@@ -441,12 +441,19 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 shutdown.clone(),
                 tasks.clone(),
             )
-            .with_workers(gateway.workers().clone()));
+            .with_workers(gateway.workers().clone())
+            .with_store(tessera_net::diloco::Store::new(home.join("training").join("diloco"))));
         let training: Arc<dyn tessera_backend::Training> = coordinator.clone();
         let receipts = crate::earnings::route(ledger.clone());
         let ledger_view = ledger.clone();
         let accounts =
             Arc::new(LedgerAccounts::start(ledger, gateway_id.to_string(), args.fee_bps).await?);
+        // After the ledger released this gateway's old holds: DiLoCo tasks
+        // that were running hold their escrow again and go on.
+        let resumed = coordinator.resume().await;
+        if resumed > 0 {
+            tracing::info!(resumed, "DiLoCo tasks resumed from their last settled outer step");
+        }
         tasks.spawn(gateway.clone().accept());
         if args.audit.canary_interval > 0.0 {
             let prompts: Vec<String> = match &args.audit.canary_prompts {

@@ -143,6 +143,87 @@ fn workers_die_join_and_cheat_and_the_run_completes_paying_only_verified_steps()
     books_balance(home.path());
 }
 
+/// The gateway is SIGKILLed halfway through a DiLoCo task and started
+/// again on the same home and ports: it resumes the task from its last
+/// settled outer step (the workers redial), the task completes with every
+/// step, the owner is charged once for each step and no worker is paid
+/// more than the task says it earned; the books balance.
+#[test]
+fn a_gateway_killed_mid_task_resumes_it_and_pays_each_step_once() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args([
+            "devnet",
+            "--listen",
+            "127.0.0.1:0",
+            "--providers",
+            "2",
+            "--model",
+        ])
+        .arg(util::model_path())
+        .args(["--diloco-demo", "--json", "--restart-gateway"])
+        .args(["--outer-steps", "8", "--audit-rate", "1"])
+        .args(SMALL)
+        .args(["--inner-steps", "60"])
+        .env("TESSERA_HOME", home.path())
+        .env("TESSERA_LOG", "error")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "devnet --diloco-demo --restart-gateway failed"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let run: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("not JSON: {text}"));
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert_eq!(run["outer_steps"], 8);
+    let restart = &run["gateway_restart"];
+    assert_eq!(restart["resumed"], 1, "{run:#}");
+    assert!(
+        restart["killed_at"]["done"].as_u64().unwrap() >= 4,
+        "{run:#}"
+    );
+    assert_eq!(run["val_curve"].as_array().unwrap().len(), 8);
+    assert_eq!(run["audits_failed"], 0, "{run:#}");
+    assert!(run["struck"].as_object().unwrap().is_empty(), "{run:#}");
+    let e = &run["escrow"];
+    let spent = e["spent"].as_u64().unwrap();
+    assert_eq!(e["held"], spent + e["refunded"].as_u64().unwrap());
+    // Every averaged step was paid once: what the task paid for equals
+    // what its workers trained.
+    let providers = run["providers"].as_object().unwrap();
+    let paid_steps: u64 = providers
+        .values()
+        .map(|p| p["steps_paid"].as_u64().unwrap())
+        .sum();
+    assert_eq!(paid_steps, run["train_steps"].as_u64().unwrap(), "{run:#}");
+    // The ledger agrees: the owner was charged what the task spent, and
+    // no worker holds more than it earned (less the 5% fee per step).
+    let gw = home.path().join("devnet/gateway");
+    let show = |who: &str| -> Value {
+        serde_json::from_str(&tessera(&gw, &["account", "show", who, "--json"])).unwrap()
+    };
+    let owner = show("demo");
+    assert_eq!(
+        owner["balance"].as_u64().unwrap(),
+        1_000_000_000 - spent,
+        "{owner:#}"
+    );
+    for (node, p) in providers {
+        let earned = p["earned"].as_u64().unwrap();
+        let balance = show(&format!("provider:{node}"))["balance"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            balance <= earned && balance >= earned * 95 / 100 - 8,
+            "{node}: {balance} in the ledger, {earned} earned"
+        );
+    }
+    books_balance(home.path());
+}
+
 #[test]
 fn a_task_owner_creates_watches_and_fetches_a_diloco_task_and_the_dashboard_draws_it() {
     let mut extra = vec![

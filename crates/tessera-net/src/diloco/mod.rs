@@ -11,10 +11,14 @@
 //!   Tasks are created, watched and cancelled through the same routes as
 //!   federated tasks (the federated [`crate::federated::Coordinator`]
 //!   dispatches on `"kind": "diloco"`).
+//! - [`Store`]: the gateway's file of its tasks, written as each outer step
+//!   settles, so a restarted gateway resumes them.
 
 mod pool;
+mod store;
 pub(crate) mod task;
 pub mod worker;
 
 pub use pool::{Worker, Workers};
+pub use store::Store;
 pub use task::DilocoRequest;

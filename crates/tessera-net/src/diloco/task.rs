@@ -38,6 +38,8 @@ use tessera_train::lm::{self, LmTrainer};
 use tokio_util::sync::CancellationToken;
 
 use super::pool::{Worker, Workers};
+pub(crate) use super::store::{resumable, Payment as PaymentRecord, Saved};
+use super::store::{Payment, Store};
 use super::worker::MAX_PARAMETERS;
 
 /// A DiLoCo task as `POST /v1/training/tasks` takes it (`"kind":
@@ -230,7 +232,7 @@ impl DilocoRequest {
 use tessera_core::train::TaskStatus as Status;
 
 /// One worker's part in an outer step, as the status shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerReport {
     /// Inner steps assigned.
     pub steps: u32,
@@ -252,7 +254,7 @@ pub struct WorkerReport {
 }
 
 /// An audit's outcome.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AuditVerdict {
     /// Whether the worker's part is verified: the re-execution matched,
     /// or (a worker whose arithmetic drifted) every committed segment
@@ -272,7 +274,7 @@ pub struct AuditVerdict {
 }
 
 /// One outer step as the status shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OuterReport {
     /// Its number (from 1).
     pub outer_step: u32,
@@ -295,7 +297,7 @@ pub struct OuterReport {
 }
 
 /// Totals over the task.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Totals {
     /// Inner steps taken by averaged workers.
     pub train_steps: u64,
@@ -350,6 +352,10 @@ pub(crate) struct TaskState {
     pub struck: BTreeMap<String, String>,
     /// Validation loss of the final model (the exact outer trajectory).
     pub final_val_loss: Option<f64>,
+    /// Outer steps settled (paid or not, in order).
+    pub settled: u32,
+    /// Times the task was resumed after a gateway restart.
+    pub generation: u32,
 }
 
 impl DilocoTask {
@@ -406,6 +412,8 @@ impl DilocoTask {
             "parameters": self.request.model.parameters(),
             "outer_steps": self.request.outer_steps,
             "outer_steps_done": s.steps.len(),
+            "outer_steps_settled": s.settled,
+            "resumed": s.generation,
             "inner_steps": self.request.inner_steps,
             "workers": self.request.workers,
             "val_loss": s.final_val_loss.or_else(|| s.steps.iter().rev().find_map(|r| r.val_loss)),
@@ -424,6 +432,62 @@ impl DilocoTask {
             out["history"] = serde_json::to_value(&s.steps).unwrap_or_default();
         }
         out
+    }
+}
+
+impl DilocoTask {
+    /// A task as its file left it (its parameters the exact ones of the
+    /// last settled step), with its start for the runner.
+    pub(crate) fn restore(
+        saved: Saved,
+        outer: Outer,
+        corpus: Arc<Corpus>,
+        abort: CancellationToken,
+    ) -> (DilocoTask, Start) {
+        let start = Start {
+            applied: saved.applied,
+            from: saved.settled + 1,
+            speeds: saved
+                .speeds
+                .iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, *v)))
+                .collect(),
+            struck: saved.struck.keys().filter_map(|k| k.parse().ok()).collect(),
+            outer,
+        };
+        let task = DilocoTask {
+            id: saved.id,
+            account: saved.account,
+            corpus,
+            corpus_hash: saved.corpus,
+            created_ms: saved.created_ms,
+            abort,
+            stop: CancellationToken::new(),
+            state: Mutex::new(TaskState {
+                status: saved.status,
+                error: saved.error,
+                parameters: start.outer.exact.clone(),
+                steps: saved.steps,
+                holds: saved.holds,
+                escrow: saved.escrow,
+                spent: saved.spent,
+                refunded: saved.refunded,
+                totals: saved.totals,
+                earnings: saved.earnings,
+                struck: saved.struck,
+                final_val_loss: saved.final_val_loss,
+                settled: saved.settled,
+                generation: saved.generation,
+            }),
+            request: saved.request,
+        };
+        (task, start)
+    }
+
+    /// The task as its file holds it before its runner starts again (after
+    /// a restart took new holds).
+    pub(crate) fn saved_now(&self, start: &Start) -> Option<Saved> {
+        saved(self, None, start.applied, &start.speeds, None)
     }
 }
 
@@ -460,7 +524,96 @@ struct Removal {
     step: u32,
     update: Vec<f32>,
     tokens: u64,
-    node: String,
+}
+
+/// Where a task's runner starts: from scratch, or where a restarted
+/// gateway's file left it.
+pub(crate) struct Start {
+    pub outer: Outer,
+    /// Outer-optimizer steps applied so far.
+    pub applied: u32,
+    /// The first outer step to run.
+    pub from: u32,
+    pub speeds: HashMap<NodeId, f64>,
+    pub struck: HashSet<NodeId>,
+}
+
+impl Start {
+    /// A new task: the initial model, step 1.
+    pub fn fresh(req: &DilocoRequest) -> Start {
+        Start {
+            outer: Outer::new(
+                lm::init(&req.model, req.seed),
+                req.outer_lr,
+                req.outer_momentum,
+            ),
+            applied: 0,
+            from: 1,
+            speeds: HashMap::new(),
+            struck: HashSet::new(),
+        }
+    }
+}
+
+/// The outer optimizer and what audits may still take out of it, shared
+/// by the runner (which steps it) and the settlements (which take caught
+/// parts out and write the task when a step settles).
+struct Coord {
+    outer: Outer,
+    applied: u32,
+    /// Averages of steps not yet settled.
+    pending: HashMap<u32, Pending>,
+    /// With a store: the outer state after each step not yet settled, every
+    /// removal of a part at or before it applied.
+    snapshots: BTreeMap<u32, Snapshot>,
+    /// Inner steps per second each worker showed.
+    speeds: HashMap<NodeId, f64>,
+}
+
+/// The outer state and totals right after one outer step.
+struct Snapshot {
+    outer: Outer,
+    applied: u32,
+    totals: Totals,
+}
+
+impl Coord {
+    /// Take a caught worker's part of step `r.step` back out of that step's
+    /// average, and its effect out of the parameters and momentum — now
+    /// and in every snapshot taken since. False when that step's average
+    /// is gone (settled).
+    fn remove(&mut self, r: &Removal) -> bool {
+        let Some(p) = self.pending.get_mut(&r.step) else {
+            return false;
+        };
+        let rest = p.tokens.saturating_sub(r.tokens);
+        let without: Vec<f32> = if rest == 0 {
+            vec![0.0; p.average.len()]
+        } else {
+            p.average
+                .iter()
+                .zip(&r.update)
+                .map(|(a, u)| (a * p.tokens as f32 - u * r.tokens as f32) / rest as f32)
+                .collect()
+        };
+        let e: Vec<f32> = p.average.iter().zip(&without).map(|(a, b)| a - b).collect();
+        let at = p.applied;
+        p.average = without;
+        p.tokens = rest;
+        self.outer.take_back(&e, self.applied.saturating_sub(at));
+        for s in self.snapshots.values_mut() {
+            if s.applied >= at {
+                s.outer.take_back(&e, s.applied - at);
+            }
+        }
+        true
+    }
+}
+
+/// Steps settle in order: each waits for the one before.
+struct StepOrder {
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
+    done: tokio::sync::oneshot::Sender<()>,
 }
 
 fn set_status(task: &DilocoTask, status: Status) {
@@ -469,28 +622,32 @@ fn set_status(task: &DilocoTask, status: Status) {
     }
 }
 
-/// Run every outer step of `task`, then settle what is left of its escrow.
+/// Run the outer steps of `task` from `start`, then settle what is left
+/// of its escrow. With a store, the task is written as each step settles
+/// and when it ends (not when the gateway is shutting down: then it
+/// resumes when the gateway starts again).
 pub(crate) async fn run(
     task: Arc<DilocoTask>,
     workers: Arc<Workers>,
     ledger: Ledger,
     fee_bps: u64,
+    start: Start,
+    store: Option<Store>,
 ) {
     let req = task.request.clone();
     let n = req.model.parameters();
-    let mut outer = Outer::new(
-        lm::init(&req.model, req.seed),
-        req.outer_lr,
-        req.outer_momentum,
-    );
-    let mut published = hex::encode(diloco::checkpoint_hash(&outer.published));
+    let mut published = hex::encode(diloco::checkpoint_hash(&start.outer.published));
     // The change into the published checkpoint, from the one before.
     let mut change: Option<(String, Vec<u8>)> = None;
-    let mut speeds: HashMap<NodeId, f64> = HashMap::new();
-    let struck: Arc<Mutex<HashSet<NodeId>>> = Arc::default();
-    let (removals_tx, mut removals_rx) = tokio::sync::mpsc::unbounded_channel::<Removal>();
-    let mut pending: HashMap<u32, Pending> = HashMap::new();
-    let mut applied = 0u32;
+    let struck: Arc<Mutex<HashSet<NodeId>>> = Arc::new(Mutex::new(start.struck));
+    let coord = Arc::new(Mutex::new(Coord {
+        outer: start.outer,
+        applied: start.applied,
+        pending: HashMap::new(),
+        snapshots: BTreeMap::new(),
+        speeds: start.speeds,
+    }));
+    let mut order: Option<tokio::sync::oneshot::Receiver<()>> = None;
     let mut settlements = tokio::task::JoinSet::new();
     let mut evaluations = Vec::new();
     // Each worker's last part's resolution signal.
@@ -503,11 +660,7 @@ pub(crate) async fn run(
         }
     };
     let outcome: Result<Status, String> = 'steps: {
-        for t in 1..=req.outer_steps {
-            // Caught workers' parts out of the global model first.
-            while let Ok(r) = removals_rx.try_recv() {
-                remove(&mut outer, &mut pending, r, applied, &task);
-            }
+        for t in start.from..=req.outer_steps {
             let wait_until = Instant::now() + Duration::from_secs_f64(req.wait_for_workers_s);
             let eligible = loop {
                 let banned = struck.lock().map(|s| s.clone()).unwrap_or_default();
@@ -540,6 +693,10 @@ pub(crate) async fn run(
             set_status(&task, Status::Running);
             let started = Instant::now();
             let chosen: Vec<Worker> = eligible.into_iter().take(req.workers).collect();
+            let (global, speeds) = match coord.lock() {
+                Ok(c) => (Arc::new(c.outer.published.clone()), c.speeds.clone()),
+                Err(_) => break 'steps Err("the outer state is unavailable".into()),
+            };
             let fastest = chosen
                 .iter()
                 .filter_map(|w| speeds.get(&w.node))
@@ -547,7 +704,6 @@ pub(crate) async fn run(
             let shards = task.corpus.shards(req.workers);
             let deadline_ms =
                 tessera_core::now_ms() + (req.step_deadline_s * 1000.0).round() as u64;
-            let global = Arc::new(outer.published.clone());
             let h_t = diloco::inner_steps_at(req.inner_steps, req.first_inner_steps, t);
             let jobs = chosen.iter().enumerate().map(|(k, w)| {
                 // Slower workers get fewer steps, so everyone finishes together.
@@ -627,53 +783,29 @@ pub(crate) async fn run(
                     }
                 }
             }
-            for a in &accepted {
-                let secs = a.c.commit.compute_ms.max(1) as f64 / 1000.0;
-                speeds.insert(a.c.worker.node, f64::from(a.c.work.steps) / secs);
-            }
-            let updates: Vec<(Vec<f32>, u64)> = accepted
-                .iter()
-                .map(|a| (a.update.clone(), a.c.commit.tokens))
-                .collect();
-            if !updates.is_empty() {
-                let total: u64 = updates.iter().map(|(_, t)| t).sum();
-                let before = published.clone();
-                match outer.step(&updates) {
-                    Ok(q) => {
-                        applied += 1;
-                        published = hex::encode(diloco::checkpoint_hash(&outer.published));
-                        change = Some((before, q.to_bytes()));
-                    }
-                    Err(e) => break 'steps Err(format!("outer step {t}: {e}")),
+            let before = published.clone();
+            let published_params = match take_outer_step(&coord, t, &accepted, n) {
+                Ok((params, Some((hash, q)))) => {
+                    published = hash;
+                    change = Some((before, q));
+                    let tokens: u64 = accepted.iter().map(|a| a.c.commit.tokens).sum();
+                    report.train_loss = Some(
+                        accepted
+                            .iter()
+                            .map(|a| mean(&a.c.commit.losses) * a.c.commit.tokens as f64)
+                            .sum::<f64>()
+                            / tokens.max(1) as f64,
+                    );
+                    params
                 }
-                // What went into the average, for taking a part back out.
-                let mut average = vec![0f32; n];
-                for (u, tk) in &updates {
-                    let w = *tk as f32 / total as f32;
-                    average.iter_mut().zip(u).for_each(|(a, x)| *a += w * x);
-                }
-                pending.insert(
-                    t,
-                    Pending {
-                        average,
-                        tokens: total,
-                        applied,
-                    },
-                );
-                let tokens: u64 = accepted.iter().map(|a| a.c.commit.tokens).sum();
-                report.train_loss = Some(
-                    accepted
-                        .iter()
-                        .map(|a| mean(&a.c.commit.losses) * a.c.commit.tokens as f64)
-                        .sum::<f64>()
-                        / tokens.max(1) as f64,
-                );
-            }
+                Ok((params, None)) => params,
+                Err(e) => break 'steps Err(e),
+            };
             // The validation loss is measured while the next step runs.
             let (tr, corpus, params, windows, tk) = (
                 trainer.clone(),
                 task.corpus.clone(),
-                outer.published.clone(),
+                published_params.clone(),
                 req.val_windows,
                 task.clone(),
             );
@@ -734,20 +866,43 @@ pub(crate) async fn run(
             }
             report.seconds = started.elapsed().as_secs_f64();
             tracing::info!(task = %task.id, outer_step = t, workers = report.workers.len(), val_loss = ?report.val_loss, "DiLoCo outer step done");
-            if let Ok(mut s) = task.state.lock() {
-                s.parameters = outer.published.clone();
-                s.steps.push(report);
+            let totals = match task.state.lock() {
+                Ok(mut s) => {
+                    s.parameters = published_params.clone();
+                    s.steps.push(report);
+                    s.totals.clone()
+                }
+                Err(_) => Totals::default(),
+            };
+            if store.is_some() {
+                if let Ok(mut c) = coord.lock() {
+                    let snapshot = Snapshot {
+                        outer: c.outer.clone(),
+                        applied: c.applied,
+                        totals,
+                    };
+                    c.snapshots.insert(t, snapshot);
+                }
             }
+            let (done, next) = tokio::sync::oneshot::channel();
+            let step_order = StepOrder {
+                previous: order.replace(next),
+                done,
+            };
             settlements.spawn(settle_step(
-                task.clone(),
-                ledger.clone(),
-                fee_bps,
+                Settling {
+                    task: task.clone(),
+                    ledger: ledger.clone(),
+                    fee_bps,
+                    trainer: trainer.clone(),
+                    struck: struck.clone(),
+                    coord: coord.clone(),
+                    store: store.clone(),
+                },
                 t,
                 audits,
                 global.clone(),
-                trainer.clone(),
-                struck.clone(),
-                removals_tx.clone(),
+                step_order,
             ));
             if task.stop.is_cancelled() || task.abort.is_cancelled() {
                 break 'steps Ok(Status::Cancelled);
@@ -755,25 +910,30 @@ pub(crate) async fn run(
         }
         Ok(Status::Completed)
     };
-    drop(removals_tx);
     for e in evaluations {
         let _ = e.await;
     }
     // Audits still running finish (and are paid or not) before the end;
-    // their removals still apply to the final model.
+    // their removals apply to the final model as they come.
     while let Some(done) = settlements.join_next().await {
         if let Err(e) = done {
             tracing::warn!(task = %task.id, error = %e, "a DiLoCo settlement stopped");
         }
     }
-    while let Ok(r) = removals_rx.try_recv() {
-        remove(&mut outer, &mut pending, r, applied, &task);
-    }
     // The model is the exact trajectory, every caught part taken out.
+    let last = coord
+        .lock()
+        .map(|c| (c.outer.clone(), c.applied, c.speeds.clone()))
+        .ok();
+    let Some((outer, applied, speeds)) = last else {
+        finish(&task, &ledger, Err("the outer state is unavailable".into())).await;
+        return;
+    };
+    let exact = outer.exact.clone();
     let (tr, corpus, params, windows) = (
         trainer.clone(),
         task.corpus.clone(),
-        outer.exact.clone(),
+        exact.clone(),
         req.val_windows,
     );
     let final_loss = tokio::task::spawn_blocking(move || {
@@ -783,45 +943,208 @@ pub(crate) async fn run(
     .ok()
     .flatten();
     if let Ok(mut s) = task.state.lock() {
-        s.parameters = outer.exact.clone();
+        s.parameters = exact;
         s.final_val_loss = final_loss;
     }
+    // A gateway shutting down leaves the task as its last settled step
+    // wrote it: it resumes when the gateway starts again.
+    let interrupted = task.abort.is_cancelled()
+        && !task.stop.is_cancelled()
+        && matches!(outcome, Ok(Status::Cancelled));
     finish(&task, &ledger, outcome).await;
-}
-
-/// Take a caught worker's pseudo-gradient back out of step `r.step`'s
-/// average, and its effect out of the parameters and momentum as of step
-/// `now`.
-fn remove(
-    outer: &mut Outer,
-    pending: &mut HashMap<u32, Pending>,
-    r: Removal,
-    applied: u32,
-    task: &DilocoTask,
-) {
-    let Some(p) = pending.get_mut(&r.step) else {
-        return;
-    };
-    let now = applied;
-    let rest = p.tokens.saturating_sub(r.tokens);
-    let without: Vec<f32> = if rest == 0 {
-        vec![0.0; p.average.len()]
-    } else {
-        p.average
-            .iter()
-            .zip(&r.update)
-            .map(|(a, u)| (a * p.tokens as f32 - u * r.tokens as f32) / rest as f32)
-            .collect()
-    };
-    let e: Vec<f32> = p.average.iter().zip(&without).map(|(a, b)| a - b).collect();
-    outer.take_back(&e, now.saturating_sub(p.applied));
-    p.average = without;
-    p.tokens = rest;
-    if let Ok(mut s) = task.state.lock() {
-        if let Some(rep) = s.steps.iter_mut().find(|x| x.outer_step == r.step) {
-            rep.removed.push(r.node);
+    if let (Some(store), false) = (&store, interrupted) {
+        if let Some(saved) = saved(&task, None, applied, &speeds, None) {
+            if let Err(e) = store.save(&saved, &outer) {
+                tracing::warn!(task = %task.id, error = %e, "cannot write the DiLoCo task");
+            }
         }
     }
+}
+
+/// The task as its file holds it: settled through `snapshot`'s step (or,
+/// with none, through every step reported: the task is over), with
+/// `payment` (the step's, about to be made) counted as made.
+fn saved(
+    task: &DilocoTask,
+    snapshot: Option<(u32, &Totals)>,
+    applied: u32,
+    speeds: &HashMap<NodeId, f64>,
+    payment: Option<Payment>,
+) -> Option<Saved> {
+    let s = task.state.lock().ok()?;
+    let settled = snapshot.map_or(s.steps.len() as u32, |(t, _)| t);
+    let mut saved = Saved {
+        id: task.id.clone(),
+        account: task.account.clone(),
+        request: task.request.clone(),
+        corpus: task.corpus_hash.clone(),
+        created_ms: task.created_ms,
+        status: if snapshot.is_some() {
+            Status::Running
+        } else {
+            s.status
+        },
+        error: s.error.clone(),
+        settled,
+        applied,
+        generation: s.generation,
+        steps: s
+            .steps
+            .iter()
+            .filter(|r| r.outer_step <= settled)
+            .cloned()
+            .collect(),
+        holds: s.holds.clone(),
+        escrow: s.escrow,
+        spent: s.spent,
+        refunded: s.refunded,
+        totals: snapshot.map_or_else(|| s.totals.clone(), |(_, t)| t.clone()),
+        earnings: s.earnings.clone(),
+        struck: s.struck.clone(),
+        speeds: speeds.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        final_val_loss: s.final_val_loss,
+        payment: None,
+    };
+    drop(s);
+    if snapshot.is_some() {
+        audit_totals(
+            &saved.steps,
+            task.request.checkpoint_every,
+            &mut saved.totals,
+        );
+    }
+    if let Some(p) = payment {
+        let cost = record_payment(&mut saved.steps, &mut saved.earnings, p.step, &p.charges);
+        saved.spent += cost;
+        saved.refunded += task.request.step_escrow().saturating_sub(cost);
+        saved.payment = Some(p);
+    }
+    Some(saved)
+}
+
+/// The audit figures of `totals` from the steps' verdicts.
+fn audit_totals(steps: &[OuterReport], every: u32, totals: &mut Totals) {
+    totals.audits = 0;
+    totals.audits_passed = 0;
+    totals.audits_failed = 0;
+    totals.audit_steps = 0;
+    for v in steps
+        .iter()
+        .flat_map(|r| r.workers.values())
+        .filter_map(|w| w.audit.as_ref())
+        .filter(|v| !v.pending)
+    {
+        totals.audits += 1;
+        if v.passed {
+            totals.audits_passed += 1;
+        } else {
+            totals.audits_failed += 1;
+        }
+        totals.audit_steps += audit_steps(v, every);
+    }
+}
+
+/// Inner steps an audit re-executed (its bisection's segments included).
+fn audit_steps(v: &AuditVerdict, every: u32) -> u64 {
+    v.report.as_ref().map_or(0, |r| r.steps)
+        + v.divergence
+            .as_ref()
+            .map_or(0, |d| u64::from(d.segments_reexecuted) * u64::from(every))
+}
+
+/// Mark step `t`'s workers paid (`charges`: node, steps, price per step;
+/// the others 0) and add to their earnings; returns the step's cost.
+fn record_payment(
+    steps: &mut [OuterReport],
+    earnings: &mut BTreeMap<String, (u64, u64)>,
+    t: u32,
+    charges: &[(String, u64, u64)],
+) -> u64 {
+    let mut cost = 0;
+    for (node, n, price) in charges {
+        let e = earnings.entry(node.clone()).or_default();
+        e.0 += n;
+        e.1 += n * price;
+        cost += n * price;
+    }
+    if let Some(r) = steps.iter_mut().find(|r| r.outer_step == t) {
+        r.cost = cost;
+        for (node, n, price) in charges {
+            if let Some(w) = r.workers.get_mut(node) {
+                w.paid = Some(n * price);
+            }
+        }
+        for w in r.workers.values_mut() {
+            w.paid.get_or_insert(0);
+        }
+    }
+    cost
+}
+
+/// The ledger's charges for a step's payment.
+pub(crate) fn charges(task: &str, paid: &[(String, u64, u64)]) -> Vec<Charge> {
+    paid.iter()
+        .map(|(node, steps, price)| Charge {
+            provider: node.clone(),
+            model_sha256: format!("train:{task}"),
+            prompt_tokens: 0,
+            completion_tokens: *steps,
+            input_price: 0,
+            output_price: *price,
+            receipt: None,
+        })
+        .collect()
+}
+
+/// Outer step `t` on the accepted pseudo-gradients, weighted by tokens
+/// (their speeds noted). Returns the published parameters and, when there
+/// was anything to average, the new checkpoint's hash and the int8 change
+/// into it.
+#[allow(clippy::type_complexity)]
+fn take_outer_step(
+    coord: &Mutex<Coord>,
+    t: u32,
+    accepted: &[Accepted],
+    n: usize,
+) -> Result<(Vec<f32>, Option<(String, Vec<u8>)>), String> {
+    let mut c = coord
+        .lock()
+        .map_err(|_| "the outer state is unavailable".to_string())?;
+    for a in accepted {
+        let secs = a.c.commit.compute_ms.max(1) as f64 / 1000.0;
+        c.speeds
+            .insert(a.c.worker.node, f64::from(a.c.work.steps) / secs);
+    }
+    let updates: Vec<(Vec<f32>, u64)> = accepted
+        .iter()
+        .map(|a| (a.update.clone(), a.c.commit.tokens))
+        .collect();
+    if updates.is_empty() {
+        return Ok((c.outer.published.clone(), None));
+    }
+    let q = c
+        .outer
+        .step(&updates)
+        .map_err(|e| format!("outer step {t}: {e}"))?;
+    c.applied += 1;
+    // What went into the average, for taking a part back out.
+    let total: u64 = updates.iter().map(|(_, t)| t).sum();
+    let mut average = vec![0f32; n];
+    for (u, tk) in &updates {
+        let w = *tk as f32 / total as f32;
+        average.iter_mut().zip(u).for_each(|(a, x)| *a += w * x);
+    }
+    let applied = c.applied;
+    c.pending.insert(
+        t,
+        Pending {
+            average,
+            tokens: total,
+            applied,
+        },
+    );
+    let hash = hex::encode(diloco::checkpoint_hash(&c.outer.published));
+    Ok((c.outer.published.clone(), Some((hash, q.to_bytes()))))
 }
 
 fn mean(v: &[f32]) -> f64 {
@@ -1017,45 +1340,60 @@ pub(crate) struct Chain {
     done: tokio::sync::oneshot::Sender<()>,
 }
 
+/// What a step's settlement works with.
+#[derive(Clone)]
+struct Settling {
+    task: Arc<DilocoTask>,
+    ledger: Ledger,
+    fee_bps: u64,
+    trainer: Arc<LmTrainer>,
+    struck: Arc<Mutex<HashSet<NodeId>>>,
+    coord: Arc<Mutex<Coord>>,
+    store: Option<Store>,
+}
+
 /// Resolve one worker's part of step `t`: `Some((node, steps, price))`
 /// when it is to be paid.
-#[allow(clippy::too_many_arguments)]
 async fn resolve(
-    task: Arc<DilocoTask>,
+    ctx: Settling,
     t: u32,
     a: Accepted,
     audited: bool,
     chain: Chain,
     global: Arc<Vec<f32>>,
-    trainer: Arc<LmTrainer>,
-    struck: Arc<Mutex<HashSet<NodeId>>>,
-    removals: tokio::sync::mpsc::UnboundedSender<Removal>,
 ) -> Option<(String, u64, u64)> {
     if let Some(previous) = chain.previous {
         // Sent, or dropped when that part resolved: either way it is done.
         let _ = previous.await;
     }
+    let task = &ctx.task;
     let node = a.c.worker.node;
     let (steps, price) = (u64::from(a.c.work.steps), a.c.worker.offer.price_per_step);
-    let (tokens, update) = (a.c.commit.tokens, a.update.clone());
+    let removal = Removal {
+        step: t,
+        update: a.update.clone(),
+        tokens: a.c.commit.tokens,
+    };
     let take_out = |why: Option<String>| {
         if let Some(why) = why {
             tracing::warn!(task = %task.id, worker = %node.short(), %why, "DiLoCo worker caught");
-            if let Ok(mut s) = struck.lock() {
+            if let Ok(mut s) = ctx.struck.lock() {
                 s.insert(node);
             }
             if let Ok(mut s) = task.state.lock() {
                 s.struck.entry(node.to_string()).or_insert(why);
             }
         }
-        let _ = removals.send(Removal {
-            step: t,
-            update: update.clone(),
-            tokens,
-            node: node.to_string(),
-        });
+        let removed = ctx.coord.lock().is_ok_and(|mut c| c.remove(&removal));
+        if removed {
+            if let Ok(mut s) = task.state.lock() {
+                if let Some(rep) = s.steps.iter_mut().find(|x| x.outer_step == t) {
+                    rep.removed.push(node.to_string());
+                }
+            }
+        }
     };
-    let caught_before = struck.lock().is_ok_and(|s| s.contains(&node));
+    let caught_before = ctx.struck.lock().is_ok_and(|s| s.contains(&node));
     if caught_before {
         // Caught in an earlier step's audit: this part is not paid either.
         let mut c = a.c;
@@ -1070,14 +1408,11 @@ async fn resolve(
         drop(chain.done);
         return Some((node.to_string(), steps, price));
     }
-    let verdict = audit(a, global, trainer, task.corpus.clone()).await;
+    let verdict = audit(a, global, ctx.trainer.clone(), task.corpus.clone()).await;
     let passed = verdict.passed;
     if let Ok(mut s) = task.state.lock() {
         s.totals.audits += 1;
-        s.totals.audit_steps += verdict.report.as_ref().map_or(0, |r| r.steps)
-            + verdict.divergence.as_ref().map_or(0, |d| {
-                u64::from(d.segments_reexecuted) * u64::from(task.request.checkpoint_every)
-            });
+        s.totals.audit_steps += audit_steps(&verdict, task.request.checkpoint_every);
         if passed {
             s.totals.audits_passed += 1;
         } else {
@@ -1112,91 +1447,97 @@ async fn resolve(
     drop(chain.done);
     outcome
 }
+
 /// Settle one outer step once each of its workers is resolved: a worker's
 /// part waits for the resolution of its previous part (so a worker caught
 /// in an audit of step t is not paid for, and has taken back out, every
 /// later step it was already in), then its own audit when it was sampled.
 /// Each verified worker is paid its steps × its price from the step's hold;
-/// a caught one nothing, struck, its part taken out.
-#[allow(clippy::too_many_arguments)]
+/// a caught one nothing, struck, its part taken out. Steps are paid in
+/// order; with a store the task is written (this payment included) before
+/// the ledger makes the payment.
 async fn settle_step(
-    task: Arc<DilocoTask>,
-    ledger: Ledger,
-    fee_bps: u64,
+    ctx: Settling,
     t: u32,
     workers: Vec<(Accepted, bool, Chain)>,
     global: Arc<Vec<f32>>,
-    trainer: Arc<LmTrainer>,
-    struck: Arc<Mutex<HashSet<NodeId>>>,
-    removals: tokio::sync::mpsc::UnboundedSender<Removal>,
+    order: StepOrder,
 ) {
-    let resolved = futures::future::join_all(workers.into_iter().map(|(a, audited, chain)| {
-        resolve(
-            task.clone(),
-            t,
-            a,
-            audited,
-            chain,
-            global.clone(),
-            trainer.clone(),
-            struck.clone(),
-            removals.clone(),
-        )
-    }))
+    let resolved = futures::future::join_all(
+        workers
+            .into_iter()
+            .map(|(a, audited, chain)| resolve(ctx.clone(), t, a, audited, chain, global.clone())),
+    )
     .await;
     let paid: Vec<(String, u64, u64)> = resolved.into_iter().flatten().collect();
+    if let Some(previous) = order.previous {
+        let _ = previous.await;
+    }
+    let task = &ctx.task;
+    // Every removal of this step or before is applied: its averages and
+    // snapshots are no longer needed.
+    let (snapshot, speeds) = match ctx.coord.lock() {
+        Ok(mut c) => {
+            let snapshot = c.snapshots.remove(&t);
+            c.snapshots.retain(|k, _| *k > t);
+            c.pending.retain(|k, _| *k > t);
+            (snapshot, c.speeds.clone())
+        }
+        Err(_) => (None, HashMap::new()),
+    };
     // Pay from the step's hold; the rest goes back.
     let hold = task
         .state
         .lock()
         .ok()
         .and_then(|mut s| s.holds.get_mut(t as usize - 1).and_then(Option::take));
-    let Some(hold) = hold else {
-        return;
-    };
-    let charges: Vec<Charge> = paid
-        .iter()
-        .map(|(node, steps, price)| Charge {
-            provider: node.clone(),
-            model_sha256: format!("train:{}", task.id),
-            prompt_tokens: 0,
-            completion_tokens: *steps,
-            input_price: 0,
-            output_price: *price,
-            receipt: None,
-        })
-        .collect();
     let job = format!("{}-o{t}", task.id);
-    match ledger.settle(&hold, &job, charges, fee_bps).await {
-        Ok(settled) => {
-            if let Ok(mut s) = task.state.lock() {
-                s.spent += settled.cost;
-                s.refunded += task.request.step_escrow().saturating_sub(settled.cost);
-                for (node, steps, price) in &paid {
-                    let e = s.earnings.entry(node.clone()).or_default();
-                    e.0 += steps;
-                    e.1 += steps * price;
-                }
-                if let Some(r) = s.steps.iter_mut().find(|r| r.outer_step == t) {
-                    r.cost = settled.cost;
-                    for (node, steps, price) in &paid {
-                        if let Some(w) = r.workers.get_mut(node) {
-                            w.paid = Some(steps * price);
-                        }
-                    }
-                    for w in r.workers.values_mut() {
-                        w.paid.get_or_insert(0);
-                    }
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!(task = %task.id, outer_step = t, error = %e, "cannot pay a DiLoCo step");
-            if let Ok(mut s) = task.state.lock() {
-                s.error = Some(format!("outer step {t} could not be paid: {e}"));
+    if let (Some(store), Some(snap)) = (&ctx.store, &snapshot) {
+        let payment = hold.as_ref().map(|h| Payment {
+            step: t,
+            hold: h.clone(),
+            job: job.clone(),
+            charges: paid.clone(),
+        });
+        if let Some(saved) = saved(
+            task,
+            Some((t, &snap.totals)),
+            snap.applied,
+            &speeds,
+            payment,
+        ) {
+            if let Err(e) = store.save(&saved, &snap.outer) {
+                tracing::warn!(task = %task.id, outer_step = t, error = %e, "cannot write the DiLoCo task");
             }
         }
     }
+    if let Some(hold) = hold {
+        match ctx
+            .ledger
+            .settle(&hold, &job, charges(&task.id, &paid), ctx.fee_bps)
+            .await
+        {
+            Ok(settled) => {
+                if let Ok(mut s) = task.state.lock() {
+                    let s = &mut *s;
+                    let cost = record_payment(&mut s.steps, &mut s.earnings, t, &paid);
+                    debug_assert_eq!(cost, settled.cost);
+                    s.spent += settled.cost;
+                    s.refunded += task.request.step_escrow().saturating_sub(settled.cost);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(task = %task.id, outer_step = t, error = %e, "cannot pay a DiLoCo step");
+                if let Ok(mut s) = task.state.lock() {
+                    s.error = Some(format!("outer step {t} could not be paid: {e}"));
+                }
+            }
+        }
+    }
+    if let Ok(mut s) = task.state.lock() {
+        s.settled = s.settled.max(t);
+    }
+    drop(order.done);
 }
 
 /// Re-execute a worker's step; on a mismatch, bisect over its committed

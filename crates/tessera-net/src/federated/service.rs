@@ -10,8 +10,10 @@ use tessera_ledger::{Hold, Ledger, LedgerError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::diloco::task::{self as diloco_task, DilocoRequest, DilocoTask, TaskState};
-use crate::diloco::Workers;
+#[cfg(test)]
+use crate::diloco::task::Saved;
+use crate::diloco::task::{self as diloco_task, DilocoRequest, DilocoTask, Start, TaskState};
+use crate::diloco::{Store, Workers};
 use tessera_train::corpus::Corpus;
 
 use super::pool::Trainers;
@@ -30,6 +32,8 @@ pub struct Coordinator {
     tasks: Mutex<HashMap<String, Arc<Task>>>,
     workers: Arc<Workers>,
     diloco: Mutex<HashMap<String, Arc<DilocoTask>>>,
+    /// Where DiLoCo tasks are written, to resume after a restart.
+    store: Option<Store>,
     /// The text DiLoCo tasks train on (loaded on the first task).
     corpus: std::sync::OnceLock<Result<(Arc<Corpus>, String), String>>,
     shutdown: CancellationToken,
@@ -56,6 +60,7 @@ impl Coordinator {
             tasks: Mutex::default(),
             workers: Arc::default(),
             diloco: Mutex::default(),
+            store: None,
             corpus: std::sync::OnceLock::new(),
             shutdown,
             tracker,
@@ -65,6 +70,13 @@ impl Coordinator {
     /// DiLoCo tasks run on these workers (the gateway's).
     pub fn with_workers(mut self, workers: Arc<Workers>) -> Coordinator {
         self.workers = workers;
+        self
+    }
+
+    /// DiLoCo tasks are written to `store` as their outer steps settle;
+    /// [`Coordinator::resume`] runs them on from there after a restart.
+    pub fn with_store(mut self, store: Store) -> Coordinator {
+        self.store = Some(store);
         self
     }
 
@@ -128,21 +140,9 @@ impl Coordinator {
         Ok(holds)
     }
 
-    async fn create_diloco(&self, account: String, body: Value) -> Result<Value, TrainingError> {
-        let request: DilocoRequest = serde_json::from_value(body)
-            .map_err(|e| TrainingError::Invalid(format!("Invalid DiLoCo task: {e}.")))?;
-        request
-            .validate()
-            .map_err(|e| TrainingError::Invalid(format!("Invalid DiLoCo task: {e}.")))?;
-        let running = self.running(&account);
-        if running >= MAX_TASKS_PER_ACCOUNT {
-            return Err(TrainingError::Conflict(format!(
-                "This account has {running} tasks running (at most {MAX_TASKS_PER_ACCOUNT}); \
-                 wait for one to end or cancel one."
-            )));
-        }
-        let (corpus, corpus_hash) = self
-            .corpus
+    /// The text DiLoCo tasks train on, and its hash (read once).
+    fn corpus(&self) -> Result<(Arc<Corpus>, String), TrainingError> {
+        self.corpus
             .get_or_init(|| {
                 Corpus::fortunes(
                     std::path::Path::new(tessera_train::corpus::FORTUNES_DIR),
@@ -157,7 +157,23 @@ impl Coordinator {
             .clone()
             .map_err(|e| {
                 TrainingError::Unavailable(format!("this gateway has no text to train on: {e}"))
-            })?;
+            })
+    }
+
+    async fn create_diloco(&self, account: String, body: Value) -> Result<Value, TrainingError> {
+        let request: DilocoRequest = serde_json::from_value(body)
+            .map_err(|e| TrainingError::Invalid(format!("Invalid DiLoCo task: {e}.")))?;
+        request
+            .validate()
+            .map_err(|e| TrainingError::Invalid(format!("Invalid DiLoCo task: {e}.")))?;
+        let running = self.running(&account);
+        if running >= MAX_TASKS_PER_ACCOUNT {
+            return Err(TrainingError::Conflict(format!(
+                "This account has {running} tasks running (at most {MAX_TASKS_PER_ACCOUNT}); \
+                 wait for one to end or cancel one."
+            )));
+        }
+        let (corpus, corpus_hash) = self.corpus()?;
         let id = format!(
             "diloco-{}",
             hex::encode(
@@ -189,6 +205,8 @@ impl Coordinator {
                 earnings: Default::default(),
                 struck: Default::default(),
                 final_val_loss: None,
+                settled: 0,
+                generation: 0,
             }),
             request,
         });
@@ -201,8 +219,189 @@ impl Coordinator {
             self.workers.clone(),
             self.ledger.clone(),
             self.fee_bps,
+            Start::fresh(&task.request),
+            self.store.clone(),
         ));
         Ok(task.status(false))
+    }
+
+    /// Load the DiLoCo tasks of the store: finished ones to show and
+    /// serve, and run the ones that were live when the gateway stopped on
+    /// from their last settled outer step. Call it once the ledger has
+    /// released the holds this gateway left open
+    /// (`LedgerAccounts::start`): each resumed task holds its remaining
+    /// escrow again, and first makes its last step's payment if the ledger
+    /// has no receipt of it. Returns how many tasks run again.
+    pub async fn resume(&self) -> usize {
+        let Some(store) = self.store.clone() else {
+            return 0;
+        };
+        let mut resumed = 0;
+        for (saved, outer) in store.load() {
+            let known = self
+                .diloco
+                .lock()
+                .map_or(true, |t| t.contains_key(&saved.id));
+            if known {
+                continue;
+            }
+            let corpus = match self.corpus() {
+                Ok((c, hash)) if hash == saved.corpus => c,
+                Ok(_) => {
+                    tracing::warn!(task = %saved.id, "a DiLoCo task's text is not this gateway's; not loaded");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(task = %saved.id, error = ?e, "a DiLoCo task cannot be loaded");
+                    continue;
+                }
+            };
+            let live = crate::diloco::task::resumable(saved.status);
+            let payment = saved.payment.clone();
+            let stale: Vec<String> = saved.holds.iter().flatten().cloned().collect();
+            let (task, start) =
+                DilocoTask::restore(saved, outer, corpus, self.shutdown.child_token());
+            let task = Arc::new(task);
+            if let Ok(mut t) = self.diloco.lock() {
+                t.insert(task.id.clone(), task.clone());
+            }
+            if !live {
+                continue;
+            }
+            match self.reopen(&task, payment, stale).await {
+                Ok(()) => {
+                    if let Some(saved) = task.saved_now(&start) {
+                        if let Err(e) = store.save(&saved, &start.outer) {
+                            tracing::warn!(task = %task.id, error = %e, "cannot write the DiLoCo task");
+                        }
+                    }
+                    tracing::info!(task = %task.id, from = start.from, "DiLoCo task resumed");
+                    resumed += 1;
+                    self.tracker.spawn(diloco_task::run(
+                        task.clone(),
+                        self.workers.clone(),
+                        self.ledger.clone(),
+                        self.fee_bps,
+                        start,
+                        Some(store.clone()),
+                    ));
+                }
+                Err(why) => {
+                    tracing::warn!(task = %task.id, %why, "a DiLoCo task cannot resume");
+                    if let Ok(mut s) = task.state.lock() {
+                        s.status = Status::Failed;
+                        s.error = Some(why);
+                    }
+                    if let Some(saved) = task.saved_now(&start) {
+                        if let Err(e) = store.save(&saved, &start.outer) {
+                            tracing::warn!(task = %task.id, error = %e, "cannot write the DiLoCo task");
+                        }
+                    }
+                }
+            }
+        }
+        resumed
+    }
+
+    /// Ready a resumed task's money: make its last step's payment if the
+    /// ledger has no receipt of it, release the holds of the steps to run
+    /// again (if the restart did not), and hold their escrow anew.
+    async fn reopen(
+        &self,
+        task: &DilocoTask,
+        payment: Option<crate::diloco::task::PaymentRecord>,
+        stale: Vec<String>,
+    ) -> Result<(), String> {
+        let generation = task.state.lock().map_or(0, |s| s.generation) + 1;
+        if let Some(p) = payment {
+            self.complete_payment(task, &p, generation).await?;
+        }
+        for hold in stale {
+            match self.ledger.settle(&hold, "", vec![], 0).await {
+                Ok(_) | Err(LedgerError::HoldClosed(_)) => {}
+                Err(e) => return Err(format!("the ledger failed: {e}")),
+            }
+        }
+        let r = &task.request;
+        let settled = task.state.lock().map_or(0, |s| s.settled);
+        let remaining = r.outer_steps.saturating_sub(settled);
+        let holds = self
+            .hold_all(
+                &task.account,
+                &format!("{}-g{generation}", task.id),
+                remaining,
+                r.step_escrow(),
+            )
+            .await
+            .map_err(|e| {
+                format!("after a gateway restart the escrow of the {remaining} outer steps left cannot be held: {e:?}")
+            })?;
+        if let Ok(mut s) = task.state.lock() {
+            let again = r.step_escrow() * u64::from(remaining);
+            // What the stop released, and what is held again.
+            s.refunded += again;
+            s.escrow += again;
+            s.holds = (0..settled as usize)
+                .map(|_| None)
+                .chain(holds.into_iter().map(Some))
+                .collect();
+            s.generation = generation;
+            s.status = Status::Waiting;
+        }
+        Ok(())
+    }
+
+    /// Make a settled step's payment the ledger has no receipt of (the
+    /// gateway stopped between writing it and making it).
+    async fn complete_payment(
+        &self,
+        task: &DilocoTask,
+        p: &crate::diloco::task::PaymentRecord,
+        generation: u32,
+    ) -> Result<(), String> {
+        let charges = diloco_task::charges(&task.id, &p.charges);
+        if charges.is_empty() {
+            let _ = self.ledger.settle(&p.hold, "", vec![], 0).await;
+            return Ok(());
+        }
+        match self.ledger.hold_of_job(&p.job).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(e) => return Err(format!("the ledger failed: {e}")),
+        }
+        // From its own hold when the restart left it open, else anew.
+        match self
+            .ledger
+            .settle(&p.hold, &p.job, charges.clone(), self.fee_bps)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(LedgerError::HoldClosed(_)) => {}
+            Err(e) => return Err(format!("the ledger failed: {e}")),
+        }
+        let cost: u64 = charges.iter().map(tessera_ledger::Charge::cost).sum();
+        let key = format!("{}-g{generation}-pay{}", task.id, p.step);
+        let hold = match self
+            .ledger
+            .hold(&task.account, cost, &self.gateway, Some(&key))
+            .await
+        {
+            Ok(Hold::New(h)) => h,
+            Ok(Hold::Duplicate { .. }) => {
+                return Err(format!("outer step {}'s payment was held twice", p.step))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "outer step {}'s payment ({cost} micro-credits owed to its workers) cannot be made: {e}",
+                    p.step
+                ))
+            }
+        };
+        self.ledger
+            .settle(&hold, &p.job, charges, self.fee_bps)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("the ledger failed: {e}"))
     }
 
     /// Providers connected now that train.
@@ -438,5 +637,93 @@ impl Training for Coordinator {
         }
         tessera_train::export::safetensors(&task.request.model, &params, &meta)
             .map_err(|e| TrainingError::Unavailable(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diloco::task::PaymentRecord;
+    use tessera_ledger::{Limits, MICRO};
+    use tessera_train::diloco::Outer;
+
+    /// The gateway stopped after writing a step's payment and before the
+    /// ledger made it: the resumed task makes it once — from the step's
+    /// hold if the restart left it open, else from a new hold — and not
+    /// again when it finds the receipt.
+    #[tokio::test]
+    async fn a_written_payment_the_ledger_never_made_is_made_once_on_resume() {
+        let dir = std::env::temp_dir().join(format!("tessera-pay-{}", tessera_core::unique_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ledger = Ledger::open_file(&dir.join("ledger.db")).await.unwrap();
+        let (owner, _) = ledger
+            .create_account("owner", MICRO, Limits::default())
+            .await
+            .unwrap();
+        let coordinator = Coordinator::new(
+            Arc::default(),
+            ledger.clone(),
+            "gw".into(),
+            500,
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        let request: DilocoRequest = serde_json::from_value(serde_json::json!({
+            "kind": "diloco", "outer_steps": 4, "inner_steps": 8,
+            "model": {"vocab": 256, "context": 8, "width": 8, "layers": 1, "heads": 2},
+        }))
+        .unwrap();
+        let n = request.model.parameters();
+        let saved = Saved::for_test(&owner.id, request);
+        let (task, _) = DilocoTask::restore(
+            saved,
+            Outer::new(vec![0.0; n], 0.7, 0.9),
+            Arc::new(Corpus::from_text(&[b'a'; 4000], 0.1).unwrap()),
+            CancellationToken::new(),
+        );
+        let worker = "provider:w".to_string();
+        let balance = |id: String| {
+            let ledger = ledger.clone();
+            async move { ledger.account(&id).await.unwrap().map_or(0, |a| a.balance) }
+        };
+        let held = |key: &str| {
+            let (ledger, key, owner) = (ledger.clone(), key.to_string(), owner.id.clone());
+            async move {
+                match ledger.hold(&owner, 100, "gw", Some(&key)).await.unwrap() {
+                    Hold::New(h) => h,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        // 1. The restart released the step's hold: paid from a new one.
+        let hold = held("t-r1").await;
+        ledger.release_open_holds("gw").await.unwrap();
+        let p = PaymentRecord {
+            step: 1,
+            hold,
+            job: "t-o1".into(),
+            charges: vec![("w".into(), 8, 3)],
+        };
+        coordinator.complete_payment(&task, &p, 1).await.unwrap();
+        assert_eq!(balance(worker.clone()).await, 24 - 1, "24 less the 5% fee");
+        assert_eq!(balance(owner.id.clone()).await, MICRO as i64 - 24);
+        // Again (a second restart): the receipt is there, nothing more.
+        coordinator.complete_payment(&task, &p, 2).await.unwrap();
+        assert_eq!(balance(worker.clone()).await, 23);
+        // 2. The step's hold is still open: paid from it, the rest back.
+        let hold = held("t-r2").await;
+        let p = PaymentRecord {
+            step: 2,
+            hold,
+            job: "t-o2".into(),
+            charges: vec![("w".into(), 10, 3)],
+        };
+        coordinator.complete_payment(&task, &p, 1).await.unwrap();
+        assert_eq!(balance(worker.clone()).await, 23 + 29);
+        assert_eq!(balance(owner.id.clone()).await, MICRO as i64 - 54);
+        let a = ledger.account(&owner.id).await.unwrap().unwrap();
+        assert_eq!(a.held, 0);
+        assert!(ledger.check().await.unwrap().ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
