@@ -437,6 +437,18 @@ impl ModelStore {
         alias: Option<&str>,
         progress: Progress<'_>,
     ) -> Result<ResolvedModel, StoreError> {
+        self.add_from(file, alias, None, progress)
+    }
+
+    /// [`ModelStore::add`], recording `source` (default: the file's path)
+    /// as where it came from.
+    pub fn add_from(
+        &self,
+        file: &Path,
+        alias: Option<&str>,
+        source: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<ResolvedModel, StoreError> {
         check_gguf_magic(file)?;
         let mut src = fs::File::open(file).map_err(io_err(file))?;
         let total = src.metadata().map_err(io_err(file))?.len();
@@ -453,7 +465,7 @@ impl ModelStore {
             alias,
             sha256,
             size,
-            source: file.display().to_string(),
+            source: source.map_or_else(|| file.display().to_string(), str::to_string),
         })
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use iroh::Endpoint;
 use tessera_backend::ServedModel;
 use tessera_core::NodeId;
-use tessera_protocol::AUDIT_ALPN;
+use tessera_protocol::{AUDIT_ALPN, BLOBS_ALPN};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -59,6 +59,8 @@ pub struct Gateway {
     audits: Arc<HashMap<String, Arc<Audits>>>,
     /// Where those audits run, auditor processes included.
     auditors: Option<Arc<AuditorPool>>,
+    /// The model files served to peers ([`tessera_protocol::BLOBS_ALPN`]).
+    blobs: Option<crate::blobs::BlobServer>,
     failover_deadline: Duration,
     frame_deadline: Duration,
     offer_limits: OfferLimits,
@@ -88,6 +90,7 @@ impl Gateway {
             discovery: None,
             audits: Arc::default(),
             auditors: None,
+            blobs: None,
             failover_deadline: FAILOVER_DEADLINE,
             frame_deadline: FRAME_DEADLINE,
             offer_limits: OfferLimits::default(),
@@ -98,6 +101,13 @@ impl Gateway {
             handshakes: Arc::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         }
+    }
+
+    /// Serve these files to peers that dial with
+    /// [`tessera_protocol::BLOBS_ALPN`] (the endpoint must accept it).
+    pub fn with_blobs(mut self, blobs: crate::blobs::BlobServer) -> Self {
+        self.blobs = Some(blobs);
+        self
     }
 
     /// Audit answers of these models (sha256 → their audits), on
@@ -267,6 +277,13 @@ impl Gateway {
                     match &gw.discovery {
                         Some(d) => d.handle(conn).await,
                         None => conn.close(1u32.into(), b"no discovery here"),
+                    }
+                    return;
+                }
+                if conn.alpn() == BLOBS_ALPN {
+                    match &gw.blobs {
+                        Some(b) => b.serve(conn).await,
+                        None => conn.close(4u32.into(), b"no blobs here"),
                     }
                     return;
                 }

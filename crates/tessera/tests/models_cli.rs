@@ -146,3 +146,64 @@ fn add_takes_gguf_files_and_refuses_others() {
         stderr(&unknown)
     );
 }
+
+/// A model from a peer: `models pull NAME --from TICKET` fetches the
+/// default model from a gateway over iroh and keeps it only because it
+/// hashes to the pinned sha256; a provider in a fresh home told to serve it
+/// fetches it from the gateway it joins the same way (not from its
+/// package), then serves. A name nothing pins is refused.
+#[test]
+fn a_fresh_provider_fetches_its_model_from_its_gateway_checked_by_hash() {
+    let gw = util::Gateway::start(&[]);
+    let sha = tessera_models::DEFAULT_MODEL.sha256;
+    let peer_source = |home: &std::path::Path| -> String {
+        let listed = tessera(home, &["models", "list", "--json"]);
+        let models: Value = serde_json::from_slice(&listed.stdout).expect("JSON list");
+        let m = models
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["alias"] == util::MODEL)
+            .unwrap_or_else(|| panic!("{models:#}"))
+            .clone();
+        assert_eq!(m["sha256"], sha);
+        m["source"].as_str().unwrap().to_string()
+    };
+
+    let home = tempfile::tempdir().unwrap();
+    let unknown = tessera(
+        home.path(),
+        &["models", "pull", "my-model", "--from", &gw.ticket],
+    );
+    assert!(!unknown.status.success());
+    assert!(stderr(&unknown).contains("sha256"), "{}", stderr(&unknown));
+    let pulled = tessera(
+        home.path(),
+        &["models", "pull", util::MODEL, "--from", &gw.ticket],
+    );
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    assert!(peer_source(home.path()).starts_with("peer "));
+    // The stored copy passes the store's own check.
+    assert!(tessera(home.path(), &["models", "path", util::MODEL])
+        .status
+        .success());
+
+    let provider_home = tempfile::tempdir().unwrap();
+    let mut provider = Command::new(util::binary())
+        .args(["provider", "--gateway", &gw.ticket, "--bind", "127.0.0.1:0"])
+        .args(["--threads", "1", "--slots", "1", "--model", util::MODEL])
+        .env("TESSERA_HOME", provider_home.path())
+        .env("TESSERA_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let joined = util::wait_listed(
+        &format!("{}/health", gw.api_base.trim_end_matches("/v1")),
+        1,
+        std::time::Duration::from_secs(120),
+    );
+    let _ = provider.kill();
+    let _ = provider.wait();
+    assert!(joined, "the provider did not join");
+    assert!(peer_source(provider_home.path()).starts_with("peer "));
+}

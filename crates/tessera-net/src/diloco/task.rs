@@ -18,6 +18,12 @@
 //! linear in the averaged pseudo-gradient, so its effect on the parameters
 //! and the momentum is subtracted exactly; what later steps learnt from the
 //! tainted model stays).
+//!
+//! Steps settle (are paid) in order. With a [`Store`], a step is written
+//! when it settles — the outer state right after it, with every removal of
+//! a part at or before it applied — before the ledger makes its payment;
+//! a restarted gateway runs the task on from there
+//! ([`crate::federated::Coordinator::resume`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
