@@ -58,6 +58,12 @@ pub struct DilocoDemoTask {
     /// DiLoCo demo: outer learning rate.
     #[arg(long, default_value_t = 0.7)]
     pub outer_lr: f32,
+    /// DiLoCo demo: outer Nesterov momentum.
+    #[arg(long, default_value_t = 0.6)]
+    pub outer_momentum: f32,
+    /// DiLoCo demo: windows per inner step per worker.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
     /// DiLoCo demo: share of (worker, outer step) pairs audited.
     #[arg(long, default_value_t = 0.08)]
     pub audit_rate: f64,
@@ -231,14 +237,14 @@ pub(crate) fn demo(
         "outer_steps": t.outer_steps,
         "inner_steps": t.inner_steps,
         "first_inner_steps": t.first_inner_steps,
-        "batch": 8,
+        "batch": t.batch,
         "workers": n + cheaters,
         "min_workers": 1,
         "optimizer": {"lr": t.inner_lr, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.01,
                       "warmup": 100.min(u64::from(t.outer_steps) * u64::from(t.inner_steps) / 10).max(1),
                       "total_steps": 0, "min_lr_ratio": 0.1},
         "outer_lr": t.outer_lr,
-        "outer_momentum": 0.9,
+        "outer_momentum": t.outer_momentum,
         "seed": 1,
         "max_price_per_step": 10,
         "audit_rate": t.audit_rate,

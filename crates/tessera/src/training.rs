@@ -467,7 +467,7 @@ pub struct DilocoArgs {
     #[arg(long, default_value_t = 0.7)]
     pub outer_lr: f32,
     /// Outer Nesterov momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.6)]
     pub outer_momentum: f32,
     /// Most a worker may charge per inner step (micro-credits).
     #[arg(long, default_value_t = 10)]

@@ -125,7 +125,7 @@ fn default_outer_lr() -> f32 {
     0.7
 }
 fn default_momentum() -> f32 {
-    0.9
+    0.6
 }
 fn default_price() -> u64 {
     10

@@ -44,7 +44,8 @@ pub enum Cheat {
     Scale,
     /// Sends its pseudo-gradient sign-flipped.
     Flip,
-    /// Trains on text other than its shard (the start of the corpus).
+    /// Trains on text other than its shard (the start of the corpus, or
+    /// the range after it when that is its shard).
     Poison,
 }
 
@@ -392,7 +393,15 @@ fn cheat_run(
     let mut w = work.clone();
     match cheat {
         Cheat::Lazy => w.steps = (work.steps / 2).max(1),
-        Cheat::Poison => w.shard = (0, work.shard.1 - work.shard.0),
+        Cheat::Poison => {
+            // Text of its own choosing: the start of the corpus, or the
+            // next range when its shard is the start.
+            let len = work.shard.1 - work.shard.0;
+            w.shard = match work.shard.0 {
+                0 => (len, 2 * len),
+                _ => (0, len),
+            };
+        }
         _ => {}
     }
     let mut run = diloco::run_inner_paced(trainer, text, &w, global, pace)?;

@@ -50,6 +50,13 @@ pub struct DilocoBench {
     /// Outer learning rate.
     #[arg(long, default_value_t = 0.7)]
     pub outer_lr: f32,
+    /// Outer Nesterov momentum.
+    #[arg(long, default_value_t = 0.6)]
+    pub outer_momentum: f32,
+    /// Windows per inner step per worker (the baseline's batch is the
+    /// workers' together).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
     /// Peak learning rate of the baseline.
     #[arg(long, default_value_t = 3e-3)]
     pub baseline_lr: f32,
@@ -89,6 +96,8 @@ fn devnet(home: &Path, b: &DilocoBench, churn: bool) -> anyhow::Result<Value> {
         .args(["--inner-steps", &b.inner_steps.to_string()])
         .args(["--inner-lr", &b.inner_lr.to_string()])
         .args(["--outer-lr", &b.outer_lr.to_string()])
+        .args(["--outer-momentum", &b.outer_momentum.to_string()])
+        .args(["--batch", &b.batch.to_string()])
         .args(["--audit-rate", &b.audit_rate.to_string()])
         .args(["--width", &b.width.to_string()])
         .args(churn.then_some("--churn"))
@@ -169,7 +178,7 @@ pub fn run(home: &Path, b: DilocoBench) -> anyhow::Result<()> {
     let mut baseline_val = None;
     if !b.no_baseline && tokens > 0 {
         let corpus = Corpus::fortunes(Path::new(FORTUNES_DIR), VAL_SHARE)?;
-        let batch = 8 * b.workers;
+        let batch = b.batch * b.workers;
         let steps = tokens / (batch * spec.context) as u64;
         let started = std::time::Instant::now();
         let run = Baseline {
@@ -220,6 +229,11 @@ pub fn run(home: &Path, b: DilocoBench) -> anyhow::Result<()> {
         "parameters": spec.parameters(),
         "outer_steps": b.outer_steps,
         "inner_steps": b.inner_steps,
+        "batch": b.batch,
+        "inner_lr": b.inner_lr,
+        "outer_lr": b.outer_lr,
+        "outer_momentum": b.outer_momentum,
+        "baseline_lr": b.baseline_lr,
         "tokens": tokens,
         "val_loss": val,
         "baseline_val_loss": baseline_val,
