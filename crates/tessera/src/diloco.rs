@@ -56,10 +56,10 @@ pub struct DilocoDemoTask {
     #[arg(long, default_value_t = 3e-3)]
     pub inner_lr: f32,
     /// DiLoCo demo: outer learning rate.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.85)]
     pub outer_lr: f32,
     /// DiLoCo demo: outer Nesterov momentum.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.5)]
     pub outer_momentum: f32,
     /// DiLoCo demo: windows per inner step per worker.
     #[arg(long, default_value_t = 8)]

@@ -464,10 +464,10 @@ pub struct DilocoArgs {
     #[arg(long, default_value_t = 100)]
     pub warmup: u64,
     /// Outer learning rate.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.85)]
     pub outer_lr: f32,
     /// Outer Nesterov momentum.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.5)]
     pub outer_momentum: f32,
     /// Most a worker may charge per inner step (micro-credits).
     #[arg(long, default_value_t = 10)]

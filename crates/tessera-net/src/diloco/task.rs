@@ -122,10 +122,10 @@ fn one() -> usize {
     1
 }
 fn default_outer_lr() -> f32 {
-    0.7
+    0.85
 }
 fn default_momentum() -> f32 {
-    0.6
+    0.5
 }
 fn default_price() -> u64 {
     10

@@ -48,10 +48,10 @@ pub struct DilocoBench {
     #[arg(long, default_value_t = 3e-3)]
     pub inner_lr: f32,
     /// Outer learning rate.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.85)]
     pub outer_lr: f32,
     /// Outer Nesterov momentum.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.5)]
     pub outer_momentum: f32,
     /// Windows per inner step per worker (the baseline's batch is the
     /// workers' together).
