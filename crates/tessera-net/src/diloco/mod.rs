@@ -15,10 +15,11 @@
 //!   settles, so a restarted gateway resumes them.
 
 mod pool;
+mod records;
 mod store;
 pub(crate) mod task;
 pub mod worker;
 
 pub use pool::{Worker, Workers};
+pub use records::DilocoRequest;
 pub use store::Store;
-pub use task::DilocoRequest;

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tessera_core::train::TaskStatus as Status;
 use tessera_train::diloco::Outer;
 
-use super::task::{DilocoRequest, OuterReport, Totals};
+use super::records::{DilocoRequest, OuterReport, Totals};
 
 /// A task as written to its folder.
 #[derive(Clone, Debug, Serialize, Deserialize)]

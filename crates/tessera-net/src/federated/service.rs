@@ -10,8 +10,6 @@ use tessera_ledger::{Hold, Ledger, LedgerError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-#[cfg(test)]
-use crate::diloco::task::Saved;
 use crate::diloco::task::{self as diloco_task, DilocoRequest, DilocoTask, Start, TaskState};
 use crate::diloco::{Store, Workers};
 use tessera_train::corpus::Corpus;
@@ -642,10 +640,15 @@ impl Training for Coordinator {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::diloco::task::PaymentRecord;
-    use tessera_ledger::{Limits, MICRO};
+    use std::sync::Arc;
+
+    use crate::diloco::task::{DilocoRequest, DilocoTask, PaymentRecord, Saved};
+    use crate::federated::service::Coordinator;
+    use tessera_ledger::{Hold, Ledger, Limits, MICRO};
+    use tessera_train::corpus::Corpus;
     use tessera_train::diloco::Outer;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
 
     /// The gateway stopped after writing a step's payment and before the
     /// ledger made it: the resumed task makes it once — from the step's
