@@ -99,6 +99,18 @@ fn worker_command(exe: &Path, ticket: &str, home: &Path, network: &str, slowdown
     c
 }
 
+/// Per worker: the inner steps of its parts that went into an average
+/// (paid or not), over the task's history.
+fn averaged_steps(history: &[Value]) -> serde_json::Map<String, Value> {
+    let mut out = std::collections::BTreeMap::<String, u64>::new();
+    for step in history {
+        for (node, w) in step["workers"].as_object().into_iter().flatten() {
+            *out.entry(node.clone()).or_default() += w["steps"].as_u64().unwrap_or(0);
+        }
+    }
+    out.into_iter().map(|(k, v)| (k, json!(v))).collect()
+}
+
 /// How the devnet starts its gateway again (`--restart-gateway`): its home,
 /// and its command given the HTTP address to listen on.
 pub(crate) struct GatewayRestart<'a> {
@@ -344,6 +356,7 @@ pub(crate) fn demo(
         "val_loss": done["val_loss"],
         "val_curve": history.iter().map(|r| r["val_loss"].clone()).collect::<Vec<_>>(),
         "workers_per_step": history.iter().map(|r| r["workers"].as_object().map_or(0, |w| w.len())).collect::<Vec<_>>(),
+        "averaged_steps": averaged_steps(&history),
         "tokens": t2["tokens"],
         "train_steps": t2["train_steps"],
         "bytes": t2["bytes"],
