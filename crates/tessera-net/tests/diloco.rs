@@ -530,3 +530,35 @@ async fn a_restarted_gateway_resumes_its_diloco_task_paying_each_step_once() {
     assert_eq!(again["val_loss"], s["val_loss"]);
     assert!(net.coordinator.model(&net.account, &id).is_ok());
 }
+
+/// A worker that claims each of its steps took a millisecond is given no
+/// more inner steps than its speed on the gateway's clock earns: were its
+/// claim believed, it would be given H and every honest worker one step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_boasting_of_its_speed_does_not_starve_the_others() {
+    let mut net = network().await;
+    let honest = [net.worker(None).await, net.worker(None).await];
+    let boaster = net.worker(Some(Cheat::Boast)).await;
+    net.wait_for_workers(3).await;
+    let mut body = task(4, 3, 0.0);
+    body["inner_steps"] = json!(40);
+    body["checkpoint_every"] = json!(10);
+    let status = net.coordinator.create(&net.account, body).await.unwrap();
+    let id = status["id"].as_str().unwrap().to_string();
+    let s = net.finish(&id).await;
+    assert_eq!(s["status"], "completed", "{s:#}");
+    let history = s["history"].as_array().unwrap();
+    let boaster = node_id(&boaster.public()).to_string();
+    for h in &history[1..] {
+        // Its claim is cut to what the gateway waited for.
+        assert!(h["workers"][&boaster]["compute_ms"].as_u64().unwrap() <= 1);
+        for key in &honest {
+            let node = node_id(&key.public()).to_string();
+            let steps = h["workers"][&node]["steps"].as_u64().unwrap();
+            assert!(
+                steps >= 20,
+                "an honest worker starved to {steps} of 40: {h:#}"
+            );
+        }
+    }
+}

@@ -227,6 +227,9 @@ struct Committed {
     commit: DilocoCommit,
     bytes_up: u64,
     bytes_down: u64,
+    /// Milliseconds from the step sent to the commitment received, on the
+    /// gateway's clock (a worker's own `compute_ms` is only a claim).
+    elapsed_ms: u64,
 }
 
 /// An accepted pseudo-gradient.
@@ -838,7 +841,9 @@ fn take_outer_step(
         .lock()
         .map_err(|_| "the outer state is unavailable".to_string())?;
     for a in accepted {
-        let secs = a.c.commit.compute_ms.max(1) as f64 / 1000.0;
+        // Speed from the gateway's clock: a worker claiming to be fast
+        // would otherwise take H and leave the others one step each.
+        let secs = a.c.elapsed_ms.max(1) as f64 / 1000.0;
         c.speeds
             .insert(a.c.worker.node, f64::from(a.c.work.steps) / secs);
     }
@@ -907,6 +912,7 @@ async fn commit_phase(
         ),
         kind: JobKind::DilocoStep(Box::new(step)),
     };
+    let sent = Instant::now();
     let attempt = async move {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let mut down = write_frame(&mut send, &Frame::JobRequest(job))
@@ -961,7 +967,10 @@ async fn commit_phase(
         }
     };
     match tokio::time::timeout(left, attempt).await {
-        Ok(Ok((send, recv, commit, bytes_up, bytes_down))) => {
+        Ok(Ok((send, recv, mut commit, bytes_up, bytes_down))) => {
+            let elapsed_ms = sent.elapsed().as_millis() as u64;
+            // Nobody computes longer than the gateway waited for it.
+            commit.compute_ms = commit.compute_ms.min(elapsed_ms);
             if commit.losses.len() != work.steps as usize
                 || commit.tokens != u64::from(work.steps) * (work.batch * work.spec.context) as u64
             {
@@ -975,6 +984,7 @@ async fn commit_phase(
                 commit,
                 bytes_up,
                 bytes_down,
+                elapsed_ms,
             })
         }
         Ok(Err(why)) => Err((worker, why)),

@@ -44,6 +44,9 @@ pub enum Cheat {
     Scale,
     /// Sends its pseudo-gradient sign-flipped.
     Flip,
+    /// Trains honestly but claims each step took a millisecond (to be
+    /// given the most inner steps, and the pay for them).
+    Boast,
     /// Trains on text other than its shard (the start of the corpus, or
     /// the range after it when that is its shard).
     Poison,
@@ -60,9 +63,10 @@ impl std::str::FromStr for Cheat {
             "scale" => Cheat::Scale,
             "flip" => Cheat::Flip,
             "poison" => Cheat::Poison,
+            "boast" => Cheat::Boast,
             _ => {
                 return Err(format!(
-                    "unknown cheat {s:?} (lazy, random, replay, scale, flip, poison)"
+                    "unknown cheat {s:?} (lazy, random, replay, scale, flip, poison, boast)"
                 ))
             }
         })
@@ -292,7 +296,12 @@ pub(crate) async fn serve_step(
         Ok(Err(e)) => return fail(&mut send, e.to_string(), false).await,
         Err(e) => return fail(&mut send, format!("training stopped: {e}"), false).await,
     };
-    let compute_ms = started.elapsed().as_millis() as u64;
+    #[allow(unused_mut)]
+    let mut compute_ms = started.elapsed().as_millis() as u64;
+    #[cfg(feature = "adversary")]
+    if compute.cheat == Some(Cheat::Boast) {
+        compute_ms = 1;
+    }
     let nonce = tessera_core::secret_bytes::<32>()?;
     let root = run.root();
     let commitment = diloco::commitment(
