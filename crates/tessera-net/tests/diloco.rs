@@ -555,8 +555,10 @@ async fn a_worker_boasting_of_its_speed_does_not_starve_the_others() {
         for key in &honest {
             let node = node_id(&key.public()).to_string();
             let steps = h["workers"][&node]["steps"].as_u64().unwrap();
+            // Believed, the claim leaves it one step; measured on the
+            // gateway's clock, such tiny steps still vary a few-fold.
             assert!(
-                steps >= 20,
+                steps >= 5,
                 "an honest worker starved to {steps} of 40: {h:#}"
             );
         }
