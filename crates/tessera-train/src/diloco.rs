@@ -979,6 +979,14 @@ pub struct DilocoSettings {
     pub val_windows: usize,
 }
 
+/// Which of `shards` the worker in `slot` trains on at outer step
+/// `outer_step`: the slots rotate through the shards, so over the task
+/// every worker sees all of the text (the contiguous shards are not alike:
+/// the fortunes are in topic order).
+pub fn shard_for(slot: usize, outer_step: u32, shards: usize) -> usize {
+    (slot + outer_step as usize) % shards.max(1)
+}
+
 /// The seed of a worker's windows in an outer step.
 pub fn work_seed(seed: u64, outer_step: u32, slot: usize) -> u64 {
     let mut r = Rng::new(seed ^ (u64::from(outer_step) << 32) ^ slot as u64);
@@ -1091,7 +1099,8 @@ impl Baseline {
 }
 
 /// DiLoCo in one process: each outer step every worker trains from the
-/// published parameters on its shard, and the outer optimizer averages.
+/// published parameters on its shard (rotating as in a networked task,
+/// [`shard_for`]), and the outer optimizer averages.
 /// Returns the validation loss after each outer step.
 pub fn simulate(
     s: &DilocoSettings,
@@ -1105,7 +1114,8 @@ pub fn simulate(
     let mut curve = Vec::new();
     for o in 1..=s.outer_steps {
         let mut updates = Vec::new();
-        for (w, shard) in shards.iter().enumerate() {
+        for w in 0..s.workers {
+            let shard = &shards[shard_for(w, o, shards.len())];
             let work = InnerWork {
                 spec: s.spec,
                 outer_step: o,
@@ -1510,6 +1520,24 @@ mod tests {
         )
         .unwrap();
         assert!(d.reason.contains("pseudo-gradient"), "{d:?}");
+    }
+
+    /// In every outer step the workers train on different shards, and over
+    /// as many steps as shards each worker has trained on all of them.
+    #[test]
+    fn shards_rotate_without_two_workers_on_one() {
+        for n in 1..6 {
+            for t in 1..20 {
+                let mut taken: Vec<usize> = (0..n).map(|k| shard_for(k, t, n)).collect();
+                taken.sort_unstable();
+                assert_eq!(taken, (0..n).collect::<Vec<_>>());
+            }
+            for k in 0..n {
+                let mut seen: Vec<usize> = (1..=n as u32).map(|t| shard_for(k, t, n)).collect();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>());
+            }
+        }
     }
 
     /// DiLoCo in one process lowers the validation loss like the baseline.

@@ -443,7 +443,7 @@ pub(crate) async fn run(
                     }
                     _ => h_t,
                 };
-                let shard = &shards[(k + t as usize) % shards.len()];
+                let shard = &shards[diloco::shard_for(k, t, shards.len())];
                 let work = InnerWork {
                     spec: req.model,
                     outer_step: t,
