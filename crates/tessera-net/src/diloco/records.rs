@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tessera_core::train::{InnerOptimizer, LmSpec};
+use tessera_core::train::{InnerOptimizer, LmSpec, TaskStatus};
 use tessera_train::diloco::{self, AuditReport, Divergence};
 
 use super::worker::MAX_PARAMETERS;
@@ -289,4 +289,61 @@ pub struct Totals {
     pub audits_passed: u32,
     /// See `audits`.
     pub audits_failed: u32,
+}
+
+/// A task's progress and money: what its status shows, and what its file
+/// keeps (the runner's live state and the store's saved task each hold
+/// one).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Progress {
+    /// Waiting, running, or how it ended.
+    pub status: TaskStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Outer steps settled (paid or not, in order).
+    pub settled: u32,
+    /// Times the task was resumed after a gateway restart (each holds its
+    /// escrow again under new keys).
+    pub generation: u32,
+    /// The outer steps' reports.
+    pub steps: Vec<OuterReport>,
+    /// The escrow holds of the steps not settled (released when the
+    /// gateway stopped or restarted).
+    pub holds: Vec<Option<String>>,
+    /// Micro-credits held from the owner in all.
+    pub escrow: u64,
+    /// Of which paid to workers.
+    pub spent: u64,
+    /// Of which given back to the owner.
+    pub refunded: u64,
+    /// Totals over the task.
+    pub totals: Totals,
+    /// Per worker: steps paid, micro-credits earned.
+    pub earnings: BTreeMap<String, (u64, u64)>,
+    /// Workers struck, and why.
+    pub struck: BTreeMap<String, String>,
+    /// Validation loss of the final model (the exact outer trajectory).
+    pub final_val_loss: Option<f64>,
+}
+
+impl Progress {
+    /// A task not started: its escrow held under `holds`, one per outer
+    /// step.
+    pub fn new(holds: Vec<String>, escrow: u64) -> Progress {
+        Progress {
+            status: TaskStatus::Waiting,
+            error: None,
+            settled: 0,
+            generation: 0,
+            steps: Vec::new(),
+            holds: holds.into_iter().map(Some).collect(),
+            escrow,
+            spent: 0,
+            refunded: 0,
+            totals: Totals::default(),
+            earnings: BTreeMap::new(),
+            struck: BTreeMap::new(),
+            final_val_loss: None,
+        }
+    }
 }

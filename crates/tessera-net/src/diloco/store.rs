@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use tessera_core::train::TaskStatus as Status;
 use tessera_train::diloco::Outer;
 
-use super::records::{DilocoRequest, OuterReport, Totals};
+use super::records::{DilocoRequest, Progress};
 
-/// A task as written to its folder.
+/// A task as written to its folder: its progress (the same fields as the
+/// live task's, at the last settled step) and what resuming it needs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Saved {
     pub id: String,
@@ -32,31 +33,15 @@ pub(crate) struct Saved {
     /// BLAKE3 of the training text.
     pub corpus: String,
     pub created_ms: u64,
-    pub status: Status,
-    pub error: Option<String>,
-    /// Outer steps settled (the file's state is the one after this step).
-    pub settled: u32,
+    /// Status, money, the settled steps' reports (`settled` is the step the
+    /// file's state is the one after).
+    #[serde(flatten)]
+    pub progress: Progress,
     /// Outer-optimizer steps applied through `settled` (steps where every
     /// worker failed apply none).
     pub applied: u32,
-    /// Times the task was resumed (each holds its escrow again under new
-    /// keys).
-    pub generation: u32,
-    /// The settled steps' reports.
-    pub steps: Vec<OuterReport>,
-    /// The escrow holds of the steps not settled (released when the
-    /// gateway stopped or restarted).
-    pub holds: Vec<Option<String>>,
-    pub escrow: u64,
-    pub spent: u64,
-    pub refunded: u64,
-    pub totals: Totals,
-    /// Per worker: steps paid, micro-credits earned.
-    pub earnings: BTreeMap<String, (u64, u64)>,
-    pub struck: BTreeMap<String, String>,
     /// Inner steps per second each worker showed (H for the slow ones).
     pub speeds: BTreeMap<String, f64>,
-    pub final_val_loss: Option<f64>,
     /// The last settled step's payment, written before the ledger made it.
     pub payment: Option<Payment>,
 }
@@ -65,27 +50,17 @@ pub(crate) struct Saved {
 impl Saved {
     /// A task of `account` with nothing settled yet, as resumed.
     pub(crate) fn for_test(account: &str, request: DilocoRequest) -> Saved {
+        let mut progress = Progress::new(Vec::new(), 0);
+        progress.status = Status::Running;
         Saved {
             id: "t".into(),
             account: account.into(),
             request,
             corpus: String::new(),
             created_ms: 0,
-            status: Status::Running,
-            error: None,
-            settled: 0,
+            progress,
             applied: 0,
-            generation: 0,
-            steps: Vec::new(),
-            holds: Vec::new(),
-            escrow: 0,
-            spent: 0,
-            refunded: 0,
-            totals: Totals::default(),
-            earnings: BTreeMap::new(),
-            struck: BTreeMap::new(),
             speeds: BTreeMap::new(),
-            final_val_loss: None,
             payment: None,
         }
     }
@@ -129,7 +104,7 @@ impl Store {
         }
         let dir = self.dir.join(&saved.id);
         std::fs::create_dir_all(&dir)?;
-        let name = format!("outer-{}.bin", saved.settled);
+        let name = format!("outer-{}.bin", saved.progress.settled);
         write_atomic(&dir.join(&name), &outer.to_bytes())?;
         let json = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
         write_atomic(&dir.join("task.json"), &json)?;
@@ -171,16 +146,18 @@ fn read_task(dir: &Path) -> Result<(Saved, Outer), String> {
     if !safe_id(&saved.id) || dir.file_name().and_then(|n| n.to_str()) != Some(&saved.id) {
         return Err(format!("task.json names task {:?}", saved.id));
     }
-    let name = format!("outer-{}.bin", saved.settled);
+    let name = format!("outer-{}.bin", saved.progress.settled);
     let bytes = std::fs::read(dir.join(&name)).map_err(|e| format!("{name}: {e}"))?;
     let r = &saved.request;
     let outer = Outer::from_bytes(&bytes, r.model.parameters(), r.outer_lr, r.outer_momentum)
         .map_err(|e| format!("{name}: {e}"))?;
-    if saved.steps.len() > saved.settled as usize || saved.settled > r.outer_steps {
+    if saved.progress.steps.len() > saved.progress.settled as usize
+        || saved.progress.settled > r.outer_steps
+    {
         return Err(format!(
             "{} reports for {} settled of {} steps",
-            saved.steps.len(),
-            saved.settled,
+            saved.progress.steps.len(),
+            saved.progress.settled,
             r.outer_steps
         ));
     }

@@ -48,7 +48,9 @@ use super::store::{Payment, Store};
 
 use tessera_core::train::TaskStatus as Status;
 
-pub use super::records::{AuditVerdict, DilocoRequest, OuterReport, Totals, WorkerReport};
+pub use super::records::{
+    AuditVerdict, DilocoRequest, OuterReport, Progress, Totals, WorkerReport,
+};
 
 /// A task and everything known about it.
 pub(crate) struct DilocoTask {
@@ -65,24 +67,10 @@ pub(crate) struct DilocoTask {
 
 /// What changes as the task runs.
 pub(crate) struct TaskState {
-    pub status: Status,
-    pub error: Option<String>,
+    /// The exact parameters after the last outer step.
     pub parameters: Vec<f32>,
-    pub steps: Vec<OuterReport>,
-    pub holds: Vec<Option<String>>,
-    pub escrow: u64,
-    pub spent: u64,
-    pub refunded: u64,
-    pub totals: Totals,
-    /// Per worker: steps paid, micro-credits earned.
-    pub earnings: BTreeMap<String, (u64, u64)>,
-    pub struck: BTreeMap<String, String>,
-    /// Validation loss of the final model (the exact outer trajectory).
-    pub final_val_loss: Option<f64>,
-    /// Outer steps settled (paid or not, in order).
-    pub settled: u32,
-    /// Times the task was resumed after a gateway restart.
-    pub generation: u32,
+    /// Status, reports, money.
+    pub progress: Progress,
 }
 
 impl DilocoTask {
@@ -90,7 +78,7 @@ impl DilocoTask {
     pub fn live(&self) -> bool {
         self.state
             .lock()
-            .is_ok_and(|s| matches!(s.status, Status::Waiting | Status::Running))
+            .is_ok_and(|s| matches!(s.progress.status, Status::Waiting | Status::Running))
     }
 
     /// What the dashboard shows: progress, losses, bytes, audits.
@@ -101,13 +89,13 @@ impl DilocoTask {
         serde_json::json!({
             "id": self.id,
             "kind": "diloco",
-            "status": s.status,
+            "status": s.progress.status,
             "model": self.request.model,
             "outer_steps": self.request.outer_steps,
-            "outer_steps_done": s.steps.len(),
-            "totals": s.totals,
-            "struck": s.struck.len(),
-            "series": s.steps.iter().map(|r| serde_json::json!({
+            "outer_steps_done": s.progress.steps.len(),
+            "totals": s.progress.totals,
+            "struck": s.progress.struck.len(),
+            "series": s.progress.steps.iter().map(|r| serde_json::json!({
                 "outer_step": r.outer_step,
                 "val_loss": r.val_loss,
                 "train_loss": r.train_loss,
@@ -123,7 +111,7 @@ impl DilocoTask {
         let Ok(s) = self.state.lock() else {
             return serde_json::json!({ "id": self.id, "error": "state unavailable" });
         };
-        let t = &s.totals;
+        let t = &s.progress.totals;
         let ratio = (t.bytes > 0).then(|| t.data_parallel_bytes as f64 / t.bytes as f64);
         let utilization = (t.worker_ms > 0).then(|| t.compute_ms as f64 / t.worker_ms as f64);
         let audit_cost = (t.train_steps > 0).then(|| t.audit_steps as f64 / t.train_steps as f64);
@@ -132,31 +120,31 @@ impl DilocoTask {
             "object": "training.task",
             "kind": "diloco",
             "created_ms": self.created_ms,
-            "status": s.status,
-            "cancelling": self.stop.is_cancelled() && matches!(s.status, Status::Waiting | Status::Running),
-            "error": s.error,
+            "status": s.progress.status,
+            "cancelling": self.stop.is_cancelled() && matches!(s.progress.status, Status::Waiting | Status::Running),
+            "error": s.progress.error,
             "model": self.request.model,
             "parameters": self.request.model.parameters(),
             "outer_steps": self.request.outer_steps,
-            "outer_steps_done": s.steps.len(),
-            "outer_steps_settled": s.settled,
-            "resumed": s.generation,
+            "outer_steps_done": s.progress.steps.len(),
+            "outer_steps_settled": s.progress.settled,
+            "resumed": s.progress.generation,
             "inner_steps": self.request.inner_steps,
             "workers": self.request.workers,
-            "val_loss": s.final_val_loss.or_else(|| s.steps.iter().rev().find_map(|r| r.val_loss)),
-            "train_loss": s.steps.iter().rev().find_map(|r| r.train_loss),
+            "val_loss": s.progress.final_val_loss.or_else(|| s.progress.steps.iter().rev().find_map(|r| r.val_loss)),
+            "train_loss": s.progress.steps.iter().rev().find_map(|r| r.train_loss),
             "totals": t,
             "bytes_ratio": ratio,
             "utilization": utilization,
             "audit_cost": audit_cost,
-            "escrow": { "held": s.escrow, "spent": s.spent, "refunded": s.refunded },
-            "providers": s.earnings.iter().map(|(node, (steps, earned))| {
+            "escrow": { "held": s.progress.escrow, "spent": s.progress.spent, "refunded": s.progress.refunded },
+            "providers": s.progress.earnings.iter().map(|(node, (steps, earned))| {
                 (node.clone(), serde_json::json!({ "steps_paid": steps, "earned": earned }))
             }).collect::<serde_json::Map<_, _>>(),
-            "struck": s.struck,
+            "struck": s.progress.struck,
         });
         if history {
-            out["history"] = serde_json::to_value(&s.steps).unwrap_or_default();
+            out["history"] = serde_json::to_value(&s.progress.steps).unwrap_or_default();
         }
         out
     }
@@ -173,13 +161,18 @@ impl DilocoTask {
     ) -> (DilocoTask, Start) {
         let start = Start {
             applied: saved.applied,
-            from: saved.settled + 1,
+            from: saved.progress.settled + 1,
             speeds: saved
                 .speeds
                 .iter()
                 .filter_map(|(k, v)| Some((k.parse().ok()?, *v)))
                 .collect(),
-            struck: saved.struck.keys().filter_map(|k| k.parse().ok()).collect(),
+            struck: saved
+                .progress
+                .struck
+                .keys()
+                .filter_map(|k| k.parse().ok())
+                .collect(),
             outer,
         };
         let task = DilocoTask {
@@ -191,20 +184,8 @@ impl DilocoTask {
             abort,
             stop: CancellationToken::new(),
             state: Mutex::new(TaskState {
-                status: saved.status,
-                error: saved.error,
                 parameters: start.outer.exact.clone(),
-                steps: saved.steps,
-                holds: saved.holds,
-                escrow: saved.escrow,
-                spent: saved.spent,
-                refunded: saved.refunded,
-                totals: saved.totals,
-                earnings: saved.earnings,
-                struck: saved.struck,
-                final_val_loss: saved.final_val_loss,
-                settled: saved.settled,
-                generation: saved.generation,
+                progress: saved.progress,
             }),
             request: saved.request,
         };
@@ -348,7 +329,7 @@ struct StepOrder {
 
 fn set_status(task: &DilocoTask, status: Status) {
     if let Ok(mut s) = task.state.lock() {
-        s.status = status;
+        s.progress.status = status;
     }
 }
 
@@ -508,7 +489,7 @@ pub(crate) async fn run(
                             s.insert(node);
                         }
                         if let Ok(mut s) = task.state.lock() {
-                            s.struck.insert(node.to_string(), why);
+                            s.progress.struck.insert(node.to_string(), why);
                         }
                     }
                 }
@@ -547,7 +528,7 @@ pub(crate) async fn run(
                 .ok()
                 .flatten();
                 if let Ok(mut s) = tk.state.lock() {
-                    if let Some(r) = s.steps.iter_mut().find(|r| r.outer_step == t) {
+                    if let Some(r) = s.progress.steps.iter_mut().find(|r| r.outer_step == t) {
                         r.val_loss = loss;
                     }
                 }
@@ -560,12 +541,13 @@ pub(crate) async fn run(
             let mut rng = dice();
             if let Ok(mut s) = task.state.lock() {
                 for a in &accepted {
-                    s.totals.train_steps += u64::from(a.c.work.steps);
-                    s.totals.tokens += a.c.commit.tokens;
-                    s.totals.bytes += a.c.bytes_up + a.c.bytes_down;
-                    s.totals.data_parallel_bytes += 8 * n as u64 * u64::from(a.c.work.steps);
-                    s.totals.compute_ms += a.c.commit.compute_ms;
-                    s.totals.worker_ms += step_ms.max(a.c.commit.compute_ms);
+                    s.progress.totals.train_steps += u64::from(a.c.work.steps);
+                    s.progress.totals.tokens += a.c.commit.tokens;
+                    s.progress.totals.bytes += a.c.bytes_up + a.c.bytes_down;
+                    s.progress.totals.data_parallel_bytes +=
+                        8 * n as u64 * u64::from(a.c.work.steps);
+                    s.progress.totals.compute_ms += a.c.commit.compute_ms;
+                    s.progress.totals.worker_ms += step_ms.max(a.c.commit.compute_ms);
                 }
             }
             for a in accepted {
@@ -599,8 +581,8 @@ pub(crate) async fn run(
             let totals = match task.state.lock() {
                 Ok(mut s) => {
                     s.parameters = published_params.clone();
-                    s.steps.push(report);
-                    s.totals.clone()
+                    s.progress.steps.push(report);
+                    s.progress.totals.clone()
                 }
                 Err(_) => Totals::default(),
             };
@@ -674,7 +656,7 @@ pub(crate) async fn run(
     .flatten();
     if let Ok(mut s) = task.state.lock() {
         s.parameters = exact;
-        s.final_val_loss = final_loss;
+        s.progress.final_val_loss = final_loss;
     }
     // A gateway shutting down leaves the task as its last settled step
     // wrote it: it resumes when the gateway starts again.
@@ -701,52 +683,39 @@ fn saved(
     speeds: &HashMap<NodeId, f64>,
     payment: Option<Payment>,
 ) -> Option<Saved> {
-    let s = task.state.lock().ok()?;
-    let settled = snapshot.map_or(s.steps.len() as u32, |(t, _)| t);
+    let mut progress = task.state.lock().ok()?.progress.clone();
+    let settled = snapshot.map_or(progress.steps.len() as u32, |(t, _)| t);
+    progress.settled = settled;
+    progress.steps.retain(|r| r.outer_step <= settled);
+    if let Some((_, totals)) = snapshot {
+        progress.status = Status::Running;
+        progress.totals = totals.clone();
+        audit_totals(
+            &progress.steps,
+            task.request.checkpoint_every,
+            &mut progress.totals,
+        );
+    }
     let mut saved = Saved {
         id: task.id.clone(),
         account: task.account.clone(),
         request: task.request.clone(),
         corpus: task.corpus_hash.clone(),
         created_ms: task.created_ms,
-        status: if snapshot.is_some() {
-            Status::Running
-        } else {
-            s.status
-        },
-        error: s.error.clone(),
-        settled,
+        progress,
         applied,
-        generation: s.generation,
-        steps: s
-            .steps
-            .iter()
-            .filter(|r| r.outer_step <= settled)
-            .cloned()
-            .collect(),
-        holds: s.holds.clone(),
-        escrow: s.escrow,
-        spent: s.spent,
-        refunded: s.refunded,
-        totals: snapshot.map_or_else(|| s.totals.clone(), |(_, t)| t.clone()),
-        earnings: s.earnings.clone(),
-        struck: s.struck.clone(),
         speeds: speeds.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        final_val_loss: s.final_val_loss,
         payment: None,
     };
-    drop(s);
-    if snapshot.is_some() {
-        audit_totals(
-            &saved.steps,
-            task.request.checkpoint_every,
-            &mut saved.totals,
-        );
-    }
     if let Some(p) = payment {
-        let cost = record_payment(&mut saved.steps, &mut saved.earnings, p.step, &p.charges);
-        saved.spent += cost;
-        saved.refunded += task.request.step_escrow().saturating_sub(cost);
+        let cost = record_payment(
+            &mut saved.progress.steps,
+            &mut saved.progress.earnings,
+            p.step,
+            &p.charges,
+        );
+        saved.progress.spent += cost;
+        saved.progress.refunded += task.request.step_escrow().saturating_sub(cost);
         saved.payment = Some(p);
     }
     Some(saved)
@@ -1118,13 +1087,13 @@ async fn resolve(
                 s.insert(node);
             }
             if let Ok(mut s) = task.state.lock() {
-                s.struck.entry(node.to_string()).or_insert(why);
+                s.progress.struck.entry(node.to_string()).or_insert(why);
             }
         }
         let removed = ctx.coord.lock().is_ok_and(|mut c| c.remove(&removal));
         if removed {
             if let Ok(mut s) = task.state.lock() {
-                if let Some(rep) = s.steps.iter_mut().find(|x| x.outer_step == t) {
+                if let Some(rep) = s.progress.steps.iter_mut().find(|x| x.outer_step == t) {
                     rep.removed.push(node.to_string());
                 }
             }
@@ -1148,14 +1117,15 @@ async fn resolve(
     let verdict = audit(a, global, ctx.trainer.clone(), task.corpus.clone()).await;
     let passed = verdict.passed;
     if let Ok(mut s) = task.state.lock() {
-        s.totals.audits += 1;
-        s.totals.audit_steps += audit_steps(&verdict, task.request.checkpoint_every);
+        s.progress.totals.audits += 1;
+        s.progress.totals.audit_steps += audit_steps(&verdict, task.request.checkpoint_every);
         if passed {
-            s.totals.audits_passed += 1;
+            s.progress.totals.audits_passed += 1;
         } else {
-            s.totals.audits_failed += 1;
+            s.progress.totals.audits_failed += 1;
         }
         if let Some(w) = s
+            .progress
             .steps
             .iter_mut()
             .find(|r| r.outer_step == t)
@@ -1223,11 +1193,12 @@ async fn settle_step(
         Err(_) => (None, HashMap::new()),
     };
     // Pay from the step's hold; the rest goes back.
-    let hold = task
-        .state
-        .lock()
-        .ok()
-        .and_then(|mut s| s.holds.get_mut(t as usize - 1).and_then(Option::take));
+    let hold = task.state.lock().ok().and_then(|mut s| {
+        s.progress
+            .holds
+            .get_mut(t as usize - 1)
+            .and_then(Option::take)
+    });
     let job = format!("{}-o{t}", task.id);
     if let (Some(store), Some(snap)) = (&ctx.store, &snapshot) {
         let payment = hold.as_ref().map(|h| Payment {
@@ -1257,22 +1228,23 @@ async fn settle_step(
             Ok(settled) => {
                 if let Ok(mut s) = task.state.lock() {
                     let s = &mut *s;
-                    let cost = record_payment(&mut s.steps, &mut s.earnings, t, &paid);
+                    let cost =
+                        record_payment(&mut s.progress.steps, &mut s.progress.earnings, t, &paid);
                     debug_assert_eq!(cost, settled.cost);
-                    s.spent += settled.cost;
-                    s.refunded += task.request.step_escrow().saturating_sub(settled.cost);
+                    s.progress.spent += settled.cost;
+                    s.progress.refunded += task.request.step_escrow().saturating_sub(settled.cost);
                 }
             }
             Err(e) => {
                 tracing::warn!(task = %task.id, outer_step = t, error = %e, "cannot pay a DiLoCo step");
                 if let Ok(mut s) = task.state.lock() {
-                    s.error = Some(format!("outer step {t} could not be paid: {e}"));
+                    s.progress.error = Some(format!("outer step {t} could not be paid: {e}"));
                 }
             }
         }
     }
     if let Ok(mut s) = task.state.lock() {
-        s.settled = s.settled.max(t);
+        s.progress.settled = s.progress.settled.max(t);
     }
     drop(order.done);
 }
@@ -1454,7 +1426,13 @@ async fn finish(task: &DilocoTask, ledger: &Ledger, outcome: Result<Status, Stri
     let open: Vec<String> = task
         .state
         .lock()
-        .map(|mut s| s.holds.iter_mut().filter_map(Option::take).collect())
+        .map(|mut s| {
+            s.progress
+                .holds
+                .iter_mut()
+                .filter_map(Option::take)
+                .collect()
+        })
         .unwrap_or_default();
     let mut refunded = 0;
     for hold in open {
@@ -1464,13 +1442,13 @@ async fn finish(task: &DilocoTask, ledger: &Ledger, outcome: Result<Status, Stri
         }
     }
     if let Ok(mut s) = task.state.lock() {
-        s.refunded += refunded;
+        s.progress.refunded += refunded;
         match outcome {
-            Ok(status) => s.status = status,
+            Ok(status) => s.progress.status = status,
             Err(e) => {
                 tracing::warn!(task = %task.id, error = %e, "DiLoCo task failed");
-                s.status = Status::Failed;
-                s.error = Some(e);
+                s.progress.status = Status::Failed;
+                s.progress.error = Some(e);
             }
         }
     }

@@ -10,7 +10,9 @@ use tessera_ledger::{Hold, Ledger, LedgerError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::diloco::task::{self as diloco_task, DilocoRequest, DilocoTask, Start, TaskState};
+use crate::diloco::task::{
+    self as diloco_task, DilocoRequest, DilocoTask, Progress, Start, TaskState,
+};
 use crate::diloco::{Store, Workers};
 use tessera_train::corpus::Corpus;
 
@@ -191,20 +193,11 @@ impl Coordinator {
             abort: self.shutdown.child_token(),
             stop: CancellationToken::new(),
             state: Mutex::new(TaskState {
-                status: Status::Waiting,
-                error: None,
                 parameters: tessera_train::lm::init(&request.model, request.seed),
-                steps: Vec::new(),
-                holds: holds.into_iter().map(Some).collect(),
-                escrow: request.step_escrow() * u64::from(request.outer_steps),
-                spent: 0,
-                refunded: 0,
-                totals: Default::default(),
-                earnings: Default::default(),
-                struck: Default::default(),
-                final_val_loss: None,
-                settled: 0,
-                generation: 0,
+                progress: Progress::new(
+                    holds,
+                    request.step_escrow() * u64::from(request.outer_steps),
+                ),
             }),
             request,
         });
@@ -254,9 +247,9 @@ impl Coordinator {
                     continue;
                 }
             };
-            let live = crate::diloco::task::resumable(saved.status);
+            let live = crate::diloco::task::resumable(saved.progress.status);
             let payment = saved.payment.clone();
-            let stale: Vec<String> = saved.holds.iter().flatten().cloned().collect();
+            let stale: Vec<String> = saved.progress.holds.iter().flatten().cloned().collect();
             let (task, start) =
                 DilocoTask::restore(saved, outer, corpus, self.shutdown.child_token());
             let task = Arc::new(task);
@@ -287,8 +280,8 @@ impl Coordinator {
                 Err(why) => {
                     tracing::warn!(task = %task.id, %why, "a DiLoCo task cannot resume");
                     if let Ok(mut s) = task.state.lock() {
-                        s.status = Status::Failed;
-                        s.error = Some(why);
+                        s.progress.status = Status::Failed;
+                        s.progress.error = Some(why);
                     }
                     if let Some(saved) = task.saved_now(&start) {
                         if let Err(e) = store.save(&saved, &start.outer) {
@@ -310,7 +303,7 @@ impl Coordinator {
         payment: Option<crate::diloco::task::PaymentRecord>,
         stale: Vec<String>,
     ) -> Result<(), String> {
-        let generation = task.state.lock().map_or(0, |s| s.generation) + 1;
+        let generation = task.state.lock().map_or(0, |s| s.progress.generation) + 1;
         if let Some(p) = payment {
             self.complete_payment(task, &p, generation).await?;
         }
@@ -321,7 +314,7 @@ impl Coordinator {
             }
         }
         let r = &task.request;
-        let settled = task.state.lock().map_or(0, |s| s.settled);
+        let settled = task.state.lock().map_or(0, |s| s.progress.settled);
         let remaining = r.outer_steps.saturating_sub(settled);
         let holds = self
             .hold_all(
@@ -337,14 +330,14 @@ impl Coordinator {
         if let Ok(mut s) = task.state.lock() {
             let again = r.step_escrow() * u64::from(remaining);
             // What the stop released, and what is held again.
-            s.refunded += again;
-            s.escrow += again;
-            s.holds = (0..settled as usize)
+            s.progress.refunded += again;
+            s.progress.escrow += again;
+            s.progress.holds = (0..settled as usize)
                 .map(|_| None)
                 .chain(holds.into_iter().map(Some))
                 .collect();
-            s.generation = generation;
-            s.status = Status::Waiting;
+            s.progress.generation = generation;
+            s.progress.status = Status::Waiting;
         }
         Ok(())
     }
@@ -602,9 +595,10 @@ impl Training for Coordinator {
                 .map(|s| {
                     (
                         s.parameters.clone(),
-                        s.steps.len(),
-                        s.final_val_loss
-                            .or_else(|| s.steps.last().and_then(|r| r.val_loss)),
+                        s.progress.steps.len(),
+                        s.progress
+                            .final_val_loss
+                            .or_else(|| s.progress.steps.last().and_then(|r| r.val_loss)),
                     )
                 })
                 .map_err(|_| {
