@@ -346,4 +346,10 @@ impl Progress {
             final_val_loss: None,
         }
     }
+
+    /// Whether it is waiting or running (and so runs again when the
+    /// gateway restarts).
+    pub fn live(&self) -> bool {
+        matches!(self.status, TaskStatus::Waiting | TaskStatus::Running)
+    }
 }

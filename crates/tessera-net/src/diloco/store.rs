@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tessera_core::train::TaskStatus as Status;
 use tessera_train::diloco::Outer;
 
 use super::records::{DilocoRequest, Progress};
@@ -51,7 +50,7 @@ impl Saved {
     /// A task of `account` with nothing settled yet, as resumed.
     pub(crate) fn for_test(account: &str, request: DilocoRequest) -> Saved {
         let mut progress = Progress::new(Vec::new(), 0);
-        progress.status = Status::Running;
+        progress.status = tessera_core::train::TaskStatus::Running;
         Saved {
             id: "t".into(),
             account: account.into(),
@@ -182,9 +181,4 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
-}
-
-/// Whether a task in this state runs again when the gateway starts.
-pub(crate) fn resumable(status: Status) -> bool {
-    matches!(status, Status::Waiting | Status::Running)
 }

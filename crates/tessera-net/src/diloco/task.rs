@@ -43,7 +43,7 @@ use tessera_train::lm::{self, LmTrainer};
 use tokio_util::sync::CancellationToken;
 
 use super::pool::{Worker, Workers};
-pub(crate) use super::store::{resumable, Payment as PaymentRecord, Saved};
+pub(crate) use super::store::{Payment as PaymentRecord, Saved};
 use super::store::{Payment, Store};
 
 use tessera_core::train::TaskStatus as Status;
@@ -76,9 +76,7 @@ pub(crate) struct TaskState {
 impl DilocoTask {
     /// Whether it is waiting or running.
     pub fn live(&self) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|s| matches!(s.progress.status, Status::Waiting | Status::Running))
+        self.state.lock().is_ok_and(|s| s.progress.live())
     }
 
     /// What the dashboard shows: progress, losses, bytes, audits.
@@ -121,7 +119,7 @@ impl DilocoTask {
             "kind": "diloco",
             "created_ms": self.created_ms,
             "status": s.progress.status,
-            "cancelling": self.stop.is_cancelled() && matches!(s.progress.status, Status::Waiting | Status::Running),
+            "cancelling": self.stop.is_cancelled() && s.progress.live(),
             "error": s.progress.error,
             "model": self.request.model,
             "parameters": self.request.model.parameters(),

@@ -247,7 +247,7 @@ impl Coordinator {
                     continue;
                 }
             };
-            let live = crate::diloco::task::resumable(saved.progress.status);
+            let live = saved.progress.live();
             let payment = saved.payment.clone();
             let stale: Vec<String> = saved.progress.holds.iter().flatten().cloned().collect();
             let (task, start) =
