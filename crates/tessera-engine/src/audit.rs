@@ -476,28 +476,67 @@ struct Request {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
     /// Canaries, providers on watch, audits at the base rate, unverified
-    /// parts: never kept waiting behind probation.
+    /// parts: ahead of probation, which gets only one turn in
+    /// [`PROBATION_TURN`].
     First,
-    /// New providers' probation: as many as there are, after the rest, so
-    /// a flood of new (or sybil) providers cannot starve the others.
+    /// New providers' probation: as many as there are, behind the rest,
+    /// so a flood of new (or sybil) providers cannot starve the others —
+    /// but never starved itself: while both queues wait, every
+    /// [`PROBATION_TURN`]th audit is a probation one.
     Probation,
 }
 
-/// The auditor's two queues (first, then probation), and whether every
-/// handle is gone.
+/// While first-priority and probation audits both wait, one audit in this
+/// many is a probation one. Strict priority let a steady stream of
+/// first-priority audits (canaries alone, on a loaded auditor) keep a new
+/// provider's client answers `pending` for ever; this bounds probation's
+/// share to a quarter of the auditor and its wait to a few audits.
+pub const PROBATION_TURN: u32 = 4;
+
+/// The auditor's two queues and whose turn it is.
+#[derive(Default)]
+struct Waiting {
+    first: VecDeque<Request>,
+    probation: VecDeque<Request>,
+    /// First-priority audits taken in a row while probation ones waited.
+    passed_over: u32,
+}
+
+impl Waiting {
+    /// The next audit: first-priority, except probation's turn.
+    fn pop(&mut self) -> Option<Request> {
+        let turn = self.passed_over + 1 >= PROBATION_TURN;
+        match (self.first.is_empty(), self.probation.is_empty()) {
+            (_, true) => {
+                self.passed_over = 0;
+                self.first.pop_front()
+            }
+            (false, false) if !turn => {
+                self.passed_over += 1;
+                self.first.pop_front()
+            }
+            _ => {
+                self.passed_over = 0;
+                self.probation.pop_front()
+            }
+        }
+    }
+}
+
+/// The auditor's queues, and the signal that one was added to.
 #[derive(Default)]
 struct Queues {
-    state: std::sync::Mutex<(VecDeque<Request>, VecDeque<Request>)>,
+    state: std::sync::Mutex<Waiting>,
     ready: std::sync::Condvar,
 }
 
-/// The next request, first-priority ones before probation; `None` once
-/// every handle is gone and nothing is queued (`queues` is then the
-/// caller's only reference).
+/// The next request (see [`Waiting::pop`]); `None` once every handle is
+/// gone and nothing is queued (`queues` is then the caller's only
+/// reference).
 fn next_request(queues: &Arc<Queues>) -> Option<Request> {
     let mut q = queues.state.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        if let Some(r) = q.0.pop_front().or_else(|| q.1.pop_front()) {
+        if let Some(r) = q.pop() {
             return Some(r);
         }
         if Arc::strong_count(queues) == 1 {
@@ -535,8 +574,8 @@ impl AuditorHandle {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut queues = self.queues.state.lock().unwrap_or_else(|p| p.into_inner());
         match priority {
-            Priority::First => queues.0.push_back(Request { job, reply }),
-            Priority::Probation => queues.1.push_back(Request { job, reply }),
+            Priority::First => queues.first.push_back(Request { job, reply }),
+            Priority::Probation => queues.probation.push_back(Request { job, reply }),
         }
         drop(queues);
         self.queues.ready.notify_one();
@@ -644,10 +683,12 @@ mod tests {
         assert!(edges.explains(&logits, &p, 7, 3, margin));
     }
 
-    /// However many probation audits wait, a first-priority one queued
-    /// after them runs next; probation audits still all run, in order.
+    /// A first-priority audit queued after waiting probation ones runs
+    /// next; a stream of first-priority audits leaves probation one turn in
+    /// PROBATION_TURN (it is never starved), and every audit runs once, each
+    /// queue in its order.
     #[test]
-    fn probation_waits_behind_everything_else() {
+    fn probation_waits_behind_the_rest_but_gets_its_turn() {
         let handle = AuditorHandle {
             queues: Arc::new(Queues::default()),
             waiting: Arc::default(),
@@ -656,11 +697,36 @@ mod tests {
             drop(handle.submit_with(job(n), Priority::Probation));
         }
         drop(handle.submit_with(job(9), Priority::First));
-        let order: Vec<usize> = (0..4)
-            .map(|_| next_request(&handle.queues).unwrap().job.output.len())
-            .collect();
-        assert_eq!(order, [9, 1, 2, 3]);
-        assert_eq!(handle.waiting(), 4);
+        let next = |h: &AuditorHandle| next_request(&h.queues).unwrap().job.output.len();
+        assert_eq!(next(&handle), 9, "first priority ahead of probation");
+        assert_eq!(next(&handle), 1, "only probation left");
+        // A steady stream of first-priority audits (10, 11, ...), two
+        // queued for each one taken: probation still runs every
+        // PROBATION_TURN-th audit.
+        let mut order = vec![];
+        let mut queued = 10;
+        for _ in 0..2 * PROBATION_TURN {
+            for _ in 0..2 {
+                drop(handle.submit_with(job(queued), Priority::First));
+                queued += 1;
+            }
+            order.push(next(&handle));
+        }
+        let turn = PROBATION_TURN as usize;
+        let probation: Vec<usize> = order.iter().copied().filter(|&n| n < 9).collect();
+        assert_eq!(probation, [2, 3], "{order:?}");
+        assert_eq!(order[turn - 1], 2, "{order:?}");
+        assert_eq!(order[2 * turn - 1], 3, "{order:?}");
+        let first: Vec<usize> = order.iter().copied().filter(|&n| n >= 10).collect();
+        assert!(first.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        // The rest drain, nothing lost; then no handle, nothing queued.
+        let mut rest = 0;
+        while !handle.queues.state.lock().unwrap().first.is_empty() {
+            next(&handle);
+            rest += 1;
+        }
+        assert_eq!(order.len() + rest + 2, (queued - 10) + 4);
+        assert_eq!(handle.waiting(), queued - 10 + 4);
         let queues = handle.queues.clone();
         drop(handle);
         assert!(

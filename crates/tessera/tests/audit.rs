@@ -247,10 +247,28 @@ fn canaries_verify_throughput_and_bar_a_stalled_provider_until_it_answers() {
     // and is barred: clients cannot reach it, even by asking for it...
     let stall = homes[1].path().join("stall");
     std::fs::write(&stall, b"").unwrap();
+    // ...and never holds more than one canary at a time: a draw (one a
+    // second here) that falls while its last canary hangs (5 s) is
+    // skipped, rather than piling canaries up in its queue.
+    let mut most_in_flight = 0;
+    let mut in_flight = |gw: &util::Gateway| {
+        let p = provider_status(gw, &nodes[1]);
+        most_in_flight = most_in_flight.max(p["inflight"].as_u64().unwrap());
+        p
+    };
     wait_for(
         "the stalled provider to be unroutable",
         Duration::from_secs(60),
-        || provider_status(&gw, &nodes[1])["state"] == "unroutable",
+        || in_flight(&gw)["state"] == "unroutable",
+    );
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(6) {
+        in_flight(&gw);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        most_in_flight, 1,
+        "canaries in flight at once on a stalled provider"
     );
     let (code, _) = ask_only(&nodes[1]);
     assert_eq!(code, 503, "a request reached the unroutable provider");

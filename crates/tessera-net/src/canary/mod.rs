@@ -11,12 +11,17 @@
 //! it. It is always audited (when the gateway audits), and the tokens per
 //! second it was delivered at become the provider's *verified* throughput.
 //! A provider that misses [`CANARY_MISSES`] canaries in a row is not routed
-//! to until it answers one again (canaries still go to it). That a job is a
-//! canary is known only on the gateway's side of it.
+//! to until it answers one again (canaries still go to it). A provider has
+//! at most one canary in flight: a draw that falls while its last canary is
+//! still running is skipped, so a slow provider (or an interval shorter
+//! than a canary takes) never has canaries pile up in its queue, crowd out
+//! clients and flood the auditor. That a job is a canary is known only on
+//! the gateway's side of it.
 
 pub mod generator;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tessera_backend::{JobEvent, JobTicket, Parts, RoutePrefs, ServedModel};
@@ -75,7 +80,9 @@ pub fn spawn(gateway: Gateway, config: CanaryConfig) {
         // gets one at once, so an honest newcomer proves itself to the
         // router (see `router::trial_term`) without a client's request
         // being its trial. Bounded: cleared when large.
-        let mut introduced: std::collections::HashSet<NodeId> = Default::default();
+        let mut introduced: HashSet<NodeId> = Default::default();
+        // Providers with a canary running now (see the module's doc).
+        let in_flight = InFlight::default();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -90,9 +97,13 @@ pub fn spawn(gateway: Gateway, config: CanaryConfig) {
                     if !first && dice.unit() >= chance {
                         continue;
                     }
+                    let Some(running) = Running::start(&in_flight, node) else {
+                        continue;
+                    };
                     let (gw, model, config) = (gateway.clone(), model.clone(), config.clone());
                     let shutdown = shutdown.clone();
                     gateway.tasks().spawn(async move {
+                        let _running = running;
                         tokio::select! {
                             _ = probe(&gw, &model, node, &config) => {}
                             _ = shutdown.cancelled() => {}
@@ -102,6 +113,36 @@ pub fn spawn(gateway: Gateway, config: CanaryConfig) {
             }
         }
     });
+}
+
+/// Providers with a canary running now.
+type InFlight = Arc<Mutex<HashSet<NodeId>>>;
+
+/// A provider's canary in flight; the provider is free for the next one
+/// when this is dropped (the canary ended, or was cancelled).
+struct Running {
+    set: InFlight,
+    node: NodeId,
+}
+
+impl Running {
+    /// Mark `node` as having a canary in flight; `None` if it already has.
+    fn start(set: &InFlight, node: NodeId) -> Option<Running> {
+        let fresh = set.lock().unwrap_or_else(|p| p.into_inner()).insert(node);
+        fresh.then(|| Running {
+            set: set.clone(),
+            node,
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.node);
+    }
 }
 
 /// One canary to `node`; records its verified tok/s or a miss.
@@ -180,35 +221,47 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryC
     // Billed by the clients' rule (proof or nothing).
     let mut parts = Parts::new(prompt_tokens);
     parts.require_receipts(true);
+    // Its delivered tokens per second, or why it missed.
     let run = async {
-        let mut d = job.dispatch().await.ok()?;
+        let mut d = job
+            .dispatch()
+            .await
+            .map_err(|e| format!("not routed: {e}"))?;
         parts.start(d.provider.clone(), d.price);
         let (mut n, mut first) = (0u32, None);
         loop {
-            match d.events.recv().await? {
-                JobEvent::Token(_) => {
+            match d.events.recv().await {
+                None => return Err("the job ended without an answer".to_string()),
+                Some(JobEvent::Token(_)) => {
                     n += 1;
                     first.get_or_insert_with(Instant::now);
                     parts.token();
                 }
-                JobEvent::Provider { node, price } => parts.start(node, price),
-                JobEvent::Receipt(r) => parts.receipt(r),
-                JobEvent::Done { usage, .. } => {
+                Some(JobEvent::Provider { node, price }) => parts.start(node, price),
+                Some(JobEvent::Receipt(r)) => parts.receipt(r),
+                Some(JobEvent::Done { usage, .. }) => {
                     parts.ended(u64::from(usage.completion_tokens));
-                    let secs = first?.elapsed().as_secs_f64();
-                    return (n > 1 && secs > 0.0).then(|| f64::from(n - 1) / secs);
+                    let secs = first.map_or(0.0, |f: Instant| f.elapsed().as_secs_f64());
+                    return match n > 1 && secs > 0.0 {
+                        true => Ok(f64::from(n - 1) / secs),
+                        false => Err(format!("{n} tokens: no rate to measure")),
+                    };
                 }
-                JobEvent::Error(_) => return None,
+                Some(JobEvent::Error(e)) => return Err(format!("failed: {e}")),
             }
         }
     };
-    let tok_s = tokio::time::timeout(config.deadline, run)
-        .await
-        .ok()
-        .flatten();
-    if tok_s.is_none() {
-        tracing::warn!(provider = %node.short(), "missed a canary job (unroutable after {CANARY_MISSES} in a row)");
-    }
+    let tok_s = match tokio::time::timeout(config.deadline, run).await {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(why)) => {
+            tracing::warn!(provider = %node.short(), %why, "missed a canary job (unroutable after {CANARY_MISSES} in a row)");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(provider = %node.short(), "missed a canary job: not done within its deadline (unroutable after {CANARY_MISSES} in a row)");
+            None
+        }
+    };
     gw.directory().record_canary(&node, tok_s);
     if let Some((payer, hold)) = hold {
         pay(payer, &hold, &ticket.id, &model.sha256, parts).await;
