@@ -241,7 +241,7 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryC
                 Some(JobEvent::Receipt(r)) => parts.receipt(r),
                 Some(JobEvent::Done { usage, .. }) => {
                     parts.ended(u64::from(usage.completion_tokens));
-                    let secs = first.map_or(0.0, |f: Instant| f.elapsed().as_secs_f64());
+                    let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
                     return match n > 1 && secs > 0.0 {
                         true => Ok(f64::from(n - 1) / secs),
                         false => Err(format!("{n} tokens: no rate to measure")),
@@ -251,18 +251,13 @@ async fn probe(gw: &Gateway, model: &ServedModel, node: NodeId, config: &CanaryC
             }
         }
     };
-    let tok_s = match tokio::time::timeout(config.deadline, run).await {
-        Ok(Ok(t)) => Some(t),
-        Ok(Err(why)) => {
-            tracing::warn!(provider = %node.short(), %why, "missed a canary job (unroutable after {CANARY_MISSES} in a row)");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(provider = %node.short(), "missed a canary job: not done within its deadline (unroutable after {CANARY_MISSES} in a row)");
-            None
-        }
-    };
-    gw.directory().record_canary(&node, tok_s);
+    let tok_s = tokio::time::timeout(config.deadline, run)
+        .await
+        .unwrap_or_else(|_| Err("not done within its deadline".into()));
+    if let Err(why) = &tok_s {
+        tracing::warn!(provider = %node.short(), %why, "missed a canary job (unroutable after {CANARY_MISSES} in a row)");
+    }
+    gw.directory().record_canary(&node, tok_s.ok());
     if let Some((payer, hold)) = hold {
         pay(payer, &hold, &ticket.id, &model.sha256, parts).await;
     }
